@@ -1,0 +1,107 @@
+"""A flat CSV event table -> timelines.
+
+Columns: ``patient_id,time,kind,system,code,display,value,unit`` and optionally ``end`` and
+``encounter_class``. A row of kind ``patient`` carries the birth date in ``time`` and the
+gender in ``code``. Bad rows are quarantined with their line number; good rows go through.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import IO, Iterator
+
+from pmlm.client.ingest.fhir import ResourceError, parse_fhir_datetime
+from pmlm.common.schema import EVENT_KINDS, Event, Quarantine, Timeline
+
+REQUIRED_COLUMNS = ("patient_id", "time", "kind", "system", "code", "display", "value", "unit")
+OPTIONAL_COLUMNS = ("end", "encounter_class")
+ALL_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+
+
+def _row_event(row: dict) -> Event:
+    kind = row["kind"]
+    if kind not in EVENT_KINDS:
+        raise ResourceError(f"unknown kind {kind!r}")
+    if not row["code"]:
+        raise ResourceError("empty code")
+    when = parse_fhir_datetime(row["time"])
+    end = parse_fhir_datetime(row["end"]) if row.get("end") else None
+    raw = row["value"]
+    value: float | str | None = None
+    if raw != "":
+        if kind == "observation" and row["unit"]:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ResourceError(f"value {raw!r:.40} is not numeric but has unit {row['unit']!r}") from None
+        else:
+            value = raw
+    return Event(when, kind, row["system"], row["code"], row["display"], value, row["unit"], end,
+                 row.get("encounter_class") or "")
+
+
+def iter_csv_timelines(stream: IO[bytes], source: str, quarantined: list[Quarantine]) -> Iterator[Timeline]:
+    """Yield one timeline per patient; a patient's rows need not be contiguous."""
+    try:
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+        reader = csv.DictReader(text)
+        header = reader.fieldnames or []
+    except UnicodeDecodeError as exc:
+        quarantined.append(Quarantine(source, f"not UTF-8 text (byte {exc.start})"))
+        return
+    if not header:
+        quarantined.append(Quarantine(source, "empty file"))
+        return
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        quarantined.append(Quarantine(source, f"CSV header lacks columns {missing}"))
+        return
+    timelines: dict[str, Timeline] = {}
+    try:
+        for row in reader:
+            line = f"line {reader.line_num}"
+            if None in row or any(row.get(c) is None for c in REQUIRED_COLUMNS):
+                quarantined.append(Quarantine(source, "row has the wrong number of fields", line))
+                continue
+            pid = row["patient_id"].strip()
+            if not pid:
+                quarantined.append(Quarantine(source, "empty patient_id", line))
+                continue
+            timeline = timelines.setdefault(pid, Timeline(pid, source=source))
+            try:
+                if row["kind"] == "patient":
+                    timeline.birth_date = parse_fhir_datetime(row["time"]) if row["time"] else None
+                    timeline.gender = row["code"]
+                else:
+                    timeline.events.append(_row_event(row))
+            except ResourceError as exc:
+                quarantined.append(Quarantine(source, str(exc), line))
+    except UnicodeDecodeError as exc:
+        quarantined.append(Quarantine(source, f"not UTF-8 text (byte {exc.start}); rows after it skipped"))
+    except csv.Error as exc:
+        quarantined.append(Quarantine(source, f"malformed CSV: {exc}; rows after it skipped", f"line {reader.line_num}"))
+    for timeline in timelines.values():
+        yield timeline.sort()
+
+
+def write_csv_timelines(timelines, stream: IO[str]) -> int:
+    """Write timelines as the flat event table (the sample consortium's storage format)."""
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(ALL_COLUMNS)
+    rows = 0
+    for t in timelines:
+        birth = t.birth_date.date().isoformat() if t.birth_date else ""
+        writer.writerow([t.patient_id, birth, "patient", "", t.gender, "", "", "", "", ""])
+        for e in t.events:
+            value = "" if e.value is None else (repr(e.value) if isinstance(e.value, float) else e.value)
+            if isinstance(e.value, float) and e.value.is_integer():
+                value = str(int(e.value))
+            writer.writerow([t.patient_id, _iso(e.time), e.kind, e.system, e.code, e.display, value, e.unit,
+                             _iso(e.end) if e.end else "", e.encounter_class])
+            rows += 1
+    return rows
+
+
+def _iso(dt) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")

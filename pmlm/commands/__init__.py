@@ -1,0 +1,1 @@
+"""Command groups of the `pmlm` CLI; each module has ``register(subparsers)``."""
