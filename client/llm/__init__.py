@@ -1,0 +1,23 @@
+"""The site's LLM: any OpenAI-compatible endpoint, or the embedded llama.cpp server with SmolLM2.
+
+    from pmlm.client.llm import LLMConfig, open_llm
+    with open_llm(LLMConfig.load("site.toml")) as llm:      # no base_url set -> embedded server
+        answer = llm.chat([{"role": "user", "content": prompt}]).text
+"""
+
+from pmlm.client.llm.endpoint import (
+    Completion,
+    LLMClient,
+    LLMConfig,
+    LLMConfigError,
+    LLMError,
+    LLMResponseError,
+    LLMUnavailable,
+    LLMUsage,
+)
+from pmlm.client.llm.local_server import EmbeddedLLMServer, EmbeddedServerError, find_smollm2_gguf, open_llm
+
+__all__ = [
+    "Completion", "EmbeddedLLMServer", "EmbeddedServerError", "LLMClient", "LLMConfig", "LLMConfigError",
+    "LLMError", "LLMResponseError", "LLMUnavailable", "LLMUsage", "find_smollm2_gguf", "open_llm",
+]

