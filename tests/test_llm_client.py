@@ -1,0 +1,328 @@
+"""LLMClient against a fake OpenAI-compatible server on 127.0.0.1: answers, cache, retries, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pmlm.cli import main
+from pmlm.client.llm import (
+    LLMClient,
+    LLMConfig,
+    LLMConfigError,
+    LLMError,
+    LLMResponseError,
+    LLMUnavailable,
+)
+from pmlm.client.llm.cache import CACHE_FILENAME
+from pmlm.client.llm.local_server import free_loopback_port
+
+
+def chat_body(text="Hello there.", prompt_tokens=7, completion_tokens=3, model="fake-model"):
+    return {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+class Reply:
+    def __init__(self, status=200, body=None, headers=None, delay_s=0.0, content_type="application/json"):
+        self.status, self.headers, self.delay_s = status, headers or {}, delay_s
+        self.content_type = content_type
+        self.body = chat_body() if body is None else body
+
+
+class FakeOpenAIServer(ThreadingHTTPServer):
+    """Answers POST /v1/chat/completions with the next scripted Reply (then ``default``); records requests."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _FakeHandler)
+        self.script: list[Reply] = []
+        self.default = Reply()
+        self.requests: list[dict] = []
+        self.base_url = f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _FakeHandler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        server: FakeOpenAIServer = self.server
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        server.requests.append({"path": self.path, "json": json.loads(body)})
+        reply = server.script.pop(0) if server.script else server.default
+        time.sleep(reply.delay_s)
+        payload = reply.body if isinstance(reply.body, (bytes, str)) else json.dumps(reply.body)
+        payload = payload.encode() if isinstance(payload, str) else payload
+        try:
+            self.send_response(reply.status)
+            self.send_header("content-type", reply.content_type)
+            self.send_header("content-length", str(len(payload)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout test)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake():
+    server = FakeOpenAIServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def dead_url():
+    return f"http://127.0.0.1:{free_loopback_port()}/v1"  # nothing listens there
+
+
+def make_client(base_url, sleeps=None, **settings):
+    settings.setdefault("model", "fake-model")
+    config = LLMConfig(base_url=base_url, **settings)
+    return LLMClient(config, sleep=(sleeps.append if sleeps is not None else lambda s: None))
+
+
+# -- configuration -----------------------------------------------------------------------------------
+
+def test_config_layers_defaults_toml_env_and_overrides(tmp_path):
+    toml = tmp_path / "site.toml"
+    toml.write_text('[llm]\nbase_url = "http://10.0.0.5:8000/v1/"\nmodel = "from-toml"\nmax_tokens = 64\n'
+                    'timeout_s = 5\n[llm.extra_body]\nrepetition_penalty = 1.1\n')
+    config = LLMConfig.load(toml, environ={"PMLM_LLM_MODEL": "from-env"}, max_tokens=None, temperature=0.3)
+    assert config.base_url == "http://10.0.0.5:8000/v1"  # trailing slash dropped
+    assert config.model == "from-env"  # environment over file
+    assert (config.max_tokens, config.timeout_s, config.temperature) == (64, 5.0, 0.3)
+    assert config.extra_body == {"repetition_penalty": 1.1}
+    assert LLMConfig.load(environ={}).is_embedded  # nothing configured: the embedded server
+
+
+def test_config_rejects_unknown_and_malformed_settings(tmp_path):
+    with pytest.raises(LLMConfigError, match="unknown LLM setting.*temprature"):
+        LLMConfig.from_dict({"temprature": 0})
+    with pytest.raises(LLMConfigError, match="max_tokens"):
+        LLMConfig.from_dict({"max_tokens": "lots"})
+    with pytest.raises(LLMConfigError, match="no such config file"):
+        LLMConfig.load(tmp_path / "missing.toml", environ={})
+    with pytest.raises(LLMConfigError, match="no model named"):
+        LLMClient(LLMConfig(base_url="http://127.0.0.1:1/v1"))
+
+
+def test_api_key_resolution_order():
+    config = LLMConfig(base_url="http://x/v1", model="m")
+    assert config.resolve_api_key({"OPENAI_API_KEY": "o"}) == "o"
+    assert config.resolve_api_key({"OPENAI_API_KEY": "o", "PMLM_LLM_API_KEY": "p"}) == "p"
+    named = LLMConfig(base_url="http://x/v1", model="m", api_key_env="SITE_KEY")
+    assert named.resolve_api_key({"SITE_KEY": "s", "PMLM_LLM_API_KEY": "p"}) == "s"
+    with pytest.raises(LLMConfigError, match="SITE_KEY is not set"):
+        named.resolve_api_key({})
+    assert config.resolve_api_key({}) == "no-key"  # self-hosted servers need none; the client needs a string
+    assert "secret" not in repr(LLMConfig(api_key="secret"))
+
+
+# -- answers and counters --------------------------------------------------------------------------------
+
+def test_chat_returns_text_and_tokens_and_sends_sampling(fake):
+    with make_client(fake.base_url, max_tokens=32, extra_body={"repeat_penalty": 1.15}) as client:
+        answer = client.chat([{"role": "user", "content": "Hi"}], top_k=20)
+    assert (answer.text, answer.prompt_tokens, answer.completion_tokens, answer.cached) == ("Hello there.", 7, 3, False)
+    assert answer.model == "fake-model" and answer.finish_reason == "stop"
+    sent = fake.requests[0]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["json"]["model"] == "fake-model" and sent["json"]["temperature"] == 0.0
+    assert sent["json"]["max_tokens"] == 32
+    assert sent["json"]["repeat_penalty"] == 1.15 and sent["json"]["top_k"] == 20  # server extensions in the body
+    usage = client.usage
+    assert (usage.calls, usage.cache_hits, usage.prompt_tokens, usage.completion_tokens) == (1, 0, 7, 3)
+
+
+def test_cache_hit_makes_no_call_and_survives_a_new_client(fake, tmp_path):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    with make_client(fake.base_url, cache_dir=tmp_path) as client:
+        first = client.chat(messages)
+        second = client.chat(messages)
+        assert len(fake.requests) == 1
+        assert (first.cached, second.cached, second.text) == (False, True, first.text)
+        assert (client.usage.calls, client.usage.cache_hits, client.usage.completion_tokens) == (1, 1, 3)
+        client.chat(messages, max_tokens=5)  # other sampling parameters: another key
+        assert len(fake.requests) == 2
+    with make_client(fake.base_url, cache_dir=tmp_path) as again:
+        assert again.chat(messages).cached
+        assert again.usage.calls == 0
+    with make_client(fake.base_url, cache_dir=tmp_path, model="other-model") as other:
+        assert not other.chat(messages).cached  # the model is part of the key
+    assert oct((tmp_path / CACHE_FILENAME).stat().st_mode & 0o777) == "0o600"
+
+
+def test_random_samples_are_not_cached_unless_seeded(fake, tmp_path):
+    with make_client(fake.base_url, cache_dir=tmp_path, temperature=0.7) as client:
+        client.chat("Hi")
+        client.chat("Hi")
+        assert len(fake.requests) == 2
+        client.chat("Hi", seed=1)
+        assert client.chat("Hi", seed=1).cached
+        assert client.chat("Hi", use_cache=False, temperature=0).cached is False
+    assert len(fake.requests) == 4
+
+
+# -- retries and errors --------------------------------------------------------------------------------
+
+def test_retries_with_exponential_backoff_then_succeeds(fake):
+    fake.script = [Reply(503, {"error": "loading"}), Reply(502, "bad gateway", content_type="text/plain"), Reply()]
+    sleeps: list[float] = []
+    client = make_client(fake.base_url, sleeps, max_retries=3, backoff_s=0.5)
+    assert client.chat("Hi").text == "Hello there."
+    assert len(fake.requests) == 3
+    assert len(sleeps) == 2 and 0.375 <= sleeps[0] <= 0.625 and 0.75 <= sleeps[1] <= 1.25  # 0.5, 1.0 ± 25%
+    assert (client.usage.calls, client.usage.retries, client.usage.failures) == (3, 2, 0)
+
+
+def test_always_500_gives_a_clear_error_after_max_retries(fake, tmp_path):
+    fake.default = Reply(500, {"error": {"message": "model crashed"}})
+    sleeps: list[float] = []
+    client = make_client(fake.base_url, sleeps, max_retries=2, cache_dir=tmp_path / "cache")
+    with pytest.raises(LLMUnavailable) as caught:
+        client.chat("Hi")
+    message = str(caught.value)
+    assert fake.base_url in message and "fake-model" in message
+    assert "HTTP 500" in message and "model crashed" in message and "after 3 attempts" in message
+    assert len(fake.requests) == 3 and len(sleeps) == 2 and sleeps[1] > sleeps[0]
+    assert client.usage.failures == 1
+    assert not (tmp_path / "cache").exists()
+
+
+def test_backoff_is_capped_and_honours_retry_after(fake):
+    fake.script = [Reply(429, {"error": "slow down"}, headers={"retry-after": "3"})]
+    sleeps: list[float] = []
+    client = make_client(fake.base_url, sleeps, max_retries=1, backoff_max_s=8)
+    client.chat("Hi")
+    assert sleeps == [3.0]
+    assert client.backoff_delay(10) <= 8 * 1.25
+    assert client.backoff_delay(0, retry_after_s=600) == 8  # a server cannot park us for ten minutes
+
+
+def test_client_errors_are_not_retried(fake):
+    fake.default = Reply(404, {"error": {"message": "model 'nope' not found"}})
+    client = make_client(fake.base_url, max_retries=3)
+    with pytest.raises(LLMError, match=r"HTTP 404.*not found.*base URL ends in /v1") as caught:
+        client.chat("Hi")
+    assert not isinstance(caught.value, LLMUnavailable)
+    assert len(fake.requests) == 1
+
+
+def test_connection_refused_is_clear_and_writes_nothing(dead_url, tmp_path):
+    sleeps: list[float] = []
+    client = make_client(dead_url, sleeps, max_retries=1, cache_dir=tmp_path / "cache")
+    with pytest.raises(LLMUnavailable, match=rf"{dead_url}.*connection refused.*after 2 attempts"):
+        client.chat("Hi")
+    assert len(sleeps) == 1 and client.usage.calls == 0
+    assert not (tmp_path / "cache").exists()
+
+
+def test_timeout_is_clear(fake):
+    fake.default = Reply(delay_s=1.0)
+    client = make_client(fake.base_url, timeout_s=0.2, max_retries=0)
+    started = time.monotonic()
+    with pytest.raises(LLMUnavailable, match=r"no answer within 0.2 s \(timeout\)"):
+        client.chat("Hi")
+    assert time.monotonic() - started < 0.9
+
+
+@pytest.mark.parametrize("reply, expected", [
+    (Reply(200, "<html>proxy login</html>", content_type="text/html"), "not JSON: '<html>proxy login"),
+    (Reply(200, "{not json", content_type="application/json"), "not valid JSON"),
+    (Reply(200, {"object": "chat.completion", "choices": []}), "no choices"),
+    (Reply(200, {"id": "x"}), "no choices"),
+    (Reply(200, chat_body(text="")), "empty"),
+    (Reply(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": None}}]}), "empty"),
+])
+def test_malformed_answers_give_a_clear_error_and_are_not_cached(fake, tmp_path, reply, expected):
+    fake.default = reply
+    client = make_client(fake.base_url, cache_dir=tmp_path)
+    with pytest.raises(LLMResponseError, match="fake-model") as caught:
+        client.chat("Hi")
+    assert expected in str(caught.value)
+    assert len(fake.requests) == 1  # a malformed answer is not retried
+    assert not (tmp_path / CACHE_FILENAME).exists()
+
+
+def test_concurrent_chats_share_the_cache_and_counters(fake, tmp_path):
+    client = make_client(fake.base_url, cache_dir=tmp_path)
+    errors = []
+
+    def worker(i):
+        try:
+            client.chat(f"question {i % 4}")
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert client.usage.calls + client.usage.cache_hits == 16
+    assert client.usage.completion_tokens == 3 * client.usage.calls
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------
+
+def test_cli_ask_unreachable_exits_nonzero_and_writes_nothing(dead_url, tmp_path, capsys):
+    site = tmp_path / "site.toml"
+    site.write_text("[llm]\nmax_retries = 1\nbackoff_s = 0.01\n")
+    out, cache = tmp_path / "answer.txt", tmp_path / "cache"
+    code = main(["llm", "ask", "--config", str(site), "--base-url", dead_url, "--model", "m", "--timeout", "2",
+                 "--cache-dir", str(cache), "--out", str(out), "Hi"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "pmlm: error: LLM endpoint" in err and "connection refused" in err and "after 2 attempts" in err
+    assert "Traceback" not in err
+    assert not out.exists() and not cache.exists() and sorted(tmp_path.iterdir()) == [site]
+
+
+def test_cli_ask_writes_the_answer_and_then_answers_from_cache(fake, tmp_path, capsys):
+    out = tmp_path / "answers" / "a.txt"
+    argv = ["llm", "ask", "--base-url", fake.base_url, "--model", "fake-model", "--cache-dir", str(tmp_path / "c"),
+            "--out", str(out), "--system", "Be brief.", "Hi"]
+    assert main(argv) == 0
+    assert out.read_text() == "Hello there.\n"
+    assert main(argv) == 0
+    assert "cache" in capsys.readouterr().err and len(fake.requests) == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == ["a.txt"]  # no temp file left
+
+
+def test_cli_check_against_an_endpoint_prints_model_answer_and_speed(fake, capsys):
+    assert main(["llm", "check", "--base-url", fake.base_url, "--model", "fake-model"]) == 0
+    printed = capsys.readouterr().out
+    assert "model: fake-model" in printed and "answer: Hello there." in printed and "tokens/s" in printed
+
+
+def test_cli_check_unreachable_exits_nonzero_as_a_process(dead_url, tmp_path):
+    site = tmp_path / "site.toml"
+    site.write_text("[llm]\nmax_retries = 1\nbackoff_s = 0.01\n")
+    env = {**os.environ, "PMLM_LLM_API_KEY": "", "OPENAI_API_KEY": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "pmlm", "llm", "check", "--config", str(site), "--base-url", dead_url, "--model", "m"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=Path(__file__).parent,
+    )
+    assert result.returncode == 2
+    assert "connection refused" in result.stderr and dead_url in result.stderr
+    assert "Traceback" not in result.stderr
