@@ -18,6 +18,7 @@ COMMAND_GROUPS = {
     "data": "pmlm.commands.data",
     "demo": "pmlm.commands.demo",
     "audit": "pmlm.commands.audit",
+    "llm": "pmlm.commands.llm",
 }
 
 
