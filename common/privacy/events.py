@@ -10,7 +10,7 @@ from the file alone. ``to_dp_event()`` gives the matching `dp-accounting` event.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Union
 
 import dp_accounting
@@ -20,10 +20,13 @@ import dp_accounting
 # contribution (hospital-level DP). The two are separate guarantees and never composed together.
 PRIVACY_UNITS = ("patient-in-site", "site")
 
-# The neighbouring relation, named after dp-accounting's NeighboringRelation.
+# The neighbouring relation, named after dp-accounting's NeighboringRelation. Only add/remove
+# is offered: in dp-accounting 0.6 the PLD accountant prices a GaussianDpEvent under REPLACE_ONE
+# as sensitivity 2 while the RDP accountant prices it as sensitivity 1 (so the two reported
+# epsilons would describe different mechanisms), and RDP rejects Poisson-sampled events under
+# REPLACE_ONE. A replace-one guarantee follows from add/remove by group privacy (two changes).
 NEIGHBOURING_RELATIONS = {
     "add-remove-one": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-    "replace-one": dp_accounting.NeighboringRelation.REPLACE_ONE,
 }
 
 
@@ -39,9 +42,12 @@ def _check_common(mech: "Mechanism") -> None:
             f"neighbouring must be one of {tuple(NEIGHBOURING_RELATIONS)}, got {mech.neighbouring!r}"
         )
     # noise_multiplier 0 would be a non-private release with infinite epsilon: refuse to describe it.
-    if not (isinstance(mech.noise_multiplier, (int, float)) and math.isfinite(mech.noise_multiplier)
-            and mech.noise_multiplier > 0):
-        raise MechanismError(f"noise_multiplier must be a finite number > 0, got {mech.noise_multiplier!r}")
+    _positive_number("noise_multiplier", mech.noise_multiplier)
+
+
+def _positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise MechanismError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -55,8 +61,7 @@ class DpSgd:
 
     noise_multiplier: noise std divided by clipping_norm; sampling_rate: the probability that
     a unit's data is in a step's batch (batch size / number of units); clipping_norm: the L2
-    bound on one unit's gradient contribution. Accounting assumes Poisson sampling, which
-    dp-accounting prices only under add/remove-one.
+    bound on one unit's gradient contribution. Accounting assumes Poisson sampling.
     """
 
     noise_multiplier: float
@@ -70,19 +75,20 @@ class DpSgd:
 
     def __post_init__(self) -> None:
         _check_common(self)
-        if not (isinstance(self.sampling_rate, (int, float)) and 0 < self.sampling_rate <= 1):
+        if isinstance(self.sampling_rate, bool) or not (
+                isinstance(self.sampling_rate, (int, float)) and 0 < self.sampling_rate <= 1):
             raise MechanismError(f"sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
         _positive_int("steps", self.steps)
-        if not (isinstance(self.clipping_norm, (int, float)) and math.isfinite(self.clipping_norm)
-                and self.clipping_norm > 0):
-            raise MechanismError(f"clipping_norm must be a finite number > 0, got {self.clipping_norm!r}")
-        if self.neighbouring != "add-remove-one":
-            raise MechanismError("DP-SGD with Poisson sampling is accounted under add-remove-one only")
+        _positive_number("clipping_norm", self.clipping_norm)
 
     @property
     def noise_stddev(self) -> float:
         """Standard deviation of the Gaussian noise added to the summed clipped gradients."""
         return self.noise_multiplier * self.clipping_norm
+
+    def repeated(self, times: int) -> "DpSgd":
+        """The same training continued for `times` as many steps."""
+        return replace(self, steps=self.steps * times)
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
         step = dp_accounting.PoissonSampledDpEvent(
@@ -104,7 +110,8 @@ class GaussianRelease:
 
     Adds N(0, (noise_multiplier * l2_sensitivity)^2) to each coordinate; `releases` counts
     independent releases of this shape priced together in one entry (e.g. one per round).
-    Under replace-one, l2_sensitivity must be the change from replacing one unit's data.
+    l2_sensitivity bounds the L2 change of the whole released vector when one unit's data is
+    added or removed (clip each unit's contribution first).
     """
 
     noise_multiplier: float
@@ -117,14 +124,15 @@ class GaussianRelease:
 
     def __post_init__(self) -> None:
         _check_common(self)
-        if not (isinstance(self.l2_sensitivity, (int, float)) and math.isfinite(self.l2_sensitivity)
-                and self.l2_sensitivity > 0):
-            raise MechanismError(f"l2_sensitivity must be a finite number > 0, got {self.l2_sensitivity!r}")
+        _positive_number("l2_sensitivity", self.l2_sensitivity)
         _positive_int("releases", self.releases)
 
     @property
     def noise_stddev(self) -> float:
         return self.noise_multiplier * self.l2_sensitivity
+
+    def repeated(self, times: int) -> "GaussianRelease":
+        return replace(self, releases=self.releases * times)
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
         single = dp_accounting.GaussianDpEvent(self.noise_multiplier)

@@ -1,0 +1,173 @@
+"""Composition of a site's releases with Google's dp-accounting, and noise calibration.
+
+The reported epsilon comes from the PLD accountant (tight); the RDP accountant runs alongside
+as a familiar, more conservative second opinion. All privacy math is dp-accounting's: this
+module only feeds it events and searches over noise multipliers.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, NamedTuple, Sequence, Union
+
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+
+from pmlm.common.privacy.events import NEIGHBOURING_RELATIONS, DpSgd, GaussianRelease, Mechanism, MechanismError
+
+DP_ACCOUNTING_VERSION = importlib.metadata.version("dp-accounting")
+ACCOUNTANT = f"dp-accounting {DP_ACCOUNTING_VERSION}"
+
+
+@dataclass(frozen=True)
+class AccountantSettings:
+    """How the PLD accountant discretises; stored with a ledger so verification re-prices identically.
+
+    1e-3 instead of the library's 1e-4: measured here, ten times faster per composition
+    (0.05 s vs 0.5 s for 1000 DP-SGD steps) and about 0.001 larger epsilon at epsilon 1.5
+    (the discretisation is pessimistic, so the bound stays valid).
+    """
+
+    pld_value_discretization_interval: float = 1e-3
+
+    def __post_init__(self) -> None:
+        interval = self.pld_value_discretization_interval
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval <= 0.1:
+            raise ValueError(f"pld_value_discretization_interval must be in (0, 0.1], got {interval!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pld_value_discretization_interval": self.pld_value_discretization_interval}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AccountantSettings":
+        return cls(pld_value_discretization_interval=data["pld_value_discretization_interval"])
+
+
+class Epsilons(NamedTuple):
+    pld: float
+    rdp: float
+
+
+class Composition:
+    """Everything one privacy unit has released so far, composed by both accountants."""
+
+    def __init__(self, settings: AccountantSettings | None = None, neighbouring: str = "add-remove-one"):
+        if neighbouring not in NEIGHBOURING_RELATIONS:
+            raise MechanismError(f"unsupported neighbouring relation {neighbouring!r}")
+        self.settings = settings or AccountantSettings()
+        self.neighbouring = neighbouring
+        relation = NEIGHBOURING_RELATIONS[neighbouring]
+        self._pld = PLDAccountant(relation, value_discretization_interval=self.settings.pld_value_discretization_interval)
+        self._rdp = RdpAccountant(neighboring_relation=relation)
+        self.releases = 0
+
+    def add(self, mechanism: Mechanism) -> None:
+        if mechanism.neighbouring != self.neighbouring:
+            raise MechanismError(
+                f"cannot compose a {mechanism.neighbouring} mechanism into a {self.neighbouring} composition"
+            )
+        event = mechanism.to_dp_event()
+        self._pld.compose(event)
+        if self._rdp is not None:
+            self._rdp.compose(event)
+        self.releases += 1
+
+    def with_added(self, mechanisms: Union[Mechanism, Iterable[Mechanism]], *, rdp: bool = True) -> "Composition":
+        """A copy with `mechanisms` composed in; this composition is left unchanged.
+
+        rdp=False skips the RDP accountant in the copy (its epsilon reads as NaN): calibration
+        searches on PLD alone, and RDP costs as much as PLD to compose.
+        """
+        trial = copy.deepcopy(self)
+        if not rdp:
+            trial._rdp = None
+        for mechanism in [mechanisms] if isinstance(mechanisms, (DpSgd, GaussianRelease)) else mechanisms:
+            trial.add(mechanism)
+        return trial
+
+    def epsilon(self, delta: float) -> Epsilons:
+        if self.releases == 0:
+            return Epsilons(0.0, 0.0)
+        rdp = float(self._rdp.get_epsilon(delta)) if self._rdp is not None else math.nan
+        return Epsilons(float(self._pld.get_epsilon(delta)), rdp)
+
+
+def compose_epsilon(mechanisms: Sequence[Mechanism], delta: float, settings: AccountantSettings | None = None) -> Epsilons:
+    """Epsilon at `delta` of all `mechanisms` composed (they must share one privacy unit)."""
+    units = {m.privacy_unit for m in mechanisms}
+    if len(units) > 1:
+        raise MechanismError(f"mechanisms of different privacy units {sorted(units)} are separate guarantees")
+    return Composition(settings).with_added(mechanisms).epsilon(delta)
+
+
+class CalibrationError(ValueError):
+    """No noise multiplier in the searched range meets the target."""
+
+
+def smallest_noise_multiplier(fits: Callable[[float], bool], tolerance: float = 1e-3) -> float:
+    """The smallest noise multiplier (within a relative `tolerance`) for which `fits` holds.
+
+    `fits` must be monotone: once a noise multiplier fits, every larger one does. The answer
+    always fits; it is at most (1 + tolerance) times the true minimum, except for targets so
+    loose that 1/8 already fits (epsilon in the tens for one Gaussian release), where 1/8 is
+    returned: PLDs of tinier multipliers take seconds to build and buy nothing useful.
+    """
+    high = 1.0
+    while not fits(high):
+        high *= 2
+        if high > 2**20:
+            raise CalibrationError("no noise multiplier up to 2^20 meets the target; is the budget already spent?")
+    low = high / 2
+    while high > 1 / 8 and fits(low):
+        high, low = low, low / 2
+    if high <= 1 / 8:
+        return high
+    while high - low > tolerance * high:
+        middle = (low + high) / 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def calibrate_dpsgd(
+    target_epsilon: float,
+    delta: float,
+    sampling_rate: float,
+    steps: int,
+    *,
+    settings: AccountantSettings | None = None,
+    tolerance: float = 1e-3,
+) -> float:
+    """Noise multiplier for `steps` DP-SGD steps at `sampling_rate` to spend at most `target_epsilon` (PLD)."""
+    if target_epsilon <= 0:
+        raise CalibrationError(f"target_epsilon must be > 0, got {target_epsilon}")
+
+    def fits(sigma: float) -> bool:
+        mech = DpSgd(sigma, sampling_rate, steps, clipping_norm=1.0)
+        return compose_epsilon([mech], delta, settings).pld <= target_epsilon
+
+    return smallest_noise_multiplier(fits, tolerance)
+
+
+def calibrate_gaussian(
+    target_epsilon: float,
+    delta: float,
+    releases: int = 1,
+    *,
+    settings: AccountantSettings | None = None,
+    tolerance: float = 1e-3,
+) -> float:
+    """Noise multiplier (std / L2 sensitivity) for `releases` Gaussian releases within `target_epsilon` (PLD)."""
+    if target_epsilon <= 0:
+        raise CalibrationError(f"target_epsilon must be > 0, got {target_epsilon}")
+
+    def fits(sigma: float) -> bool:
+        mech = GaussianRelease(sigma, l2_sensitivity=1.0, releases=releases)
+        return compose_epsilon([mech], delta, settings).pld <= target_epsilon
+
+    return smallest_noise_multiplier(fits, tolerance)

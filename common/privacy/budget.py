@@ -1,0 +1,177 @@
+"""A site's privacy budget: the total epsilon at a fixed delta, split into per-phase shares.
+
+Every privacy unit (patient-in-site, site) gets the whole budget as its own, separate
+guarantee. Within a unit, a release must keep both the unit's composed epsilon under
+`epsilon_total` and its phase's composed epsilon under `share * epsilon_total`. Limits are
+checked on the PLD epsilon, the one reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from pmlm.common.privacy.accountant import AccountantSettings, Composition, Epsilons
+from pmlm.common.privacy.events import PRIVACY_UNITS, Mechanism, MechanismError
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    epsilon_total: float
+    delta: float
+    shares: dict[str, float]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epsilon_total, bool) or not isinstance(self.epsilon_total, (int, float)) \
+                or not math.isfinite(self.epsilon_total) or self.epsilon_total <= 0:
+            raise ValueError(f"epsilon_total must be a finite number > 0, got {self.epsilon_total!r}")
+        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if not isinstance(self.shares, dict) or not self.shares:
+            raise ValueError("shares must be a non-empty mapping of phase name to fraction of epsilon_total")
+        for phase, share in self.shares.items():
+            if not isinstance(phase, str) or not phase:
+                raise ValueError(f"phase names must be non-empty strings, got {phase!r}")
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise ValueError(f"share of phase {phase!r} must be in (0, 1], got {share!r}")
+        if sum(self.shares.values()) > 1 + 1e-9:
+            raise ValueError(f"phase shares add up to {sum(self.shares.values()):.6g} > 1")
+        object.__setattr__(self, "shares", dict(self.shares))
+
+    def phase_cap(self, phase: str) -> float:
+        if phase not in self.shares:
+            raise UnknownPhase(f"phase {phase!r} has no budget share; configured phases: {sorted(self.shares)}")
+        return self.shares[phase] * self.epsilon_total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epsilon_total": self.epsilon_total, "delta": self.delta, "shares": dict(sorted(self.shares.items()))}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BudgetConfig":
+        return cls(epsilon_total=data["epsilon_total"], delta=data["delta"], shares=dict(data["shares"]))
+
+
+class UnknownPhase(ValueError):
+    """A release charged to a phase the budget does not know (a configuration error, not a refusal)."""
+
+
+class BudgetExhausted(Exception):
+    """A release was refused because it would exceed the site's budget; no noise was drawn, nothing sent."""
+
+    def __init__(self, site_id: str, charge: "Charge"):
+        self.site_id = site_id
+        self.charge = charge
+        if charge.exceeded == "phase":
+            scope, spent, after, cap = f"phase {charge.phase!r}", charge.phase_before.pld, charge.phase_after.pld, charge.phase_cap
+        else:
+            scope, spent, after, cap = "the total", charge.before.pld, charge.after.pld, charge.total_cap
+        self.spent, self.requested, self.cap = spent, after - spent, cap
+        self.remaining = max(cap - spent, 0.0)
+        super().__init__(
+            f"privacy budget exhausted at site {site_id!r} ({charge.privacy_unit}): this "
+            f"{charge.mechanism.kind} release would raise {scope} epsilon from {spent:.4g} to {after:.4g}, "
+            f"over its cap {cap:.4g} (spent {spent:.4g}, remaining {self.remaining:.4g}, requested "
+            f"+{self.requested:.4g}, delta {charge.delta:g}). The release was refused before any noise "
+            f"was drawn; nothing was sent, and the refusal is in the ledger."
+        )
+
+
+@dataclass
+class Charge:
+    """What one release would cost: epsilons before/after, for its unit and its phase, against the caps."""
+
+    phase: str
+    privacy_unit: str
+    mechanism: Mechanism
+    delta: float
+    before: Epsilons
+    after: Epsilons
+    phase_before: Epsilons
+    phase_after: Epsilons
+    total_cap: float
+    phase_cap: float
+    # the compositions with the release added, kept so committing does not compose twice
+    _unit_composition: Composition = field(repr=False)
+    _phase_composition: Composition = field(repr=False)
+
+    @property
+    def exceeded(self) -> str | None:
+        """"phase" or "total" when the release would break that cap, else None."""
+        if self.phase_after.pld > self.phase_cap:
+            return "phase"
+        if self.after.pld > self.total_cap:
+            return "total"
+        return None
+
+    @property
+    def fits(self) -> bool:
+        return self.exceeded is None
+
+
+class BudgetState:
+    """Running compositions of one site's releases: per privacy unit, and per unit and phase."""
+
+    def __init__(self, budget: BudgetConfig, settings: AccountantSettings):
+        self.budget = budget
+        self.settings = settings
+        self._units: dict[str, Composition] = {}
+        self._phases: dict[tuple[str, str], Composition] = {}
+
+    def _composition(self, unit: str, phase: str | None, neighbouring: str) -> Composition:
+        table, key = (self._units, unit) if phase is None else (self._phases, (unit, phase))
+        composition = table.get(key) or Composition(self.settings, neighbouring)
+        if composition.neighbouring != neighbouring:
+            raise MechanismError(f"{unit} releases are accounted under {composition.neighbouring}, not {neighbouring}")
+        return composition
+
+    def price(self, phase: str, mechanism: Mechanism | Iterable[Mechanism], *, rdp: bool = True) -> Charge:
+        """The cost of `mechanism` (or a planned sequence of them, all in one unit) in `phase`; changes nothing.
+
+        rdp=False prices with PLD only (RDP epsilons read NaN); such a charge must not be committed.
+        """
+        mechanisms = list(mechanism) if not hasattr(mechanism, "to_dp_event") else [mechanism]
+        if not mechanisms:
+            raise ValueError("nothing to price")
+        units = {m.privacy_unit for m in mechanisms}
+        if len(units) != 1:
+            raise MechanismError(f"one charge covers one privacy unit, got {sorted(units)}")
+        unit = units.pop()
+        phase_cap = self.budget.phase_cap(phase)
+        unit_before = self._composition(unit, None, mechanisms[0].neighbouring)
+        phase_before = self._composition(unit, phase, mechanisms[0].neighbouring)
+        unit_after = unit_before.with_added(mechanisms, rdp=rdp)
+        phase_after = phase_before.with_added(mechanisms, rdp=rdp)
+        delta = self.budget.delta
+        return Charge(
+            phase=phase,
+            privacy_unit=unit,
+            mechanism=mechanisms[-1],
+            delta=delta,
+            before=unit_before.epsilon(delta),
+            after=unit_after.epsilon(delta),
+            phase_before=phase_before.epsilon(delta),
+            phase_after=phase_after.epsilon(delta),
+            total_cap=self.budget.epsilon_total,
+            phase_cap=phase_cap,
+            _unit_composition=unit_after,
+            _phase_composition=phase_after,
+        )
+
+    def commit(self, charge: Charge) -> None:
+        if math.isnan(charge.after.rdp):
+            raise ValueError("a PLD-only trial charge cannot be committed")
+        self._units[charge.privacy_unit] = charge._unit_composition
+        self._phases[(charge.privacy_unit, charge.phase)] = charge._phase_composition
+
+    def spent(self, privacy_unit: str = "patient-in-site", phase: str | None = None) -> Epsilons:
+        if privacy_unit not in PRIVACY_UNITS:
+            raise ValueError(f"privacy_unit must be one of {PRIVACY_UNITS}, got {privacy_unit!r}")
+        if phase is not None:
+            self.budget.phase_cap(phase)  # unknown phase -> clear error
+        composition = self._units.get(privacy_unit) if phase is None else self._phases.get((privacy_unit, phase))
+        return composition.epsilon(self.budget.delta) if composition else Epsilons(0.0, 0.0)
+
+    def remaining(self, privacy_unit: str = "patient-in-site", phase: str | None = None) -> float:
+        cap = self.budget.epsilon_total if phase is None else self.budget.phase_cap(phase)
+        return max(cap - self.spent(privacy_unit, phase).pld, 0.0)
