@@ -132,7 +132,13 @@ class LedgerReplay:
     so a verifier can name every failing entry.
     """
 
-    def __init__(self, trusted_key: Ed25519PublicKey | None = None):
+    def __init__(self, trusted_key: Ed25519PublicKey | None = None, *, allow_gaps: bool = False):
+        # allow_gaps: for a subset of a ledger (the coordinator's copy holds only what sites
+        # shipped): sequence numbers must only increase, and the chain is checked across
+        # consecutive entries. Dropped refusals do not change any composition, so re-pricing
+        # still holds as long as no release is missing.
+        self.allow_gaps = allow_gaps
+        self.last_seq = -1
         self.trusted_key = trusted_key
         self.key: Ed25519PublicKey | None = trusted_key
         self.genesis: dict[str, Any] | None = None
@@ -185,12 +191,19 @@ class LedgerReplay:
             return None
         seq = entry.get("seq")
         seq_label = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
-        if seq != expected_seq:
+        consecutive = seq_label is not None and seq_label == self.last_seq + 1
+        if self.allow_gaps and lineno > 1:
+            if seq_label is None or seq_label <= self.last_seq:
+                problem(f"sequence number {seq!r} does not follow {self.last_seq} (an entry was "
+                        f"duplicated or moved)", seq_label)
+        elif seq != expected_seq:
             problem(f"sequence number is {seq!r}, expected {expected_seq} (an entry was removed, "
                     f"inserted or moved)", seq_label)
+        if seq_label is not None:
+            self.last_seq = max(self.last_seq, seq_label)
         if canonical_json(entry) != line:
             problem("bytes differ from the entry's canonical form (the line was edited)", seq_label)
-        if entry.get("prev_hash") != prev_hash:
+        if (not self.allow_gaps or consecutive) and entry.get("prev_hash") != prev_hash:
             problem("prev_hash does not match the previous line (the chain is broken: an earlier "
                     "entry was changed, removed or reordered)", seq_label)
 
@@ -279,6 +292,7 @@ class LedgerReplay:
     def accept_own(self, entry: dict[str, Any], line: bytes, charge: Charge | None) -> None:
         """Take an entry this process just wrote, without re-pricing what it priced a moment ago."""
         self.lines += 1
+        self.last_seq = entry["seq"]
         self.last_hash = line_hash(line)
         self.entries.append(entry)
         if charge is not None and entry["kind"] == "release":
@@ -374,6 +388,11 @@ class SiteLedger:
     @property
     def key_fingerprint(self) -> str:
         return key_fingerprint(self._key.public_key())
+
+    @property
+    def open_entry(self) -> dict[str, Any]:
+        """The first, signed entry (site key, budget); the coordinator needs it before any release."""
+        return json.loads(json.dumps(self._replay.entries[0]))
 
     def entries(self) -> list[dict[str, Any]]:
         with self._locked():

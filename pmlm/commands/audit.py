@@ -1,0 +1,171 @@
+"""`pmlm audit`: check privacy ledgers and report what each site released and spent.
+
+  pmlm audit verify LEDGER...                 exit 0 only if every ledger verifies
+  pmlm audit report LEDGER... --out DIR [--json]
+
+LEDGER is a site's ledger (SITE_DIR/ledger/privacy_ledger.jsonl) or a coordinator's copy
+(STATE_DIR/ledger_copies/SITE.jsonl). Signatures are checked against a key the auditor
+trusts: --public-key SITE=FILE, else the key file kept beside the ledger (SITE_DIR/keys/
+site_ed25519.key.pub, or STATE_DIR/site_keys/SITE.pub for a copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from pmlm.cli import CliError
+from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, LedgerReplay, verify_ledger
+from pmlm.common.privacy.report import AuditedLedger, summaries, write_report
+from pmlm.common.privacy.signing import KeyFileError, key_fingerprint, load_public_key
+from pmlm.server.ledger_copy import COORDINATOR_KEY_PATH, COPIES_DIR, SITE_KEYS_DIR, read_copy
+
+MAX_PROBLEMS_SHOWN = 10
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    audit = subparsers.add_parser("audit", help="verify privacy ledgers and write audit reports",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+
+    def add_common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("ledgers", nargs="+", type=Path, metavar="LEDGER")
+        parser.add_argument("--public-key", action="append", default=[], metavar="SITE=FILE",
+                            help="trusted Ed25519 public key (PEM) of a site; repeatable")
+        parser.add_argument("--coordinator-key", type=Path, metavar="FILE",
+                            help="trusted coordinator public key for copies (default: STATE_DIR/keys/...)")
+
+    verify = commands.add_parser("verify", help="check chains, signatures, monotone ε, and re-compute every ε")
+    add_common(verify)
+    verify.add_argument("--trust-embedded-key", action="store_true",
+                        help="when no trusted key is found, check signatures against the key inside the "
+                             "ledger (proves consistency only, not authorship)")
+    verify.set_defaults(handler=run_verify)
+
+    report = commands.add_parser("report", help="write a self-contained HTML report (and JSON with --json)")
+    add_common(report)
+    report.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    report.add_argument("--json", action="store_true",
+                        help="also write DIR/privacy_summary.json and print it: per site "
+                             "{epsilon, epsilon_rdp, delta, budget, releases}")
+    report.set_defaults(handler=run_report)
+
+
+def _key_overrides(pairs: list[str]) -> dict[str, Path]:
+    keys = {}
+    for pair in pairs:
+        site, sep, file = pair.partition("=")
+        if not sep or not site or not file:
+            raise CliError(f"--public-key expects SITE=FILE, got {pair!r}")
+        keys[site] = Path(file)
+    return keys
+
+
+def _first_record(path: Path) -> dict:
+    # Only to learn the site id and the file's kind; verification re-reads everything.
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.readline())
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _load_key(path: Path) -> Ed25519PublicKey:
+    try:
+        return load_public_key(path)
+    except KeyFileError as exc:
+        raise CliError(str(exc)) from None
+
+
+def audit_ledger(path: Path, overrides: dict[str, Path], coordinator_key: Path | None,
+                 trust_embedded_key: bool) -> AuditedLedger:
+    """Verify one ledger or coordinator copy, with the most trustworthy key available."""
+    if not path.is_file():
+        raise CliError(f"no such ledger file: {path}")
+    first = _first_record(path)
+    is_copy = "countersignature" in first
+    site_entry = first.get("site_entry") if is_copy else first
+    site_id = site_entry.get("site_id") if isinstance(site_entry, dict) else None
+    if is_copy:
+        default_key = path.parent.parent / SITE_KEYS_DIR / f"{site_id}.pub"
+    else:
+        default_key = path.parents[len(LEDGER_PATH.parts) - 1] / (str(SITE_KEY_PATH) + ".pub")
+    key_file = overrides.get(site_id) if site_id in overrides else (default_key if default_key.is_file() else None)
+    site_key = _load_key(key_file) if key_file else None
+    key_note = (f"signatures checked with trusted key {key_fingerprint(site_key)} from {key_file}" if site_key
+                else "no trusted key found: signatures checked only against the key embedded in the ledger")
+    problems: list[str] = []
+    if site_key is None and not trust_embedded_key:
+        problems.append(f"no trusted public key for site {site_id!r} (looked for {default_key}); pass "
+                        f"--public-key {site_id}=FILE, or --trust-embedded-key to check consistency only")
+    if is_copy:
+        coord_file = coordinator_key or path.parent.parent / (str(COORDINATOR_KEY_PATH) + ".pub")
+        coord_key = _load_key(coord_file) if coordinator_key or coord_file.is_file() else None
+        if coord_key is None:
+            problems.append(f"no coordinator public key (looked for {coord_file}); pass --coordinator-key FILE")
+        replay, copy_problems, _ = read_copy(path, coord_key, site_key)
+        problems += [str(p) for p in copy_problems]
+        kind = "coordinator copy"
+    else:
+        replay = verify_ledger(path, site_key)
+        problems += [str(p) for p in replay.problems]
+        kind = "site ledger"
+    if replay.genesis is None and not problems:
+        problems.append("the ledger has no open entry")
+    return AuditedLedger(path=path, kind=kind, replay=replay, problems=problems, key_note=key_note)
+
+
+def _audit_all(args: argparse.Namespace, trust_embedded_key: bool) -> list[AuditedLedger]:
+    overrides = _key_overrides(args.public_key)
+    return [audit_ledger(p, overrides, args.coordinator_key, trust_embedded_key) for p in args.ledgers]
+
+
+def _describe(ledger: AuditedLedger) -> str:
+    replay: LedgerReplay = ledger.replay
+    releases, refusals = len(ledger.releases()), len(ledger.refusals())
+    parts = [f"site {ledger.site_id}", f"{len(replay.entries)} entries ({releases} release{'s' * (releases != 1)}, "
+                                         f"{refusals} refusal{'s' * (refusals != 1)})"]
+    if replay.state is not None:
+        for unit in ledger.units():
+            spent = replay.state.spent(unit)
+            parts.append(f"{unit} ε={spent.pld:.4g} (RDP {spent.rdp:.4g}) at δ={replay.budget.delta:g}")
+    return ", ".join(parts)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    ledgers = _audit_all(args, args.trust_embedded_key)
+    for ledger in ledgers:
+        if ledger.verified:
+            print(f"OK    {ledger.path} [{ledger.kind}]: {_describe(ledger)}; {ledger.key_note}")
+            continue
+        print(f"FAIL  {ledger.path} [{ledger.kind}]: {ledger.problems[0]}")
+        for problem in ledger.problems[1:MAX_PROBLEMS_SHOWN]:
+            print(f"      also {problem}")
+        if len(ledger.problems) > MAX_PROBLEMS_SHOWN:
+            print(f"      ... and {len(ledger.problems) - MAX_PROBLEMS_SHOWN} more")
+    failed = sum(not ledger.verified for ledger in ledgers)
+    print(f"{len(ledgers) - failed} of {len(ledgers)} ledgers verified")
+    return 0 if failed == 0 else 1
+
+
+def run_report(args: argparse.Namespace) -> int:
+    # A report is still written when a check fails (it says so prominently); the exit code tells scripts.
+    ledgers = _audit_all(args, trust_embedded_key=True)
+    html_path = write_report(ledgers, args.out)
+    # With --json, stdout carries only the JSON so it can be piped.
+    print(f"wrote {html_path}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        text = json.dumps(summaries(ledgers), indent=2, sort_keys=True)
+        json_path = args.out / "privacy_summary.json"
+        json_path.write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {json_path}", file=sys.stderr)
+        print(text)
+    failed = [ledger for ledger in ledgers if not ledger.verified]
+    for ledger in failed:
+        print(f"warning: {ledger.path} failed verification: {ledger.problems[0]}", file=sys.stderr)
+    return 1 if failed else 0
