@@ -161,10 +161,12 @@ class LedgerReplay:
     def site_id(self) -> str | None:
         return self.genesis.get("site_id") if self.genesis else None
 
-    def feed_bytes(self, data: bytes) -> None:
+    def feed_bytes(self, data: bytes, *, stop_at_first: bool = False) -> None:
         *complete, tail = data.split(b"\n")
         for line in complete:
             self.feed_line(line)
+            if stop_at_first and self.problems:
+                return
         if tail:
             self.torn_tail = tail
             self.problems.append(Problem(
@@ -301,10 +303,14 @@ class LedgerReplay:
             self._phase_epsilon[(charge.privacy_unit, charge.phase)] = entry["phase_epsilon"]
 
 
-def verify_ledger(path: Path, trusted_key: Ed25519PublicKey | None = None) -> LedgerReplay:
-    """Read and re-check a whole ledger file; inspect `.problems` (empty means it verified)."""
+def verify_ledger(path: Path, trusted_key: Ed25519PublicKey | None = None, *,
+                  stop_at_first: bool = False) -> LedgerReplay:
+    """Read and re-check a ledger file; inspect `.problems` (empty means it verified).
+
+    stop_at_first skips re-pricing the rest once something failed (it only saves time).
+    """
     replay = LedgerReplay(trusted_key)
-    replay.feed_bytes(Path(path).read_bytes())
+    replay.feed_bytes(Path(path).read_bytes(), stop_at_first=stop_at_first)
     return replay
 
 
@@ -411,11 +417,11 @@ class SiteLedger:
             self._sync()
             return self._replay.state.remaining(privacy_unit, phase)
 
-    def price(self, phase: str, mechanism: Mechanism | Iterable[Mechanism]) -> Charge:
-        """What `mechanism` (or a planned sequence) would cost now; records nothing."""
+    def price(self, phase: str, mechanism: Mechanism | Iterable[Mechanism], *, rdp: bool = True) -> Charge:
+        """What `mechanism` (or a planned sequence) would cost now; records nothing (rdp=False: PLD only, faster)."""
         with self._locked():
             self._sync()
-            return self._replay.state.price(phase, mechanism)
+            return self._replay.state.price(phase, mechanism, rdp=rdp)
 
     def calibrate(
         self,

@@ -1,0 +1,154 @@
+"""Mechanisms as data, composition against dp-accounting used directly, calibration, budgets."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+
+from pmlm.common.privacy import (
+    AccountantSettings,
+    BudgetConfig,
+    DpSgd,
+    GaussianRelease,
+    MechanismError,
+    UnknownPhase,
+    calibrate_dpsgd,
+    calibrate_gaussian,
+    compose_epsilon,
+    mechanism_from_dict,
+)
+from pmlm.common.privacy.budget import BudgetState
+
+DELTA = 1e-5
+INTERVAL = AccountantSettings().pld_value_discretization_interval
+
+
+def direct(events: list, delta: float = DELTA) -> tuple[float, float]:
+    """Epsilon of `events` composed straight through dp-accounting, without any PMLM code."""
+    pld = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=INTERVAL)
+    rdp = RdpAccountant()
+    composed = dp_accounting.ComposedDpEvent(events)
+    pld.compose(composed)
+    rdp.compose(composed)
+    return pld.get_epsilon(delta), rdp.get_epsilon(delta)
+
+
+def sgd_event(sigma: float, q: float, steps: int):
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
+
+
+def test_dpsgd_composition_matches_dp_accounting_directly():
+    mechanisms = [DpSgd(1.3, 0.05, 20, 1.0), DpSgd(1.3, 0.05, 20, 1.0), DpSgd(2.0, 0.02, 30, 0.5)]
+    got = compose_epsilon(mechanisms, DELTA)
+    pld, rdp = direct([sgd_event(1.3, 0.05, 20), sgd_event(1.3, 0.05, 20), sgd_event(2.0, 0.02, 30)])
+    assert got.pld == pytest.approx(pld, rel=1e-9)
+    assert got.rdp == pytest.approx(rdp, rel=1e-9)
+    assert 0 < got.pld < got.rdp  # PLD is the tighter of the two here
+
+
+def test_gaussian_and_mixed_composition_match_dp_accounting_directly():
+    mechanisms = [GaussianRelease(4.0, 2.0, releases=3), DpSgd(1.5, 0.05, 10, 1.0), GaussianRelease(6.0, 1.0)]
+    got = compose_epsilon(mechanisms, DELTA)
+    pld, rdp = direct([
+        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(4.0), 3),
+        sgd_event(1.5, 0.05, 10),
+        dp_accounting.GaussianDpEvent(6.0),
+    ])
+    assert got.pld == pytest.approx(pld, rel=1e-9)
+    assert got.rdp == pytest.approx(rdp, rel=1e-9)
+    # the sensitivity scales the noise, not the privacy: sigma is already relative to it
+    assert GaussianRelease(4.0, 2.0).noise_stddev == 8.0
+
+
+def test_empty_composition_costs_nothing():
+    assert tuple(compose_epsilon([], DELTA)) == (0.0, 0.0)
+
+
+def test_units_are_never_composed_together():
+    with pytest.raises(MechanismError, match="separate guarantees"):
+        compose_epsilon([GaussianRelease(3.0, 1.0), GaussianRelease(3.0, 1.0, privacy_unit="site")], DELTA)
+
+
+@pytest.mark.parametrize("mechanism", [
+    DpSgd(1.1, 0.01, 1000, 1.0),
+    DpSgd(0.9, 1.0, 3, 2.5, privacy_unit="site"),
+    GaussianRelease(2.0, 0.5, releases=4),
+])
+def test_mechanism_round_trips_through_json(mechanism):
+    data = json.loads(json.dumps(mechanism.to_dict()))
+    assert data["type"] == mechanism.kind
+    assert mechanism_from_dict(data) == mechanism
+    assert type(mechanism).from_dict(data) == mechanism
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: DpSgd(0.0, 0.01, 10, 1.0), "noise_multiplier"),
+    (lambda: DpSgd(float("nan"), 0.01, 10, 1.0), "noise_multiplier"),
+    (lambda: DpSgd(1.0, 1.5, 10, 1.0), "sampling_rate"),
+    (lambda: DpSgd(1.0, 0.01, 0, 1.0), "steps"),
+    (lambda: DpSgd(1.0, 0.01, 10.5, 1.0), "steps"),
+    (lambda: DpSgd(1.0, 0.01, 10, -1.0), "clipping_norm"),
+    (lambda: GaussianRelease(1.0, 0.0), "l2_sensitivity"),
+    (lambda: GaussianRelease(1.0, 1.0, privacy_unit="patient"), "privacy_unit"),
+    (lambda: GaussianRelease(1.0, 1.0, neighbouring="replace-one"), "neighbouring"),
+    (lambda: mechanism_from_dict({"type": "laplace", "scale": 1}), "unknown mechanism type"),
+    (lambda: mechanism_from_dict({**GaussianRelease(1.0, 1.0).to_dict(), "bonus": 1}), "unexpected fields"),
+    (lambda: mechanism_from_dict({"type": "gaussian", "noise_multiplier": 1.0}), "l2_sensitivity"),
+])
+def test_invalid_mechanisms_are_rejected(build, message):
+    with pytest.raises(MechanismError, match=message):
+        build()
+
+
+def test_calibrate_dpsgd_is_the_smallest_noise_within_target():
+    target, q, steps = 1.0, 0.05, 40
+    sigma = calibrate_dpsgd(target, DELTA, q, steps, tolerance=1e-3)
+    eps_at, _ = direct([sgd_event(sigma, q, steps)])
+    eps_below, _ = direct([sgd_event(sigma * (1 - 3e-3), q, steps)])
+    assert eps_at <= target < eps_below
+
+
+def test_calibrate_gaussian_is_the_smallest_noise_within_target():
+    target, releases = 0.8, 5
+    sigma = calibrate_gaussian(target, DELTA, releases, tolerance=1e-3)
+    event = lambda s: dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(s), releases)  # noqa: E731
+    assert direct([event(sigma)])[0] <= target < direct([event(sigma * (1 - 3e-3))])[0]
+
+
+def test_budget_config_validation_and_caps():
+    budget = BudgetConfig(8.0, 1e-5, {"phase_a": 0.5, "phase_b": 0.25, "phase_c": 0.25})
+    assert budget.phase_cap("phase_b") == 2.0
+    assert BudgetConfig.from_dict(json.loads(json.dumps(budget.to_dict()))) == budget
+    with pytest.raises(UnknownPhase, match="phase_x"):
+        budget.phase_cap("phase_x")
+    for bad in ({"epsilon_total": 0, "delta": 1e-5, "shares": {"a": 1}},
+                {"epsilon_total": 1, "delta": 1.0, "shares": {"a": 1}},
+                {"epsilon_total": 1, "delta": 1e-5, "shares": {}},
+                {"epsilon_total": 1, "delta": 1e-5, "shares": {"a": 1.5}}):
+        with pytest.raises(ValueError):
+            BudgetConfig(**bad)
+
+
+def test_budget_state_enforces_phase_share_and_total():
+    # Overlapping shares (1.0 + 1.0): each phase may use it all, the total cap stops the second.
+    state = BudgetState(BudgetConfig(1.0, DELTA, {"a": 1.0, "b": 1.0}), AccountantSettings())
+    big = GaussianRelease(calibrate_gaussian(0.8, DELTA), 1.0)
+    charge = state.price("a", big)
+    assert charge.fits and charge.after.pld == pytest.approx(0.8, abs=0.01)
+    state.commit(charge)
+    second = state.price("b", big)
+    assert second.phase_after.pld < 1.0 and second.after.pld > 1.0
+    assert second.exceeded == "total" and not second.fits
+    # a partitioned budget: the phase cap binds
+    state = BudgetState(BudgetConfig(1.0, DELTA, {"a": 0.5, "b": 0.5}), AccountantSettings())
+    assert state.price("a", big).exceeded == "phase"
+    assert state.spent() == (0.0, 0.0)  # pricing never spends
+    assert state.remaining(phase="a") == 0.5
+    assert math.isnan(state.price("a", big, rdp=False).after.rdp)
