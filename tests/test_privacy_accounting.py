@@ -108,7 +108,7 @@ def test_invalid_mechanisms_are_rejected(build, message):
 
 
 def test_calibrate_dpsgd_is_the_smallest_noise_within_target():
-    target, q, steps = 1.0, 0.05, 40
+    target, q, steps = 1.0, 0.05, 20
     sigma = calibrate_dpsgd(target, DELTA, q, steps, tolerance=1e-3)
     eps_at, _ = direct([sgd_event(sigma, q, steps)])
     eps_below, _ = direct([sgd_event(sigma * (1 - 3e-3), q, steps)])

@@ -52,16 +52,21 @@ class Epsilons(NamedTuple):
 
 
 class Composition:
-    """Everything one privacy unit has released so far, composed by both accountants."""
+    """Everything one privacy unit has released so far, composed by both accountants.
 
-    def __init__(self, settings: AccountantSettings | None = None, neighbouring: str = "add-remove-one"):
+    with_rdp=False keeps only the PLD accountant (RDP epsilon reads NaN): per-phase caps are
+    checked on PLD, and RDP of a Poisson-subsampled Gaussian costs more than PLD to compose.
+    """
+
+    def __init__(self, settings: AccountantSettings | None = None, neighbouring: str = "add-remove-one",
+                 *, with_rdp: bool = True):
         if neighbouring not in NEIGHBOURING_RELATIONS:
             raise MechanismError(f"unsupported neighbouring relation {neighbouring!r}")
         self.settings = settings or AccountantSettings()
         self.neighbouring = neighbouring
         relation = NEIGHBOURING_RELATIONS[neighbouring]
         self._pld = PLDAccountant(relation, value_discretization_interval=self.settings.pld_value_discretization_interval)
-        self._rdp = RdpAccountant(neighboring_relation=relation)
+        self._rdp = RdpAccountant(neighboring_relation=relation) if with_rdp else None
         self.releases = 0
 
     def add(self, mechanism: Mechanism) -> None:
@@ -78,8 +83,7 @@ class Composition:
     def with_added(self, mechanisms: Union[Mechanism, Iterable[Mechanism]], *, rdp: bool = True) -> "Composition":
         """A copy with `mechanisms` composed in; this composition is left unchanged.
 
-        rdp=False skips the RDP accountant in the copy (its epsilon reads as NaN): calibration
-        searches on PLD alone, and RDP costs as much as PLD to compose.
+        rdp=False drops the RDP accountant from the copy (calibration searches on PLD alone).
         """
         trial = copy.deepcopy(self)
         if not rdp:
@@ -90,7 +94,7 @@ class Composition:
 
     def epsilon(self, delta: float) -> Epsilons:
         if self.releases == 0:
-            return Epsilons(0.0, 0.0)
+            return Epsilons(0.0, 0.0 if self._rdp is not None else math.nan)
         rdp = float(self._rdp.get_epsilon(delta)) if self._rdp is not None else math.nan
         return Epsilons(float(self._pld.get_epsilon(delta)), rdp)
 

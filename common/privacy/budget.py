@@ -122,7 +122,9 @@ class BudgetState:
 
     def _composition(self, unit: str, phase: str | None, neighbouring: str) -> Composition:
         table, key = (self._units, unit) if phase is None else (self._phases, (unit, phase))
-        composition = table.get(key) or Composition(self.settings, neighbouring)
+        # Phases are capped on PLD; their RDP would double the cost of every charge for a number
+        # nobody enforces, so phase compositions run PLD only.
+        composition = table.get(key) or Composition(self.settings, neighbouring, with_rdp=phase is None)
         if composition.neighbouring != neighbouring:
             raise MechanismError(f"{unit} releases are accounted under {composition.neighbouring}, not {neighbouring}")
         return composition
@@ -172,7 +174,9 @@ class BudgetState:
         if phase is not None:
             self.budget.phase_cap(phase)  # unknown phase -> clear error
         composition = self._units.get(privacy_unit) if phase is None else self._phases.get((privacy_unit, phase))
-        return composition.epsilon(self.budget.delta) if composition else Epsilons(0.0, 0.0)
+        if composition is None:
+            return Epsilons(0.0, 0.0 if phase is None else math.nan)
+        return composition.epsilon(self.budget.delta)
 
     def remaining(self, privacy_unit: str = "patient-in-site", phase: str | None = None) -> float:
         cap = self.budget.epsilon_total if phase is None else self.budget.phase_cap(phase)

@@ -4,7 +4,7 @@ One line per event, in canonical JSON:
 
 * ``open``     (first line only) the site's public key, budget and accountant settings;
 * ``release``  a DP release: phase, round, run, the mechanism as data, and the cumulative
-               epsilon (PLD and RDP) of its privacy unit and of its phase after it;
+               epsilon of its privacy unit (PLD and RDP) and of its phase (PLD) after it;
 * ``refusal``  a release refused for lack of budget, with what it would have cost;
 * ``recovery`` an operator-approved removal of a torn last line left by a crash.
 
@@ -265,7 +265,7 @@ class LedgerReplay:
         recorded_after = (charge.after, charge.phase_after) if entry["kind"] == "release" else (charge.before, charge.phase_before)
         expected = {
             "epsilon": recorded_after[0].pld, "epsilon_rdp": recorded_after[0].rdp,
-            "phase_epsilon": recorded_after[1].pld, "phase_epsilon_rdp": recorded_after[1].rdp,
+            "phase_epsilon": recorded_after[1].pld,
         }
         for name, value in expected.items():
             if not _close(value, entry.get(name)):
@@ -406,7 +406,7 @@ class SiteLedger:
             return json.loads(json.dumps(self._replay.entries))
 
     def spent(self, privacy_unit: str = "patient-in-site", phase: str | None = None) -> Epsilons:
-        """(pld, rdp) epsilon spent so far by `privacy_unit`, overall or in one phase."""
+        """(pld, rdp) epsilon spent so far by `privacy_unit`, overall or in one phase (phase rdp: NaN)."""
         with self._locked():
             self._sync()
             return self._replay.state.spent(privacy_unit, phase)
@@ -578,10 +578,10 @@ class SiteLedger:
             **self._release_fields(charge, round, population_size, extra),
             "kind": "refusal",
             "epsilon": charge.before.pld, "epsilon_rdp": charge.before.rdp,
-            "phase_epsilon": charge.phase_before.pld, "phase_epsilon_rdp": charge.phase_before.rdp,
+            "phase_epsilon": charge.phase_before.pld,
             "requested": {
                 "epsilon": charge.after.pld, "epsilon_rdp": charge.after.rdp,
-                "phase_epsilon": charge.phase_after.pld, "phase_epsilon_rdp": charge.phase_after.rdp,
+                "phase_epsilon": charge.phase_after.pld,
             },
             "limit": charge.exceeded,
             "cap": charge.phase_cap if charge.exceeded == "phase" else charge.total_cap,
@@ -596,7 +596,7 @@ class SiteLedger:
             **self._release_fields(charge, round, population_size, extra),
             "kind": "release",
             "epsilon": charge.after.pld, "epsilon_rdp": charge.after.rdp,
-            "phase_epsilon": charge.phase_after.pld, "phase_epsilon_rdp": charge.phase_after.rdp,
+            "phase_epsilon": charge.phase_after.pld,
             "noise_source": noise_source,
         }, run_id=run_id, charge=charge)
 

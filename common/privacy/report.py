@@ -69,7 +69,7 @@ def summary(ledger: AuditedLedger) -> dict[str, Any]:
         for phase in (budget.shares if budget else {}):
             phase_spent = replay.state.spent(unit, phase)
             phases[phase] = {
-                "epsilon": phase_spent.pld, "epsilon_rdp": phase_spent.rdp, "cap": budget.phase_cap(phase),
+                "epsilon": phase_spent.pld, "cap": budget.phase_cap(phase),
                 "remaining": replay.state.remaining(unit, phase),
                 "releases": sum(1 for e in ledger.releases(unit) if e.get("phase") == phase),
             }

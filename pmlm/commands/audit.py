@@ -15,14 +15,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from pmlm.cli import CliError
-from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, LedgerReplay, verify_ledger
-from pmlm.common.privacy.report import AuditedLedger, summaries, write_report
-from pmlm.common.privacy.signing import KeyFileError, key_fingerprint, load_public_key
-from pmlm.server.ledger_copy import COORDINATOR_KEY_PATH, COPIES_DIR, SITE_KEYS_DIR, read_copy
+
+if TYPE_CHECKING:
+    from pmlm.common.privacy.report import AuditedLedger
+
+# The privacy modules pull in dp-accounting (about 2 s of imports): they are imported inside
+# the handlers so that building the `pmlm` parser stays fast for every other command.
 
 MAX_PROBLEMS_SHOWN = 10
 
@@ -75,7 +76,9 @@ def _first_record(path: Path) -> dict:
         return {}
 
 
-def _load_key(path: Path) -> Ed25519PublicKey:
+def _load_key(path: Path):
+    from pmlm.common.privacy.signing import KeyFileError, load_public_key
+
     try:
         return load_public_key(path)
     except KeyFileError as exc:
@@ -85,6 +88,11 @@ def _load_key(path: Path) -> Ed25519PublicKey:
 def audit_ledger(path: Path, overrides: dict[str, Path], coordinator_key: Path | None,
                  trust_embedded_key: bool) -> AuditedLedger:
     """Verify one ledger or coordinator copy, with the most trustworthy key available."""
+    from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, verify_ledger
+    from pmlm.common.privacy.report import AuditedLedger
+    from pmlm.common.privacy.signing import key_fingerprint
+    from pmlm.server.ledger_copy import COORDINATOR_KEY_PATH, SITE_KEYS_DIR, read_copy
+
     if not path.is_file():
         raise CliError(f"no such ledger file: {path}")
     first = _first_record(path)
@@ -126,7 +134,7 @@ def _audit_all(args: argparse.Namespace, trust_embedded_key: bool) -> list[Audit
 
 
 def _describe(ledger: AuditedLedger) -> str:
-    replay: LedgerReplay = ledger.replay
+    replay = ledger.replay
     releases, refusals = len(ledger.releases()), len(ledger.refusals())
     parts = [f"site {ledger.site_id}", f"{len(replay.entries)} entries ({releases} release{'s' * (releases != 1)}, "
                                          f"{refusals} refusal{'s' * (refusals != 1)})"]
@@ -154,6 +162,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from pmlm.common.privacy.report import summaries, write_report
+
     # A report is still written when a check fails (it says so prominently); the exit code tells scripts.
     ledgers = _audit_all(args, trust_embedded_key=True)
     html_path = write_report(ledgers, args.out)

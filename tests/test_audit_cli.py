@@ -1,0 +1,193 @@
+"""`pmlm audit verify` and `pmlm audit report`, in-process and once as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pmlm.cli import main
+from pmlm.common.privacy import AccountantSettings, BudgetConfig, BudgetExhausted, DpSgd, GaussianRelease, SiteLedger
+from pmlm.server.ledger_copy import CoordinatorLedgerCopy
+
+DELTA = 1e-5
+FAST = AccountantSettings(pld_value_discretization_interval=1e-2)
+BUDGET = BudgetConfig(3.0, DELTA, {"phase_a": 0.5, "phase_b": 0.3, "phase_c": 0.2})
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    """Two sites' ledgers and the coordinator's copies, built once (copied per test when changed)."""
+    root = tmp_path_factory.mktemp("consortium")
+    coordinator = CoordinatorLedgerCopy(root / "coordinator")
+    for site_id, n in (("hospital-a", 1200), ("hospital-b", 400)):
+        ledger = SiteLedger(root / site_id, site_id, BUDGET, settings=FAST, run_id=f"{site_id}-run1")
+        coordinator.accept(site_id, [ledger.open_entry])
+        for round_ in range(3):
+            # one DP-SGD round among Gaussian ones: RDP of subsampled Gaussians is the slow part to re-price
+            mechanism = DpSgd(2.5, 32 / n, 8, 1.0) if round_ == 0 else GaussianRelease(8.0, 1.0)
+            _, entry = ledger.release("phase_a", mechanism, lambda: None, round=round_,
+                                      population_size=n, noise_source="torch.normal (Opacus, secure_mode=False)")
+            coordinator.accept(site_id, [entry])
+        _, entry = ledger.release("phase_b", GaussianRelease(6.0, 1.0), lambda: None, round=0, population_size=n,
+                                  noise_source="numpy.random.default_rng()")
+        coordinator.accept(site_id, [entry])
+        with pytest.raises(BudgetExhausted):
+            ledger.release("phase_c", GaussianRelease(0.5, 1.0), lambda: None, round=0)
+        _, entry = ledger.release("phase_a", GaussianRelease(4.0, 1.0, privacy_unit="site"), lambda: None,
+                                  round=3, population_size=4)
+        coordinator.accept(site_id, [entry])
+    return root
+
+
+def ledger_path(root: Path, site: str = "hospital-a") -> Path:
+    return root / site / "ledger" / "privacy_ledger.jsonl"
+
+
+@pytest.fixture
+def workdir(consortium, tmp_path):
+    target = tmp_path / "consortium"
+    shutil.copytree(consortium, target)
+    return target
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_verify_passes_on_intact_ledgers_and_copies(consortium, capsys):
+    paths = [ledger_path(consortium), ledger_path(consortium, "hospital-b"),
+             consortium / "coordinator" / "ledger_copies" / "hospital-a.jsonl"]
+    code, out, _ = run_cli(["audit", "verify", *map(str, paths)], capsys)
+    assert code == 0, out
+    assert out.count("OK    ") == 3 and "3 of 3 ledgers verified" in out
+    assert "patient-in-site ε=" in out and "site ε=" in out and "trusted key" in out
+
+
+@pytest.mark.parametrize("tamper, expected", [
+    ("byte", r"entry 2 \(line 3\): signature does not verify"),
+    ("reorder", r"entry 3 \(line 3\): sequence number is 3, expected 2"),
+    ("delete", r"entry 3 \(line 3\): sequence number is 3, expected 2"),
+    ("torn", r"line 8: incomplete last line"),
+])
+def test_verify_fails_and_names_the_entry(workdir, capsys, tamper, expected):
+    path = ledger_path(workdir)
+    lines = path.read_bytes().split(b"\n")[:-1]
+    if tamper == "byte":
+        lines[2] = lines[2].replace(b'"round":1', b'"round":2')
+    elif tamper == "reorder":
+        lines[2], lines[3] = lines[3], lines[2]
+    elif tamper == "delete":
+        del lines[2]
+    data = b"".join(line + b"\n" for line in lines)
+    if tamper == "torn":
+        data += b'{"seq":7,"kind":"rel'
+    path.write_bytes(data)
+    code, out, _ = run_cli(["audit", "verify", str(path)], capsys)
+    assert code == 1
+    fail_line = next(line for line in out.splitlines() if line.startswith("FAIL"))
+    assert re.search(expected, fail_line), fail_line
+    assert "0 of 1 ledgers verified" in out
+
+
+def test_verify_needs_a_trusted_key(workdir, capsys, tmp_path):
+    path = ledger_path(workdir)
+    moved = tmp_path / "elsewhere.jsonl"
+    shutil.copy(path, moved)  # away from its site directory, the key is not found
+    code, out, _ = run_cli(["audit", "verify", str(moved)], capsys)
+    assert code == 1 and "--public-key hospital-a=FILE" in out
+    assert run_cli(["audit", "verify", str(moved), "--trust-embedded-key"], capsys)[0] == 0
+    key = workdir / "hospital-a" / "keys" / "site_ed25519.key.pub"
+    assert run_cli(["audit", "verify", str(moved), "--public-key", f"hospital-a={key}"], capsys)[0] == 0
+    other = workdir / "hospital-b" / "keys" / "site_ed25519.key.pub"
+    code, out, _ = run_cli(["audit", "verify", str(moved), "--public-key", f"hospital-a={other}"], capsys)
+    assert code == 1 and "entry 0 (line 1)" in out and "not the trusted site key" in out
+    assert run_cli(["audit", "verify", str(moved), "--public-key", "nonsense"], capsys)[0] == 2
+
+
+def test_verify_catches_an_edited_coordinator_copy(workdir, capsys):
+    path = workdir / "coordinator" / "ledger_copies" / "hospital-b.jsonl"
+    path.write_bytes(path.read_bytes().replace(b'"round":2', b'"round":9', 1))
+    code, out, _ = run_cli(["audit", "verify", str(path)], capsys)
+    assert code == 1 and "coordinator copy" in out and "line 4" in out
+
+
+def test_verify_as_a_subprocess(workdir):
+    intact, tampered = ledger_path(workdir, "hospital-b"), ledger_path(workdir)
+    tampered.write_bytes(tampered.read_bytes().replace(b'"round":0', b'"round":5', 1))
+    result = subprocess.run([sys.executable, "-m", "pmlm", "audit", "verify", str(intact), str(tampered)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout.splitlines()
+    assert out[0].startswith(f"OK    {intact}")
+    assert out[1].startswith(f"FAIL  {tampered}") and "entry 1 (line 2): signature does not verify" in out[1]
+    assert out[-1] == "1 of 2 ledgers verified"
+
+
+def test_report_html_and_json(consortium, capsys, tmp_path):
+    out_dir = tmp_path / "report"
+    paths = [ledger_path(consortium), ledger_path(consortium, "hospital-b")]
+    code, out, err = run_cli(["audit", "report", *map(str, paths), "--out", str(out_dir), "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert json.loads((out_dir / "privacy_summary.json").read_text()) == summary
+    for site_id in ("hospital-a", "hospital-b"):
+        site = summary[site_id]
+        ledger = SiteLedger(consortium / site_id, site_id)
+        assert site["epsilon"] == pytest.approx(ledger.spent().pld, rel=1e-12)
+        assert site["epsilon_rdp"] == pytest.approx(ledger.spent().rdp, rel=1e-12)
+        assert site["delta"] == DELTA
+        assert site["budget"]["epsilon_total"] == 3.0 and site["budget"]["shares"] == BUDGET.shares
+        assert site["budget"]["remaining"] == pytest.approx(3.0 - ledger.spent().pld)
+        assert site["releases"] == 5 and site["refusals"] == 1 and site["verified"] is True
+        assert site["by_unit"]["site"]["epsilon"] == pytest.approx(ledger.spent("site").pld)
+
+    page = (out_dir / "privacy_report.html").read_text()
+    assert page.count("<svg") >= 5  # budget bars + two charts per site and unit
+    assert "<script" not in page and "<link" not in page and "src=" not in page  # self-contained
+    assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", page)
+    for phrase in ("All ledgers verified", "adding or removing all records of any one patient",
+                   "honest-but-curious", "1/n", "n = 1,200 patients", "privacy-loss-distribution",
+                   "dp-accounting 0.6", "Opacus secure mode", "torch.normal (Opacus, secure_mode=False)",
+                   "refusal", "Every release"):
+        assert phrase in page, phrase
+
+
+def test_report_of_a_tampered_ledger_says_so(workdir, capsys, tmp_path):
+    path = ledger_path(workdir)
+    path.write_bytes(path.read_bytes().replace(b'"round":1', b'"round":2', 1))
+    code, _, err = run_cli(["audit", "report", str(path), "--out", str(tmp_path / "r")], capsys)
+    assert code == 1 and "failed verification" in err
+    page = (tmp_path / "r" / "privacy_report.html").read_text()
+    assert "FAILED verification" in page and "entry 2 (line 3)" in page
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_report_renders_in_headless_chromium(consortium, tmp_path, capsys):
+    out_dir = tmp_path / "report"
+    assert run_cli(["audit", "report", str(ledger_path(consortium)), "--out", str(out_dir)], capsys)[0] == 0
+    shot = tmp_path / "report.png"
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+             f"--screenshot={shot}", "--window-size=1200,1600", (out_dir / "privacy_report.html").as_uri()],
+            capture_output=True, timeout=120, check=True,
+        )
+    assert _png_size(shot) == (1200, 1600)
+    assert shot.stat().st_size > 30_000  # a blank or error page compresses to a few kB
