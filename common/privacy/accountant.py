@@ -153,7 +153,7 @@ def calibrate_dpsgd(
 
     def fits(sigma: float) -> bool:
         mech = DpSgd(sigma, sampling_rate, steps, clipping_norm=1.0)
-        return compose_epsilon([mech], delta, settings).pld <= target_epsilon
+        return Composition(settings, with_rdp=False).with_added(mech).epsilon(delta).pld <= target_epsilon
 
     return smallest_noise_multiplier(fits, tolerance)
 
@@ -172,6 +172,6 @@ def calibrate_gaussian(
 
     def fits(sigma: float) -> bool:
         mech = GaussianRelease(sigma, l2_sensitivity=1.0, releases=releases)
-        return compose_epsilon([mech], delta, settings).pld <= target_epsilon
+        return Composition(settings, with_rdp=False).with_added(mech).epsilon(delta).pld <= target_epsilon
 
     return smallest_noise_multiplier(fits, tolerance)

@@ -61,6 +61,15 @@ LEDGER_PATH = Path("ledger") / "privacy_ledger.jsonl"  # relative to the site di
 SITE_KEY_PATH = Path("keys") / "site_ed25519.key"  # relative to the site directory; .pub beside it
 SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENTRY_KINDS = ("open", "release", "refusal", "recovery")
+_COMMON_FIELDS = {"seq", "kind", "time", "site_id", "run_id", "prev_hash", "signature"}
+_CHARGE_FIELDS = _COMMON_FIELDS | {"phase", "round", "privacy_unit", "mechanism", "delta", "accountant",
+                                   "epsilon", "epsilon_rdp", "phase_epsilon", "population_size", "extra"}
+REQUIRED_FIELDS = {
+    "open": _COMMON_FIELDS | {"format", "public_key", "key_fingerprint", "budget", "accountant_settings", "accountant"},
+    "release": _CHARGE_FIELDS | {"noise_source"},
+    "refusal": _CHARGE_FIELDS | {"requested", "limit", "cap", "reason"},
+    "recovery": _COMMON_FIELDS | {"torn_bytes", "torn_sha256", "torn_saved_as"},
+}
 UNSPECIFIED_NOISE_SOURCE = "unspecified"
 
 T = TypeVar("T")
@@ -226,6 +235,13 @@ class LedgerReplay:
             problem(f"signature does not verify with the site key {key_fingerprint(self.key)}", seq_label)
         if self.genesis is not None and entry.get("site_id") != self.site_id:
             problem(f"site_id {entry.get('site_id')!r} differs from the ledger's {self.site_id!r}", seq_label)
+        missing = sorted(REQUIRED_FIELDS[kind] - set(entry))
+        if missing:
+            problem(f"missing fields {missing}", seq_label)
+        try:
+            datetime.fromisoformat(entry.get("time"))
+        except (TypeError, ValueError):
+            problem(f"time {entry.get('time')!r} is not an ISO 8601 timestamp", seq_label)
         if kind in ("release", "refusal"):
             self._reprice(entry, lambda m: problem(m, seq_label))
         self.entries.append(entry)
@@ -255,7 +271,7 @@ class LedgerReplay:
         try:
             mechanism = mechanism_from_dict(entry.get("mechanism"))
             charge = self.state.price(entry.get("phase"), mechanism)
-        except (MechanismError, UnknownPhase) as exc:
+        except (MechanismError, UnknownPhase, TypeError) as exc:
             problem(f"cannot re-price: {exc}")
             return
         if entry.get("privacy_unit") != charge.privacy_unit:
