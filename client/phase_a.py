@@ -1,0 +1,231 @@
+"""One hospital's side of phase A: its examples, its privacy ledger, one local round, the stored global model.
+
+Flower-free on purpose (client_app.py turns messages into these calls), so the same code runs under
+Flower's simulation engine, the in-process test harness and a real deployment.
+
+Privacy: the noise multiplier is calibrated once per run from what is left of the site's phase-A
+budget for the whole planned run (rounds x local steps); each local round is priced before any
+noise is drawn (`SiteLedger.check`, which records a refusal and raises if it does not fit) and,
+after training, recorded with the parameters Opacus actually used, before the weights are returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import secrets
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import logging
+
+import torch
+
+from pmlm.client.examples import Example
+from pmlm.client.features import FeatureEncoder, PatientDataset
+from pmlm.client.sites import load_site
+from pmlm.client.train import TrainSettings, dp_plan, model_state, predict, ranking_metrics, train_local
+from pmlm.common.model import NextEventRecommender, RecommenderConfig
+from pmlm.common.privacy.budget import BudgetConfig
+from pmlm.common.privacy.events import DpSgd
+from pmlm.common.privacy.ledger import SiteLedger
+from pmlm.common.profiles import TaskProfile, load_profile
+
+# dp-accounting's RDP logs a warning for every order it skips at large sampling rates; the result is valid.
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+PHASE = "phase_a"
+# How a site's total budget is split when the run does not say otherwise (phase B: DP prototypes and
+# peer histograms; phase C: the RL policy). `epsilon` in the run config is phase A's share.
+DEFAULT_SHARES = {"phase_a": 0.5, "phase_b": 0.25, "phase_c": 0.25}
+NOISE_SOURCE = "torch default generator, seeded from os.urandom (Opacus secure_mode off: torchcsprng unavailable)"
+MODEL_DIR = Path("phase_a") / "models"
+
+
+@dataclass
+class PhaseAConfig:
+    """What the coordinator decides for the run; travels in the train/evaluate ConfigRecord."""
+
+    rounds: int = 5
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 3e-3
+    optimizer: str = "adam"
+    epsilon: float = 3.0  # phase A's epsilon per site (patient-level); <= 0 means non-private (benchmarks only)
+    delta: float = 1e-5
+    epsilon_total: float = 0.0  # the site's whole budget; 0 means epsilon / DEFAULT_SHARES["phase_a"]
+    patient_clip: float = 1.0
+    points_per_patient: int = 16
+    profile: str = "obgyn"
+    dim: int = 64
+    layers: int = 2
+    max_history: int = 64
+    run_name: str = "phase-a"
+
+    @property
+    def private(self) -> bool:
+        return self.epsilon > 0
+
+    def budget(self) -> BudgetConfig:
+        total = self.epsilon_total or self.epsilon / DEFAULT_SHARES[PHASE]
+        share_a = min(self.epsilon / total, 1.0)
+        rest = 1.0 - share_a  # the other phases split what phase A does not take, as in DEFAULT_SHARES
+        shares = {PHASE: share_a} if rest <= 1e-9 else {PHASE: share_a, "phase_b": rest / 2, "phase_c": rest / 2}
+        return BudgetConfig(epsilon_total=total, delta=self.delta, shares=shares)
+
+    def model_config(self, n_concepts: int) -> RecommenderConfig:
+        return RecommenderConfig(n_concepts=n_concepts, dim=self.dim, layers=self.layers,
+                                 max_history=self.max_history)
+
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record) -> "PhaseAConfig":
+        names = {f.name: f.type for f in fields(cls)}
+        values = {k: record[k] for k in names if k in record}
+        return cls(**values)
+
+
+def new_model(cfg: PhaseAConfig, profile: TaskProfile) -> NextEventRecommender:
+    return NextEventRecommender(cfg.model_config(len(profile)))
+
+
+# Reading records is the slow part; a site process reads its directory once per profile.
+_EXAMPLES: dict[tuple[str, str], list[Example]] = {}
+
+
+def site_examples(data_dir: Path, site_id: str, profile: TaskProfile) -> list[Example]:
+    key = (str(Path(data_dir).resolve()), profile.name)
+    if key not in _EXAMPLES:
+        site, _ = load_site(site_id, Path(data_dir), profile, progress=False)
+        _EXAMPLES[key] = site.examples
+    return _EXAMPLES[key]
+
+
+class SitePhaseA:
+    def __init__(self, site_id: str, data_dir: Path, site_dir: Path, cfg: PhaseAConfig,
+                 examples: list[Example] | None = None):
+        self.site_id, self.site_dir, self.cfg = site_id, Path(site_dir), cfg
+        self.profile = load_profile(cfg.profile)
+        self.examples = examples if examples is not None else site_examples(data_dir, site_id, self.profile)
+        self.encoder = FeatureEncoder(self.profile, cfg.max_history)
+        self.train_set = PatientDataset([e for e in self.examples if e.split == "train"], self.encoder,
+                                        cfg.points_per_patient, seed=secrets.randbits(32))
+
+    def ledger(self, run_id: str) -> SiteLedger:
+        return SiteLedger(self.site_dir, self.site_id, self.cfg.budget(), run_id=run_id)
+
+    def model_from(self, weights: dict[str, torch.Tensor]) -> NextEventRecommender:
+        model = new_model(self.cfg, self.profile)
+        model.load_state_dict(weights)
+        return model
+
+    def plan(self, run_id: str, state: dict[str, Any]) -> dict[str, Any]:
+        """The run's DP-SGD plan, calibrated on the first round and kept (in `state`) for the others."""
+        if state.get("run") == run_id and "noise_multiplier" in state:
+            return state
+        q, steps = dp_plan(len(self.train_set), self.cfg.batch_size, self.cfg.local_epochs)
+        ledger = self.ledger(run_id)
+        sigma = ledger.calibrate(PHASE, lambda s: [DpSgd(s, q, steps, self.cfg.patient_clip)] * self.cfg.rounds)
+        plan = {"run": run_id, "noise_multiplier": sigma, "sampling_rate": q, "steps_per_round": steps,
+                "rounds": self.cfg.rounds, "patient_clip": self.cfg.patient_clip,
+                "phase_epsilon_cap": self.cfg.budget().phase_cap(PHASE), "opacus_history": []}
+        path = self.site_dir / "phase_a" / f"plan-{run_id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(plan, indent=2))
+        state.clear()
+        state.update(plan)
+        return state
+
+    def train_round(self, weights: dict[str, torch.Tensor], server_round: int, run_id: str,
+                    state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One local round from the global `weights`; returns the new weights and site-level aggregates.
+
+        `state` is the node's memory across rounds of this run (the calibrated plan, Opacus history).
+        """
+        model = self.model_from(weights)
+        settings = TrainSettings(epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
+                                 optimizer=self.cfg.optimizer, points_per_patient=self.cfg.points_per_patient,
+                                 clipping_norm=self.cfg.patient_clip, seed=secrets.randbits(63))
+        metrics: dict[str, float] = {"num-examples": float(len(self.train_set))}
+        if not self.cfg.private:
+            report = train_local(model, self.train_set, settings)
+        else:
+            plan = self.plan(run_id, state)
+            settings.noise_multiplier = plan["noise_multiplier"]
+            planned = DpSgd(plan["noise_multiplier"], plan["sampling_rate"], plan["steps_per_round"],
+                            plan["patient_clip"])
+            ledger = self.ledger(run_id)
+            ledger.check(PHASE, planned, round=server_round, population_size=len(self.train_set))
+            report = train_local(model, self.train_set, settings, opacus_history=plan["opacus_history"])
+            used = DpSgd(report.noise_multiplier, report.sample_rate, report.steps, report.clipping_norm)
+            opacus_eps = _opacus_epsilon(report.opacus_history, self.cfg.delta)
+            entry = ledger.record(PHASE, used, round=server_round, population_size=len(self.train_set),
+                                  noise_source=NOISE_SOURCE,
+                                  extra={"opacus_rdp_epsilon": opacus_eps, "local_epochs": self.cfg.local_epochs,
+                                         "expected_batch_size": self.cfg.batch_size})
+            state["opacus_history"] = report.opacus_history
+            metrics.update({"epsilon": entry["phase_epsilon"], "noise-multiplier": report.noise_multiplier})
+        metrics.update({"train-loss": report.loss, "local-steps": float(report.steps)})
+        return model_state(model), metrics
+
+    def evaluate(self, weights: dict[str, torch.Tensor], split: str = "val") -> dict[str, float]:
+        examples = [e for e in self.examples if e.split == split and e.targets]
+        model = self.model_from(weights)
+        metrics = ranking_metrics(predict(model, examples, self.encoder), examples, self.encoder)
+        return {"num-examples": float(len(examples)), **{k: v for k, v in metrics.items() if k != "points"}}
+
+    def store_global(self, weights: dict[str, torch.Tensor], server_round: int, run_id: str) -> Path:
+        """Keep the released global model with the ledger entry of this site's last release that produced it."""
+        buffer = io.BytesIO()
+        torch.save(weights, buffer)
+        blob = buffer.getvalue()
+        digest = hashlib.sha256(blob).hexdigest()
+        folder = self.site_dir / MODEL_DIR / f"{run_id}-r{server_round:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.pt").write_bytes(blob)
+        release = None
+        if self.cfg.private:
+            entries = [e for e in self.ledger(run_id).entries()
+                       if e["kind"] == "release" and e["phase"] == PHASE and e["run_id"] == run_id
+                       and e["round"] == server_round]
+            if entries:
+                e = entries[-1]
+                release = {"seq": e["seq"], "signature": e["signature"], "epsilon": e["epsilon"],
+                           "phase_epsilon": e["phase_epsilon"], "mechanism": e["mechanism"]}
+        manifest = {
+            "phase": PHASE, "run_id": run_id, "round": server_round, "site_id": self.site_id,
+            "model_sha256": digest, "profile": self.profile.name, "model_config": self.cfg.model_config(len(self.profile)).to_dict(),
+            "private": self.cfg.private, "ledger_release": release,
+        }
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (self.site_dir / "phase_a" / "current.json").write_text(json.dumps({"path": str(folder.relative_to(self.site_dir)), **manifest}, indent=2))
+        return folder
+
+
+def _opacus_epsilon(history: list, delta: float) -> float:
+    """Opacus's own RDP epsilon for the site's history: a cross-check, the ledger is the authority."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [tuple(h) for h in history]
+    return float(accountant.get_epsilon(delta)) if history else 0.0
+
+
+def load_global_model(site_dir: Path) -> tuple[NextEventRecommender, FeatureEncoder, dict[str, Any]]:
+    """The site's current phase-A global model, its feature encoder and manifest (for phase B, self features)."""
+    site_dir = Path(site_dir)
+    current = json.loads((site_dir / "phase_a" / "current.json").read_text())
+    folder = site_dir / current["path"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    blob = (folder / "model.pt").read_bytes()
+    if hashlib.sha256(blob).hexdigest() != manifest["model_sha256"]:
+        raise ValueError(f"{folder / 'model.pt'} does not match its manifest's sha256")
+    model = NextEventRecommender(RecommenderConfig(**manifest["model_config"]))
+    model.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
+    model.eval()
+    profile = load_profile(manifest["profile"])
+    return model, FeatureEncoder(profile, model.cfg.max_history), manifest

@@ -1,0 +1,161 @@
+"""Local training and evaluation of the recommender at one site: non-private, or DP-SGD with Opacus.
+
+The ML half of phase A (the Flower half is client_app.py). DP-SGD here is record-level DP with the
+patient as the unit: one dataset item is one patient (features.PatientDataset), Opacus clips each
+patient's gradient to `clipping_norm`, adds Gaussian noise of std noise_multiplier * clipping_norm,
+and samples patients with Poisson sampling. The noise multiplier is not chosen here: the caller
+calibrates it once for the whole planned run (`dp_plan` + the site ledger) and passes it in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from pmlm.client.examples import Example
+from pmlm.client.features import FeatureEncoder, PatientDataset
+from pmlm.common.metrics import auroc, mean_ignoring_nan, ndcg_at_k, recall_at_k
+from pmlm.common.model import NextEventRecommender
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 1
+    batch_size: int = 16  # patients per step (the expected size under Poisson sampling)
+    lr: float = 3e-3
+    optimizer: str = "adam"  # or "sgd" (momentum 0.9): under DP it does not inflate pure-noise coordinates
+    points_per_patient: int = 16
+    # DP-SGD; noise_multiplier None means non-private training
+    noise_multiplier: float | None = None
+    clipping_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    sample_rate: float
+    loss: float
+    seconds: float
+    noise_multiplier: float | None = None
+    clipping_norm: float | None = None
+    opacus_history: list = field(default_factory=list)  # [(sigma, q, steps)] of the site's Opacus RDP accountant
+
+
+def dp_plan(n_patients: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """(sampling rate, steps) of `epochs` local epochs, exactly as Opacus's Poisson DataLoader runs them."""
+    batches = math.ceil(n_patients / batch_size)
+    return 1.0 / batches, epochs * batches
+
+
+def patient_loss(model, history, point, targets, mask) -> torch.Tensor:
+    """Mean over patients of (mean over her points of the summed binary cross-entropy over concepts)."""
+    logits = model(history, point)
+    per_point = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1)
+    per_patient = (per_point * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_patient.sum() / max(per_patient.shape[0], 1)  # an empty Poisson batch gives 0, not nan
+
+
+def train_local(model: NextEventRecommender, dataset: PatientDataset, settings: TrainSettings,
+                opacus_history: list | None = None) -> TrainReport:
+    """Train `model` in place for `settings.epochs` local epochs; DP-SGD when a noise multiplier is given."""
+    torch.manual_seed(settings.seed)
+    optimizer = (torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9) if settings.optimizer == "sgd"
+                 else torch.optim.Adam(model.parameters(), lr=settings.lr))
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(settings.seed))
+    private = settings.noise_multiplier is not None
+    sample_rate, planned_steps = dp_plan(len(dataset), settings.batch_size, settings.epochs)
+    engine = None
+    net = model
+    model.train()  # Opacus validates in training mode; evaluation may have left it in eval mode
+    if private:
+        engine, net, optimizer, loader = make_private(model, optimizer, loader, settings, opacus_history)
+    net.train()
+    losses, steps, start = [], 0, time.perf_counter()
+    for _ in range(settings.epochs):
+        for history, point, targets, mask in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = patient_loss(net, history, point, targets, mask)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if history.shape[0]:
+                losses.append(loss.item())
+    seconds = time.perf_counter() - start
+    if private:
+        net.cleanup()  # unhook `model` so the next round can wrap it again
+        assert steps == planned_steps, f"ran {steps} DP-SGD steps, planned {planned_steps}"
+    return TrainReport(
+        steps=steps, sample_rate=sample_rate, loss=float(np.mean(losses)) if losses else float("nan"),
+        seconds=seconds, noise_multiplier=settings.noise_multiplier,
+        clipping_norm=settings.clipping_norm if private else None,
+        opacus_history=[list(h) for h in engine.accountant.history] if engine else [],
+    )
+
+
+def make_private(model, optimizer, loader, settings: TrainSettings, opacus_history: list | None):
+    """Opacus's front door with a fixed noise multiplier; the site's RDP history carried across rounds.
+
+    A fresh PrivacyEngine per round would restart Opacus's accountant at zero; restoring the
+    history keeps its (secondary) epsilon cumulative. The ledger, not Opacus, is the authority.
+    """
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.history = [tuple(h) for h in (opacus_history or [])]
+    with warnings.catch_warnings():
+        # secure_mode needs torchcsprng, which is unavailable; the audit report says so.
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        logging.getLogger("opacus").setLevel(logging.ERROR)
+        net, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=settings.noise_multiplier,
+            max_grad_norm=settings.clipping_norm, poisson_sampling=True,
+        )
+    return engine, net, optimizer, loader
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    """The plain module's weights, whether or not Opacus wrapped it (no `_module.` prefix)."""
+    return getattr(model, "_module", model).state_dict()
+
+
+@torch.no_grad()
+def predict(model: NextEventRecommender, examples: list[Example], encoder: FeatureEncoder,
+            batch_size: int = 256) -> np.ndarray:
+    """Probabilities (E, C) of every profile concept within the horizon, for each example."""
+    model.eval()
+    out = []
+    for i in range(0, len(examples), batch_size):
+        history, point, _ = encoder.encode(examples[i:i + batch_size])
+        out.append(torch.sigmoid(model(history, point)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, encoder.n_concepts), dtype=np.float32)
+
+
+def ranking_metrics(probs: np.ndarray, examples: list[Example], encoder: FeatureEncoder, k: int = 5) -> dict:
+    """Recall@k, NDCG@k, micro-AUROC over all concepts, and micro-AUROC over the profile's risk concepts."""
+    concepts = [c.id for c in encoder.profile.concepts]
+    labels = np.stack([encoder.targets(e) for e in examples]) if examples else np.zeros_like(probs)
+    top = np.argsort(-probs, axis=1)[:, :k]
+    recalls, ndcgs = [], []
+    for row, ex in zip(top, examples):
+        if ex.targets:
+            ranked = [concepts[j] for j in row]
+            recalls.append(recall_at_k(ranked, ex.targets, k))
+            ndcgs.append(ndcg_at_k(ranked, ex.targets, k))
+    risk_cols = [encoder.profile.index[c] for c in encoder.profile.risk_ids if c in encoder.profile.index]
+    return {
+        f"recall@{k}": mean_ignoring_nan(recalls),
+        f"ndcg@{k}": mean_ignoring_nan(ndcgs),
+        "micro_auroc": auroc(probs, labels) if len(examples) else float("nan"),
+        "risk_auroc": auroc(probs[:, risk_cols], labels[:, risk_cols]) if risk_cols and len(examples) else float("nan"),
+        "points": float(len(recalls)),
+    }

@@ -1,0 +1,71 @@
+"""The coordinator's Flower ServerApp for phase A: FedAvg of the sites' DP-trained recommender.
+
+Run config keys (all optional): num-server-rounds, local-epochs, batch-size, lr, epsilon (phase A's
+epsilon per site; 0 = non-private, for benchmarks), delta, epsilon-total, patient-clip, dim,
+layers, profile, data-root and workdir (simulation), hospital-dp-noise and hospital-dp-clip
+(hospital-level DP with Flower's client-side fixed clipping; off unless the noise is > 0).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+
+from pmlm.client.phase_a import PhaseAConfig, new_model
+from pmlm.common.profiles import load_profile
+
+app = ServerApp()
+
+RUN_CONFIG_KEYS = {  # run-config key -> PhaseAConfig field
+    "num-server-rounds": "rounds", "local-epochs": "local_epochs", "batch-size": "batch_size", "lr": "lr",
+    "optimizer": "optimizer", "epsilon": "epsilon", "delta": "delta", "epsilon-total": "epsilon_total",
+    "patient-clip": "patient_clip", "points-per-patient": "points_per_patient", "profile": "profile",
+    "dim": "dim", "layers": "layers", "max-history": "max_history",
+}
+
+
+def phase_a_config(run_config: dict) -> PhaseAConfig:
+    given = {field: run_config[key] for key, field in RUN_CONFIG_KEYS.items() if key in run_config}
+    cfg = PhaseAConfig.from_record(given)
+    cfg.run_name = f"phase-a-{uuid.uuid4().hex[:12]}"  # names this run in every site's ledger
+    return cfg
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = context.run_config
+    cfg = phase_a_config(run)
+    nodes = list(grid.get_node_ids())
+    model = new_model(cfg, load_profile(cfg.profile))
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=len(nodes),
+                      min_evaluate_nodes=len(nodes), min_available_nodes=len(nodes))
+    if float(run.get("hospital-dp-noise", 0.0)) > 0:
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            strategy, noise_multiplier=float(run["hospital-dp-noise"]),
+            clipping_norm=float(run.get("hospital-dp-clip", 1.0)), num_sampled_clients=len(nodes))
+    config = ConfigRecord(cfg.to_record())
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.rounds,
+                            train_config=config, evaluate_config=ConfigRecord({**cfg.to_record(), "split": "val"}))
+    final = result.arrays
+
+    # Every site keeps the released global model next to its own ledger (phase B and prompts use it).
+    store = RecordDict({"arrays": final, "config": ConfigRecord({**cfg.to_record(), "server-round": cfg.rounds})})
+    replies = grid.send_and_receive([Message(content=store, dst_node_id=n, message_type="query.store_model")
+                                     for n in nodes])
+    failed = [r for r in replies if r.has_error()]
+    summary = {
+        "run": cfg.run_name, "rounds": cfg.rounds, "sites": len(nodes), "sites_stored": len(nodes) - len(failed),
+        "epsilon_per_site": cfg.epsilon if cfg.private else None,
+        "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
+        "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
+    }
+    workdir = Path(str(run.get("workdir", "pmlm-work"))) / "coordinator"
+    workdir.mkdir(parents=True, exist_ok=True)
+    final.to_torch_state_dict()  # fail loudly here rather than in phase B if the arrays are malformed
+    (workdir / f"{cfg.run_name}.json").write_text(json.dumps(summary, indent=2, default=float))
+    context.state["phase-a-result"] = ConfigRecord({"json": json.dumps(summary, default=float)})
