@@ -180,6 +180,21 @@ def test_check_and_record_refuse_too(site):
     assert len(lines(ledger.path)) == 3
 
 
+def test_absurdly_small_noise_is_refused_without_building_its_pld(site):
+    # dp-accounting would need petabytes for the PLD of noise multiplier 1e-6; RDP alone refuses it.
+    ledger = SiteLedger(site, "hospital-a", BUDGET)
+    spy = NoiseSpy()
+    with pytest.raises(BudgetExhausted, match="RDP epsilon to 5.5e\\+11"):
+        ledger.release("phase_a", GaussianRelease(1e-6, 1.0), spy)
+    assert spy.calls == 0
+    refusal = ledger.entries()[-1]
+    assert refusal["kind"] == "refusal" and refusal["requested"]["epsilon"] is None
+    assert refusal["requested"]["epsilon_rdp"] > 10 * BUDGET.epsilon_total
+    assert verify_ledger(ledger.path).ok
+    # and the calibration search never wanders into that range
+    assert ledger.calibrate("phase_a", lambda s: [GaussianRelease(s, 1.0)] * 50) > 1
+
+
 def test_failed_noise_draw_records_nothing(site):
     ledger = SiteLedger(site, "hospital-a", BUDGET)
 

@@ -8,6 +8,7 @@ module only feeds it events and searches over noise multipliers.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import math
 from dataclasses import dataclass
@@ -68,35 +69,59 @@ class Composition:
         self._pld = PLDAccountant(relation, value_discretization_interval=self.settings.pld_value_discretization_interval)
         self._rdp = RdpAccountant(neighboring_relation=relation) if with_rdp else None
         self.releases = 0
+        self.pld_skipped = False
 
     def add(self, mechanism: Mechanism) -> None:
-        if mechanism.neighbouring != self.neighbouring:
-            raise MechanismError(
-                f"cannot compose a {mechanism.neighbouring} mechanism into a {self.neighbouring} composition"
-            )
+        self._check(mechanism)
         event = mechanism.to_dp_event()
         self._pld.compose(event)
         if self._rdp is not None:
             self._rdp.compose(event)
         self.releases += 1
 
-    def with_added(self, mechanisms: Union[Mechanism, Iterable[Mechanism]], *, rdp: bool = True) -> "Composition":
+    def _check(self, mechanism: Mechanism) -> None:
+        if mechanism.neighbouring != self.neighbouring:
+            raise MechanismError(
+                f"cannot compose a {mechanism.neighbouring} mechanism into a {self.neighbouring} composition"
+            )
+
+    def with_added(
+        self,
+        mechanisms: Union[Mechanism, Iterable[Mechanism]],
+        *,
+        rdp: bool = True,
+        rdp_screen: tuple[float, float] | None = None,
+    ) -> "Composition":
         """A copy with `mechanisms` composed in; this composition is left unchanged.
 
         rdp=False drops the RDP accountant from the copy (calibration searches on PLD alone).
+        rdp_screen=(delta, limit): compose RDP first; if the copy's RDP epsilon at delta exceeds
+        limit, build no PLD: the copy's `pld_skipped` is set and its PLD epsilon reads infinite.
         """
+        mechanisms = [mechanisms] if isinstance(mechanisms, (DpSgd, GaussianRelease)) else list(mechanisms)
+        for mechanism in mechanisms:
+            self._check(mechanism)
         trial = copy.deepcopy(self)
         if not rdp:
             trial._rdp = None
-        for mechanism in [mechanisms] if isinstance(mechanisms, (DpSgd, GaussianRelease)) else mechanisms:
-            trial.add(mechanism)
+        events = [m.to_dp_event() for m in mechanisms]
+        if trial._rdp is not None:
+            for event in events:
+                trial._rdp.compose(event)
+            if rdp_screen is not None and trial._rdp.get_epsilon(rdp_screen[0]) > rdp_screen[1]:
+                trial._pld, trial.pld_skipped = None, True
+                trial.releases += len(events)
+                return trial
+        for event in events:
+            trial._pld.compose(event)
+        trial.releases += len(events)
         return trial
 
     def epsilon(self, delta: float) -> Epsilons:
         if self.releases == 0:
             return Epsilons(0.0, 0.0 if self._rdp is not None else math.nan)
         rdp = float(self._rdp.get_epsilon(delta)) if self._rdp is not None else math.nan
-        return Epsilons(float(self._pld.get_epsilon(delta)), rdp)
+        return Epsilons(math.inf if self.pld_skipped else float(self._pld.get_epsilon(delta)), rdp)
 
 
 def compose_epsilon(mechanisms: Sequence[Mechanism], delta: float, settings: AccountantSettings | None = None) -> Epsilons:
@@ -105,6 +130,26 @@ def compose_epsilon(mechanisms: Sequence[Mechanism], delta: float, settings: Acc
     if len(units) > 1:
         raise MechanismError(f"mechanisms of different privacy units {sorted(units)} are separate guarantees")
     return Composition(settings).with_added(mechanisms).epsilon(delta)
+
+
+def merge_repeats(mechanisms: Sequence[Mechanism]) -> list[Mechanism]:
+    """Runs of identical mechanisms as one with that many times the steps/releases (the same mechanism)."""
+    runs: list[list] = []
+    for mechanism in mechanisms:
+        if runs and runs[-1][0] == mechanism:
+            runs[-1][1] += 1
+        else:
+            runs.append([mechanism, 1])
+    return [m if times == 1 else m.repeated(times) for m, times in runs]
+
+
+@functools.lru_cache(maxsize=512)
+def rdp_epsilon_alone(mechanisms: tuple[Mechanism, ...], delta: float) -> float:
+    """RDP epsilon of `mechanisms` composed on their own; cached, as every round repeats the same one."""
+    accountant = RdpAccountant()
+    for mechanism in mechanisms:
+        accountant.compose(mechanism.to_dp_event())
+    return float(accountant.get_epsilon(delta))
 
 
 class CalibrationError(ValueError):

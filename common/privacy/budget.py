@@ -16,8 +16,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from pmlm.common.privacy.accountant import AccountantSettings, Composition, Epsilons
+from pmlm.common.privacy.accountant import (
+    AccountantSettings,
+    Composition,
+    Epsilons,
+    merge_repeats,
+    rdp_epsilon_alone,
+)
 from pmlm.common.privacy.events import PRIVACY_UNITS, Mechanism, MechanismError
+
+# dp-accounting's PLD lives on a grid spanning the whole privacy-loss range, so its cost grows
+# with epsilon: seconds at epsilon ~700, petabytes of memory for a noise multiplier of 1e-6. A
+# release whose RDP epsilon on its own exceeds this many times the total budget is refused on
+# that figure, without building its PLD. RDP is the looser bound, so this can only err towards
+# refusing, and only for releases that are absurd for any budget.
+RDP_PREFILTER_FACTOR = 10.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,16 @@ class BudgetExhausted(Exception):
             scope, spent, after, cap = "the total", charge.before.pld, charge.after.pld, charge.total_cap
         self.spent, self.requested, self.cap = spent, after - spent, cap
         self.remaining = max(cap - spent, 0.0)
+        if not charge.priced_by_pld:
+            super().__init__(
+                f"privacy budget exhausted at site {site_id!r} ({charge.privacy_unit}): this "
+                f"{charge.mechanism.kind} release would take RDP epsilon to {charge.screen_rdp:.4g} at delta "
+                f"{charge.delta:g}, more than {RDP_PREFILTER_FACTOR:g} times the whole budget "
+                f"({charge.total_cap:g}; spent {charge.before.pld:.4g}); is its noise multiplier "
+                f"({charge.mechanism.noise_multiplier:g}) right? The release was refused before any noise "
+                f"was drawn; nothing was sent, and the refusal is in the ledger."
+            )
+            return
         super().__init__(
             f"privacy budget exhausted at site {site_id!r} ({charge.privacy_unit}): this "
             f"{charge.mechanism.kind} release would raise {scope} epsilon from {spent:.4g} to {after:.4g}, "
@@ -93,13 +116,21 @@ class Charge:
     phase_after: Epsilons
     total_cap: float
     phase_cap: float
+    screen_rdp: float  # the RDP epsilon the pre-filter judged (the unit's with this release; alone if rdp=False)
     # the compositions with the release added, kept so committing does not compose twice
-    _unit_composition: Composition = field(repr=False)
-    _phase_composition: Composition = field(repr=False)
+    # (None when the pre-filter refused to build them)
+    _unit_composition: Composition | None = field(repr=False)
+    _phase_composition: Composition | None = field(repr=False)
+
+    @property
+    def priced_by_pld(self) -> bool:
+        return self._unit_composition is not None
 
     @property
     def exceeded(self) -> str | None:
         """"phase" or "total" when the release would break that cap, else None."""
+        if not self.priced_by_pld:
+            return "total"
         if self.phase_after.pld > self.phase_cap:
             return "phase"
         if self.after.pld > self.total_cap:
@@ -144,25 +175,42 @@ class BudgetState:
         phase_cap = self.budget.phase_cap(phase)
         unit_before = self._composition(unit, None, mechanisms[0].neighbouring)
         phase_before = self._composition(unit, phase, mechanisms[0].neighbouring)
-        unit_after = unit_before.with_added(mechanisms, rdp=rdp)
-        phase_after = phase_before.with_added(mechanisms, rdp=rdp)
         delta = self.budget.delta
+        limit = RDP_PREFILTER_FACTOR * self.budget.epsilon_total
+        if rdp:
+            # the unit's own RDP accountant screens the release before any PLD is built
+            unit_after = unit_before.with_added(mechanisms, rdp_screen=(delta, limit))
+            screened = unit_after.pld_skipped
+            screen_rdp = unit_after.epsilon(delta).rdp
+        else:
+            screen_rdp = rdp_epsilon_alone(tuple(merge_repeats(mechanisms)), delta)
+            screened = screen_rdp > limit
+            unit_after = None if screened else unit_before.with_added(mechanisms, rdp=False)
+        if screened:
+            unit_after = phase_after = None
+            after, phase_after_eps = Epsilons(math.inf, screen_rdp), Epsilons(math.inf, math.nan)
+        else:
+            phase_after = phase_before.with_added(mechanisms)
+            after, phase_after_eps = unit_after.epsilon(delta), phase_after.epsilon(delta)
         return Charge(
             phase=phase,
             privacy_unit=unit,
             mechanism=mechanisms[-1],
             delta=delta,
             before=unit_before.epsilon(delta),
-            after=unit_after.epsilon(delta),
+            after=after,
             phase_before=phase_before.epsilon(delta),
-            phase_after=phase_after.epsilon(delta),
+            phase_after=phase_after_eps,
             total_cap=self.budget.epsilon_total,
             phase_cap=phase_cap,
+            screen_rdp=screen_rdp,
             _unit_composition=unit_after,
             _phase_composition=phase_after,
         )
 
     def commit(self, charge: Charge) -> None:
+        if not charge.priced_by_pld:
+            raise ValueError("a charge refused by the RDP pre-filter cannot be committed")
         if math.isnan(charge.after.rdp):
             raise ValueError("a PLD-only trial charge cannot be committed")
         self._units[charge.privacy_unit] = charge._unit_composition

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -38,6 +39,7 @@ from pmlm.common.privacy.accountant import (
     AccountantSettings,
     CalibrationError,
     Epsilons,
+    merge_repeats,
     smallest_noise_multiplier,
 )
 from pmlm.common.privacy.budget import BudgetConfig, BudgetExhausted, BudgetState, Charge, UnknownPhase
@@ -129,7 +131,13 @@ def _reject_constant(name: str) -> Any:
 
 
 def _close(a: float, b: Any) -> bool:
+    if math.isinf(a):  # a release refused without PLD pricing records its epsilon as null
+        return b is None
     return isinstance(b, (int, float)) and not isinstance(b, bool) and abs(a - b) <= 1e-9 * max(1.0, abs(a))
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isinf(value) else value
 
 
 class LedgerReplay:
@@ -298,10 +306,12 @@ class LedgerReplay:
             if not charge.fits:
                 problem(f"release exceeded the {charge.exceeded} budget (epsilon {charge.after.pld:.6g}, "
                         f"phase epsilon {charge.phase_after.pld:.6g})")
-            self.state.commit(charge)
+            if charge.priced_by_pld:  # keep re-pricing what follows as the site would have
+                self.state.commit(charge)
         else:
             requested = entry.get("requested") or {}
-            for name, value in (("epsilon", charge.after.pld), ("phase_epsilon", charge.phase_after.pld)):
+            for name, value in (("epsilon", charge.after.pld), ("epsilon_rdp", charge.after.rdp),
+                                ("phase_epsilon", charge.phase_after.pld)):
                 if not _close(value, requested.get(name)):
                     problem(f"requested {name} is {requested.get(name)!r} but re-computing gives {value!r}")
             if charge.fits:
@@ -463,7 +473,7 @@ class SiteLedger:
             # Search on the plan with runs of identical releases merged (one composition instead
             # of one per round), then confirm on the plan as it will really be composed.
             sigma = smallest_noise_multiplier(
-                lambda s: state.price(phase, _merge_repeats(planned(s)), rdp=False).fits, tolerance
+                lambda s: state.price(phase, merge_repeats(planned(s)), rdp=False).fits, tolerance
             )
             for _ in range(100):
                 if state.price(phase, planned(sigma), rdp=False).fits:
@@ -596,8 +606,8 @@ class SiteLedger:
             "epsilon": charge.before.pld, "epsilon_rdp": charge.before.rdp,
             "phase_epsilon": charge.phase_before.pld,
             "requested": {
-                "epsilon": charge.after.pld, "epsilon_rdp": charge.after.rdp,
-                "phase_epsilon": charge.phase_after.pld,
+                "epsilon": _finite_or_none(charge.after.pld), "epsilon_rdp": _finite_or_none(charge.after.rdp),
+                "phase_epsilon": _finite_or_none(charge.phase_after.pld),
             },
             "limit": charge.exceeded,
             "cap": charge.phase_cap if charge.exceeded == "phase" else charge.total_cap,
@@ -644,16 +654,6 @@ class SiteLedger:
         self._size += len(data)
         self._replay.accept_own(entry, line, charge)
         return json.loads(line)
-
-
-def _merge_repeats(mechanisms: list[Mechanism]) -> list[Mechanism]:
-    runs: list[list] = []
-    for mechanism in mechanisms:
-        if runs and runs[-1][0] == mechanism:
-            runs[-1][1] += 1
-        else:
-            runs.append([mechanism, 1])
-    return [m if times == 1 else m.repeated(times) for m, times in runs]
 
 
 def _check_fields(round: Any, population_size: Any, extra: Any) -> None:
