@@ -33,9 +33,11 @@ from pmlm.common.privacy.signing import (
     SITE_ENTRY_DOMAIN,
     KeyFileError,
     canonical_json,
+    key_fingerprint,
     line_hash,
     load_or_create_private_key,
     load_public_key,
+    public_key_b64,
     sign,
 )
 from pmlm.server.ledger_copy import CoordinatorLedgerCopy, CopyRejected, read_copy
@@ -360,7 +362,6 @@ def test_reordering_deleting_and_foreign_signatures_are_named(small_ledger):
     for line in original:
         entry = json.loads(line)
         if entry["kind"] == "open":
-            from pmlm.common.privacy.signing import key_fingerprint, public_key_b64
             entry["public_key"] = public_key_b64(other.public_key())
             entry["key_fingerprint"] = key_fingerprint(other.public_key())
         rebuilt.append(resign(entry, other, prev))
