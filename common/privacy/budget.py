@@ -160,10 +160,13 @@ class BudgetState:
             raise MechanismError(f"{unit} releases are accounted under {composition.neighbouring}, not {neighbouring}")
         return composition
 
-    def price(self, phase: str, mechanism: Mechanism | Iterable[Mechanism], *, rdp: bool = True) -> Charge:
+    def price(self, phase: str, mechanism: Mechanism | Iterable[Mechanism], *, rdp: bool = True,
+              screen: bool = True) -> Charge:
         """The cost of `mechanism` (or a planned sequence of them, all in one unit) in `phase`; changes nothing.
 
         rdp=False prices with PLD only (RDP epsilons read NaN); such a charge must not be committed.
+        With rdp=False, screen=False skips the RDP pre-filter: only for a caller that knows this
+        release, or one with less noise, already passed it.
         """
         mechanisms = list(mechanism) if not hasattr(mechanism, "to_dp_event") else [mechanism]
         if not mechanisms:
@@ -183,7 +186,7 @@ class BudgetState:
             screened = unit_after.pld_skipped
             screen_rdp = unit_after.epsilon(delta).rdp
         else:
-            screen_rdp = rdp_epsilon_alone(tuple(merge_repeats(mechanisms)), delta)
+            screen_rdp = rdp_epsilon_alone(tuple(merge_repeats(mechanisms)), delta) if screen else math.nan
             screened = screen_rdp > limit
             unit_after = None if screened else unit_before.with_added(mechanisms, rdp=False)
         if screened:

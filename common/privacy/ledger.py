@@ -467,16 +467,27 @@ class SiteLedger:
             releases = plan(sigma)
             return [releases] if hasattr(releases, "to_dp_event") else list(releases)
 
+        screened_from = math.inf  # every multiplier >= this passed the RDP screen
+
+        def fits(sigma: float) -> bool:
+            nonlocal screened_from
+            mechanisms = merge_repeats(planned(sigma))
+            # epsilon only falls as noise grows, so the (costly) RDP screen is needed only below
+            # the smallest multiplier it has already passed
+            screen = sigma < screened_from
+            charge = state.price(phase, mechanisms, rdp=False, screen=screen)
+            if screen and charge.priced_by_pld:
+                screened_from = sigma
+            return charge.fits
+
         with self._locked():
             self._sync()
             state = self._replay.state
             # Search on the plan with runs of identical releases merged (one composition instead
             # of one per round), then confirm on the plan as it will really be composed.
-            sigma = smallest_noise_multiplier(
-                lambda s: state.price(phase, merge_repeats(planned(s)), rdp=False).fits, tolerance
-            )
+            sigma = smallest_noise_multiplier(fits, tolerance)
             for _ in range(100):
-                if state.price(phase, planned(sigma), rdp=False).fits:
+                if state.price(phase, planned(sigma), rdp=False, screen=False).fits:
                     return sigma
                 sigma *= 1 + tolerance
             raise CalibrationError(f"no noise multiplier near {sigma:.4g} fits the plan for phase {phase!r}")
