@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
-from pmlm.client.phase_a import PhaseAConfig, SitePhaseA
+from pmlm.client.phase_a import PhaseAConfig, SitePhaseA, run_config_of
 from pmlm.client.sites import discover_sites
 
 PLAN_RECORD = "phase-a-plan"
@@ -36,7 +36,7 @@ def hospital_dp_clipping(msg: Message, context: Context, call_next) -> Message:
 
 
 def site_for(context: Context, cfg: PhaseAConfig) -> SitePhaseA:
-    node, run = context.node_config, context.run_config
+    node, run = context.node_config, run_config_of(context.run_config)
     if "data-dir" in node:
         data_dir = Path(str(node["data-dir"]))
         site_id = str(node.get("site-id", data_dir.name))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import secrets
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -87,6 +88,11 @@ class PhaseAConfig:
         names = {f.name: f.type for f in fields(cls)}
         values = {k: record[k] for k in names if k in record}
         return cls(**values)
+
+
+def run_config_of(context_run_config: dict) -> dict:
+    """The run config, with `PMLM_RUN_CONFIG` (JSON) filling in what Flower's in-code simulation cannot pass."""
+    return {**json.loads(os.environ.get("PMLM_RUN_CONFIG", "{}")), **dict(context_run_config)}
 
 
 def new_model(cfg: PhaseAConfig, profile: TaskProfile) -> NextEventRecommender:

@@ -2,7 +2,7 @@
 
 Run config keys (all optional): num-server-rounds, local-epochs, batch-size, lr, epsilon (phase A's
 epsilon per site; 0 = non-private, for benchmarks), delta, epsilon-total, patient-clip, dim,
-layers, profile, data-root and workdir (simulation), hospital-dp-noise and hospital-dp-clip
+layers, profile, data-root and workdir (simulation), evaluate-each-round, hospital-dp-noise and hospital-dp-clip
 (hospital-level DP with Flower's client-side fixed clipping; off unless the noise is > 0).
 """
 
@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
-from pmlm.client.phase_a import PhaseAConfig, new_model
+from pmlm.client.phase_a import PhaseAConfig, new_model, run_config_of
 from pmlm.common.profiles import load_profile
 
 app = ServerApp()
@@ -38,12 +38,13 @@ def phase_a_config(run_config: dict) -> PhaseAConfig:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run = context.run_config
+    run = run_config_of(context.run_config)
     cfg = phase_a_config(run)
     nodes = list(grid.get_node_ids())
     model = new_model(cfg, load_profile(cfg.profile))
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=len(nodes),
-                      min_evaluate_nodes=len(nodes), min_available_nodes=len(nodes))
+    evaluate = bool(run.get("evaluate-each-round", True))  # benchmarks evaluate once, at the end
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0 if evaluate else 0.0, min_train_nodes=len(nodes),
+                      min_evaluate_nodes=len(nodes) if evaluate else 0, min_available_nodes=len(nodes))
     if float(run.get("hospital-dp-noise", 0.0)) > 0:
         strategy = DifferentialPrivacyClientSideFixedClipping(
             strategy, noise_multiplier=float(run["hospital-dp-noise"]),
