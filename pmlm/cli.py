@@ -19,6 +19,7 @@ COMMAND_GROUPS = {
     "demo": "pmlm.commands.demo",
     "audit": "pmlm.commands.audit",
     "llm": "pmlm.commands.llm",
+    "train": "pmlm.commands.train",
 }
 
 
