@@ -105,12 +105,13 @@ def make_client(base_url, sleeps=None, **settings):
 def test_config_layers_defaults_toml_env_and_overrides(tmp_path):
     toml = tmp_path / "site.toml"
     toml.write_text('[llm]\nbase_url = "http://10.0.0.5:8000/v1/"\nmodel = "from-toml"\nmax_tokens = 64\n'
-                    'timeout_s = 5\n[llm.extra_body]\nrepetition_penalty = 1.1\n')
+                    'timeout_s = 5\ncache_dir = "llm-cache"\n[llm.extra_body]\nrepetition_penalty = 1.1\n')
     config = LLMConfig.load(toml, environ={"PMLM_LLM_MODEL": "from-env"}, max_tokens=None, temperature=0.3)
     assert config.base_url == "http://10.0.0.5:8000/v1"  # trailing slash dropped
     assert config.model == "from-env"  # environment over file
     assert (config.max_tokens, config.timeout_s, config.temperature) == (64, 5.0, 0.3)
     assert config.extra_body == {"repetition_penalty": 1.1}
+    assert config.cache_dir == tmp_path / "llm-cache"  # relative to the config file, not the working directory
     assert LLMConfig.load(environ={}).is_embedded  # nothing configured: the embedded server
 
 

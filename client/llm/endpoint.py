@@ -132,7 +132,10 @@ class LLMConfig:
         ``overrides`` (``None`` values skipped) — the later wins."""
         config = cls()
         if path is not None:
-            config = config.merged(read_toml_table(Path(path), "llm"))
+            values = read_toml_table(Path(path), "llm")
+            if values.get("cache_dir") is not None:  # a relative cache_dir lies next to the file that names it
+                values["cache_dir"] = Path(path).parent / str(values["cache_dir"])
+            config = config.merged(values)
         environ = os.environ if environ is None else environ
         config = config.merged(
             {"base_url": environ.get(ENV_BASE_URL) or None, "model": environ.get(ENV_MODEL) or None}

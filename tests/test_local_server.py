@@ -1,0 +1,153 @@
+"""The embedded llama.cpp server: answers through `openai`, and never outlives its owner."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from pmlm.cli import main
+from pmlm.client.llm import EmbeddedLLMServer, EmbeddedServerError, LLMClient, LLMConfig, open_llm
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    with EmbeddedLLMServer() as server:
+        yield server
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (dead, not yet reaped by whoever adopted it) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until_gone(pid: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def answers(base_url: str) -> bool:
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{base_url}/models", timeout=2):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def test_real_server_answers_through_the_openai_client(embedded):
+    client = openai.OpenAI(base_url=embedded.base_url, api_key="unused", max_retries=0, timeout=30)
+    response = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Name one fruit."}], max_tokens=8, temperature=0,
+    )
+    assert response.choices[0].message.content.strip()
+    assert 0 < response.usage.completion_tokens <= 8
+
+
+def test_llm_client_on_the_embedded_server_counts_and_caches(embedded, tmp_path):
+    config = embedded.config(LLMConfig(cache_dir=tmp_path, max_tokens=8))
+    assert config.extra_body == {"repeat_penalty": 1.15} and config.model == "smollm2"
+    with LLMClient(config) as client:
+        first = client.chat([{"role": "system", "content": "Answer in one word."},
+                             {"role": "user", "content": "What colour is the sky?"}])
+        again = client.chat([{"role": "system", "content": "Answer in one word."},
+                             {"role": "user", "content": "What colour is the sky?"}])
+    assert first.text.strip() and not first.cached and 0 < first.completion_tokens <= 8
+    assert again.cached and again.text == first.text
+    assert (client.usage.calls, client.usage.cache_hits) == (1, 1)
+
+
+def test_cli_check_against_the_running_server(embedded, capsys):
+    assert main(["llm", "check", "--base-url", embedded.base_url, "--model", "smollm2", "--max-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "model: smollm2" in printed and "tokens/s" in printed
+
+
+def test_cli_check_without_an_endpoint_starts_and_stops_the_embedded_server(monkeypatch, capsys):
+    monkeypatch.delenv("PMLM_LLM_BASE_URL", raising=False)
+    monkeypatch.delenv("PMLM_LLM_MODEL", raising=False)
+    assert main(["llm", "check", "--max-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "embedded llama.cpp server, ready in" in printed and "model: smollm2" in printed
+    base_url = printed.split("endpoint: ", 1)[1].split()[0]
+    assert not answers(base_url)
+
+
+def test_open_llm_stops_the_embedded_server_when_the_block_raises():
+    with pytest.raises(RuntimeError, match="caller failed"):
+        with open_llm(LLMConfig()) as llm:
+            base_url = llm.config.base_url
+            assert llm.chat("Say hi.", max_tokens=4).text.strip()
+            raise RuntimeError("caller failed")
+    assert not answers(base_url)
+
+
+def test_failed_start_shows_the_server_output_and_leaves_no_process(tmp_path):
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf file" * 64)
+    server = EmbeddedLLMServer(bogus)
+    with pytest.raises(EmbeddedServerError, match="exited with status") as caught:
+        server.start()
+    assert "its last output:" in str(caught.value) and str(caught.value).count("\n") >= 2
+    assert server.pid is not None and not process_alive(server.pid)
+
+
+def test_startup_timeout_is_clear_and_stops_the_process():
+    server = EmbeddedLLMServer(startup_timeout_s=0.05)
+    with pytest.raises(EmbeddedServerError, match=r"not ready within 0.05 s"):
+        server.start()
+    assert not process_alive(server.pid)
+
+
+OWNER_SCRIPT = textwrap.dedent("""
+    import time
+    from pmlm.client.llm import EmbeddedLLMServer
+    server = EmbeddedLLMServer().start()
+    print(server.pid, server.base_url, flush=True)
+    time.sleep(120)
+""")
+
+
+def start_owner():
+    """A separate PMLM process that starts the embedded server and then idles; returns it and the server pid."""
+    owner = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT], stdout=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([owner.stdout], [], [], 60)
+    line = owner.stdout.readline() if ready else ""
+    if not line:
+        owner.kill()
+        owner.wait()
+        pytest.fail("the owner process did not start the server")
+    pid, base_url = line.split()
+    assert process_alive(int(pid)) and answers(base_url)
+    return owner, int(pid), base_url
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_server_does_not_outlive_its_owner(sig):
+    # SIGTERM: the owner's handler stops the server, then exits with 143 (atexit and finally blocks still run).
+    # SIGKILL: the owner runs no code at all; the kernel closes the owner's end of the server's stdin pipe,
+    # the server's watch thread reads EOF and exits. (Only a fork()ed worker still holding that pipe would
+    # delay this; then the parent-pid check ends the server within a second.)
+    owner, server_pid, base_url = start_owner()
+    os.kill(owner.pid, sig)
+    code = owner.wait(timeout=15)
+    assert code == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
+    assert wait_until_gone(server_pid, timeout_s=10), f"server {server_pid} outlived its owner ({sig.name})"
+    assert not answers(base_url)
