@@ -117,37 +117,50 @@ def test_startup_timeout_is_clear_and_stops_the_process():
 
 
 OWNER_SCRIPT = textwrap.dedent("""
-    import time
+    import os, sys, time
     from pmlm.client.llm import EmbeddedLLMServer
     server = EmbeddedLLMServer().start()
-    print(server.pid, server.base_url, flush=True)
+    worker = 0
+    if sys.argv[1] == "fork" and (worker := os.fork()) == 0:
+        time.sleep(60)  # a forked worker: holds a copy of the server's stdin pipe while it lives
+        os._exit(0)
+    print(server.pid, server.base_url, worker, flush=True)
     time.sleep(120)
 """)
 
 
-def start_owner():
-    """A separate PMLM process that starts the embedded server and then idles; returns it and the server pid."""
-    owner = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT], stdout=subprocess.PIPE, text=True)
+def start_owner(mode: str):
+    """A separate PMLM process that starts the embedded server and idles; returns it, the server pid and URL
+    and the pid of its forked worker (0 if none)."""
+    owner = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT, mode], stdout=subprocess.PIPE, text=True)
     ready, _, _ = select.select([owner.stdout], [], [], 60)
     line = owner.stdout.readline() if ready else ""
     if not line:
         owner.kill()
         owner.wait()
         pytest.fail("the owner process did not start the server")
-    pid, base_url = line.split()
+    pid, base_url, worker = line.split()
     assert process_alive(int(pid)) and answers(base_url)
-    return owner, int(pid), base_url
+    return owner, int(pid), base_url, int(worker)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_server_does_not_outlive_its_owner(sig):
+@pytest.mark.parametrize("sig, mode", [(signal.SIGTERM, "plain"), (signal.SIGKILL, "plain"), (signal.SIGKILL, "fork")],
+                         ids=["SIGTERM", "SIGKILL", "SIGKILL-with-forked-worker"])
+def test_server_does_not_outlive_its_owner(sig, mode):
     # SIGTERM: the owner's handler stops the server, then exits with 143 (atexit and finally blocks still run).
-    # SIGKILL: the owner runs no code at all; the kernel closes the owner's end of the server's stdin pipe,
-    # the server's watch thread reads EOF and exits. (Only a fork()ed worker still holding that pipe would
-    # delay this; then the parent-pid check ends the server within a second.)
-    owner, server_pid, base_url = start_owner()
-    os.kill(owner.pid, sig)
-    code = owner.wait(timeout=15)
-    assert code == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
-    assert wait_until_gone(server_pid, timeout_s=10), f"server {server_pid} outlived its owner ({sig.name})"
-    assert not answers(base_url)
+    # SIGKILL: the owner runs no code at all; the kernel closes the owner's end of the server's stdin pipe and
+    # the server's watch thread reads EOF. A forked worker keeps a copy of that end open, so there the
+    # server notices its changed parent pid instead (within a second). Not covered: a SIGKILL of the whole
+    # process tree at once is fine too (the server is in it); a frozen, not dead, owner keeps its server.
+    owner, server_pid, base_url, worker = start_owner(mode)
+    try:
+        os.kill(owner.pid, sig)
+        code = owner.wait(timeout=15)
+        assert code == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
+        assert wait_until_gone(server_pid, timeout_s=10), f"server {server_pid} outlived its owner ({sig.name})"
+        assert not answers(base_url)
+        if worker:
+            assert process_alive(worker)  # the pipe was still held open: the parent-pid check ended the server
+    finally:
+        if worker:
+            os.kill(worker, signal.SIGKILL)
