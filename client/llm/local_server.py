@@ -125,6 +125,8 @@ class EmbeddedLLMServer:
         self._process: subprocess.Popen | None = None
         self._output: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._output_reader: threading.Thread | None = None
+        # Held while stopping: a SIGTERM that lands inside stop() must not re-enter Popen.wait (it would deadlock).
+        self._stop_lock = threading.Lock()
 
     @property
     def base_url(self) -> str:
@@ -235,7 +237,16 @@ class EmbeddedLLMServer:
         return "\n".join(self._output) or "(no output)"
 
     def stop(self) -> None:
-        """Close the watch pipe, SIGTERM, wait, then SIGKILL its process group. Safe to call twice."""
+        """Close the watch pipe, SIGTERM, wait, then SIGKILL its process group. Safe to call twice; returns
+        at once if a stop is already under way (in another thread, or the one a signal interrupted)."""
+        if not self._stop_lock.acquire(blocking=False):
+            return
+        try:
+            self._stop_process()
+        finally:
+            self._stop_lock.release()
+
+    def _stop_process(self) -> None:
         process = self._process
         if process is not None:
             if process.stdin:
