@@ -1,0 +1,221 @@
+"""Phase A: the recommender, DP-SGD charged to the ledger, what leaves a site, the stored model, self features.
+
+A tiny synthetic consortium (3 hospitals x 12 pregnant women, CSV) keeps the whole file well under a minute.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dp_accounting
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from pmlm.client.client_app import app as client_app
+from pmlm.client.examples import Example, HistoryItem
+from pmlm.client.features import FeatureEncoder, PatientDataset
+from pmlm.client.phase_a import PHASE, load_global_model
+from pmlm.client.self_features import self_informed_features
+from pmlm.common.model import build_model
+from pmlm.common.privacy.ledger import verify_ledger
+from pmlm.common.profiles import load_profile
+from pmlm.server.in_process import run_in_process
+from pmlm.server.server_app import app as server_app
+
+SNOMED, LOINC = "http://snomed.info/sct", "http://loinc.org"
+ROUNDS, EPSILON, DELTA = 2, 3.0, 1e-5
+RUN_CONFIG = {"num-server-rounds": ROUNDS, "local-epochs": 1, "epsilon": EPSILON, "delta": DELTA, "batch-size": 4,
+              "dim": 16, "layers": 1, "max-history": 16, "points-per-patient": 4, "evaluate-each-round": True}
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _write_site(folder: Path, site: str, women: int, rng: random.Random) -> list[str]:
+    """Pregnancies on the generator's schedule: initial visit, then visits every 4 weeks with the usual procedures."""
+    folder.mkdir(parents=True)
+    rows, ids = [], []
+    for w in range(women):
+        pid = f"{site}-patient-{w:03d}-{rng.randrange(10**6):06d}"
+        ids.append(pid)
+        born = datetime(1990 + w % 10, 1 + w % 12, 1, tzinfo=timezone.utc)
+        start = datetime(2024, 1, 1, tzinfo=timezone.utc) + timedelta(days=rng.randrange(300))
+        rows.append([pid, born.isoformat(), "patient", "", "female", "", "", "", "", ""])
+        rows.append([pid, start.isoformat(), "condition", SNOMED, "72892002", "Normal pregnancy", "", "",
+                     (start + timedelta(days=266)).isoformat(), ""])
+        for v in range(9):
+            t = start + timedelta(days=42 + 28 * v)
+            code = ("424441002", "Prenatal initial visit") if v == 0 else ("424619006", "Prenatal visit")
+            rows.append([pid, t.isoformat(), "encounter", SNOMED, *code, "", "", "", "AMB"])
+            rows.append([pid, t.isoformat(), "procedure", SNOMED, "225158009", "Auscultation of fetal heart", "", "", "", ""])
+            if v >= 2:
+                rows.append([pid, t.isoformat(), "procedure", SNOMED, "274804006", "Fundal height", "", "", "", ""])
+            rows.append([pid, t.isoformat(), "observation", LOINC, "8480-6", "Systolic Blood Pressure",
+                         str(110 + rng.randrange(20) + (5 * v if w % 3 == 0 else 0)), "mm[Hg]", "", ""])
+            rows.append([pid, t.isoformat(), "observation", LOINC, "8462-4", "Diastolic Blood Pressure",
+                         str(70 + rng.randrange(10)), "mm[Hg]", "", ""])
+    with open(folder / "events.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["patient_id", "time", "kind", "system", "code", "display", "value", "unit", "end",
+                         "encounter_class"])
+        writer.writerows(rows)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def federated_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phase_a")
+    rng = random.Random(7)
+    patient_ids = []
+    for site in ("hospital_a", "hospital_b", "hospital_c"):
+        patient_ids += _write_site(root / "data" / site, site, 12, rng)
+    workdir = root / "work"
+    nodes = [{"data-dir": str(root / "data" / s), "site-id": s, "site-dir": str(workdir / "sites" / s)}
+             for s in ("hospital_a", "hospital_b", "hospital_c")]
+    torch.manual_seed(0)
+    grid, context = run_in_process(server_app, client_app, nodes, {**RUN_CONFIG, "workdir": str(workdir)})
+    summary = json.loads(context.state["phase-a-result"]["json"])
+    return {"grid": grid, "summary": summary, "workdir": workdir, "patient_ids": patient_ids, "nodes": nodes}
+
+
+def test_model_accepts_points_or_patients_and_embeds_on_the_unit_sphere():
+    model = build_model(50, dim=16, layers=1, max_history=8)
+    history = torch.randint(1, 40, (3, 5, 8, 4)) % torch.tensor([300, 9, 13, 6])
+    point = torch.zeros((3, 5, 5), dtype=torch.long)
+    assert model(history, point).shape == (3, 5, 50)
+    assert model(history[0], point[0]).shape == (5, 50)
+    norms = model.embed(history[0], point[0]).norm(dim=-1)
+    assert torch.allclose(norms, torch.ones(5), atol=1e-5)
+
+
+def test_training_runs_and_sends_only_weight_updates(federated_run):
+    grid, summary = federated_run["grid"], federated_run["summary"]
+    assert summary["sites"] == 3 and summary["sites_stored"] == 3
+    model_keys = set(build_model(len(load_profile("obgyn")), dim=16, layers=1, max_history=16).state_dict())
+    patient_ids = federated_run["patient_ids"]
+    allowed_metrics = {"num-examples", "train-loss", "local-steps", "epsilon", "noise-multiplier", "recall@5",
+                       "ndcg@5", "micro_auroc", "risk_auroc", "stored"}
+    kinds = set()
+    for node, reply in grid.outbox:
+        assert not reply.has_error(), reply.error
+        kind = reply.metadata.message_type
+        kinds.add(kind)
+        content = reply.content
+        assert not content.config_records, "nothing but weights and aggregate metrics may leave a site"
+        for record in content.metric_records.values():
+            assert set(record) <= allowed_metrics
+            assert all(isinstance(v, (int, float)) for v in record.values()), "metrics are scalars, not per-patient lists"
+        if kind == "train":
+            assert list(content.array_records) == ["arrays"]
+            arrays = content["arrays"]
+            assert set(arrays) == model_keys  # exactly the model's parameters: no `_module.`, no extra arrays
+            state = arrays.to_torch_state_dict()
+            reference = build_model(len(load_profile("obgyn")), dim=16, layers=1, max_history=16).state_dict()
+            assert all(state[k].shape == reference[k].shape for k in reference)
+        else:
+            assert not content.array_records, f"{kind} replies carry no arrays (no embeddings, no predictions)"
+        text = repr({k: dict(v) for k, v in content.metric_records.items()})
+        assert not any(pid in text for pid in patient_ids)
+    assert kinds == {"train", "evaluate", "query.store_model"}
+
+
+def test_ledger_holds_one_entry_per_local_round_with_the_parameters_used(federated_run):
+    workdir = federated_run["workdir"]
+    for node in federated_run["nodes"]:
+        site_dir = Path(node["site-dir"])
+        replay = verify_ledger(site_dir / "ledger" / "privacy_ledger.jsonl")
+        assert replay.ok, replay.problems
+        releases = [e for e in replay.entries if e["kind"] == "release" and e["phase"] == PHASE]
+        assert [e["round"] for e in releases] == list(range(1, ROUNDS + 1))
+        plan = json.loads(next((site_dir / "phase_a").glob("plan-*.json")).read_text())
+        patients = releases[0]["population_size"]
+        batches = math.ceil(patients / RUN_CONFIG["batch-size"])
+        for entry in releases:
+            mech = entry["mechanism"]
+            assert mech["type"] == "dp-sgd" and mech["privacy_unit"] == "patient-in-site"
+            assert mech["noise_multiplier"] == plan["noise_multiplier"]
+            assert mech["sampling_rate"] == pytest.approx(1 / batches)
+            assert mech["steps"] == RUN_CONFIG["local-epochs"] * batches
+            assert entry["extra"]["opacus_rdp_epsilon"] > 0
+        assert releases[-1]["phase_epsilon"] <= EPSILON + 1e-9
+
+
+def test_reported_epsilon_equals_dp_accounting_for_those_parameters(federated_run):
+    site_dir = Path(federated_run["nodes"][0]["site-dir"])
+    replay = verify_ledger(site_dir / "ledger" / "privacy_ledger.jsonl")
+    releases = [e for e in replay.entries if e["kind"] == "release" and e["phase"] == PHASE]
+    interval = replay.genesis["accountant_settings"]["pld_value_discretization_interval"]
+    pld = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=interval)
+    rdp = RdpAccountant()
+    for entry in releases:
+        m = entry["mechanism"]
+        event = dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(m["sampling_rate"], dp_accounting.GaussianDpEvent(m["noise_multiplier"])),
+            m["steps"])
+        pld.compose(event)
+        rdp.compose(event)
+        assert entry["phase_epsilon"] == pytest.approx(pld.get_epsilon(DELTA), rel=1e-9)
+        # phase A is all this site has released, so the site's running RDP figure is phase A's too
+        assert entry["epsilon"] == pytest.approx(entry["phase_epsilon"], rel=1e-9)
+        assert entry["epsilon_rdp"] == pytest.approx(rdp.get_epsilon(DELTA), rel=1e-9)
+    # the train reply's epsilon is the one in the ledger, and the budget was used, not exceeded
+    assert EPSILON * 0.8 < releases[-1]["phase_epsilon"] <= EPSILON
+
+
+def test_global_model_is_stored_with_the_ledger_entry_that_released_it(federated_run):
+    for node in federated_run["nodes"]:
+        site_dir = Path(node["site-dir"])
+        model, encoder, manifest = load_global_model(site_dir)
+        assert manifest["round"] == ROUNDS and manifest["private"]
+        replay = verify_ledger(site_dir / "ledger" / "privacy_ledger.jsonl")
+        released = replay.entries[manifest["ledger_release"]["seq"]]
+        assert released["kind"] == "release" and released["round"] == ROUNDS
+        assert released["signature"] == manifest["ledger_release"]["signature"]
+        assert released["run_id"] == manifest["run_id"]
+
+
+def _example_with_changes() -> Example:
+    history = []
+    for i, days in enumerate((84, 56, 28)):  # visits 12, 8 and 4 weeks ago; none in the last 4 weeks + today
+        history += [HistoryItem("snomed:424619006", "encounter", days), HistoryItem("loinc:8480-6", "observation", days, 112 + 6 * i, "mm[Hg]"),
+                    HistoryItem("loinc:8462-4", "observation", days, 72, "mm[Hg]"), HistoryItem("loinc:29463-7", "observation", days, 70 + 1.5 * i, "kg")]
+    history += [HistoryItem("snomed:424619006", "encounter", 0), HistoryItem("loinc:8480-6", "observation", 0, 146, "mm[Hg]"),
+                HistoryItem("loinc:8462-4", "observation", 0, 93, "mm[Hg]"), HistoryItem("snomed:398254007", "condition", 0)]
+    return Example("p", datetime(2025, 1, 1, tzinfo=timezone.utc), "snomed:424619006", history, [], [], "test",
+                   gestational_week=33.0, weeks_since_first_visit=22.0)
+
+
+def test_self_features_name_predictions_and_trajectory_changes():
+    profile = load_profile("obgyn")
+    encoder = FeatureEncoder(profile, 16)
+    model = build_model(len(profile), dim=16, layers=1, max_history=16)
+    features = self_informed_features(model, encoder, _example_with_changes(), k=5)
+    assert len(features.predictions) == 5
+    assert all(p.name == profile.name_of(p.concept) and 0 <= p.probability <= 1 for p in features.predictions)
+    kinds = {c.kind for c in features.changes}
+    assert kinds == {"rising_blood_pressure", "weight_change", "missed_visit", "new_condition"}
+    text = " ".join(c.text for c in features.changes)
+    assert "146/93" in text and "pre-eclampsia" in text and "2025" not in text
+
+
+def test_one_dataset_item_is_one_patient():
+    profile = load_profile("obgyn")
+    encoder = FeatureEncoder(profile, 16)
+    examples = [Example(pid, datetime(2025, 1, 1, tzinfo=timezone.utc), "snomed:424619006",
+                        [HistoryItem("snomed:225158009", "procedure", d)], ["snomed:424619006"], [], "train",
+                        weeks_since_first_visit=4.0)
+                for pid in ("a", "b") for d in range(7)]
+    dataset = PatientDataset(examples, encoder, points_per_patient=4)
+    assert len(dataset) == 2
+    history, point, targets, mask = dataset[0]
+    assert history.shape == (4, 16, 4) and point.shape == (4, 5) and mask.sum() == 4
+    assert np.isclose(targets.sum().item(), 4.0)
