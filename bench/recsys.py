@@ -1,0 +1,174 @@
+"""Phase A benchmark: the next-event recommender on the sample consortium's test split.
+
+    python bench/recsys.py [--data data/sample] [--rounds 5] [--local-epochs 2] [--epsilons 1 3 8]
+
+Rows: centralized non-private (upper bound), federated non-private, federated DP at each epsilon
+(patient-level, per hospital, phase A), each hospital alone (non-private), popularity, gestational
+timing. Columns: Recall@5, NDCG@5, micro-AUROC, risk AUROC on the pooled test split of all hospitals
+(pooling the *evaluation* is a benchmark convenience; training never pools). Federated runs go through
+the real ServerApp/ClientApp on the in-process grid. Also: DP-SGD step time / non-private step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+                   ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
+    os.environ.setdefault(key, value)
+
+import numpy as np
+import torch
+
+from pmlm.client.baselines import GestationalTiming, Popularity, timing_key
+from pmlm.client.client_app import app as client_app
+from pmlm.client.features import FeatureEncoder, PatientDataset
+from pmlm.client.phase_a import PhaseAConfig, load_global_model, new_model, site_examples
+from pmlm.client.sites import discover_sites
+from pmlm.client.train import TrainSettings, predict, ranking_metrics, train_local
+from pmlm.common.profiles import load_profile
+from pmlm.server.in_process import run_in_process
+from pmlm.server.server_app import app as server_app
+
+
+def baseline_scores(ranker, examples, encoder) -> np.ndarray:
+    """Score matrix for a count-based baseline (so it gets AUROCs too): its counts, popularity breaking ties."""
+    index = encoder.profile.index
+    scores = np.zeros((len(examples), encoder.n_concepts))
+    popular = np.zeros(encoder.n_concepts)
+    for concept, n in ranker.counts.items() if isinstance(ranker, Popularity) else ranker.fallback.counts.items():
+        popular[index[concept]] = n
+    popular /= max(popular.max(), 1)
+    for i, ex in enumerate(examples):
+        scores[i] = popular * 1e-3
+        if isinstance(ranker, GestationalTiming):
+            counts = ranker.by_key.get(timing_key(ex), {})
+            total = max(sum(counts.values()), 1)
+            for concept, n in counts.items():
+                scores[i, index[concept]] += n / total
+        else:
+            scores[i] += popular
+    return scores
+
+
+def train_pooled(examples, cfg: PhaseAConfig, profile, epochs: int, seed: int = 0):
+    """Non-private training on one pool of examples (the centralized upper bound, or one hospital alone)."""
+    torch.manual_seed(seed)
+    encoder = FeatureEncoder(profile, cfg.max_history)
+    model = new_model(cfg, profile)
+    dataset = PatientDataset([e for e in examples if e.split == "train"], encoder, cfg.points_per_patient, seed)
+    settings = TrainSettings(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
+                             points_per_patient=cfg.points_per_patient)
+    for epoch in range(epochs):
+        settings.seed = seed + epoch
+        train_local(model, dataset, settings)
+    return model, encoder
+
+
+def federated(sites: dict[str, Path], run_config: dict):
+    workdir = Path(tempfile.mkdtemp(prefix="pmlm-bench-"))
+    nodes = [{"data-dir": str(path), "site-id": name, "site-dir": str(workdir / "sites" / name)}
+             for name, path in sorted(sites.items())]
+    run_in_process(server_app, client_app, nodes, {**run_config, "workdir": str(workdir),
+                                                   "evaluate-each-round": False})
+    model, encoder, _ = load_global_model(workdir / "sites" / sorted(sites)[0])
+    return model, encoder
+
+
+def step_time_ratio(examples, cfg: PhaseAConfig, profile, epochs: int = 3) -> tuple[float, float, float]:
+    """(DP-SGD s/step, non-private s/step, ratio), same model, data and batch size, measured here."""
+    encoder = FeatureEncoder(profile, cfg.max_history)
+    dataset = PatientDataset([e for e in examples if e.split == "train"], encoder, cfg.points_per_patient)
+    timings = {}
+    for name, sigma in (("plain", None), ("dp", 1.0), ("plain2", None), ("dp2", 1.0)):  # interleaved: shared CPUs
+        model = new_model(cfg, profile)
+        report = train_local(model, dataset, TrainSettings(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                                           noise_multiplier=sigma,
+                                                           points_per_patient=cfg.points_per_patient))
+        timings.setdefault(name.rstrip("2"), []).append(report.seconds / report.steps)
+    dp, plain = min(timings["dp"]), min(timings["plain"])
+    return dp, plain, dp / plain
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "sample")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    parser.add_argument("--lr", type=float, default=PhaseAConfig.lr)
+    parser.add_argument("--batch-size", type=int, default=PhaseAConfig.batch_size)
+    parser.add_argument("--json", type=Path, help="also write the table here")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+    cfg = PhaseAConfig(rounds=args.rounds, local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size)
+    profile = load_profile(cfg.profile)
+    sites = {name: path.resolve() for name, path in discover_sites(args.data).items()}
+    by_site = {name: site_examples(path, name, profile) for name, path in sites.items()}
+    examples = [e for exs in by_site.values() for e in exs]
+    train = [e for e in examples if e.split == "train"]
+    test = [e for e in examples if e.split == "test" and e.targets]
+    encoder = FeatureEncoder(profile, cfg.max_history)
+    epochs = args.rounds * args.local_epochs  # every model sees its data as often as a federated site does
+    rows: dict[str, dict] = {}
+    started = time.time()
+
+    def evaluate(name, model, enc):
+        rows[name] = ranking_metrics(predict(model, test, enc), test, enc)
+        print(f"  {name:<28} done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    base = {"num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "lr": args.lr,
+            "batch-size": args.batch_size}
+    evaluate("centralized (non-private)", *train_pooled(examples, cfg, profile, epochs))
+    evaluate("federated (non-private)", *federated(sites, {**base, "epsilon": 0.0}))
+    for eps in args.epsilons:
+        evaluate(f"federated DP eps={eps:g}", *federated(sites, {**base, "epsilon": eps}))
+    for name, exs in sorted(by_site.items()):
+        evaluate(f"{name} alone (non-private)", *train_pooled(exs, cfg, profile, epochs))
+    for name, ranker in (("popularity", Popularity(train)), ("gestational timing", GestationalTiming(train))):
+        rows[name] = ranking_metrics(baseline_scores(ranker, test, encoder), test, encoder)
+    dp_step, plain_step, ratio = step_time_ratio(by_site[min(by_site, key=lambda s: len(by_site[s]))], cfg, profile)
+
+    patients = {n: len({e.patient_id for e in x if e.split == "train"}) for n, x in sorted(by_site.items())}
+    print(f"\nPhase A recommender, {len(test)} test points from {len(sites)} hospitals (train patients: "
+          f"{', '.join(f'{n} {k}' for n, k in patients.items())}); {args.rounds} rounds x {args.local_epochs} local epochs")
+    print(f"{'model':<30}{'Recall@5':>9}{'NDCG@5':>9}{'microAUROC':>11}{'riskAUROC':>10}")
+    for name, m in rows.items():
+        print(f"{name:<30}{m['recall@5']:>9.3f}{m['ndcg@5']:>9.3f}{m['micro_auroc']:>11.3f}{m['risk_auroc']:>10.3f}")
+    print(f"\nDP-SGD step time / non-private step time: {dp_step:.3f} s / {plain_step:.3f} s = {ratio:.2f} (target <= 2.5)")
+
+    central = rows["centralized (non-private)"]["recall@5"]
+    smallest = min(patients, key=patients.get)
+    floors = max(rows["popularity"]["recall@5"], rows["gestational timing"]["recall@5"])
+    checks = []
+    if 3.0 in args.epsilons:
+        dp3 = rows["federated DP eps=3"]["recall@5"]
+        checks += [(f"federated DP eps=3 >= 90% of centralized Recall@5 ({dp3:.3f} vs {0.9 * central:.3f})", dp3 >= 0.9 * central),
+                   (f"federated DP eps=3 beats the smallest hospital alone ({smallest}: "
+                    f"{rows[f'{smallest} alone (non-private)']['recall@5']:.3f})",
+                    dp3 > rows[f"{smallest} alone (non-private)"]["recall@5"])]
+    for name, m in rows.items():
+        if name.startswith("federated"):
+            checks.append((f"{name} beats both baselines (Recall@5 {m['recall@5']:.3f} vs {floors:.3f})", m["recall@5"] > floors))
+    checks.append((f"DP step-time ratio <= 2.5 ({ratio:.2f})", ratio <= 2.5))
+    print()
+    for text, ok in checks:
+        print(f"  [{'met' if ok else 'MISSED'}] {text}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "dp_step_ratio": ratio, "checks": dict(checks)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
