@@ -33,6 +33,10 @@ SYSTEM_PREFIX = {
 }
 
 
+# Observations whose value is a direct identifier (the SDOH screening's street address): never kept.
+IDENTIFYING_OBSERVATIONS = frozenset({"loinc:56799-0"})
+
+
 def concept_id(system: str, code: str) -> str:
     """Stable id of a coded concept, e.g. ``snomed:424619006``."""
     prefix = SYSTEM_PREFIX.get(system, system.rstrip("/").rsplit("/", 1)[-1].lower() or "local")

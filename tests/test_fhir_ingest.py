@@ -34,6 +34,17 @@ def test_real_bundles_become_sorted_typed_timelines(synthea_bundles):
         assert bp and all(isinstance(e.value, float) and e.unit for e in bp)  # systolic from the BP panel
 
 
+def test_no_name_or_address_survives_ingestion(synthea_bundles):
+    for path in sorted(synthea_bundles.glob("*.json")):
+        bundle = json.loads(path.read_text())
+        patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+        street = patient["address"][0]["line"][0]
+        (timeline,), _ = _read(path)
+        values = " ".join(str(e.value) for e in timeline.events if e.value is not None)
+        assert street not in values
+        assert patient["name"][0]["family"] not in values
+
+
 def test_notes_lose_patient_names_and_absolute_dates(synthea_bundles):
     for path in sorted(synthea_bundles.glob("*.json")):
         bundle = json.loads(path.read_text())

@@ -12,7 +12,7 @@ import io
 from typing import IO, Iterator
 
 from pmlm.client.ingest.fhir import ResourceError, parse_fhir_datetime
-from pmlm.common.schema import EVENT_KINDS, Event, Quarantine, Timeline
+from pmlm.common.schema import EVENT_KINDS, IDENTIFYING_OBSERVATIONS, Event, Quarantine, Timeline
 
 REQUIRED_COLUMNS = ("patient_id", "time", "kind", "system", "code", "display", "value", "unit")
 OPTIONAL_COLUMNS = ("end", "encounter_class")
@@ -74,7 +74,9 @@ def iter_csv_timelines(stream: IO[bytes], source: str, quarantined: list[Quarant
                     timeline.birth_date = parse_fhir_datetime(row["time"]) if row["time"] else None
                     timeline.gender = row["code"]
                 else:
-                    timeline.events.append(_row_event(row))
+                    event = _row_event(row)
+                    if event.concept not in IDENTIFYING_OBSERVATIONS:
+                        timeline.events.append(event)
             except ResourceError as exc:
                 quarantined.append(Quarantine(source, str(exc), line))
     except UnicodeDecodeError as exc:

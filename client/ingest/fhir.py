@@ -13,7 +13,7 @@ import re
 
 import orjson
 from datetime import datetime, timezone
-from pmlm.common.schema import Event, Quarantine, Timeline
+from pmlm.common.schema import IDENTIFYING_OBSERVATIONS, Event, Quarantine, Timeline, concept_id
 
 # Resources we turn into events.
 EVENT_RESOURCES = {
@@ -165,6 +165,8 @@ def resource_events(resource: dict, names: re.Pattern | None = None) -> list[Eve
 
 def _observation_events(resource: dict) -> list[Event]:
     system, code, display = _coding(resource.get("code"), "Observation.code")
+    if concept_id(system, code) in IDENTIFYING_OBSERVATIONS:
+        return []  # an address is not a clinical fact; it is dropped at the door
     when = _first_time(resource, "effectiveDateTime", "effectivePeriod", "issued")
     components = resource.get("component")
     if isinstance(components, list) and components:
