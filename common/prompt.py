@@ -211,9 +211,10 @@ def _render_once(ctx: PatientContext, params: PromptParams, question: str | None
         self_block = SELF_HEADINGS[params.phrasing].format(weeks=weeks) + ":\n" + _bullets(lines)
         sources += [(line, "her predictions") for line in lines]
     if params.trajectory and ctx.trajectory:
-        traj = "Changes in her trajectory:\n" + _bullets(ctx.trajectory)
+        changes = [neutralise(t, 160) for t in ctx.trajectory]  # may carry display text from the record
+        traj = "Changes in her trajectory:\n" + _bullets(changes)
         self_block = f"{self_block}\n{traj}" if self_block else traj
-        sources += [(t, "her record (trajectory)") for t in ctx.trajectory]
+        sources += [(t, "her record (trajectory)") for t in changes]
     if params.peer_items and ctx.peer_facts:
         header, *facts = ctx.peer_facts
         chosen = facts[: params.peer_items]

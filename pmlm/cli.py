@@ -20,6 +20,8 @@ COMMAND_GROUPS = {
     "audit": "pmlm.commands.audit",
     "llm": "pmlm.commands.llm",
     "train": "pmlm.commands.train",
+    "advise": "pmlm.commands.advise",
+    "evaluate": "pmlm.commands.evaluate",
 }
 
 

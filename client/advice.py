@@ -1,0 +1,169 @@
+"""On-site prompt assembly for one patient, from the site's stored global artifacts and her own record.
+
+Used by `pmlm advise`, the evaluation pipeline and the gRPC PromptService. Each artifact is optional:
+when one is missing the prompt goes without that section and `missing` says so plainly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pmlm.client.examples import Example, build_examples
+from pmlm.client.ingest import RecordReader
+from pmlm.client.prompt_context import build_context
+from pmlm.client.site_config import SiteConfig
+from pmlm.common.peer_profiles import PeerProfiles, peer_facts
+from pmlm.common.policy import PolicyState, PromptPolicy
+from pmlm.common.profiles import TaskProfile, load_profile
+from pmlm.common.prompt import INITIAL, Prompt, PromptParams, render
+from pmlm.common.schema import Timeline
+
+PEER_PROFILES = Path("phase_b") / "peer_profiles"
+POLICY = Path("phase_c") / "policy.pt"
+
+
+def save_policy(policy: PromptPolicy, site_dir: Path, meta: dict) -> Path:
+    path = Path(site_dir) / POLICY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": policy.state_dict(), "embedding_dim": policy.embedding_dim, "meta": meta}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_policy(site_dir: Path) -> PromptPolicy | None:
+    path = Path(site_dir) / POLICY
+    if not path.exists():
+        return None
+    blob = torch.load(path, weights_only=True)
+    policy = PromptPolicy(int(blob["embedding_dim"]))
+    policy.load_state_dict(blob["state_dict"])
+    policy.eval()
+    return policy
+
+
+@dataclass
+class SiteArtifacts:
+    profile: TaskProfile
+    model: object | None = None
+    encoder: object | None = None
+    peers: PeerProfiles | None = None
+    policy: PromptPolicy | None = None
+    missing: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, site_dir: Path, profile: TaskProfile) -> "SiteArtifacts":
+        from pmlm.client.phase_a import load_global_model
+
+        out = cls(profile)
+        try:
+            out.model, out.encoder, _ = load_global_model(site_dir)
+        except FileNotFoundError:
+            out.missing.append("no global recommender at this site yet (phase A not run): "
+                               "the self-informed predictions are left out")
+        peers = Path(site_dir) / PEER_PROFILES
+        if peers.with_suffix(".npz").exists():
+            out.peers = PeerProfiles.load(peers)
+        else:
+            out.missing.append("no peer profiles at this site yet (phase B not run): the peer section is left out")
+        out.policy = load_policy(site_dir)
+        if out.policy is None:
+            out.missing.append("no refined-prompt policy yet (phase C not run): using the initial personalised prompt")
+        return out
+
+
+@dataclass
+class Assembled:
+    prompt: Prompt
+    state: PolicyState | None
+    missing: list[str]
+
+
+class PromptAssembler:
+    """Builds her context, policy state and prompt from the artifacts; nothing here leaves the site."""
+
+    def __init__(self, artifacts: SiteArtifacts, top_k: int = 8):
+        self.a = artifacts
+        self.top_k = top_k
+
+    def features(self, example: Example, timeline: Timeline | None):
+        """(predictions, trajectory, peer facts, policy state) for one prediction point."""
+        from pmlm.client.self_features import self_informed_features
+        from pmlm.client.train import predict
+
+        a = self.a
+        predictions, trajectory, facts, state = [], [], [], None
+        if a.model is not None:
+            feats = self_informed_features(a.model, a.encoder, example, timeline, k=self.top_k)
+            predictions = [(p.name, p.probability) for p in feats.predictions]
+            trajectory = [c.text for c in feats.changes]
+            history, point, _ = a.encoder.encode([example])
+            with torch.no_grad():
+                embedding = a.model.embed(history, point)[0].numpy()
+            probs = sorted((p.probability for p in feats.predictions), reverse=True)
+            own_top = {p.concept for p in feats.predictions[:5]}
+            agreement = 0.0
+            if a.peers is not None:
+                facts = peer_facts(a.peers, embedding, a.profile)
+                agreement = len(own_top & set(a.peers.ranking(embedding, 5))) / 5
+            state = PolicyState(embedding, top1_prob=probs[0] if probs else 0.0,
+                                top5_mean_prob=float(np.mean(probs[:5])) if probs else 0.0,
+                                peer_agreement=agreement, history_length=len(example.history),
+                                gestational_week=example.gestational_week, weeks_postpartum=example.weeks_postpartum,
+                                has_peers=bool(facts))
+        return predictions, trajectory, facts, state
+
+    def context(self, example: Example, timeline: Timeline | None, with_oracle: bool = False):
+        predictions, trajectory, facts, state = self.features(example, timeline)
+        ctx = build_context(example, self.a.profile, timeline, predictions=predictions, trajectory=trajectory,
+                            peer_facts=facts, with_oracle=with_oracle)
+        return ctx, state
+
+    def refined_params(self, state: PolicyState | None) -> PromptParams:
+        if self.a.policy is None or state is None:
+            return INITIAL
+        return self.a.policy.best(state)
+
+    def assemble(self, example: Example, timeline: Timeline | None, question: str | None = None,
+                 params: PromptParams | None = None) -> Assembled:
+        ctx, state = self.context(example, timeline)
+        chosen = params or self.refined_params(state)
+        return Assembled(render(ctx, chosen, question), state, list(self.a.missing))
+
+
+def find_patient(config: SiteConfig, patient_id: str, profile: TaskProfile) -> tuple[Timeline, Example]:
+    """Her timeline and her latest prediction point; clear errors when she is absent or has none."""
+    for timeline in RecordReader(Path(config.data_dir)):
+        if timeline.patient_id == patient_id:
+            examples = build_examples(timeline, profile, site=config.site_id)
+            if not examples:
+                raise LookupError(f"patient {patient_id} has no {profile.name} prediction point on record "
+                                  f"(PMLM advises at {', '.join(profile.name_of(p) for p in sorted(profile.prediction_points))})")
+            return timeline, examples[-1]
+    raise LookupError(f"patient {patient_id!r} not found in {config.data_dir}")
+
+
+def site_assembler(site_dir: Path) -> tuple[SiteConfig, PromptAssembler]:
+    config = SiteConfig.load(site_dir)
+    profile = load_profile(config.profile)
+    return config, PromptAssembler(SiteArtifacts.load(site_dir, profile))
+
+
+def describe_sources(prompt: Prompt) -> str:
+    lines = []
+    for fact, source in prompt.sources:
+        lines.append(f"  [{source}] {fact}")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=float))
+    tmp.replace(path)

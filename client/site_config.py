@@ -1,0 +1,54 @@
+"""A site directory's own configuration: which records it serves, under which profile, with which LLM.
+
+`SITE_DIR/site.json` — written by `pmlm evaluate`/`pmlm demo`/the ClientApp on first run, read by
+`pmlm advise` and `pmlm serve`:
+
+    {"site_id": "hospital_a", "data_dir": "/data/ehr-export", "profile": "obgyn",
+     "llm": {"base_url": "http://127.0.0.1:11434/v1", "model": "llama3"}}   # "llm" optional: embedded default
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FILENAME = "site.json"
+
+
+class SiteConfigError(ValueError):
+    pass
+
+
+@dataclass
+class SiteConfig:
+    site_id: str
+    data_dir: str
+    profile: str = "obgyn"
+    llm: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, site_dir: Path) -> "SiteConfig":
+        path = Path(site_dir) / FILENAME
+        if not path.exists():
+            raise SiteConfigError(f"{site_dir} is not a PMLM site directory (no {FILENAME}); run `pmlm evaluate` "
+                                  f"or `pmlm demo` to create one, or write it as documented in client/site_config.py")
+        try:
+            raw = json.loads(path.read_text())
+            config = cls(site_id=str(raw["site_id"]), data_dir=str(raw["data_dir"]),
+                         profile=str(raw.get("profile", "obgyn")), llm=dict(raw.get("llm") or {}))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise SiteConfigError(f"{path}: malformed site configuration ({exc})") from None
+        data = Path(config.data_dir)
+        if not data.is_absolute():
+            config.data_dir = str((Path(site_dir) / data).resolve())
+        return config
+
+    def save(self, site_dir: Path) -> Path:
+        site_dir = Path(site_dir)
+        site_dir.mkdir(parents=True, exist_ok=True)
+        tmp = site_dir / f".{FILENAME}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, site_dir / FILENAME)  # atomic: never a half-written config
+        return site_dir / FILENAME

@@ -1,0 +1,47 @@
+"""`pmlm advise`: guidance for one patient from her on-site personalised prompt."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pmlm.cli import CliError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("advise", help="assemble her personalised prompt on-site and ask the site's LLM")
+    p.add_argument("--site", type=Path, required=True, help="the site directory (with site.json)")
+    p.add_argument("--patient", required=True)
+    p.add_argument("--question", default=None)
+    p.add_argument("--show-prompt", action="store_true", help="print the prompt sent to the LLM")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.set_defaults(handler=cmd_advise)
+
+
+def cmd_advise(args) -> int:
+    from pmlm.client.advice import describe_sources, find_patient, site_assembler
+    from pmlm.client.llm import LLMConfig, LLMError, open_llm
+    from pmlm.client.site_config import SiteConfigError
+
+    try:
+        config, assembler = site_assembler(args.site)
+        timeline, example = find_patient(config, args.patient, assembler.a.profile)
+    except (SiteConfigError, LookupError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+    assembled = assembler.assemble(example, timeline, args.question)
+    for note in assembled.missing:
+        print(f"note: {note}", file=sys.stderr)
+    if args.show_prompt:
+        for message in assembled.prompt.messages:
+            print(f"--- {message['role']} ---\n{message['content']}\n")
+    try:
+        llm_config = LLMConfig.from_dict(config.llm) if config.llm else LLMConfig()
+        with open_llm(llm_config) as llm:
+            answer = llm.chat(assembled.prompt.messages, max_tokens=args.max_tokens)
+    except LLMError as exc:
+        raise CliError(f"the LLM could not answer: {exc}") from None
+    print("Guidance:")
+    print(answer.text.strip())
+    print("\nWhere the facts in her prompt came from:")
+    print(describe_sources(assembled.prompt) or "  (no patient facts in this prompt)")
+    return 0
