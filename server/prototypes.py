@@ -38,22 +38,35 @@ def build_profiles(centroids: np.ndarray, total: np.ndarray, noise_std: float, c
                         min_count=min_count)
 
 
-def run_prototypes(sites, concepts: list[str], dim: int, horizon_days: int, config) -> PeerProfiles:
-    """Federated DP k-means then one DP profile release, over any transport.
+def run_prototypes(collect, concepts: list[str], dim: int, horizon_days: int, config) -> PeerProfiles:
+    """Federated DP k-means, then one DP profile release, over any transport.
 
-    `sites` is a sequence of objects with ``kmeans_round(centroids, round)`` and
-    ``profile_release(centroids)`` returning objects with ``.values`` (noisy aggregates) — in-process
-    PhaseBSite objects, or the Flower-backed proxies of the ServerApp.
+    ``collect(kind, centroids, round)`` asks every site for its noisy release of ``kind`` ("kmeans" or
+    "profile") and returns ``(total, noise_std)``: the sum over sites and the std of the summed noise.
+    In-process tests pass PhaseBSite objects through `collect_from`; the ServerApp sends Flower messages.
     """
     from pmlm.common.peer_profiles import initial_centroids
 
     centroids = initial_centroids(config.prototypes, dim, config.seed)
     for r in range(config.rounds):
-        total = sum(site.kmeans_round(centroids, r).values for site in sites)
+        total, _ = collect("kmeans", centroids, r)
         centroids = update_centroids(centroids, total, config.min_count)
-    releases = [site.profile_release(centroids) for site in sites]
-    total = sum(r.values for r in releases)
-    per_site_std = [r.entry["mechanism"]["noise_multiplier"] * r.entry["mechanism"]["l2_sensitivity"]
-                    for r in releases]
-    noise_std = float(np.sqrt(np.sum(np.square(per_site_std))))
+    total, noise_std = collect("profile", centroids, config.rounds)
     return build_profiles(centroids, total, noise_std, concepts, horizon_days, config.min_count)
+
+
+def summed_noise_std(entries: list[dict]) -> float:
+    """Std of the sum of independent Gaussian noises described by the sites' ledger entries."""
+    return float(np.sqrt(sum((e["mechanism"]["noise_multiplier"] * e["mechanism"]["l2_sensitivity"]) ** 2
+                             for e in entries)))
+
+
+def collect_from(sites):
+    """`collect` over in-process PhaseBSite objects (tests, benchmarks)."""
+
+    def collect(kind: str, centroids: np.ndarray, round: int):
+        releases = [site.kmeans_round(centroids, round) if kind == "kmeans" else site.profile_release(centroids)
+                    for site in sites]
+        return sum(r.values for r in releases), summed_noise_std([r.entry for r in releases])
+
+    return collect

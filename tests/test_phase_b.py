@@ -8,7 +8,7 @@ from pmlm.client.peers import PhaseBConfig, PhaseBSite, kmeans_sensitivity, kmea
 from pmlm.common.peer_profiles import PeerProfiles, honest_count, honest_percent, initial_centroids, peer_facts
 from pmlm.common.privacy import BudgetConfig, BudgetExhausted, SiteLedger
 from pmlm.common.profiles import load_profile
-from pmlm.server.prototypes import build_profiles, run_prototypes
+from pmlm.server.prototypes import build_profiles, collect_from, run_prototypes
 
 BUDGET = BudgetConfig(8.0, 1e-5, {"phase_a": 0.4, "phase_b": 0.3, "phase_c": 0.3})
 CONCEPTS = ["snomed:271442007", "snomed:118001005", "snomed:398254007", "snomed:424619006", "snomed:5880005"]
@@ -58,7 +58,7 @@ def test_releases_are_aggregates_charged_once_each_and_small_sites_get_the_same_
             sent.append((self.site.ledger.site_id, out))
             return out
 
-    profiles = run_prototypes([Recording(big), Recording(small)], CONCEPTS, 8, 84, config)
+    profiles = run_prototypes(collect_from([Recording(big), Recording(small)]), CONCEPTS, 8, 84, config)
     assert isinstance(profiles, PeerProfiles)
     for site_id, out in sent:
         # Only (prototypes x statistics+count) arrays leave: no row per patient, no ids.

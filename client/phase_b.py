@@ -1,0 +1,58 @@
+"""One hospital's side of phase B, Flower-free: embed local patients with the global model, release noisy
+per-prototype statistics, keep the resulting global peer profiles.
+
+Embeddings are computed and kept here; the ClientApp only turns messages into these calls.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pmlm.client.advice import PEER_PROFILES
+from pmlm.client.examples import Example
+from pmlm.client.peers import NoisyRelease, PhaseBConfig, PhaseBSite, one_example_per_patient
+from pmlm.common.peer_profiles import PeerProfiles
+from pmlm.common.privacy import BudgetConfig, SiteLedger
+
+
+@torch.no_grad()
+def embed_examples(model, encoder, examples: list[Example], batch_size: int = 256) -> np.ndarray:
+    out = []
+    for i in range(0, len(examples), batch_size):
+        history, point, _ = encoder.encode(examples[i:i + batch_size])
+        out.append(model.embed(history, point).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.dim), dtype=np.float32)
+
+
+class SitePhaseB:
+    def __init__(self, site_id: str, site_dir: Path, examples: list[Example], config: PhaseBConfig, run_id: str,
+                 budget: BudgetConfig | None = None):
+        from pmlm.client.phase_a import load_global_model
+
+        self.site_id, self.site_dir, self.run_id = site_id, Path(site_dir), run_id
+        model, encoder, _ = load_global_model(self.site_dir)
+        chosen = one_example_per_patient(examples, config.seed)
+        ledger = SiteLedger(self.site_dir, site_id, None if (self.site_dir / "ledger").exists() else budget)
+        concepts = [c.id for c in encoder.profile.concepts]
+        self.site = PhaseBSite(ledger, chosen, embed_examples(model, encoder, chosen), concepts, config, run_id)
+        self.entries: list[dict] = []
+
+    def release(self, kind: str, centroids: np.ndarray, round: int) -> NoisyRelease:
+        out = self.site.kmeans_round(centroids, round) if kind == "kmeans" else self.site.profile_release(centroids)
+        self.entries.append(out.entry)
+        return out
+
+    def store(self, profiles: PeerProfiles) -> Path:
+        """Keep the global peer profiles with the ledger entries of this site's releases that built them."""
+        path = self.site_dir / PEER_PROFILES
+        profiles.save(path)
+        manifest = {"phase": "phase_b", "run_id": self.run_id, "site_id": self.site_id,
+                    "prototypes": int(len(profiles.counts)), "suppressed": int(profiles.suppressed.sum()),
+                    "ledger_releases": [{"seq": e["seq"], "signature": e["signature"], "epsilon": e["epsilon"]}
+                                        for e in self.entries]}
+        path.with_name("manifest.json").write_text(json.dumps(manifest, indent=2))
+        return path

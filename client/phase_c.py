@@ -1,0 +1,117 @@
+"""One hospital's side of phase C, Flower-free: RL episodes on its own training points through its own
+LLM, and one clipped, noised policy-gradient sum per round (charged to the ledger).
+
+The LLM is the site's configured endpoint or the embedded local server, opened once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pmlm.client.advice import PromptAssembler, SiteArtifacts, save_policy
+from pmlm.client.examples import Example
+from pmlm.client.reward import matcher_for
+from pmlm.client.rl import PHASE, LocalRL, Point, RLConfig
+from pmlm.common.policy import PromptPolicy
+from pmlm.common.privacy import BudgetConfig, GaussianRelease, SiteLedger
+from pmlm.common.profiles import load_profile
+
+_LLMS: dict[str, object] = {}
+_STACK = contextlib.ExitStack()
+
+
+def site_llm(llm_settings: dict | None = None):
+    """One LLM client per configuration per process (the embedded server starts once)."""
+    from pmlm.client.llm import LLMConfig, open_llm
+
+    key = repr(sorted((llm_settings or {}).items()))
+    if key not in _LLMS:
+        config = LLMConfig.from_dict(llm_settings) if llm_settings else LLMConfig()
+        _LLMS[key] = _STACK.enter_context(open_llm(config))
+    return _LLMS[key]
+
+
+@dataclass(frozen=True)
+class PhaseCConfig:
+    rounds: int = 3
+    points_per_site: int = 48  # training points a site draws its episodes from
+    episodes_per_round: int = 16
+    candidates: int = 6
+    use_reward_model: bool = True
+    clip: float = 1.0
+    lr: float = 1.0
+    max_tokens: int = 120
+    seed: int = 0
+
+
+def training_points(assembler: PromptAssembler, examples: list[Example], n: int, seed: int) -> list[Point]:
+    """A seeded sample of training prediction points (at most one per patient), with contexts and states."""
+    by_patient: dict[str, list[Example]] = {}
+    for ex in examples:
+        if ex.split == "train" and ex.targets:
+            by_patient.setdefault(ex.patient_id, []).append(ex)
+    rng = random.Random(seed)
+    chosen = [rng.choice(by_patient[p]) for p in sorted(by_patient)]
+    rng.shuffle(chosen)
+    points = []
+    for ex in chosen[:n]:
+        ctx, state = assembler.context(ex, None)
+        if state is not None:
+            points.append(Point(ex, ctx, state))
+    return points
+
+
+class SitePhaseC:
+    def __init__(self, site_id: str, site_dir: Path, examples: list[Example], profile_name: str,
+                 config: PhaseCConfig, run_id: str, llm_settings: dict | None = None,
+                 budget: BudgetConfig | None = None):
+        self.site_id, self.site_dir, self.config, self.run_id = site_id, Path(site_dir), config, run_id
+        profile = load_profile(profile_name)
+        self.artifacts = SiteArtifacts.load(self.site_dir, profile)
+        if self.artifacts.model is None:
+            raise RuntimeError(f"site {site_id}: phase C needs the phase A global model at {site_dir}")
+        self.assembler = PromptAssembler(self.artifacts)
+        self.points = training_points(self.assembler, examples, config.points_per_site, config.seed)
+        self.ledger = SiteLedger(self.site_dir, site_id, None if (self.site_dir / "ledger").exists() else budget)
+        self.llm = site_llm(llm_settings)
+        self.rng = np.random.default_rng()
+        self.sigma: float | None = None
+        self.entries: list[dict] = []
+        self.rewards: list[float] = []
+        self.rl: LocalRL | None = None
+
+    def noise_multiplier(self) -> float:
+        if self.sigma is None:
+            clip, rounds = self.config.clip, self.config.rounds
+            self.sigma = self.ledger.calibrate(PHASE, lambda s: [GaussianRelease(s, clip)] * rounds)
+        return self.sigma
+
+    def round(self, policy: PromptPolicy, round: int) -> tuple[np.ndarray, dict, dict]:
+        """Episodes with the global policy, then the noisy update; returns (vector, ledger entry, aggregates)."""
+        c = self.config
+        if self.rl is None:
+            self.rl = LocalRL(policy, self.llm, matcher_for(self.artifacts.profile.name), self.points,
+                              RLConfig(episodes_per_round=c.episodes_per_round, candidates=c.candidates,
+                                       use_reward_model=c.use_reward_model, clip=c.clip,
+                                       sampling={"max_tokens": c.max_tokens, "temperature": 0.0}),
+                              seed=c.seed + round)
+        self.rl.policy.load_state_dict(policy.state_dict())
+        episodes = self.rl.run_episodes()
+        vector, entry = self.rl.noisy_update(episodes, self.ledger, self.noise_multiplier(), self.rng,
+                                             round=round, run_id=self.run_id)
+        self.entries.append(entry)
+        mean_reward = float(np.mean([e.reward for e in episodes])) if episodes else 0.0
+        self.rewards.append(mean_reward)
+        return vector, entry, {"episodes": float(len(episodes)), "mean-reward": mean_reward,
+                               "llm-calls": float(self.rl.llm_calls)}
+
+    def store(self, policy: PromptPolicy) -> Path:
+        return save_policy(policy, self.site_dir, {"run_id": self.run_id, "site_id": self.site_id,
+                                                   "config": asdict(self.config),
+                                                   "ledger_releases": [{"seq": e["seq"], "epsilon": e["epsilon"]}
+                                                                       for e in self.entries]})

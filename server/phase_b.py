@@ -1,0 +1,69 @@
+"""Phase B over Flower: the coordinator asks every site for noisy per-prototype statistics, adds them up,
+moves the prototypes, and sends the finished peer profiles back to every site.
+
+Messages out carry prototypes (public by then) and the plan; messages back carry one (prototypes x
+statistics) array per site and the ledger entry that paid for it — nothing per patient.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from pmlm.client.peers import PhaseBConfig
+from pmlm.common.peer_profiles import PeerProfiles
+from pmlm.server.prototypes import run_prototypes, summed_noise_std
+
+QUERY_RELEASE = "query.phase_b_release"
+QUERY_STORE = "query.phase_b_store"
+
+
+class PhaseBFailed(RuntimeError):
+    pass
+
+
+def _ask(grid: Grid, nodes: list[int], message_type: str, content: RecordDict) -> list[Message]:
+    messages = [Message(content=content, dst_node_id=n,
+                        message_type=message_type) for n in nodes]
+    replies = list(grid.send_and_receive(messages))
+    failed = [r for r in replies if r.has_error()]
+    if failed or len(replies) != len(nodes):
+        reasons = "; ".join(str(r.error.reason) for r in failed)[:500]
+        raise PhaseBFailed(f"{len(failed) or len(nodes) - len(replies)} of {len(nodes)} sites did not answer "
+                           f"the phase B {message_type} request: {reasons}")
+    return replies
+
+
+def run_phase_b(grid: Grid, nodes: list[int], config: PhaseBConfig, run_id: str, concepts: list[str], dim: int,
+                horizon_days: int, on_entries=None) -> PeerProfiles:
+    plan = {"run_id": run_id, "plan": json.dumps(asdict(config))}
+
+    def collect(kind: str, centroids: np.ndarray, round: int):
+        content = RecordDict({"arrays": ArrayRecord({"centroids": Array(np.ascontiguousarray(centroids))}),
+                              "config": ConfigRecord({**plan, "kind": kind, "round": round})})
+        replies = _ask(grid, nodes, QUERY_RELEASE, content)
+        total = sum(r.content["arrays"]["values"].numpy() for r in replies)
+        entries = [json.loads(str(r.content["config"]["ledger_entry"])) for r in replies]
+        if on_entries is not None:
+            on_entries(entries)
+        return total, summed_noise_std(entries)
+
+    profiles = run_prototypes(collect, concepts, dim, horizon_days, config)
+    arrays = ArrayRecord({"centroids": Array(profiles.centroids), "counts": Array(profiles.counts),
+                          "rates": Array(profiles.rates), "suppressed": Array(profiles.suppressed.astype(np.float64))})
+    meta = ConfigRecord({"run_id": run_id, "count_noise_std": profiles.count_noise_std,
+                         "concepts": json.dumps(profiles.concepts), "horizon_days": horizon_days,
+                         "min_count": config.min_count})
+    _ask(grid, nodes, QUERY_STORE, RecordDict({"arrays": arrays, "config": meta}))
+    return profiles
+
+
+def profiles_from_message(content: RecordDict) -> PeerProfiles:
+    a, c = content["arrays"], content["config"]
+    return PeerProfiles(a["centroids"].numpy(), a["counts"].numpy(), a["rates"].numpy(),
+                        a["suppressed"].numpy().astype(bool), float(c["count_noise_std"]),
+                        json.loads(str(c["concepts"])), int(c["horizon_days"]), int(c["min_count"]))

@@ -1,0 +1,64 @@
+"""Phase C over Flower: the coordinator sends the global prompt policy, sites return noisy clipped
+policy-gradient sums, the coordinator applies their total (FedSGD) and finally sends the policy back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from pmlm.client.phase_c import PhaseCConfig
+from pmlm.client.rl import apply_update
+from pmlm.common.policy import PromptPolicy, initial_bias
+from pmlm.common.prompt import INITIAL
+
+QUERY_ROUND = "query.phase_c_round"
+QUERY_STORE = "query.phase_c_store"
+
+
+class PhaseCFailed(RuntimeError):
+    pass
+
+
+def policy_arrays(policy: PromptPolicy) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.detach().numpy().copy()) for k, v in policy.state_dict().items()})
+
+
+def policy_from(record: ArrayRecord, embedding_dim: int) -> PromptPolicy:
+    policy = PromptPolicy(embedding_dim)
+    policy.load_state_dict({k: torch.as_tensor(record[k].numpy()) for k in record.keys()})
+    return policy
+
+
+def _ask(grid: Grid, nodes: list[int], message_type: str, content: RecordDict) -> list[Message]:
+    replies = list(grid.send_and_receive([Message(content=content, dst_node_id=n, message_type=message_type)
+                                          for n in nodes]))
+    failed = [r for r in replies if r.has_error()]
+    if failed or len(replies) != len(nodes):
+        reasons = "; ".join(str(r.error.reason) for r in failed)[:500]
+        raise PhaseCFailed(f"{len(failed) or len(nodes) - len(replies)} of {len(nodes)} sites did not answer "
+                           f"{message_type}: {reasons}")
+    return replies
+
+
+def run_phase_c(grid: Grid, nodes: list[int], config: PhaseCConfig, run_id: str, embedding_dim: int,
+                on_round=None) -> PromptPolicy:
+    torch.manual_seed(config.seed)
+    policy = PromptPolicy(embedding_dim)
+    initial_bias(policy, INITIAL)  # start at the initial personalised prompt
+    plan = ConfigRecord({"run_id": run_id, "plan": json.dumps(asdict(config)), "embedding_dim": embedding_dim})
+    for r in range(config.rounds):
+        content = RecordDict({"arrays": policy_arrays(policy), "config": ConfigRecord({**dict(plan), "round": r})})
+        replies = _ask(grid, nodes, QUERY_ROUND, content)
+        total = sum(m.content["arrays"]["update"].numpy() for m in replies)
+        episodes = sum(float(m.content["metrics"]["episodes"]) for m in replies)
+        apply_update(policy, total, lr=config.lr, scale=max(episodes, 1.0))
+        if on_round is not None:
+            on_round(r, [dict(m.content["metrics"]) for m in replies])
+    _ask(grid, nodes, QUERY_STORE, RecordDict({"arrays": policy_arrays(policy), "config": plan}))
+    return policy
