@@ -2,13 +2,14 @@
 
 Run config keys (all optional): num-server-rounds, local-epochs, batch-size, lr, epsilon (phase A's
 epsilon per site; 0 = non-private, for benchmarks), delta, epsilon-total, patient-clip, dim,
-layers, profile, data-root and workdir (simulation), evaluate-each-round, hospital-dp-noise and hospital-dp-clip
+layers, profile, data-root and workdir (simulation), evaluate-each-round, min-nodes (hospitals to wait for, default 2), hospital-dp-noise and hospital-dp-clip
 (hospital-level DP with Flower's client-side fixed clipping; off unless the noise is > 0).
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -36,11 +37,21 @@ def phase_a_config(run_config: dict) -> PhaseAConfig:
     return cfg
 
 
+def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 300.0) -> list[int]:
+    """The connected nodes, once at least `minimum` are there (simulation nodes register after main starts)."""
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {minimum} hospitals connected within {timeout_s:.0f} s")
+        time.sleep(1.0)
+    return nodes
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = run_config_of(context.run_config)
     cfg = phase_a_config(run)
-    nodes = list(grid.get_node_ids())
+    nodes = wait_for_nodes(grid, int(run.get("min-nodes", 2)))
     model = new_model(cfg, load_profile(cfg.profile))
     evaluate = bool(run.get("evaluate-each-round", True))  # benchmarks evaluate once, at the end
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0 if evaluate else 0.0, min_train_nodes=len(nodes),
@@ -70,3 +81,12 @@ def main(grid: Grid, context: Context) -> None:
     final.to_torch_state_dict()  # fail loudly here rather than in phase B if the arrays are malformed
     (workdir / f"{cfg.run_name}.json").write_text(json.dumps(summary, indent=2, default=float))
     context.state["phase-a-result"] = ConfigRecord({"json": json.dumps(summary, default=float)})
+
+    # Phases B (DP peer prototypes) and C (the RL prompt refiner) follow when the run asks for them.
+    if "b" in str(run.get("phases", "a")) or "c" in str(run.get("phases", "a")):
+        from pmlm.server.later_phases import run_later_phases
+
+        phases = str(run.get("phases"))
+        later = run_later_phases(grid, nodes, cfg, {**run, "skip-phase-b": "b" not in phases,
+                                                    "skip-phase-c": "c" not in phases}, workdir)
+        context.state["phases-bc-result"] = ConfigRecord({"json": json.dumps(later, default=float)})

@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
         "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
         "epsilon": 0.0 if args.non_private else args.epsilon, "delta": args.delta, "profile": args.profile,
         "data-root": str(args.data.resolve()), "workdir": str(workdir),
-        "hospital-dp-noise": args.hospital_dp_noise, "hospital-dp-clip": args.hospital_dp_clip,
+        "min-nodes": len(sites), "hospital-dp-noise": args.hospital_dp_noise, "hospital-dp-clip": args.hospital_dp_clip,
     }
     before = set((workdir / "coordinator").glob("*.json"))
     if args.simulation:
