@@ -1,0 +1,239 @@
+"""Secure sum: SecAgg+ totals equal the sum of the site vectors within the quantisation bound, the coordinator
+never receives one site's vector, and a site lost mid-round either leaves a correct, labelled total or a
+clear, retryable failure."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.quantization import dequantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.supercore.task_identity import TaskIdentity
+
+from pmlm.client.secure_sum import REQUIRE_SECURE_NODE_KEY, attach_secure_sum, register_vector_task
+from pmlm.server.in_process import RUN_ID, InProcessGrid
+from pmlm.server.secure_sum import SecureSumFailed, plain_sum, secure_sum
+
+SHAPE = (6, 5)
+TASK = "test_noisy_stats"
+
+
+def site_vector(site: int, config: dict, arrays: dict) -> np.ndarray:
+    """What a site's DP release looks like here: its statistic plus Gaussian noise, values up to about +-50."""
+    rng = np.random.default_rng(1000 * site + int(config["seed"]))
+    return float(config["scale"]) * rng.normal(0.0, 12.0, SHAPE) + arrays["offset"]
+
+
+def noisy_stats(config: dict, context: Context, arrays: dict) -> tuple[np.ndarray, dict]:
+    if context.node_config.get("broken"):
+        raise RuntimeError("site data unavailable")
+    return site_vector(int(context.node_config["site"]), config, arrays), {"noise_std": 12.0}
+
+
+register_vector_task(TASK, noisy_stats)
+
+client_app = ClientApp()
+
+
+@client_app.train()
+def phase_a_train(msg: Message, context: Context) -> Message:
+    raise AssertionError("phase A's train handler must never see secure-sum traffic")
+
+
+attach_secure_sum(client_app)
+
+
+@dataclass
+class LossyGrid(InProcessGrid):
+    """In-process grid that copies every message like the wire does, turns a raising ClientApp into an error
+    reply like a SuperNode does, and loses nodes: a node in `drop_at` never answers from that SecAgg+ stage on
+    (or from the first plain query, for stage "query")."""
+
+    drop_at: dict[int, str] = field(default_factory=dict)
+    gone: set[int] = field(default_factory=set)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            delivered = self._deliver(msg)
+            delivered = Message(content=copy.deepcopy(msg.content), metadata=delivered.metadata)
+            ids.append(delivered.metadata.message_id)
+            secagg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+            stage = str(secagg[Key.STAGE]) if secagg is not None else "query"
+            if self.drop_at.get(node) == stage:
+                self.gone.add(node)
+            if node in self.gone:
+                continue
+            try:
+                reply = self.client_app(delivered, self.contexts[node])
+            except Exception as ex:  # what a SuperNode sends back when the ClientApp raises
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>"),
+                                reply_to=delivered)
+            self.outbox.append((node, reply))
+            self._replies[delivered.metadata.message_id] = reply
+        return ids
+
+
+def make_grid(sites: int = 3, node_extra: dict[int, dict] | None = None) -> tuple[LossyGrid, Context]:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
+    configs = [{"site": i, **(node_extra or {}).get(i, {})} for i in range(sites)]
+    grid = LossyGrid(client_app, configs, run_config={})
+    context = Context(run_id=RUN_ID, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    return grid, context
+
+
+CONFIG = {"seed": 7, "scale": 2.0}
+ARRAYS = {"offset": np.linspace(-3.0, 3.0, SHAPE[1])}
+
+
+def exact_sum(grid: LossyGrid, nodes) -> np.ndarray:
+    return sum(site_vector(int(grid.contexts[n].node_config["site"]), CONFIG, ARRAYS) for n in nodes)
+
+
+def run_secure(grid, context, **kwargs):
+    nodes = list(grid.get_node_ids())
+    return secure_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, **kwargs)
+
+
+def test_secure_sum_equals_sum_of_site_vectors_within_quantisation_bound():
+    grid, context = make_grid(3)
+    start = time.perf_counter()
+    result = run_secure(grid, context)
+    elapsed = time.perf_counter() - start
+    exact = exact_sum(grid, grid.get_node_ids())
+    error = np.max(np.abs(result.total - exact))
+    assert result.secure and result.sites == sorted(grid.get_node_ids()) and result.dropped == []
+    assert np.max(np.abs(exact)) > 30  # DP-sized values, not toy ones
+    assert error <= result.quantization_bound < 1e-3, (error, result.quantization_bound)
+    assert error > 0  # it really went through the quantiser
+    assert result.metrics == {n: {"noise_std": 12.0} for n in grid.get_node_ids()}
+    assert elapsed < 10
+
+
+def test_coordinator_receives_only_masked_vectors():
+    grid, context = make_grid(3)
+    run_secure(grid, context)
+    vectors = {n: site_vector(int(grid.contexts[n].node_config["site"]), CONFIG, ARRAYS) for n in grid.contexts}
+    masked_seen = 0
+    for node, reply in grid.outbox:
+        assert not reply.has_error()
+        # Nothing in array form leaves a site: the mod empties the FitRes ArrayRecord after masking.
+        assert all(len(record) == 0 for record in reply.content.array_records.values())
+        plain = vectors[node].tobytes()
+        for record in reply.content.config_records.values():
+            for value in record.values():
+                for item in value if isinstance(value, list) else [value]:
+                    assert not (isinstance(item, bytes) and plain in item)
+        masked = reply.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS)
+        if masked is not None:
+            masked_seen += 1
+            factor_and_vector = [bytes_to_ndarray(b) for b in masked]
+            assert len(factor_and_vector) == 2 and factor_and_vector[1].shape == SHAPE
+            # Read as if unmasked, a single masked vector is uniform noise over the whole range.
+            (alone,) = dequantize([factor_and_vector[1] % 2**24], 256.0, 2**24)
+            assert np.corrcoef(alone.ravel(), vectors[node].ravel())[0, 1] < 0.5
+            assert np.max(np.abs(alone - vectors[node])) > 100
+    assert masked_seen == 3
+
+
+def test_site_lost_after_masking_is_unmasked_and_total_covers_exactly_the_others():
+    grid, context = make_grid(3)
+    lost = sorted(grid.contexts)[1]
+    grid.drop_at = {lost: Stage.COLLECT_MASKED_VECTORS}
+    result = run_secure(grid, context)
+    remaining = [n for n in grid.contexts if n != lost]
+    assert result.sites == sorted(remaining) and result.dropped == [lost]
+    assert np.max(np.abs(result.total - exact_sum(grid, remaining))) <= result.quantization_bound
+
+
+def test_site_whose_vector_function_raises_is_named_with_its_reason():
+    nodes = list(range(1000, 1003))
+    grid, context = make_grid(3, {2: {"broken": True}})
+    result = run_secure(grid, context)
+    assert result.dropped == [nodes[2]] and result.sites == nodes[:2]
+    assert "site data unavailable" in result.reasons[nodes[2]]
+    assert np.max(np.abs(result.total - exact_sum(grid, nodes[:2]))) <= result.quantization_bound
+
+
+def test_site_lost_during_unmasking_is_still_in_the_total():
+    grid, context = make_grid(3)
+    lost = sorted(grid.contexts)[0]
+    grid.drop_at = {lost: Stage.UNMASK}
+    result = run_secure(grid, context)
+    assert result.dropped == [] and len(result.sites) == 3  # its masked vector arrived before it left
+    assert np.max(np.abs(result.total - exact_sum(grid, grid.contexts))) <= result.quantization_bound
+
+
+@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS])
+def test_site_lost_before_masking_fails_clearly_then_retry_without_it_succeeds(stage):
+    grid, context = make_grid(4)
+    lost = sorted(grid.contexts)[2]
+    grid.drop_at = {lost: stage}
+    with pytest.raises(SecureSumFailed) as failed:
+        run_secure(grid, context)
+    assert failed.value.retryable and failed.value.unresponsive == [lost]
+
+    grid.gone.clear()
+    result = run_secure(grid, context, retries=1)
+    remaining = [n for n in grid.contexts if n != lost]
+    assert result.attempts == 2 and result.dropped == [lost] and result.sites == sorted(remaining)
+    assert np.max(np.abs(result.total - exact_sum(grid, remaining))) <= result.quantization_bound
+
+
+def test_too_many_sites_lost_fails_instead_of_summing_too_few():
+    grid, context = make_grid(3)
+    nodes = sorted(grid.contexts)
+    grid.drop_at = {nodes[0]: Stage.COLLECT_MASKED_VECTORS, nodes[1]: Stage.COLLECT_MASKED_VECTORS}
+    with pytest.raises(SecureSumFailed) as failed:
+        run_secure(grid, context)
+    assert failed.value.retryable and set(failed.value.unresponsive) == {nodes[0], nodes[1]}
+    # And a retry that cannot reach min_sites says so instead of summing one site.
+    with pytest.raises(SecureSumFailed):
+        run_secure(grid, context, retries=1)
+
+
+def test_min_sites_stops_before_unmasking():
+    grid, context = make_grid(4)
+    grid.drop_at = {sorted(grid.contexts)[3]: Stage.COLLECT_MASKED_VECTORS}
+    with pytest.raises(SecureSumFailed):
+        run_secure(grid, context, min_sites=4)
+    # No site was asked to reveal key shares: unmasking never started.
+    assert not any(r.content.config_records[RECORD_KEY_CONFIGS].get(Key.NODE_ID_LIST) for _, r in grid.outbox)
+
+
+def test_vector_outside_clipping_range_is_refused_not_clipped():
+    grid, context = make_grid(3)
+    with pytest.raises(SecureSumFailed) as failed:
+        run_secure(grid, context, clipping_range=20.0)
+    assert not failed.value.retryable and "clipping_range" in str(failed.value)
+
+
+def test_plain_sum_has_the_same_contract():
+    grid, context = make_grid(3)
+    nodes = sorted(grid.contexts)
+    result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS)
+    assert not result.secure and result.sites == nodes
+    assert np.allclose(result.total, exact_sum(grid, nodes))
+
+    grid.drop_at = {nodes[0]: "query"}
+    result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS)
+    assert result.dropped == [nodes[0]] and np.allclose(result.total, exact_sum(grid, nodes[1:]))
+    with pytest.raises(SecureSumFailed):
+        plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, min_sites=3)
+
+
+def test_site_can_insist_on_secure_aggregation():
+    grid, context = make_grid(3, {0: {REQUIRE_SECURE_NODE_KEY: True}})
+    nodes = sorted(grid.contexts)
+    result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS)
+    assert result.dropped == [nodes[0]] and "secure aggregation" in result.reasons[nodes[0]]
+    assert run_secure(grid, context).sites == nodes
