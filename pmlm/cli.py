@@ -22,6 +22,8 @@ COMMAND_GROUPS = {
     "train": "pmlm.commands.train",
     "advise": "pmlm.commands.advise",
     "evaluate": "pmlm.commands.evaluate",
+    "deploy": "pmlm.commands.deploy",
+    "serve": "pmlm.commands.serve",
 }
 
 
