@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import functools
 import json
 from typing import Callable, Union
 
@@ -70,14 +71,15 @@ def pack_meta(task: str, shape: tuple[int, ...], array_names: list[str], clippin
                        "weight": weight})
 
 
-def _compute(config: dict, arrays: list[np.ndarray], context: Context) -> tuple[np.ndarray, dict, dict]:
+def _compute(tasks: dict[str, VectorFn], config: dict, arrays: list[np.ndarray],
+             context: Context) -> tuple[np.ndarray, dict, dict]:
     """Run the registered task for this request; check the vector before anything is sent."""
     config = dict(config)
     meta = json.loads(str(config.pop(META_KEY)))
-    if meta["task"] not in _TASKS:
+    if meta["task"] not in tasks:
         raise KeyError(f"no vector task {meta['task']!r} registered at this site")
     named = dict(zip(meta["arrays"], arrays, strict=True))
-    out = _TASKS[meta["task"]](config, context, named)
+    out = tasks[meta["task"]](config, context, named)
     vector, metrics = out if isinstance(out, tuple) else (out, {})
     vector = np.asarray(vector, dtype=np.float64)
     if vector.shape != tuple(meta["shape"]):
@@ -103,12 +105,12 @@ def secure_sum_mod(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-def answer_secure_sum(msg: Message, context: Context) -> Message:
+def answer_secure_sum(msg: Message, context: Context, tasks: dict[str, VectorFn] = _TASKS) -> Message:
     """SecAgg+'s 'collect masked vectors' stage: hand the vector to the mod in the legacy FitRes layout."""
     if not _INSIDE_SECAGG.get():
         raise RuntimeError("answer_secure_sum must run under secure_sum_mod; refusing to send an unmasked vector")
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
-    vector, metrics, meta = _compute(dict(fitins.config), parameters_to_ndarrays(fitins.parameters), context)
+    vector, metrics, meta = _compute(tasks, dict(fitins.config), parameters_to_ndarrays(fitins.parameters), context)
     clip = float(meta["clip"])
     if np.max(np.abs(vector), initial=0.0) > clip:
         # Flower's quantiser would clip silently and the total would be wrong without anyone noticing.
@@ -119,18 +121,22 @@ def answer_secure_sum(msg: Message, context: Context) -> Message:
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def answer_plain_sum(msg: Message, context: Context) -> Message:
+def answer_plain_sum(msg: Message, context: Context, tasks: dict[str, VectorFn] = _TASKS) -> Message:
     """Plain DP sum: the site's noised vector goes to the coordinator as it is."""
     if bool(context.node_config.get(REQUIRE_SECURE_NODE_KEY, False)):
         raise PermissionError("this site only releases vectors under secure aggregation")
     arrays = msg.content.array_records.get("arrays")
-    vector, metrics, _ = _compute(dict(msg.content["config"]), arrays.to_numpy_ndarrays() if arrays else [], context)
+    vector, metrics, _ = _compute(tasks, dict(msg.content["config"]), arrays.to_numpy_ndarrays() if arrays else [],
+                                  context)
     content = RecordDict({"vector": ArrayRecord(numpy_ndarrays=[vector]), "metrics": ConfigRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
 def attach_secure_sum(app: ClientApp) -> ClientApp:
-    """Register both sum handlers on the site's ClientApp (SecAgg+ stages and plain sums)."""
-    app.train(SECURE_ACTION, mods=[secure_sum_mod])(answer_secure_sum)
-    app.query(PLAIN_ACTION)(answer_plain_sum)
+    """Register both sum handlers on the site's ClientApp (SecAgg+ stages and plain sums).
+
+    The handlers hold the registry itself, not a module global, so a ClientApp object pickled into other
+    processes (Flower's Ray simulation) still knows every task registered before it was sent."""
+    app.train(SECURE_ACTION, mods=[secure_sum_mod])(functools.partial(answer_secure_sum, tasks=_TASKS))
+    app.query(PLAIN_ACTION)(functools.partial(answer_plain_sum, tasks=_TASKS))
     return app

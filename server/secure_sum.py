@@ -31,6 +31,7 @@ silent nodes, and ``retries`` restarts without them (each retry makes the sites 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -149,6 +150,9 @@ class _SecAggChannel:
         stage = ""
         for msg in messages:
             msg.metadata.message_type = f"train.{SECURE_ACTION}"
+            # The workflow gives all nodes one content object and Flower's client mod edits what it receives;
+            # over a wire that is harmless, on an in-process grid the second node would see the first's edits.
+            msg.content = copy.deepcopy(msg.content)
             stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, stage))
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         replied, failed = set(), set()

@@ -5,6 +5,7 @@ clear, retryable failure."""
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
 from flwr.common import bytes_to_ndarray
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.quantization import dequantize
@@ -19,11 +21,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.task_identity import TaskIdentity
 
 from pmlm.client.secure_sum import REQUIRE_SECURE_NODE_KEY, attach_secure_sum, register_vector_task
-from pmlm.server.in_process import RUN_ID, InProcessGrid
+from pmlm.server.in_process import RUN_ID, InProcessGrid, run_in_process
 from pmlm.server.secure_sum import SecureSumFailed, plain_sum, secure_sum
 
 SHAPE = (6, 5)
 TASK = "test_noisy_stats"
+
+
+def site_of(context: Context) -> int:
+    return int(context.node_config.get("site", context.node_config.get("partition-id", -1)))
 
 
 def site_vector(site: int, config: dict, arrays: dict) -> np.ndarray:
@@ -35,7 +41,7 @@ def site_vector(site: int, config: dict, arrays: dict) -> np.ndarray:
 def noisy_stats(config: dict, context: Context, arrays: dict) -> tuple[np.ndarray, dict]:
     if context.node_config.get("broken"):
         raise RuntimeError("site data unavailable")
-    return site_vector(int(context.node_config["site"]), config, arrays), {"noise_std": 12.0}
+    return site_vector(site_of(context), config, arrays), {"noise_std": 12.0}
 
 
 register_vector_task(TASK, noisy_stats)
@@ -117,6 +123,21 @@ def test_secure_sum_equals_sum_of_site_vectors_within_quantisation_bound():
     assert error > 0  # it really went through the quantiser
     assert result.metrics == {n: {"noise_std": 12.0} for n in grid.get_node_ids()}
     assert elapsed < 10
+
+
+def test_runs_inside_a_server_app_on_the_projects_in_process_grid():
+    server_app = ServerApp()
+    seen: dict = {}
+
+    @server_app.main()
+    def main(grid, context):
+        seen["result"] = secure_sum(grid, context, TASK, CONFIG, sorted(grid.get_node_ids()), shape=SHAPE,
+                                    arrays=ARRAYS)
+
+    grid, _ = run_in_process(server_app, client_app, [{"site": i} for i in range(3)], run_config={})
+    result = seen["result"]
+    assert result.sites == sorted(grid.get_node_ids())
+    assert np.max(np.abs(result.total - exact_sum(grid, result.sites))) <= result.quantization_bound
 
 
 def test_coordinator_receives_only_masked_vectors():
@@ -237,3 +258,28 @@ def test_site_can_insist_on_secure_aggregation():
     result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS)
     assert result.dropped == [nodes[0]] and "secure aggregation" in result.reasons[nodes[0]]
     assert run_secure(grid, context).sites == nodes
+
+
+def test_secure_sum_in_flowers_simulation_engine():
+    """The same facility on Flower's own (Ray) simulation engine: real serialization, real per-node state."""
+    from flwr.simulation import run_simulation
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
+    server_app = ServerApp()
+    seen: dict = {}
+
+    @server_app.main()
+    def main(grid, context):
+        deadline = time.monotonic() + 30
+        while len(nodes := sorted(grid.get_node_ids())) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the simulated SuperNodes register a moment after the ServerApp starts
+        seen["result"] = secure_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, timeout=60)
+
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    result = seen["result"]
+    exact = sum(site_vector(i, CONFIG, ARRAYS) for i in range(3))
+    assert len(result.sites) == 3 and result.dropped == []
+    assert np.max(np.abs(result.total - exact)) <= result.quantization_bound
