@@ -39,12 +39,14 @@ def _ask(grid: Grid, nodes: list[int], message_type: str, content: RecordDict) -
 
 
 def run_phase_b(grid: Grid, nodes: list[int], config: PhaseBConfig, run_id: str, concepts: list[str], dim: int,
-                horizon_days: int, on_entries=None) -> PeerProfiles:
+                horizon_days: int, on_entries=None, site_records: dict | None = None) -> PeerProfiles:
+    """`site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run)."""
+    site_records = site_records or {}
     plan = {"run_id": run_id, "plan": json.dumps(asdict(config))}
 
     def collect(kind: str, centroids: np.ndarray, round: int):
         content = RecordDict({"arrays": ArrayRecord({"centroids": Array(np.ascontiguousarray(centroids))}),
-                              "config": ConfigRecord({**plan, "kind": kind, "round": round})})
+                              "config": ConfigRecord({**plan, "kind": kind, "round": round}), **site_records})
         replies = _ask(grid, nodes, QUERY_RELEASE, content)
         total = sum(r.content["arrays"]["values"].numpy() for r in replies)
         entries = [json.loads(str(r.content["config"]["ledger_entry"])) for r in replies]
@@ -58,7 +60,7 @@ def run_phase_b(grid: Grid, nodes: list[int], config: PhaseBConfig, run_id: str,
     meta = ConfigRecord({"run_id": run_id, "count_noise_std": profiles.count_noise_std,
                          "concepts": json.dumps(profiles.concepts), "horizon_days": horizon_days,
                          "min_count": config.min_count})
-    _ask(grid, nodes, QUERY_STORE, RecordDict({"arrays": arrays, "config": meta}))
+    _ask(grid, nodes, QUERY_STORE, RecordDict({"arrays": arrays, "config": meta, **site_records}))
     return profiles
 
 

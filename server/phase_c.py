@@ -47,18 +47,21 @@ def _ask(grid: Grid, nodes: list[int], message_type: str, content: RecordDict) -
 
 
 def run_phase_c(grid: Grid, nodes: list[int], config: PhaseCConfig, run_id: str, embedding_dim: int,
-                on_round=None) -> PromptPolicy:
+                on_round=None, site_records: dict | None = None) -> PromptPolicy:
+    """`site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run)."""
+    site_records = site_records or {}
     torch.manual_seed(config.seed)
     policy = PromptPolicy(embedding_dim)
     initial_bias(policy, INITIAL)  # start at the initial personalised prompt
     plan = ConfigRecord({"run_id": run_id, "plan": json.dumps(asdict(config)), "embedding_dim": embedding_dim})
     for r in range(config.rounds):
-        content = RecordDict({"arrays": policy_arrays(policy), "config": ConfigRecord({**dict(plan), "round": r})})
+        content = RecordDict({"arrays": policy_arrays(policy), "config": ConfigRecord({**dict(plan), "round": r}),
+                              **site_records})
         replies = _ask(grid, nodes, QUERY_ROUND, content)
         total = sum(m.content["arrays"]["update"].numpy() for m in replies)
         episodes = sum(float(m.content["metrics"]["episodes"]) for m in replies)
         apply_update(policy, total, lr=config.lr, scale=max(episodes, 1.0))
         if on_round is not None:
             on_round(r, [dict(m.content["metrics"]) for m in replies])
-    _ask(grid, nodes, QUERY_STORE, RecordDict({"arrays": policy_arrays(policy), "config": plan}))
+    _ask(grid, nodes, QUERY_STORE, RecordDict({"arrays": policy_arrays(policy), "config": plan, **site_records}))
     return policy

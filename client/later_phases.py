@@ -1,0 +1,85 @@
+"""The ClientApp's handlers for phases B and C (registered on the app defined in client_app.py).
+
+Every message names the run through phase A's config record, so the node finds its site (data dir,
+site dir, examples) exactly as phase A did. Replies carry one noisy array per site and the ledger
+entry that paid for it, or site-level aggregates; nothing per patient.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from pmlm.client.client_app import app, site_for
+from pmlm.client.peers import PhaseBConfig
+from pmlm.client.phase_a import PhaseAConfig
+from pmlm.client.phase_b import SitePhaseB
+from pmlm.client.phase_c import PhaseCConfig, SitePhaseC
+
+PHASE_A_RECORD = "phase_a"
+_B: dict[tuple[str, str], SitePhaseB] = {}
+_C: dict[tuple[str, str], SitePhaseC] = {}
+
+
+def _site(msg: Message, context: Context):
+    cfg = PhaseAConfig.from_record(msg.content[PHASE_A_RECORD])
+    return site_for(context, cfg), cfg
+
+
+@app.query("phase_b_release")
+def phase_b_release(msg: Message, context: Context) -> Message:
+    site, cfg = _site(msg, context)
+    config = msg.content["config"]
+    run_id = str(config["run_id"])
+    key = (str(site.site_dir), run_id)
+    if key not in _B:
+        plan = PhaseBConfig(**json.loads(str(config["plan"])))
+        _B[key] = SitePhaseB(site.site_id, site.site_dir, site.examples, plan, run_id, budget=cfg.budget())
+    out = _B[key].release(str(config["kind"]), msg.content["arrays"]["centroids"].numpy(), int(config["round"]))
+    reply = RecordDict({"arrays": ArrayRecord({"values": Array(np.ascontiguousarray(out.values))}),
+                        "config": ConfigRecord({"ledger_entry": json.dumps(out.entry)})})
+    return Message(content=reply, reply_to=msg)
+
+
+@app.query("phase_b_store")
+def phase_b_store(msg: Message, context: Context) -> Message:
+    from pmlm.server.phase_b import profiles_from_message
+
+    site, _ = _site(msg, context)
+    run_id = str(msg.content["config"]["run_id"])
+    _B[(str(site.site_dir), run_id)].store(profiles_from_message(msg.content))
+    return Message(content=RecordDict({"metrics": MetricRecord({"stored": 1.0})}), reply_to=msg)
+
+
+@app.query("phase_c_round")
+def phase_c_round(msg: Message, context: Context) -> Message:
+    from pmlm.server.phase_c import policy_from
+
+    site, cfg = _site(msg, context)
+    config = msg.content["config"]
+    run_id = str(config["run_id"])
+    key = (str(site.site_dir), run_id)
+    if key not in _C:
+        plan = PhaseCConfig(**json.loads(str(config["plan"])))
+        llm = json.loads(str(context.node_config.get("llm", "{}")))
+        _C[key] = SitePhaseC(site.site_id, site.site_dir, site.examples, cfg.profile, plan, run_id, llm,
+                             budget=cfg.budget())
+    policy = policy_from(msg.content["arrays"], int(config["embedding_dim"]))
+    vector, entry, metrics = _C[key].round(policy, int(config["round"]))
+    reply = RecordDict({"arrays": ArrayRecord({"update": Array(np.ascontiguousarray(vector))}),
+                        "config": ConfigRecord({"ledger_entry": json.dumps(entry)}),
+                        "metrics": MetricRecord(metrics)})
+    return Message(content=reply, reply_to=msg)
+
+
+@app.query("phase_c_store")
+def phase_c_store(msg: Message, context: Context) -> Message:
+    from pmlm.server.phase_c import policy_from
+
+    site, _ = _site(msg, context)
+    config = msg.content["config"]
+    policy = policy_from(msg.content["arrays"], int(config["embedding_dim"]))
+    _C[(str(site.site_dir), str(config["run_id"]))].store(policy)
+    return Message(content=RecordDict({"metrics": MetricRecord({"stored": 1.0})}), reply_to=msg)
