@@ -83,3 +83,7 @@ def store_model(msg: Message, context: Context) -> Message:
     cfg = PhaseAConfig.from_record(config)
     site_for(context, cfg).store_global(_weights(msg), int(config["server-round"]), cfg.run_name)
     return Message(content=RecordDict({"metrics": MetricRecord({"stored": 1.0})}), reply_to=msg)
+
+
+# Phases B and C register their handlers on this app.
+from pmlm.client import later_phases  # noqa: E402,F401
