@@ -178,9 +178,13 @@ class _SecAggChannel:
         return "; ".join(parts) or "no node lost"
 
 
-def _check_request(nodes: list[int], arrays: dict[str, np.ndarray] | None) -> tuple[list[str], list[np.ndarray]]:
+def _check_request(nodes: list[int], config: dict,
+                   arrays: dict[str, np.ndarray] | None) -> tuple[list[str], list[np.ndarray]]:
     if len(set(nodes)) != len(nodes):
         raise ValueError("nodes must be distinct")
+    for key, value in config.items():  # SecAgg+ carries the config as a legacy FitIns config: scalars only
+        if not isinstance(value, (bool, int, float, str, bytes)):
+            raise TypeError(f"config[{key!r}] is {type(value).__name__}; send arrays through `arrays`")
     names = list((arrays or {}).keys())
     return names, [np.asarray(a) for a in (arrays or {}).values()]
 
@@ -189,7 +193,7 @@ def _secure_sum_once(grid: Grid, context: Context, task: str, config: dict, node
                      shape: tuple[int, ...], arrays: dict[str, np.ndarray] | None, timeout: float | None,
                      min_sites: int, clipping_range: float, quantization_range: int,
                      reconstruction_threshold: int | None) -> SecureSumResult:
-    names, values = _check_request(nodes, arrays)
+    names, values = _check_request(nodes, config, arrays)
     fit_config = {**config, META_KEY: pack_meta(task, shape, names, clipping_range, SITE_WEIGHT)}
     strategy = _OneShotSum(grid, context.run_id, nodes, fit_config)
     # A fresh state: the workflow reads its round and parameters from there and must not touch the app's.
@@ -237,7 +241,7 @@ def _secure_sum_once(grid: Grid, context: Context, task: str, config: dict, node
 
 
 def secure_sum(grid: Grid, context: Context, task: str, config: dict, nodes: list[int], *,
-               shape: tuple[int, ...], arrays: dict[str, np.ndarray] | None = None, timeout: float | None = None,
+               shape: tuple[int, ...], timeout: float | None, arrays: dict[str, np.ndarray] | None = None,
                min_sites: int = 2, retries: int = 0, clipping_range: float = DEFAULT_CLIPPING_RANGE,
                quantization_range: int = DEFAULT_QUANTIZATION_RANGE,
                reconstruction_threshold: int | None = None) -> SecureSumResult:
@@ -246,7 +250,8 @@ def secure_sum(grid: Grid, context: Context, task: str, config: dict, nodes: lis
     ``config``: scalars (bool, int, float, str, bytes) handed to the task at each site; ``arrays``: numpy
     arrays sent along by name (e.g. centroids, policy weights); ``shape``: the vector shape every site must
     return; ``timeout``: seconds per protocol stage (None waits for every reply); ``min_sites`` (>= 2): fewer
-    contributing sites than this is a failure, and one site's "sum" would be its vector.
+    contributing sites than this is a failure, and one site's "sum" would be its vector. Pick ``timeout``
+    to cover the sites' computation of the vector (it runs inside the masking stage); None can wait forever.
     Raises ``SecureSumFailed`` (see ``retryable``) when no correct total could be formed.
     """
     min_sites = max(2, int(min_sites))
@@ -280,12 +285,13 @@ def secure_sum(grid: Grid, context: Context, task: str, config: dict, nodes: lis
 # -- plain DP sums ---------------------------------------------------------------------------------------
 
 def plain_sum(grid: Grid, context: Context, task: str, config: dict, nodes: list[int], *,
-              shape: tuple[int, ...], arrays: dict[str, np.ndarray] | None = None, timeout: float | None = None,
-              min_sites: int = 1, retries: int = 0, **_secure_only) -> SecureSumResult:
+              shape: tuple[int, ...], timeout: float | None, arrays: dict[str, np.ndarray] | None = None,
+              min_sites: int = 1, retries: int = 0, clipping_range: float | None = None,
+              quantization_range: int | None = None, reconstruction_threshold: int | None = None) -> SecureSumResult:
     """Same call and result as ``secure_sum`` without secure aggregation: each site's DP-noised vector arrives
-    here and is added up. SecAgg+-only keywords (clipping_range, ...) are accepted and ignored so callers can
-    switch with one flag."""
-    names, values = _check_request(nodes, arrays)
+    here and is added up. The SecAgg+-only keywords are accepted and unused so callers switch with one flag;
+    a retry asks the same nodes again (leaving the silent ones out could not reach min_sites)."""
+    names, values = _check_request(nodes, config, arrays)
     nodes = list(nodes)
     for attempt in range(1, retries + 2):
         meta = pack_meta(task, shape, names, None, None)
@@ -313,5 +319,5 @@ def plain_sum(grid: Grid, context: Context, task: str, config: dict, nodes: list
                                  retryable=True, unresponsive=dropped, reasons=reasons)
         if attempt > retries:
             raise failed
-        log.warning("%s; retrying", failed)  # same nodes: leaving the silent ones out cannot reach min_sites
+        log.warning("%s; retrying", failed)
     raise AssertionError("unreachable")

@@ -20,7 +20,7 @@ from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 
-from pmlm.client.secure_sum import REQUIRE_SECURE_NODE_KEY, attach_secure_sum, register_vector_task
+from pmlm.client.secure_sum import REQUIRE_SECURE_NODE_KEY, attach_secure_sum, register_vector_task, vector_task
 from pmlm.server.in_process import RUN_ID, InProcessGrid, run_in_process
 from pmlm.server.secure_sum import SecureSumFailed, plain_sum, secure_sum
 
@@ -45,6 +45,13 @@ def noisy_stats(config: dict, context: Context, arrays: dict) -> tuple[np.ndarra
 
 
 register_vector_task(TASK, noisy_stats)
+
+
+@vector_task("test_slow_at_site_2")
+def slow_at_site_2(config: dict, context: Context, arrays: dict) -> np.ndarray:
+    if site_of(context) == 2:
+        time.sleep(float(config["sleep"]))  # stops answering within the stage's timeout
+    return site_vector(site_of(context), config, arrays)
 
 client_app = ClientApp()
 
@@ -107,7 +114,7 @@ def exact_sum(grid: LossyGrid, nodes) -> np.ndarray:
 
 def run_secure(grid, context, **kwargs):
     nodes = list(grid.get_node_ids())
-    return secure_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, **kwargs)
+    return secure_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, timeout=30, **kwargs)
 
 
 def test_secure_sum_equals_sum_of_site_vectors_within_quantisation_bound():
@@ -132,7 +139,7 @@ def test_runs_inside_a_server_app_on_the_projects_in_process_grid():
     @server_app.main()
     def main(grid, context):
         seen["result"] = secure_sum(grid, context, TASK, CONFIG, sorted(grid.get_node_ids()), shape=SHAPE,
-                                    arrays=ARRAYS)
+                                    arrays=ARRAYS, timeout=30)
 
     grid, _ = run_in_process(server_app, client_app, [{"site": i} for i in range(3)], run_config={})
     result = seen["result"]
@@ -241,21 +248,21 @@ def test_vector_outside_clipping_range_is_refused_not_clipped():
 def test_plain_sum_has_the_same_contract():
     grid, context = make_grid(3)
     nodes = sorted(grid.contexts)
-    result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS)
+    result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, timeout=30)
     assert not result.secure and result.sites == nodes
     assert np.allclose(result.total, exact_sum(grid, nodes))
 
     grid.drop_at = {nodes[0]: "query"}
-    result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS)
+    result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, timeout=30)
     assert result.dropped == [nodes[0]] and np.allclose(result.total, exact_sum(grid, nodes[1:]))
     with pytest.raises(SecureSumFailed):
-        plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, min_sites=3)
+        plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, timeout=30, min_sites=3)
 
 
 def test_site_can_insist_on_secure_aggregation():
     grid, context = make_grid(3, {0: {REQUIRE_SECURE_NODE_KEY: True}})
     nodes = sorted(grid.contexts)
-    result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS)
+    result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, timeout=30)
     assert result.dropped == [nodes[0]] and "secure aggregation" in result.reasons[nodes[0]]
     assert run_secure(grid, context).sites == nodes
 
@@ -275,6 +282,9 @@ def test_secure_sum_in_flowers_simulation_engine():
         while len(nodes := sorted(grid.get_node_ids())) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)  # the simulated SuperNodes register a moment after the ServerApp starts
         seen["result"] = secure_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, timeout=60)
+        seen["slow"] = secure_sum(grid, context, "test_slow_at_site_2", {**CONFIG, "sleep": 8.0}, nodes,
+                                  shape=SHAPE, arrays=ARRAYS, timeout=4)
+        seen["nodes"] = nodes
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -283,3 +293,8 @@ def test_secure_sum_in_flowers_simulation_engine():
     exact = sum(site_vector(i, CONFIG, ARRAYS) for i in range(3))
     assert len(result.sites) == 3 and result.dropped == []
     assert np.max(np.abs(result.total - exact)) <= result.quantization_bound
+    # A site that overruns the timeout while computing its vector is unmasked away and named.
+    slow = seen["slow"]
+    assert len(slow.sites) == 2 and len(slow.dropped) == 1
+    on_time = sum(site_vector(i, CONFIG, ARRAYS) for i in range(2))
+    assert np.max(np.abs(slow.total - on_time)) <= slow.quantization_bound
