@@ -298,3 +298,13 @@ def test_secure_sum_in_flowers_simulation_engine():
     assert len(slow.sites) == 2 and len(slow.dropped) == 1
     on_time = sum(site_vector(i, CONFIG, ARRAYS) for i in range(2))
     assert np.max(np.abs(slow.total - on_time)) <= slow.quantization_bound
+
+
+def test_vector_handler_refuses_to_answer_outside_secagg():
+    """Wired without the SecAgg+ mod, the handler would send the vector in the clear; it refuses instead."""
+    from pmlm.client.secure_sum import answer_secure_sum
+
+    grid, _ = make_grid(1)
+    msg = Message(content=RecordDict(), dst_node_id=1000, message_type="train.pmlm_secure_sum")
+    with pytest.raises(RuntimeError, match="unmasked"):
+        answer_secure_sum(grid._deliver(msg), grid.contexts[1000])
