@@ -1,0 +1,358 @@
+"""The hospital's on-site gRPC services (pmlm.v1.PromptService and pmlm.v1.AuditService) over TLS.
+
+The EHR system and clinician tools call PromptService for a patient's personalised prompt and the
+LLM's guidance; auditors call AuditService for the privacy ledger. Both read the site directory the
+SuperNode writes (ledger, keys, global artifacts) and the records named by its site.json.
+
+Request problems become clear statuses, never a dead server: a message that is not valid protobuf
+or breaks a rule (empty patient id, a prompt parameter out of range) -> INVALID_ARGUMENT, an unknown
+patient -> NOT_FOUND, a site without records or ledger -> FAILED_PRECONDITION, the LLM down ->
+UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from pmlm.client.advice import PEER_PROFILES, POLICY, PromptAssembler, SiteArtifacts
+from pmlm.client.examples import build_examples
+from pmlm.client.ingest import RecordReader
+from pmlm.client.llm import LLMConfig, LLMError, open_llm
+from pmlm.client.site_config import SiteConfig, SiteConfigError
+from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, verify_ledger
+from pmlm.common.privacy.signing import KeyFileError, key_fingerprint, load_public_key, public_path
+from pmlm.common.profiles import load_profile
+from pmlm.common.prompt import PromptParams
+from pmlm.v1 import audit_service_pb2 as audit_pb
+from pmlm.v1 import prompt_service_pb2 as prompt_pb
+
+log = logging.getLogger(__name__)
+
+MAX_PATIENT_ID = 200
+MAX_QUESTION = 2000
+PRIVACY_UNIT = "patient-in-site"
+PHASE_ARTIFACTS = {"phase_b": PEER_PROFILES.with_suffix(".npz"), "phase_c": POLICY}  # phase A: phase_a/current.json
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so the handler can answer INVALID_ARGUMENT."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.message = f"request is not a valid {type_name}: {error}"
+
+
+@dataclass
+class Patient:
+    timeline: Any
+    example: Any
+
+
+class SiteState:
+    """What both services read from one site directory; records and artifacts are loaded on first use."""
+
+    def __init__(self, site_dir: Path, llm_config: LLMConfig | None = None):
+        self.site_dir = Path(site_dir).resolve()
+        self.config = SiteConfig.load(self.site_dir)
+        self.profile = load_profile(self.config.profile)
+        self.llm_config = llm_config or (LLMConfig.from_dict(self.config.llm) if self.config.llm else LLMConfig())
+        self._lock = threading.Lock()
+        self._patients: dict[str, Any] | None = None
+        self._assembler: tuple[tuple, PromptAssembler] | None = None
+        self._ledger: tuple[tuple, Any] | None = None
+        self._llm_stack = contextlib.ExitStack()
+        self._llm = None
+
+    # -- records and prompt -----------------------------------------------------------------------
+
+    def timelines(self) -> dict[str, Any]:
+        """Every patient's timeline, read once (a site's export changes by redeploying the service)."""
+        with self._lock:
+            if self._patients is None:
+                data_dir = Path(self.config.data_dir)
+                if not data_dir.exists():
+                    raise SiteConfigError(f"the site's data_dir {data_dir} does not exist")
+                self._patients = {t.patient_id: t for t in RecordReader(data_dir)}
+            return self._patients
+
+    def patient(self, patient_id: str) -> Patient:
+        timeline = self.timelines().get(patient_id)
+        if timeline is None:
+            raise LookupError(f"patient {patient_id!r} is not in this site's records")
+        examples = build_examples(timeline, self.profile, site=self.config.site_id)
+        if not examples:
+            raise LookupError(f"patient {patient_id!r} has no {self.profile.name} prediction point on record")
+        return Patient(timeline, examples[-1])
+
+    def assembler(self) -> PromptAssembler:
+        """The site's artifacts, reloaded when a new run stored new ones."""
+        stamp = tuple(_mtime(self.site_dir / p) for p in ("phase_a/current.json", *map(str, PHASE_ARTIFACTS.values())))
+        with self._lock:
+            if self._assembler is None or self._assembler[0] != stamp:
+                self._assembler = (stamp, PromptAssembler(SiteArtifacts.load(self.site_dir, self.profile)))
+            return self._assembler[1]
+
+    def llm(self):
+        with self._lock:
+            if self._llm is None:
+                self._llm = self._llm_stack.enter_context(open_llm(self.llm_config))
+            return self._llm
+
+    # -- ledger -------------------------------------------------------------------------------------
+
+    def ledger(self, trusted_pem: bytes = b""):
+        """The ledger re-checked against the site key (or the auditor's); cached while the file is unchanged."""
+        path = self.site_dir / LEDGER_PATH
+        if not path.is_file():
+            raise SiteConfigError(f"no privacy ledger at {path} yet: this site has released nothing")
+        if trusted_pem:
+            return verify_ledger(path, _public_key_from_pem(trusted_pem)), _public_key_from_pem(trusted_pem)
+        key = load_public_key(public_path(self.site_dir / SITE_KEY_PATH))
+        stamp = (path.stat().st_size, path.stat().st_mtime_ns)
+        with self._lock:
+            if self._ledger is None or self._ledger[0] != stamp:
+                self._ledger = (stamp, verify_ledger(path, key))
+            return self._ledger[1], key
+
+    def close(self) -> None:
+        self._llm_stack.close()
+
+
+class PromptServicer:
+    def __init__(self, site: SiteState):
+        self.site = site
+
+    def _assemble(self, request) -> prompt_pb.AssemblePromptResponse:
+        patient_id = request.patient_id.strip()
+        if not patient_id or len(patient_id) > MAX_PATIENT_ID:
+            raise ValueError(f"patient_id must be 1 to {MAX_PATIENT_ID} characters")
+        if len(request.question) > MAX_QUESTION:
+            raise ValueError(f"question is longer than {MAX_QUESTION} characters")
+        params = _prompt_params(request.params) if request.HasField("params") else None
+        patient = self.site.patient(patient_id)
+        assembler = self.site.assembler()
+        assembled = assembler.assemble(patient.example, patient.timeline, request.question.strip() or None, params)
+        prompt = assembled.prompt
+        return prompt_pb.AssemblePromptResponse(
+            messages=[prompt_pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt.messages],
+            facts=[prompt_pb.Fact(text=fact, source=source) for fact, source in prompt.sources],
+            approx_tokens=prompt.approx_tokens, visit=self.site.profile.name_of(patient.example.point),
+            used_global_model=assembler.a.model is not None, missing=assembled.missing,
+            refined_by_policy=params is None and assembler.a.policy is not None)
+
+    def AssemblePrompt(self, request, context):
+        return self._assemble(request)
+
+    def Advise(self, request, context) -> Iterator[prompt_pb.AdviseEvent]:
+        assembled = self._assemble(request)
+        yield prompt_pb.AdviseEvent(prompt=assembled)
+        # The LLM client answers whole completions; the answer is passed on line by line so a
+        # clinician's screen fills as the stream arrives.
+        completion = self.site.llm().chat([{"role": m.role, "content": m.content} for m in assembled.messages])
+        for piece in completion.text.splitlines(keepends=True):
+            if not context.is_active():
+                return
+            yield prompt_pb.AdviseEvent(text=piece)
+        yield prompt_pb.AdviseEvent(done=prompt_pb.AdviseDone(
+            model=completion.model or "", prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens, elapsed_s=completion.elapsed_s))
+
+    def GetSiteStatus(self, request, context) -> prompt_pb.SiteStatus:
+        site_dir = self.site.site_dir
+        status = prompt_pb.SiteStatus(site_id=self.site.config.site_id, artifacts=_artifacts(site_dir))
+        if not (site_dir / LEDGER_PATH).is_file():
+            return status
+        replay, _ = self.site.ledger()
+        if replay.problems:
+            raise SiteConfigError(f"the privacy ledger does not verify: {replay.problems[0]}")
+        budget, state = replay.budget, replay.state
+        status.ledger_present = True
+        status.epsilon_spent = state.spent(PRIVACY_UNIT).pld
+        status.epsilon_remaining = state.remaining(PRIVACY_UNIT)
+        status.epsilon_total, status.delta = budget.epsilon_total, budget.delta
+        status.phases.extend(prompt_pb.PhaseBudget(phase=phase, epsilon_spent=state.spent(PRIVACY_UNIT, phase).pld,
+                                                   epsilon_cap=budget.phase_cap(phase))
+                             for phase in sorted(budget.shares))
+        status.releases = sum(1 for e in replay.entries if e.get("kind") == "release")
+        return status
+
+
+class AuditServicer:
+    def __init__(self, site: SiteState):
+        self.site = site
+
+    def ListReleases(self, request, context) -> audit_pb.ListReleasesResponse:
+        replay, _ = self.site.ledger()
+        kinds = ("release", "refusal", "recovery") if request.include_refusals else ("release",)
+        entries = [e for e in replay.entries if e.get("kind") in kinds and (not request.phase or e.get("phase") == request.phase)]
+        return audit_pb.ListReleasesResponse(site_id=replay.site_id or "", entries=[_ledger_entry(e) for e in entries])
+
+    def Verify(self, request, context) -> audit_pb.VerifyResponse:
+        replay, key = self.site.ledger(request.trusted_public_key)
+        epsilon = replay.state.spent(PRIVACY_UNIT).pld if replay.state is not None else 0.0
+        return audit_pb.VerifyResponse(ok=replay.ok, entries=len(replay.entries),
+                                       problems=[str(p) for p in replay.problems],
+                                       key_fingerprint=key_fingerprint(key), epsilon=epsilon)
+
+
+# -- request checking and error statuses -------------------------------------------------------------
+
+STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (SiteConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    (KeyFileError, grpc.StatusCode.FAILED_PRECONDITION),
+    (FileNotFoundError, grpc.StatusCode.FAILED_PRECONDITION),
+    (LookupError, grpc.StatusCode.NOT_FOUND),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (LLMError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def _status_for(exc: BaseException) -> grpc.StatusCode | None:
+    return next((code for kind, code in STATUS_OF if isinstance(exc, kind)), None)
+
+
+def _abort(context, exc: BaseException) -> None:
+    code = _status_for(exc)
+    if code is None:
+        log.exception("unexpected error in a pmlm.v1 call")
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the service log")
+    context.abort(code, str(exc))
+
+
+def _unary(behaviour: Callable) -> Callable:
+    def handle(request, context):
+        if isinstance(request, MalformedRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        try:
+            return behaviour(request, context)
+        except Exception as exc:  # every failure answers with a status; the server keeps serving
+            _abort(context, exc)
+    return handle
+
+
+def _streaming(behaviour: Callable) -> Callable:
+    def handle(request, context):
+        if isinstance(request, MalformedRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        try:
+            yield from behaviour(request, context)
+        except Exception as exc:
+            _abort(context, exc)
+    return handle
+
+
+def _tolerant_parser(message_class) -> Callable[[bytes], Any]:
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            return MalformedRequest(message_class.DESCRIPTOR.full_name, exc)
+    return parse
+
+
+def service_handler(service_descriptor, servicer, messages_module) -> grpc.GenericRpcHandler:
+    """The service's method table, built from its descriptor, with requests parsed tolerantly.
+
+    grpc's generated add_*_to_server would answer a request that fails to parse with a bare
+    INTERNAL status; here it gets INVALID_ARGUMENT naming the message type.
+    """
+    handlers = {}
+    for method in service_descriptor.methods:
+        request_class = getattr(messages_module, method.input_type.name)
+        response_class = getattr(messages_module, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        wrap = _streaming if method.server_streaming else _unary
+        handlers[method.name] = make(wrap(behaviour), request_deserializer=_tolerant_parser(request_class),
+                                     response_serializer=response_class.SerializeToString)
+    return grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers)
+
+
+def _prompt_params(message) -> PromptParams:
+    given = {f.name: getattr(message, f.name) for f in fields(PromptParams) if message.HasField(f.name)}
+    return PromptParams(**given)  # ValueError names the parameter and its allowed values
+
+
+def _artifacts(site_dir: Path) -> list[prompt_pb.Artifact]:
+    found = []
+    for manifest_path in sorted(site_dir.glob("*/current.json")):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            continue
+        found.append(prompt_pb.Artifact(phase=str(manifest.get("phase", manifest_path.parent.name)),
+                                        path=str(manifest.get("path", manifest_path.relative_to(site_dir))),
+                                        run_id=str(manifest.get("run_id", "")), round=int(manifest.get("round", 0))))
+    for phase, relative in PHASE_ARTIFACTS.items():
+        if (site_dir / relative).is_file():
+            found.append(prompt_pb.Artifact(phase=phase, path=str(relative)))
+    return found
+
+
+def _ledger_entry(entry: dict[str, Any]) -> audit_pb.LedgerEntry:
+    def number(key: str) -> float:
+        value = entry.get(key)
+        return float(value) if isinstance(value, (int, float)) else 0.0
+    return audit_pb.LedgerEntry(
+        seq=int(entry.get("seq", 0)), kind=str(entry.get("kind", "")), time=str(entry.get("time", "")),
+        run_id=str(entry.get("run_id") or ""), phase=str(entry.get("phase") or ""),
+        round=int(entry.get("round") or 0), privacy_unit=str(entry.get("privacy_unit") or ""),
+        epsilon=number("epsilon"), epsilon_rdp=number("epsilon_rdp"), phase_epsilon=number("phase_epsilon"),
+        mechanism_json=json.dumps(entry.get("mechanism", {}), sort_keys=True),
+        entry_json=json.dumps(entry, sort_keys=True, separators=(",", ":")))
+
+
+def _public_key_from_pem(pem: bytes):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as exc:
+        raise ValueError(f"trusted_public_key is not a PEM public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("trusted_public_key must be an Ed25519 public key")
+    return key
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+# -- the server ---------------------------------------------------------------------------------------
+
+@dataclass
+class TlsFiles:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # set: mutual TLS, only clients with a certificate from this CA
+
+
+def start_server(site: SiteState, address: str, tls: TlsFiles, max_workers: int = 8) -> tuple[grpc.Server, int]:
+    """Serve both services on `address` (host:port, port 0 = any free one) with TLS; returns the bound port."""
+    credentials = grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+        require_client_auth=tls.client_ca is not None)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="pmlm-grpc"),
+                         maximum_concurrent_rpcs=4 * max_workers)
+    server.add_generic_rpc_handlers([
+        service_handler(prompt_pb.DESCRIPTOR.services_by_name["PromptService"], PromptServicer(site), prompt_pb),
+        service_handler(audit_pb.DESCRIPTOR.services_by_name["AuditService"], AuditServicer(site), audit_pb),
+    ])
+    port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    server.start()
+    return server, port
