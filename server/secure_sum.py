@@ -189,21 +189,22 @@ def _check_request(nodes: list[int], config: dict,
     return names, [np.asarray(a) for a in (arrays or {}).values()]
 
 
-def _secure_sum_once(grid: Grid, context: Context, task: str, config: dict, nodes: list[int], *,
+def _secure_sum_once(grid: Grid, context: Context | None, task: str, config: dict, nodes: list[int], *,
                      shape: tuple[int, ...], arrays: dict[str, np.ndarray] | None, timeout: float | None,
                      min_sites: int, clipping_range: float, quantization_range: int,
                      reconstruction_threshold: int | None) -> SecureSumResult:
     names, values = _check_request(nodes, config, arrays)
     fit_config = {**config, META_KEY: pack_meta(task, shape, names, clipping_range, SITE_WEIGHT)}
-    strategy = _OneShotSum(grid, context.run_id, nodes, fit_config)
+    run_id = context.run_id if context is not None else int(getattr(grid.run, "run_id", 0))
+    strategy = _OneShotSum(grid, run_id, nodes, fit_config)
     # A fresh state: the workflow reads its round and parameters from there and must not touch the app's.
     state = RecordDict({
         MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: next(_ATTEMPTS)}),
         MAIN_PARAMS_RECORD: ArrayRecord(numpy_ndarrays=values),
     })
     legacy = LegacyContext(
-        Context(run_id=context.run_id, node_id=context.node_id, node_config=dict(context.node_config),
-                state=state, run_config=dict(context.run_config)),
+        Context(run_id=run_id, node_id=0, node_config={}, state=state,
+                run_config=dict(context.run_config) if context is not None else {}),
         config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=SimpleClientManager())
     # Everyone holds a share of everyone's keys (consortia are small); a strict majority reconstructs.
     threshold = reconstruction_threshold or max(2, len(nodes) // 2 + 1)
@@ -240,13 +241,14 @@ def _secure_sum_once(grid: Grid, context: Context, task: str, config: dict, node
                            reasons=reasons)
 
 
-def secure_sum(grid: Grid, context: Context, task: str, config: dict, nodes: list[int], *,
+def secure_sum(grid: Grid, context: Context | None, task: str, config: dict, nodes: list[int], *,
                shape: tuple[int, ...], timeout: float | None, arrays: dict[str, np.ndarray] | None = None,
                min_sites: int = 2, retries: int = 0, clipping_range: float = DEFAULT_CLIPPING_RANGE,
                quantization_range: int = DEFAULT_QUANTIZATION_RANGE,
                reconstruction_threshold: int | None = None) -> SecureSumResult:
     """Sum the vectors that task ``task`` computes at ``nodes`` under SecAgg+; see the module docstring.
 
+    ``context``: the ServerApp's context (only its run id and run config are read; None takes the grid's run).
     ``config``: scalars (bool, int, float, str, bytes) handed to the task at each site; ``arrays``: numpy
     arrays sent along by name (e.g. centroids, policy weights); ``shape``: the vector shape every site must
     return; ``timeout``: seconds per protocol stage (None waits for every reply); ``min_sites`` (>= 2): fewer
@@ -284,7 +286,7 @@ def secure_sum(grid: Grid, context: Context, task: str, config: dict, nodes: lis
 
 # -- plain DP sums ---------------------------------------------------------------------------------------
 
-def plain_sum(grid: Grid, context: Context, task: str, config: dict, nodes: list[int], *,
+def plain_sum(grid: Grid, context: Context | None, task: str, config: dict, nodes: list[int], *,
               shape: tuple[int, ...], timeout: float | None, arrays: dict[str, np.ndarray] | None = None,
               min_sites: int = 1, retries: int = 0, clipping_range: float | None = None,
               quantization_range: int | None = None, reconstruction_threshold: int | None = None) -> SecureSumResult:

@@ -252,6 +252,8 @@ def test_plain_sum_has_the_same_contract():
     assert not result.secure and result.sites == nodes
     assert np.allclose(result.total, exact_sum(grid, nodes))
 
+    assert np.allclose(secure_sum(grid, None, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, timeout=30).total,
+                       result.total, atol=1e-3)  # phases that only hold the grid can pass context=None
     grid.drop_at = {nodes[0]: "query"}
     result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, timeout=30)
     assert result.dropped == [nodes[0]] and np.allclose(result.total, exact_sum(grid, nodes[1:]))
