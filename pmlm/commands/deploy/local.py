@@ -114,6 +114,7 @@ class LocalDeployment:
             self.check("deployment ran to the end", False, f"{type(exc).__name__}: {exc}")
         finally:
             stop_started = time.monotonic()
+            self.pids = {started.name: started.pid for started in self.processes.started}
             self.processes.close()
             self.timed("stop", stop_started)
             self.timed("total", started)
@@ -288,7 +289,8 @@ class LocalDeployment:
     def write_report(self) -> None:
         report = {"ok": self.all_ok(), "tls": self.tls, "sites": {s: str(p) for s, p in self.sites.items()},
                   "run_config": self.run_config, "timings_s": self.timings,
-                  "checks": [vars(c) for c in self.checks], "run_dir": str(self.run_dir)}
+                  "checks": [vars(c) for c in self.checks], "run_dir": str(self.run_dir),
+                  "stopped_pids": getattr(self, "pids", {})}
         (self.run_dir / "deploy_report.json").write_text(json.dumps(report, indent=2))
 
 

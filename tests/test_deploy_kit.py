@@ -1,0 +1,199 @@
+"""The deploy kit without a container engine or systemd: keys, launch scripts, unit files, compose file, app bundle.
+
+No container engine or systemd runs on CI machines, so the compose file and units are checked by
+parsing them and resolving what they point at; the launch scripts run for real against stub
+`flower-*` commands that print the arguments they were given.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import stat
+import subprocess
+import zipfile
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from pmlm.cli import main as pmlm_main
+from pmlm.commands.deploy.app_bundle import QUICK_RUN_CONFIG, find_app_pyproject, write_app_bundle_dir
+from pmlm.commands.deploy.certs import make_deploy_keys
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+SCRIPTS = DEPLOY / "scripts"
+INSTALL_ROOT = "/opt/pmlm/"  # where the units and the image put the repository
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    out = tmp_path_factory.mktemp("keys")
+    return out, make_deploy_keys(out, ["hospital_a", "hospital_b"], hosts=["coordinator.example.org", "10.0.0.5"])
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_certificates_chain_to_the_ca_with_the_right_names_and_uses(keys):
+    _, paths = keys
+    ca = load_cert(paths["ca"])
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for role in ("superlink-cert", "hospital_a/service-cert", "hospital_a/client-cert"):
+        cert = load_cert(paths[role])
+        cert.verify_directly_issued_by(ca)
+        assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    server = load_cert(paths["superlink-cert"])
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(names.get_values_for_type(x509.DNSName)) == {"localhost", "coordinator.example.org"}
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.0.0.5"}
+    usage = load_cert(paths["hospital_a/client-cert"]).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def test_private_keys_are_owner_only_and_node_keys_are_what_flower_accepts(keys):
+    _, paths = keys
+    for role, path in paths.items():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if path.suffix == ".key":
+            assert mode == 0o600, f"{role} {oct(mode)}"
+        else:
+            assert not mode & 0o022, f"{role} {oct(mode)}"
+    # Flower 1.42 loads the private key as OpenSSH and accepts only NIST-curve EC public keys.
+    private = serialization.load_ssh_private_key(paths["hospital_a/node-auth-key"].read_bytes(), password=None)
+    public = serialization.load_ssh_public_key(paths["hospital_a/node-auth-pub"].read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+    assert private.public_key().public_numbers() == public.public_numbers()
+
+
+def test_deploy_certs_command(tmp_path, capsys):
+    assert pmlm_main(["deploy", "certs", "--out", str(tmp_path), "--sites", "h1,h2", "--host", "link.example"]) == 0
+    assert (tmp_path / "h2" / "node-auth.pub").is_file() and (tmp_path / "superlink.pem").is_file()
+    assert "0600" in capsys.readouterr().out
+    assert pmlm_main(["deploy", "certs", "--out", str(tmp_path / "x"), "--sites", "h1", "--site-host", "h9=a"]) == 2
+
+
+def stub_bin(tmp_path: Path) -> Path:
+    """flower-superlink / flower-supernode / flwr stand-ins that print their arguments, one per line."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    for name in ("flower-superlink", "flower-supernode", "flwr"):
+        path = folder / name
+        path.write_text('#!/usr/bin/env bash\necho "$0"; printf "%s\\n" "$@"; echo "FLWR_HOME=$FLWR_HOME"\n')
+        path.chmod(0o755)
+    return folder
+
+
+def run_script(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{stub_bin(tmp_path)}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(SCRIPTS / script), *args], capture_output=True, text=True, env=env, timeout=30)
+
+
+def example_env(tmp_path: Path, name: str, **changes: str) -> Path:
+    """A deploy/config example with its paths moved under tmp_path."""
+    lines = []
+    for line in (DEPLOY / "config" / name).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            value = changes.get(key, value.replace("/var/lib/pmlm", str(tmp_path / "state")))
+        lines.append(f"{key}{sep}{value}" if sep and not line.startswith("#") else line)
+    path = tmp_path / name.removesuffix(".example")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_superlink_script_turns_on_tls_and_node_auth(tmp_path):
+    done = run_script(tmp_path, "start-superlink.sh", str(example_env(tmp_path, "superlink.env.example")))
+    assert done.returncode == 0, done.stderr
+    args = done.stdout.splitlines()
+    assert args[0].endswith("flower-superlink")
+    for flag, value in (("--ssl-ca-certfile", "/etc/pmlm/keys/ca.pem"), ("--ssl-certfile", "/etc/pmlm/keys/superlink.pem"),
+                        ("--ssl-keyfile", "/etc/pmlm/keys/superlink.key"), ("--port", "8000")):
+        assert args[args.index(flag) + 1] == value
+    assert "--enable-supernode-auth" in args and "--insecure" not in args
+    assert "--disable-runtime-dependency-installation" in args
+
+
+def test_supernode_script_points_the_node_at_its_own_data_and_site(tmp_path):
+    done = run_script(tmp_path, "start-supernode.sh", str(example_env(tmp_path, "hospital.env.example")))
+    assert done.returncode == 0, done.stderr
+    args = done.stdout.splitlines()
+    node_config = args[args.index("--node-config") + 1]
+    site_dir = tmp_path / "state" / "hospital_a"
+    assert node_config == f'site-id="hospital_a" data-dir="/srv/ehr-export/pmlm" site-dir="{site_dir}"'
+    assert args[args.index("--root-certificates") + 1] == "/etc/pmlm/keys/ca.pem"
+    assert args[args.index("--auth-supernode-private-key") + 1] == "/etc/pmlm/keys/hospital_a/node-auth.key"
+    assert args[args.index("--superlink") + 1] == "coordinator.example.org:8000" and "--insecure" not in args
+    assert site_dir.is_dir()
+
+
+def test_scripts_refuse_missing_settings_and_spaces(tmp_path):
+    bad = example_env(tmp_path, "hospital.env.example", NODE_AUTH_KEY="")
+    assert run_script(tmp_path, "start-supernode.sh", str(bad)).returncode != 0
+    spaced = example_env(tmp_path, "hospital.env.example", DATA_DIR='"/srv/with space"')
+    assert run_script(tmp_path, "start-supernode.sh", str(spaced)).returncode == 2
+    assert run_script(tmp_path, "start-superlink.sh").returncode == 2
+    for script in SCRIPTS.glob("*.sh"):
+        assert os.access(script, os.X_OK), script
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def repo_path(installed: str) -> Path:
+    assert installed.startswith(INSTALL_ROOT), installed
+    return REPO / installed.removeprefix(INSTALL_ROOT)
+
+
+def test_systemd_units_parse_and_start_the_kit_s_scripts():
+    units = sorted((DEPLOY / "systemd").glob("*.service"))
+    assert {u.name for u in units} == {"pmlm-superlink.service", "pmlm-supernode@.service", "pmlm-serve@.service"}
+    for unit in units:
+        parser = configparser.ConfigParser(strict=True, interpolation=None)
+        parser.optionxform = str  # systemd keys are case-sensitive
+        parser.read_string(unit.read_text())
+        assert parser.sections() == ["Unit", "Service", "Install"], unit.name
+        service = parser["Service"]
+        assert service["User"] == "pmlm" and service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
+        program, *args = service["ExecStart"].split()
+        if program.endswith(".sh"):
+            assert repo_path(program).is_file() and args[0].startswith("/etc/pmlm/")
+        else:
+            assert program == "/opt/pmlm/.venv/bin/pmlm" and args[0] == "serve" and "--client-ca" in args
+        assert parser["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_compose_file_parses_and_matches_the_kit():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"superlink", "supernode", "serve"}
+    assert (REPO / services["superlink"]["build"]["context"].replace("..", ".") / "deploy" / "Dockerfile").is_file()
+    for name, service in services.items():
+        assert service["read_only"] is True and service["profiles"]
+        assert "/etc/pmlm:/etc/pmlm:ro" in service["volumes"]
+        command = service["command"]
+        if command[0].endswith(".sh"):
+            assert repo_path(command[0]).is_file()
+    assert services["superlink"]["ports"] == ["8000:8000"]
+    data_mounts = [v for v in services["supernode"]["volumes"] if "ehr-export" in v]
+    assert data_mounts and all(v.endswith(":ro") for v in data_mounts)  # records are mounted read-only
+    assert "--client-ca" in services["serve"]["command"]
+
+
+def test_app_bundle_is_small_and_carries_only_the_app_config(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+
+    folder = write_app_bundle_dir(tmp_path, find_app_pyproject(), {**QUICK_RUN_CONFIG, "workdir": "/x"})
+    fab = build_fab_from_disk(folder)
+    names = zipfile.ZipFile(BytesIO(fab)).namelist()
+    assert sorted(names) == [".info/CONTENT", "pyproject.toml"] and len(fab) < 10_000
+    import tomllib
+    config = tomllib.loads(zipfile.ZipFile(BytesIO(fab)).read("pyproject.toml").decode())
+    app = config["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "pmlm.server.server_app:app", "clientapp": "pmlm.client.client_app:app"}
+    assert app["config"]["num-server-rounds"] == 1 and app["config"]["workdir"] == "/x"
