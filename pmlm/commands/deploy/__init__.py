@@ -101,7 +101,10 @@ def run_app(args) -> int:
 
 def run_local(args) -> int:
     from pmlm.client.sites import SAMPLE_DATA, discover_sites
-    from pmlm.commands.deploy.local import LocalDeployment, quick_slice
+    from pmlm.commands.deploy.local import SCRIPTS, LocalDeployment, quick_slice
+
+    if not SCRIPTS.is_dir():
+        raise CliError(f"pmlm deploy local runs from a source checkout: {SCRIPTS} is missing")
 
     data = args.data or SAMPLE_DATA
     try:
