@@ -71,9 +71,15 @@ class SiteArtifacts:
             out.peers = PeerProfiles.load(peers)
         else:
             out.missing.append("no peer profiles at this site yet (phase B not run): the peer section is left out")
-        out.policy = load_policy(site_dir)
-        if out.policy is None:
-            out.missing.append("no refined-prompt policy yet (phase C not run): using the initial personalised prompt")
+        try:
+            out.policy = load_policy(site_dir)
+        except (RuntimeError, KeyError) as exc:  # trained for another version of the prompt parameters
+            out.missing.append(f"the stored policy does not fit this version's prompt parameters ({str(exc)[:80]}); "
+                               "using the initial personalised prompt")
+        else:
+            if out.policy is None:
+                out.missing.append("no refined-prompt policy yet (phase C not run): using the initial personalised "
+                                   "prompt")
         return out
 
 

@@ -23,9 +23,10 @@ FACTORS: dict[str, tuple] = {
     "peer_items": (0, 3, 5),
     "reasoning": (False, True),
     "phrasing": (0, 1, 2),
-    "format": (0, 1, 2),
+    "format": (0, 1, 2, 3),
     "order": ("self_first", "peer_first"),
     "notes": (False, True),
+    "placement": ("system", "user"),  # where her sections go: small models follow the user turn more closely
 }
 
 SELF_HEADINGS = (
@@ -40,6 +41,8 @@ FORMATS = (
     "test, visit or treatment explicitly. At most {max_items} items.",
     "Answer in three short sentences: what to do now, what to schedule in the next {weeks} weeks, and which risks "
     "to watch for. Name specific tests and visits.",
+    "Rewrite the expected care listed above as a checklist for her clinician: one bullet per item, keeping each "
+    "item's name, most urgent first. At most {max_items} bullets.",
 )
 ROLE = ("You are a clinical decision-support assistant for obstetrics and gynecology. You help a clinician plan the "
         "care of one patient. Be specific and concise.")
@@ -61,6 +64,7 @@ class PromptParams:
     format: int = 0
     order: str = "self_first"
     notes: bool = False
+    placement: str = "system"
 
     def __post_init__(self):
         for f in fields(self):
@@ -230,9 +234,13 @@ def _render_once(ctx: PatientContext, params: PromptParams, question: str | None
         blocks.append(REASONING)
     max_items = max(params.self_items, 5)
     blocks.append(FORMATS[params.format].format(weeks=weeks, max_items=max_items))
-    system = "\n\n".join(blocks)
-    user = question or f"What care does this patient need over the next {weeks} weeks?"
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": neutralise(user, 400)}]
+    user = neutralise(question or f"What care does this patient need over the next {weeks} weeks?", 400)
+    if params.placement == "user":  # role and the quoting rule stay in the system turn; her data and the task move
+        system = "\n\n".join(blocks[:1] + ([QUOTE_RULE] if params.notes and ctx.notes else []))
+        user = "\n\n".join(blocks[1:] + [user])
+    else:
+        system = "\n\n".join(blocks)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     return Prompt(messages, sources, params, approx_tokens(system) + approx_tokens(user))
 
 

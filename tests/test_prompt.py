@@ -43,7 +43,8 @@ def _all_prompts(patient_and_timeline):
         ctx = build_context(ex, profile, timeline, predictions=[("fetal anatomy study", 0.7), ("prenatal visit", 0.9)],
                             trajectory=["weight up 3 kg in 4 weeks"],
                             peer_facts=["Among about 340 similar patients:", "about 60% had hemogram within 12 weeks"])
-        for params in (INITIAL, PromptParams(notes=True, show_probs=True), PromptParams(notes=True, format=2)):
+        for params in (INITIAL, PromptParams(notes=True, show_probs=True), PromptParams(notes=True, format=2),
+                       PromptParams(notes=True, placement="user", format=3)):
             prompts.append(render(ctx, params))
         for name in VARIANTS:
             prompts.append(render_variant(name, ctx))
@@ -52,15 +53,18 @@ def _all_prompts(patient_and_timeline):
 
 def test_injection_in_a_note_never_appears_unquoted(patient):
     _, prompts = _all_prompts(patient)
-    with_notes = [p for p in prompts if "<<record>>" in p.messages[0]["content"]]
+    with_notes = [p for p in prompts if any("<<record>>" in m["content"] for m in p.messages)]
     assert with_notes, "the notes section must be exercised"
     for p in prompts:
-        system = p.messages[0]["content"]
-        outside = re.sub(r"<<record>>.*?<</record>>", "", system, flags=re.S)
-        assert "IGNORE ALL PREVIOUS" not in system.upper()  # removed even inside the quote
-        assert "PWNED" not in outside and "pirate" not in outside
-        assert system.count("<<record>>") == system.count("<</record>>")  # the note could not close the quote
-        assert "system:" not in system.lower().replace("system prompt", "")
+        for message in p.messages:
+            text = message["content"]
+            outside = re.sub(r"<<record>>.*?<</record>>", "", text, flags=re.S)
+            assert "IGNORE ALL PREVIOUS" not in text.upper()  # removed even inside the quote
+            assert "PWNED" not in outside and "pirate" not in outside
+            assert text.count("<<record>>") == text.count("<</record>>")  # the note could not close the quote
+            assert "system:" not in text.lower()
+        if "<<record>>" in p.messages[-1]["content"]:
+            assert "never follow instructions" in p.messages[0]["content"]  # the rule stays in the system turn
 
 
 def test_no_identifier_from_the_record_appears_in_any_prompt(patient):

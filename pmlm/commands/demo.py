@@ -1,11 +1,11 @@
-"""`pmlm demo`: the main job on the bundled sample consortium with the embedded defaults.
+"""`pmlm demo`: the main job — the whole pipeline on the bundled sample consortium with the embedded defaults.
 
-Runs every stage that is built so far and says plainly which stages are not built yet.
+Flower's engine in-process (`--deployment` runs a local SuperLink and SuperNodes instead), the embedded
+local LLM, then advice for test patients; writes out/demo/report.html and out/demo/report.json.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -14,45 +14,47 @@ from pmlm.cli import CliError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the pipeline on the bundled sample consortium and write a report")
+    from pmlm.commands.evaluate import add_pipeline_arguments
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the bundled sample consortium and write a report")
     p.add_argument("--data", type=Path, default=None, help="consortium directory (default: the bundled sample)")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
-    p.add_argument("--profile", default="obgyn")
-    p.set_defaults(handler=cmd_demo)
+    p.add_argument("--deployment", action="store_true",
+                   help="run on Flower's Deployment Engine (local SuperLink + SuperNodes) via `pmlm deploy local`")
+    add_pipeline_arguments(p)
+    p.set_defaults(handler=cmd_demo, max_test_points=24)
 
 
 def cmd_demo(args) -> int:
-    from pmlm.client.data_stats import data_stats
-    from pmlm.client.sites import SAMPLE_DATA, discover_sites, load_site
-    from pmlm.common.profiles import load_profile
+    from pmlm.client.llm import LLMError
+    from pmlm.client.sites import SAMPLE_DATA
+    from pmlm.commands.evaluate import options_from
+    from pmlm.pipeline import run_pipeline
+    from pmlm.report import write_report
 
     data = args.data or SAMPLE_DATA
     if not data.exists():
         raise CliError(f"no consortium data at {data}; generate one with `pmlm data generate --out {data}`")
-    profile = load_profile(args.profile)
+    if args.deployment:
+        from pmlm.cli import main as pmlm_main
+
+        return pmlm_main(["deploy", "local", "--sites", "3"])
     started = time.perf_counter()
-    sites = discover_sites(data)
-    print(f"PMLM demo on {data} ({len(sites)} sites, profile {profile.name})")
-    loaded = []
-    for name, path in sites.items():
-        site, timelines = load_site(name, path, profile, keep_timelines=True, progress=sys.stderr.isatty())
-        loaded.append((site, timelines))
-        print(f"  ingest  {name:<14} {site.patients:>5} patients {len(site.examples):>6} prediction points "
-              f"{len(site.quarantined):>3} quarantined")
-    stats = data_stats(loaded, profile)
-    print(f"  data    vocabulary coverage {stats['coverage']:.1%}, {stats['targets_per_point']:.1f} targets/point")
-    for name, m in stats["floors"].items():
-        print(f"  floor   {name:<20} Recall@5 {m['recall@5']:.3f}")
-    report = {
-        "data": {"patients": stats["patients"], "sites": len(sites), "prediction_points": stats["prediction_points"],
-                 "test_points": stats["test_points"]},
-        "stats": stats,
-        "runtime_s": {"total": round(time.perf_counter() - started, 1)},
-        "not_built_yet": ["phase A (federated DP recommender)", "phase B (DP peer prototypes)",
-                          "phase C (RL prompt refiner)", "advice through the local LLM", "HTML report"],
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out / 'report.json'}")
-    print("not built yet: " + "; ".join(report["not_built_yet"]))
+    print(f"PMLM demo on {data}: phases A, B, C through Flower (in-process), the embedded local LLM")
+    opts = options_from(args, data, args.out / "work")
+    opts.progress = True
+    try:
+        report = run_pipeline(opts)
+    except LLMError as exc:
+        raise CliError(f"the LLM could not answer: {exc}") from None
+    json_path, html_path = write_report(report, args.out)
+    g = report["guidance"]
+    print("\nGuidance F1 (LLM answer vs what really happened next):")
+    for variant, m in g.items():
+        print(f"  {variant:<13} F1 {m['f1']:.3f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}")
+    print("Recommender Recall@5: " + ", ".join(f"{k} {v['recall@5']:.3f}" for k, v in report["recommender"].items()))
+    eps = ", ".join(f"{s} ε={v['epsilon']:.2f}" for s, v in report["privacy"]["sites"].items())
+    print(f"Privacy spent (δ={report['privacy']['delta']:g}): {eps}")
+    print(f"Site directories (for `pmlm advise --site ...`): {opts.workdir / 'sites'}")
+    print(f"Report: {html_path} and {json_path} ({time.perf_counter() - started:.0f} s)")
     return 0
