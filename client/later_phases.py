@@ -17,6 +17,7 @@ from pmlm.client.peers import PhaseBConfig
 from pmlm.client.phase_a import PhaseAConfig
 from pmlm.client.phase_b import SitePhaseB
 from pmlm.client.phase_c import PhaseCConfig, SitePhaseC
+from pmlm.client.secure_sum import attach_secure_sum, register_vector_task
 
 PHASE_A_RECORD = "phase_a"
 _B: dict[tuple[str, str], SitePhaseB] = {}
@@ -28,16 +29,56 @@ def _site(msg: Message, context: Context):
     return site_for(context, cfg), cfg
 
 
-@app.query("phase_b_release")
-def phase_b_release(msg: Message, context: Context) -> Message:
-    site, cfg = _site(msg, context)
-    config = msg.content["config"]
+def _phase_b_site(site, cfg: PhaseAConfig, config) -> SitePhaseB:
     run_id = str(config["run_id"])
     key = (str(site.site_dir), run_id)
     if key not in _B:
         plan = PhaseBConfig(**json.loads(str(config["plan"])))
         _B[key] = SitePhaseB(site.site_id, site.site_dir, site.examples, plan, run_id, budget=cfg.budget())
-    out = _B[key].release(str(config["kind"]), msg.content["arrays"]["centroids"].numpy(), int(config["round"]))
+    return _B[key]
+
+
+def _phase_c_site(site, cfg: PhaseAConfig, config, context: Context) -> SitePhaseC:
+    run_id = str(config["run_id"])
+    key = (str(site.site_dir), run_id)
+    if key not in _C:
+        plan = PhaseCConfig(**json.loads(str(config["plan"])))
+        llm = json.loads(str(context.node_config.get("llm", "{}")))
+        _C[key] = SitePhaseC(site.site_id, site.site_dir, site.examples, cfg.profile, plan, run_id, llm,
+                             budget=cfg.budget())
+    return _C[key]
+
+
+# Under secure aggregation the same releases travel as SecAgg+ vector tasks: the config carries phase A's
+# fields (naming the run) as scalars, the arrays carry the centroids or the policy weights.
+def _b_vector(config: dict, context: Context, arrays: dict):
+    cfg = PhaseAConfig.from_record(config)
+    out = _phase_b_site(site_for(context, cfg), cfg, config).release(str(config["kind"]), arrays["centroids"],
+                                                                     int(config["round"]))
+    mech = out.entry["mechanism"]
+    return out.values, {"noise_std": float(mech["noise_multiplier"] * mech["l2_sensitivity"])}
+
+
+def _c_vector(config: dict, context: Context, arrays: dict):
+    from pmlm.server.phase_c import policy_from_numpy
+
+    cfg = PhaseAConfig.from_record(config)
+    site = _phase_c_site(site_for(context, cfg), cfg, config, context)
+    policy = policy_from_numpy(arrays, int(config["embedding_dim"]))
+    vector, _, metrics = site.round(policy, int(config["round"]))
+    return vector, metrics
+
+
+attach_secure_sum(app)
+register_vector_task("phase_b_release", _b_vector)
+register_vector_task("phase_c_round", _c_vector)
+
+
+@app.query("phase_b_release")
+def phase_b_release(msg: Message, context: Context) -> Message:
+    site, cfg = _site(msg, context)
+    config = msg.content["config"]
+    out = _phase_b_site(site, cfg, config).release(str(config["kind"]), msg.content["arrays"]["centroids"].numpy(), int(config["round"]))
     reply = RecordDict({"arrays": ArrayRecord({"values": Array(np.ascontiguousarray(out.values))}),
                         "config": ConfigRecord({"ledger_entry": json.dumps(out.entry)})})
     return Message(content=reply, reply_to=msg)
@@ -59,15 +100,8 @@ def phase_c_round(msg: Message, context: Context) -> Message:
 
     site, cfg = _site(msg, context)
     config = msg.content["config"]
-    run_id = str(config["run_id"])
-    key = (str(site.site_dir), run_id)
-    if key not in _C:
-        plan = PhaseCConfig(**json.loads(str(config["plan"])))
-        llm = json.loads(str(context.node_config.get("llm", "{}")))
-        _C[key] = SitePhaseC(site.site_id, site.site_dir, site.examples, cfg.profile, plan, run_id, llm,
-                             budget=cfg.budget())
     policy = policy_from(msg.content["arrays"], int(config["embedding_dim"]))
-    vector, entry, metrics = _C[key].round(policy, int(config["round"]))
+    vector, entry, metrics = _phase_c_site(site, cfg, config, context).round(policy, int(config["round"]))
     reply = RecordDict({"arrays": ArrayRecord({"update": Array(np.ascontiguousarray(vector))}),
                         "config": ConfigRecord({"ledger_entry": json.dumps(entry)}),
                         "metrics": MetricRecord(metrics)})

@@ -31,11 +31,14 @@ def run_later_phases(grid: Grid, nodes: list[int], cfg: PhaseAConfig, run: dict,
     summary: dict = {}
     profile = load_profile(cfg.profile)
     records = {"phase_a": ConfigRecord(cfg.to_record())}
+    # SecAgg+ needs at least two sites (one site's "sum" would be its own vector).
+    secure = bool(run.get("secure-aggregation", True)) and len(nodes) >= 2
+    summary["secure_aggregation"] = secure
     if int(run.get("phase-b-rounds", 1)) >= 0 and not run.get("skip-phase-b"):
         started = time.perf_counter()
         b = _pick(run, PHASE_B_KEYS, PhaseBConfig)
         profiles = run_phase_b(grid, nodes, b, cfg.run_name, [c.id for c in profile.concepts], cfg.dim,
-                               profile.horizon_days, site_records=records)
+                               profile.horizon_days, site_records=records, secure=secure)
         summary["phase_b"] = {"prototypes": b.prototypes, "suppressed": int(profiles.suppressed.sum()),
                               "count_noise_std": profiles.count_noise_std,
                               "seconds": round(time.perf_counter() - started, 1)}
@@ -44,7 +47,7 @@ def run_later_phases(grid: Grid, nodes: list[int], cfg: PhaseAConfig, run: dict,
         c = _pick(run, PHASE_C_KEYS, PhaseCConfig)
         rounds: list = []
         run_phase_c(grid, nodes, c, cfg.run_name, cfg.dim, on_round=lambda r, m: rounds.append(m),
-                    site_records=records)
+                    site_records=records, secure=secure)
         summary["phase_c"] = {"rounds": c.rounds, "per_round": rounds,
                               "seconds": round(time.perf_counter() - started, 1)}
     out = workdir / f"{cfg.run_name}-phases-bc.json"

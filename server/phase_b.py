@@ -39,12 +39,25 @@ def _ask(grid: Grid, nodes: list[int], message_type: str, content: RecordDict) -
 
 
 def run_phase_b(grid: Grid, nodes: list[int], config: PhaseBConfig, run_id: str, concepts: list[str], dim: int,
-                horizon_days: int, on_entries=None, site_records: dict | None = None) -> PeerProfiles:
-    """`site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run)."""
+                horizon_days: int, on_entries=None, site_records: dict | None = None, secure: bool = False,
+                timeout: float = 600.0) -> PeerProfiles:
+    """`site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run).
+    `secure`: the sites' noisy statistics are summed under SecAgg+ (the coordinator sees only totals)."""
+    from pmlm.server.secure_sum import secure_sum
+
     site_records = site_records or {}
     plan = {"run_id": run_id, "plan": json.dumps(asdict(config))}
 
     def collect(kind: str, centroids: np.ndarray, round: int):
+        if secure:
+            scalars = {k: v for rec in site_records.values() for k, v in dict(rec).items()}
+            width = dim + 1 if kind == "kmeans" else len(concepts) + 1
+            # Counts and sums grow with a site's size: the range must cover its largest cell plus noise.
+            result = secure_sum(grid, None, "phase_b_release", {**scalars, **plan, "kind": kind, "round": round},
+                                nodes, shape=(len(centroids), width), arrays={"centroids": centroids},
+                                timeout=timeout, retries=1, clipping_range=8192.0)
+            stds = [m["noise_std"] for m in result.metrics.values()]
+            return result.total, float(np.sqrt(np.sum(np.square(stds))))
         content = RecordDict({"arrays": ArrayRecord({"centroids": Array(np.ascontiguousarray(centroids))}),
                               "config": ConfigRecord({**plan, "kind": kind, "round": round}), **site_records})
         replies = _ask(grid, nodes, QUERY_RELEASE, content)

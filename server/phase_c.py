@@ -30,8 +30,12 @@ def policy_arrays(policy: PromptPolicy) -> ArrayRecord:
 
 
 def policy_from(record: ArrayRecord, embedding_dim: int) -> PromptPolicy:
+    return policy_from_numpy({k: record[k].numpy() for k in record.keys()}, embedding_dim)
+
+
+def policy_from_numpy(arrays: dict, embedding_dim: int) -> PromptPolicy:
     policy = PromptPolicy(embedding_dim)
-    policy.load_state_dict({k: torch.as_tensor(record[k].numpy()) for k in record.keys()})
+    policy.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
     return policy
 
 
@@ -47,21 +51,34 @@ def _ask(grid: Grid, nodes: list[int], message_type: str, content: RecordDict) -
 
 
 def run_phase_c(grid: Grid, nodes: list[int], config: PhaseCConfig, run_id: str, embedding_dim: int,
-                on_round=None, site_records: dict | None = None) -> PromptPolicy:
-    """`site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run)."""
+                on_round=None, site_records: dict | None = None, secure: bool = False,
+                timeout: float = 1800.0) -> PromptPolicy:
+    """`site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run).
+    `secure`: the sites' noisy updates are summed under SecAgg+ (the coordinator sees only the total)."""
+    from pmlm.server.secure_sum import secure_sum
+
     site_records = site_records or {}
     torch.manual_seed(config.seed)
     policy = PromptPolicy(embedding_dim)
     initial_bias(policy, INITIAL)  # start at the initial personalised prompt
     plan = ConfigRecord({"run_id": run_id, "plan": json.dumps(asdict(config)), "embedding_dim": embedding_dim})
     for r in range(config.rounds):
-        content = RecordDict({"arrays": policy_arrays(policy), "config": ConfigRecord({**dict(plan), "round": r}),
-                              **site_records})
-        replies = _ask(grid, nodes, QUERY_ROUND, content)
-        total = sum(m.content["arrays"]["update"].numpy() for m in replies)
-        episodes = sum(float(m.content["metrics"]["episodes"]) for m in replies)
+        if secure:
+            scalars = {k: v for rec in site_records.values() for k, v in dict(rec).items()}
+            weights = {k: v.detach().numpy().copy() for k, v in policy.state_dict().items()}
+            n = sum(v.size for v in weights.values())
+            result = secure_sum(grid, None, "phase_c_round", {**scalars, **dict(plan), "round": r}, nodes,
+                                 shape=(n,), arrays=weights, timeout=timeout, retries=1, clipping_range=1024.0)
+            total, metrics = result.total, list(result.metrics.values())
+        else:
+            content = RecordDict({"arrays": policy_arrays(policy),
+                                  "config": ConfigRecord({**dict(plan), "round": r}), **site_records})
+            replies = _ask(grid, nodes, QUERY_ROUND, content)
+            total = sum(m.content["arrays"]["update"].numpy() for m in replies)
+            metrics = [dict(m.content["metrics"]) for m in replies]
+        episodes = sum(float(m["episodes"]) for m in metrics)
         apply_update(policy, total, lr=config.lr, scale=max(episodes, 1.0))
         if on_round is not None:
-            on_round(r, [dict(m.content["metrics"]) for m in replies])
+            on_round(r, metrics)
     _ask(grid, nodes, QUERY_STORE, RecordDict({"arrays": policy_arrays(policy), "config": plan, **site_records}))
     return policy

@@ -28,5 +28,5 @@ def test_pyproject_declares_the_flower_app_and_pins():
     components = meta["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "pmlm.server.server_app:app", "clientapp": "pmlm.client.client_app:app"}
     deps = " ".join(meta["project"]["dependencies"])
-    assert "torch==2.13.0" in deps and "protobuf>=5,<7" in deps
+    assert "torch==2.13.0" in deps and "protobuf>=6.33.5,<7" in deps
     assert any(d.startswith("grpcio-tools<1.82") for d in meta["project"]["optional-dependencies"]["dev"])
