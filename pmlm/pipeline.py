@@ -256,6 +256,8 @@ def run_pipeline(opts: PipelineOptions, log=print) -> dict:
 
 
 def run_pipeline_core(opts: PipelineOptions, log=print) -> dict:
+    import logging
+
     from pmlm.client.llm import LLMConfig
     from pmlm.client.phase_c import site_llm
     from pmlm.client.sites import load_site
@@ -264,6 +266,13 @@ def run_pipeline_core(opts: PipelineOptions, log=print) -> dict:
     for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
                        ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
         os.environ.setdefault(key, value)
+    if opts.progress:  # the progress lines and bars say what happens; Flower's per-message log would drown them
+        import warnings
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Repeated once per local round; the audit report states that Opacus secure mode is unavailable.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
     opts.workdir = opts.workdir.resolve()
     opts.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpmlm/v1/prompt_service.proto\x12\x07pmlm.v1\"\xf6\x02\n\x0cPromptParams\x12\x14\n\x07summary\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nself_items\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nshow_probs\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x17\n\ntrajectory\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x17\n\npeer_items\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x16\n\treasoning\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12\x15\n\x08phrasing\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x13\n\x06\x66ormat\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12\x12\n\x05order\x18\t \x01(\tH\x08\x88\x01\x01\x12\x12\n\x05notes\x18\n \x01(\x08H\t\x88\x01\x01\x42\n\n\x08_summaryB\r\n\x0b_self_itemsB\r\n\x0b_show_probsB\r\n\x0b_trajectoryB\r\n\x0b_peer_itemsB\x0c\n\n_reasoningB\x0b\n\t_phrasingB\t\n\x07_formatB\x08\n\x06_orderB\x08\n\x06_notes\"d\n\x15\x41ssemblePromptRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12%\n\x06params\x18\x03 \x01(\x0b\x32\x15.pmlm.v1.PromptParams\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"$\n\x04\x46\x61\x63t\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"\xcb\x01\n\x16\x41ssemblePromptResponse\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.pmlm.v1.ChatMessage\x12\x1c\n\x05\x66\x61\x63ts\x18\x02 \x03(\x0b\x32\r.pmlm.v1.Fact\x12\x15\n\rapprox_tokens\x18\x03 \x01(\x05\x12\r\n\x05visit\x18\x04 \x01(\t\x12\x19\n\x11used_global_model\x18\x05 \x01(\x08\x12\x0f\n\x07missing\x18\x06 \x03(\t\x12\x19\n\x11refined_by_policy\x18\x07 \x01(\x08\"\\\n\rAdviseRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12%\n\x06params\x18\x03 \x01(\x0b\x32\x15.pmlm.v1.PromptParams\"~\n\x0b\x41\x64viseEvent\x12\x31\n\x06prompt\x18\x01 \x01(\x0b\x32\x1f.pmlm.v1.AssemblePromptResponseH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x13.pmlm.v1.AdviseDoneH\x00\x42\x07\n\x05\x65vent\"`\n\nAdviseDone\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x11\n\telapsed_s\x18\x04 \x01(\x01\"\x16\n\x14GetSiteStatusRequest\"F\n\x08\x41rtifact\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\"H\n\x0bPhaseBudget\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x15\n\repsilon_spent\x18\x02 \x01(\x01\x12\x13\n\x0b\x65psilon_cap\x18\x03 \x01(\x01\"\xeb\x01\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12$\n\tartifacts\x18\x02 \x03(\x0b\x32\x11.pmlm.v1.Artifact\x12\x16\n\x0eledger_present\x18\x03 \x01(\x08\x12\x15\n\repsilon_spent\x18\x04 \x01(\x01\x12\x19\n\x11\x65psilon_remaining\x18\x05 \x01(\x01\x12\x15\n\repsilon_total\x18\x06 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12$\n\x06phases\x18\x08 \x03(\x0b\x32\x14.pmlm.v1.PhaseBudget\x12\x10\n\x08releases\x18\t \x01(\x05\x32\xe1\x01\n\rPromptService\x12Q\n\x0e\x41ssemblePrompt\x12\x1e.pmlm.v1.AssemblePromptRequest\x1a\x1f.pmlm.v1.AssemblePromptResponse\x12\x38\n\x06\x41\x64vise\x12\x16.pmlm.v1.AdviseRequest\x1a\x14.pmlm.v1.AdviseEvent0\x01\x12\x43\n\rGetSiteStatus\x12\x1d.pmlm.v1.GetSiteStatusRequest\x1a\x13.pmlm.v1.SiteStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpmlm/v1/prompt_service.proto\x12\x07pmlm.v1\"\x9c\x03\n\x0cPromptParams\x12\x14\n\x07summary\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nself_items\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nshow_probs\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x17\n\ntrajectory\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x17\n\npeer_items\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x16\n\treasoning\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12\x15\n\x08phrasing\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x13\n\x06\x66ormat\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12\x12\n\x05order\x18\t \x01(\tH\x08\x88\x01\x01\x12\x12\n\x05notes\x18\n \x01(\x08H\t\x88\x01\x01\x12\x16\n\tplacement\x18\x0b \x01(\tH\n\x88\x01\x01\x42\n\n\x08_summaryB\r\n\x0b_self_itemsB\r\n\x0b_show_probsB\r\n\x0b_trajectoryB\r\n\x0b_peer_itemsB\x0c\n\n_reasoningB\x0b\n\t_phrasingB\t\n\x07_formatB\x08\n\x06_orderB\x08\n\x06_notesB\x0c\n\n_placement\"d\n\x15\x41ssemblePromptRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12%\n\x06params\x18\x03 \x01(\x0b\x32\x15.pmlm.v1.PromptParams\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"$\n\x04\x46\x61\x63t\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"\xcb\x01\n\x16\x41ssemblePromptResponse\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.pmlm.v1.ChatMessage\x12\x1c\n\x05\x66\x61\x63ts\x18\x02 \x03(\x0b\x32\r.pmlm.v1.Fact\x12\x15\n\rapprox_tokens\x18\x03 \x01(\x05\x12\r\n\x05visit\x18\x04 \x01(\t\x12\x19\n\x11used_global_model\x18\x05 \x01(\x08\x12\x0f\n\x07missing\x18\x06 \x03(\t\x12\x19\n\x11refined_by_policy\x18\x07 \x01(\x08\"\\\n\rAdviseRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12%\n\x06params\x18\x03 \x01(\x0b\x32\x15.pmlm.v1.PromptParams\"~\n\x0b\x41\x64viseEvent\x12\x31\n\x06prompt\x18\x01 \x01(\x0b\x32\x1f.pmlm.v1.AssemblePromptResponseH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x13.pmlm.v1.AdviseDoneH\x00\x42\x07\n\x05\x65vent\"`\n\nAdviseDone\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x11\n\telapsed_s\x18\x04 \x01(\x01\"\x16\n\x14GetSiteStatusRequest\"F\n\x08\x41rtifact\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\"H\n\x0bPhaseBudget\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x15\n\repsilon_spent\x18\x02 \x01(\x01\x12\x13\n\x0b\x65psilon_cap\x18\x03 \x01(\x01\"\xeb\x01\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12$\n\tartifacts\x18\x02 \x03(\x0b\x32\x11.pmlm.v1.Artifact\x12\x16\n\x0eledger_present\x18\x03 \x01(\x08\x12\x15\n\repsilon_spent\x18\x04 \x01(\x01\x12\x19\n\x11\x65psilon_remaining\x18\x05 \x01(\x01\x12\x15\n\repsilon_total\x18\x06 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12$\n\x06phases\x18\x08 \x03(\x0b\x32\x14.pmlm.v1.PhaseBudget\x12\x10\n\x08releases\x18\t \x01(\x05\x32\xe1\x01\n\rPromptService\x12Q\n\x0e\x41ssemblePrompt\x12\x1e.pmlm.v1.AssemblePromptRequest\x1a\x1f.pmlm.v1.AssemblePromptResponse\x12\x38\n\x06\x41\x64vise\x12\x16.pmlm.v1.AdviseRequest\x1a\x14.pmlm.v1.AdviseEvent0\x01\x12\x43\n\rGetSiteStatus\x12\x1d.pmlm.v1.GetSiteStatusRequest\x1a\x13.pmlm.v1.SiteStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pmlm.v1.prompt_service_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROMPTPARAMS']._serialized_start=42
-  _globals['_PROMPTPARAMS']._serialized_end=416
-  _globals['_ASSEMBLEPROMPTREQUEST']._serialized_start=418
-  _globals['_ASSEMBLEPROMPTREQUEST']._serialized_end=518
-  _globals['_CHATMESSAGE']._serialized_start=520
-  _globals['_CHATMESSAGE']._serialized_end=564
-  _globals['_FACT']._serialized_start=566
-  _globals['_FACT']._serialized_end=602
-  _globals['_ASSEMBLEPROMPTRESPONSE']._serialized_start=605
-  _globals['_ASSEMBLEPROMPTRESPONSE']._serialized_end=808
-  _globals['_ADVISEREQUEST']._serialized_start=810
-  _globals['_ADVISEREQUEST']._serialized_end=902
-  _globals['_ADVISEEVENT']._serialized_start=904
-  _globals['_ADVISEEVENT']._serialized_end=1030
-  _globals['_ADVISEDONE']._serialized_start=1032
-  _globals['_ADVISEDONE']._serialized_end=1128
-  _globals['_GETSITESTATUSREQUEST']._serialized_start=1130
-  _globals['_GETSITESTATUSREQUEST']._serialized_end=1152
-  _globals['_ARTIFACT']._serialized_start=1154
-  _globals['_ARTIFACT']._serialized_end=1224
-  _globals['_PHASEBUDGET']._serialized_start=1226
-  _globals['_PHASEBUDGET']._serialized_end=1298
-  _globals['_SITESTATUS']._serialized_start=1301
-  _globals['_SITESTATUS']._serialized_end=1536
-  _globals['_PROMPTSERVICE']._serialized_start=1539
-  _globals['_PROMPTSERVICE']._serialized_end=1764
+  _globals['_PROMPTPARAMS']._serialized_end=454
+  _globals['_ASSEMBLEPROMPTREQUEST']._serialized_start=456
+  _globals['_ASSEMBLEPROMPTREQUEST']._serialized_end=556
+  _globals['_CHATMESSAGE']._serialized_start=558
+  _globals['_CHATMESSAGE']._serialized_end=602
+  _globals['_FACT']._serialized_start=604
+  _globals['_FACT']._serialized_end=640
+  _globals['_ASSEMBLEPROMPTRESPONSE']._serialized_start=643
+  _globals['_ASSEMBLEPROMPTRESPONSE']._serialized_end=846
+  _globals['_ADVISEREQUEST']._serialized_start=848
+  _globals['_ADVISEREQUEST']._serialized_end=940
+  _globals['_ADVISEEVENT']._serialized_start=942
+  _globals['_ADVISEEVENT']._serialized_end=1068
+  _globals['_ADVISEDONE']._serialized_start=1070
+  _globals['_ADVISEDONE']._serialized_end=1166
+  _globals['_GETSITESTATUSREQUEST']._serialized_start=1168
+  _globals['_GETSITESTATUSREQUEST']._serialized_end=1190
+  _globals['_ARTIFACT']._serialized_start=1192
+  _globals['_ARTIFACT']._serialized_end=1262
+  _globals['_PHASEBUDGET']._serialized_start=1264
+  _globals['_PHASEBUDGET']._serialized_end=1336
+  _globals['_SITESTATUS']._serialized_start=1339
+  _globals['_SITESTATUS']._serialized_end=1574
+  _globals['_PROMPTSERVICE']._serialized_start=1577
+  _globals['_PROMPTSERVICE']._serialized_end=1802
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PromptParams(_message.Message):
-    __slots__ = ("summary", "self_items", "show_probs", "trajectory", "peer_items", "reasoning", "phrasing", "format", "order", "notes")
+    __slots__ = ("summary", "self_items", "show_probs", "trajectory", "peer_items", "reasoning", "phrasing", "format", "order", "notes", "placement")
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     SELF_ITEMS_FIELD_NUMBER: _ClassVar[int]
     SHOW_PROBS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class PromptParams(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     ORDER_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     summary: bool
     self_items: int
     show_probs: bool
@@ -28,7 +29,8 @@ class PromptParams(_message.Message):
     format: int
     order: str
     notes: bool
-    def __init__(self, summary: _Optional[bool] = ..., self_items: _Optional[int] = ..., show_probs: _Optional[bool] = ..., trajectory: _Optional[bool] = ..., peer_items: _Optional[int] = ..., reasoning: _Optional[bool] = ..., phrasing: _Optional[int] = ..., format: _Optional[int] = ..., order: _Optional[str] = ..., notes: _Optional[bool] = ...) -> None: ...
+    placement: str
+    def __init__(self, summary: _Optional[bool] = ..., self_items: _Optional[int] = ..., show_probs: _Optional[bool] = ..., trajectory: _Optional[bool] = ..., peer_items: _Optional[int] = ..., reasoning: _Optional[bool] = ..., phrasing: _Optional[int] = ..., format: _Optional[int] = ..., order: _Optional[str] = ..., notes: _Optional[bool] = ..., placement: _Optional[str] = ...) -> None: ...
 
 class AssemblePromptRequest(_message.Message):
     __slots__ = ("patient_id", "question", "params")
