@@ -69,6 +69,19 @@ def _c_vector(config: dict, context: Context, arrays: dict):
     return vector, metrics
 
 
+@app.query("ledger_entries")
+def ledger_entries(msg: Message, context: Context) -> Message:
+    """The site's signed ledger entries the coordinator has not copied yet (DP release metadata only)."""
+    from pmlm.common.privacy import SiteLedger
+
+    site, cfg = _site(msg, context)
+    held = json.loads(str(msg.content["config"]["held"]))  # site id -> last seq the coordinator holds
+    after = int(held.get(site.site_id, -1))
+    entries = [e for e in SiteLedger(site.site_dir, site.site_id, cfg.budget()).entries() if e["seq"] > after]
+    reply = ConfigRecord({"site_id": site.site_id, "entries": json.dumps(entries)})
+    return Message(content=RecordDict({"config": reply}), reply_to=msg)
+
+
 attach_secure_sum(app)
 register_vector_task("phase_b_release", _b_vector)
 register_vector_task("phase_c_round", _c_vector)

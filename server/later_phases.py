@@ -50,6 +50,34 @@ def run_later_phases(grid: Grid, nodes: list[int], cfg: PhaseAConfig, run: dict,
                     site_records=records, secure=secure)
         summary["phase_c"] = {"rounds": c.rounds, "per_round": rounds,
                               "seconds": round(time.perf_counter() - started, 1)}
+    summary["ledger_copies"] = copy_site_ledgers(grid, nodes, records, workdir)
     out = workdir / f"{cfg.run_name}-phases-bc.json"
     out.write_text(json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def copy_site_ledgers(grid: Grid, nodes: list[int], records: dict, workdir: Path) -> dict:
+    """Fetch every site's new ledger entries and keep the coordinator's countersigned copy of them."""
+    from flwr.app import Message, RecordDict
+
+    from pmlm.server.ledger_copy import CopyRejected, CoordinatorLedgerCopy, read_copy
+
+    copies = CoordinatorLedgerCopy(workdir / "ledger-copies")
+    held = {}
+    for path in (copies.state_dir / "copies").glob("*.jsonl") if (copies.state_dir / "copies").exists() else []:
+        replay, _, _ = read_copy(path, copies.public_key, copies.site_key(path.stem))
+        held[path.stem] = len(replay.entries) - 1
+    content = RecordDict({"config": ConfigRecord({"held": json.dumps(held)}), **records})
+    result = {}
+    for reply in grid.send_and_receive([Message(content=content, dst_node_id=n, message_type="query.ledger_entries")
+                                        for n in nodes]):
+        if reply.has_error():
+            result[f"node-{reply.metadata.src_node_id}"] = f"no entries: {reply.error.reason}"
+            continue
+        site_id = str(reply.content["config"]["site_id"])
+        try:
+            accepted = copies.accept(site_id, json.loads(str(reply.content["config"]["entries"])))
+            result[site_id] = len(accepted)
+        except CopyRejected as exc:  # kept visible: an auditor must see that a site's shipment failed checks
+            result[site_id] = f"rejected: {exc}"
+    return result
