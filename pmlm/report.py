@@ -43,7 +43,7 @@ def line_chart(points: list[tuple[float, float]], title: str, xlabel: str, ylabe
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y1 = max(max(ys), 1e-6) * 1.15
-    left, bottom, top, right = 50, height - 35, 25, width - 20
+    left, bottom, top, right = 50, height - 35, 45, width - 20
 
     def sx(x):
         return left + (x - x0) / (x1 - x0) * (right - left)
@@ -57,7 +57,7 @@ def line_chart(points: list[tuple[float, float]], title: str, xlabel: str, ylabe
              f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#333"/>',
              f'<text x="{(left + right) / 2}" y="{height - 5}" font-size="12" text-anchor="middle">{html.escape(xlabel)}</text>',
-             f'<text x="5" y="{top - 5}" font-size="12">{html.escape(ylabel)}</text>',
+             f'<text x="5" y="{top - 8}" font-size="12">{html.escape(ylabel)}</text>',
              f'<path d="{path}" fill="none" stroke="{COLORS[0]}" stroke-width="2"/>']
     for x, y in pts:
         parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{COLORS[0]}"/>'

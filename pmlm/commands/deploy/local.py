@@ -35,6 +35,8 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 QUICK_PATIENTS = 40  # records per site in a --quick run: enough for train/val/test splits
 CLI_TIMEOUT_S = 120
+# Bounded waits for processes to come up or a run to end; generous because CI machines can be loaded.
+STARTUP_TIMEOUT_S = 180
 # What a site must hold after each phase (relative to its site dir); later phases add their manifests.
 PHASE_ARTIFACTS = {"phase_a": "phase_a/current.json"}
 UNREGISTERED = "unregistered"
@@ -149,7 +151,7 @@ class LocalDeployment:
             "SUPERLINK_CERT": self.keys_dir / "superlink.pem", "SUPERLINK_KEY": self.keys_dir / "superlink.key"})
         self.superlink = self.processes.start("superlink", ["bash", str(SCRIPTS / "start-superlink.sh"),
                                                             str(env_file)], self.logs / "superlink.log")
-        wait_for(lambda: _alive(self.superlink) and port_open(self.link_port), 60,
+        wait_for(lambda: _alive(self.superlink) and port_open(self.link_port), STARTUP_TIMEOUT_S,
                  what=f"the SuperLink on 127.0.0.1:{self.link_port}")
         self.timed("superlink_up", t)
 
@@ -195,7 +197,7 @@ class LocalDeployment:
 
     def wait_nodes_online(self, nodes: list[Started]) -> None:
         t = time.monotonic()
-        wait_for(lambda: all("SuperNode ID" in n.log_text() or not _alive(n) for n in nodes), 120, 0.5,
+        wait_for(lambda: all("SuperNode ID" in n.log_text() or not _alive(n) for n in nodes), STARTUP_TIMEOUT_S, 0.5,
                  what="the SuperNodes to connect")
         dead = [n.name for n in nodes if not _alive(n)]
         if dead:
@@ -207,7 +209,7 @@ class LocalDeployment:
             online.clear()
             online.update(n["node-id"] for n in listing.get("nodes", []) if n.get("status") == "online")
             return len(online) >= len(nodes)
-        wait_for(all_online, 120, 2.0, what=f"{len(nodes)} SuperNodes online at the SuperLink")
+        wait_for(all_online, STARTUP_TIMEOUT_S, 2.0, what=f"{len(nodes)} SuperNodes online at the SuperLink")
         self.check(f"{len(nodes)} SuperNodes online", True, ", ".join(sorted(online)))
         self.timed("supernodes_online", t)
 
@@ -249,7 +251,7 @@ class LocalDeployment:
             runs = self.flwr_json("ls", CONNECTION, "--run-id", run_id).get("runs", [{}])
             status = runs[0].get("status", "") if runs else ""
             return status.startswith("finished")
-        wait_for(finished, 60, 2.0, what=f"run {run_id} to finish")
+        wait_for(finished, STARTUP_TIMEOUT_S, 2.0, what=f"run {run_id} to finish")
         self.check("app run completed", status == "finished:completed", f"run {run_id}: {status}; log {log}")
         self.timed("app_run", t)
 
