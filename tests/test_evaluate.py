@@ -25,13 +25,21 @@ def small_consortium(tmp_path_factory):
     return root
 
 
-def test_reduced_evaluate_reports_every_key(small_consortium, tmp_path):
+@pytest.fixture(scope="module")
+def evaluated(small_consortium, tmp_path_factory):
+    """One reduced run shared by the tests below (it is the slow part)."""
+    tmp_path = tmp_path_factory.mktemp("evaluate")
     out = tmp_path / "report.json"
     code = main(["evaluate", "--data", str(small_consortium), "--workdir", str(tmp_path / "work"),
                  "--json-out", str(out), "--html-out", str(tmp_path / "report.html"), "--max-test-points", "4",
                  "--rounds", "1", "--phase-c-rounds", "1", "--phase-c-episodes", "3", "--no-trained-baselines"])
     assert code == 0
-    report = json.loads(out.read_text())
+    return tmp_path
+
+
+def test_reduced_evaluate_reports_every_key(evaluated):
+    tmp_path = evaluated
+    report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["data"]) >= {"patients", "sites", "prediction_points", "test_points"}
     assert report["data"]["sites"] == 3 and report["data"]["patients"] == 120 and report["data"]["test_points"] == 4
     privacy = report["privacy"]
@@ -58,3 +66,24 @@ def test_reduced_evaluate_reports_every_key(small_consortium, tmp_path):
     assert (site_dir / "site.json").exists() and (site_dir / "phase_b" / "peer_profiles.npz").exists()
     assert (site_dir / "phase_c" / "policy.pt").exists()
     assert not math.isnan(report["recommender"]["federated_dp"]["auroc"])
+
+
+def test_advise_uses_the_site_artifacts_evaluate_left(small_consortium, evaluated, tmp_path, capsys):
+    """`pmlm advise` on a site directory: her prompt from the stored artifacts, the real LLM's answer, sources."""
+    work = evaluated / "work"
+    from pmlm.client.examples import build_examples
+    from pmlm.common.profiles import load_profile
+
+    profile = load_profile()
+    patient = next(t for t in RecordReader(small_consortium / "hospital_a") if build_examples(t, profile))
+    capsys.readouterr()
+    site = work / "sites" / "hospital_a"
+    assert main(["advise", "--site", str(site), "--patient", patient.patient_id, "--show-prompt"]) == 0
+    out = capsys.readouterr().out
+    assert "--- system ---" in out and "Guidance:" in out
+    # The refined policy decides which sections she gets; at least one personal source is in her prompt.
+    assert "[her predictions]" in out or "[similar patients (DP peer profile)]" in out
+    assert patient.patient_id not in out.split("Guidance:")[0]  # her id never enters the prompt
+    assert main(["advise", "--site", str(site), "--patient", "nobody"]) == 2
+    assert main(["advise", "--site", str(tmp_path), "--patient", patient.patient_id]) == 2
+    assert "not a PMLM site directory" in capsys.readouterr().err
