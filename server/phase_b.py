@@ -11,31 +11,16 @@ import json
 from dataclasses import asdict
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from pmlm.client.peers import PhaseBConfig
 from pmlm.common.peer_profiles import PeerProfiles
+from pmlm.server.broadcast import ask_every_site
 from pmlm.server.prototypes import run_prototypes, summed_noise_std
 
 QUERY_RELEASE = "query.phase_b_release"
 QUERY_STORE = "query.phase_b_store"
-
-
-class PhaseBFailed(RuntimeError):
-    pass
-
-
-def _ask(grid: Grid, nodes: list[int], message_type: str, content: RecordDict) -> list[Message]:
-    messages = [Message(content=content, dst_node_id=n,
-                        message_type=message_type) for n in nodes]
-    replies = list(grid.send_and_receive(messages))
-    failed = [r for r in replies if r.has_error()]
-    if failed or len(replies) != len(nodes):
-        reasons = "; ".join(str(r.error.reason) for r in failed)[:500]
-        raise PhaseBFailed(f"{len(failed) or len(nodes) - len(replies)} of {len(nodes)} sites did not answer "
-                           f"the phase B {message_type} request: {reasons}")
-    return replies
 
 
 def run_phase_b(grid: Grid, nodes: list[int], config: PhaseBConfig, run_id: str, concepts: list[str], dim: int,
@@ -60,7 +45,7 @@ def run_phase_b(grid: Grid, nodes: list[int], config: PhaseBConfig, run_id: str,
             return result.total, float(np.sqrt(np.sum(np.square(stds))))
         content = RecordDict({"arrays": ArrayRecord({"centroids": Array(np.ascontiguousarray(centroids))}),
                               "config": ConfigRecord({**plan, "kind": kind, "round": round}), **site_records})
-        replies = _ask(grid, nodes, QUERY_RELEASE, content)
+        replies = ask_every_site(grid, nodes, QUERY_RELEASE, content)
         total = sum(r.content["arrays"]["values"].numpy() for r in replies)
         entries = [json.loads(str(r.content["config"]["ledger_entry"])) for r in replies]
         if on_entries is not None:
@@ -73,7 +58,7 @@ def run_phase_b(grid: Grid, nodes: list[int], config: PhaseBConfig, run_id: str,
     meta = ConfigRecord({"run_id": run_id, "count_noise_std": profiles.count_noise_std,
                          "concepts": json.dumps(profiles.concepts), "horizon_days": horizon_days,
                          "min_count": config.min_count})
-    _ask(grid, nodes, QUERY_STORE, RecordDict({"arrays": arrays, "config": meta, **site_records}))
+    ask_every_site(grid, nodes, QUERY_STORE, RecordDict({"arrays": arrays, "config": meta, **site_records}))
     return profiles
 
 

@@ -9,20 +9,17 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from pmlm.client.phase_c import PhaseCConfig
 from pmlm.client.rl import apply_update
 from pmlm.common.policy import PromptPolicy, initial_bias
 from pmlm.common.prompt import INITIAL
+from pmlm.server.broadcast import ask_every_site
 
 QUERY_ROUND = "query.phase_c_round"
 QUERY_STORE = "query.phase_c_store"
-
-
-class PhaseCFailed(RuntimeError):
-    pass
 
 
 def policy_arrays(policy: PromptPolicy) -> ArrayRecord:
@@ -37,17 +34,6 @@ def policy_from_numpy(arrays: dict, embedding_dim: int) -> PromptPolicy:
     policy = PromptPolicy(embedding_dim)
     policy.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
     return policy
-
-
-def _ask(grid: Grid, nodes: list[int], message_type: str, content: RecordDict) -> list[Message]:
-    replies = list(grid.send_and_receive([Message(content=content, dst_node_id=n, message_type=message_type)
-                                          for n in nodes]))
-    failed = [r for r in replies if r.has_error()]
-    if failed or len(replies) != len(nodes):
-        reasons = "; ".join(str(r.error.reason) for r in failed)[:500]
-        raise PhaseCFailed(f"{len(failed) or len(nodes) - len(replies)} of {len(nodes)} sites did not answer "
-                           f"{message_type}: {reasons}")
-    return replies
 
 
 def run_phase_c(grid: Grid, nodes: list[int], config: PhaseCConfig, run_id: str, embedding_dim: int,
@@ -73,12 +59,13 @@ def run_phase_c(grid: Grid, nodes: list[int], config: PhaseCConfig, run_id: str,
         else:
             content = RecordDict({"arrays": policy_arrays(policy),
                                   "config": ConfigRecord({**dict(plan), "round": r}), **site_records})
-            replies = _ask(grid, nodes, QUERY_ROUND, content)
+            replies = ask_every_site(grid, nodes, QUERY_ROUND, content)
             total = sum(m.content["arrays"]["update"].numpy() for m in replies)
             metrics = [dict(m.content["metrics"]) for m in replies]
         episodes = sum(float(m["episodes"]) for m in metrics)
         apply_update(policy, total, lr=config.lr, scale=max(episodes, 1.0))
         if on_round is not None:
             on_round(r, metrics)
-    _ask(grid, nodes, QUERY_STORE, RecordDict({"arrays": policy_arrays(policy), "config": plan, **site_records}))
+    ask_every_site(grid, nodes, QUERY_STORE,
+                   RecordDict({"arrays": policy_arrays(policy), "config": plan, **site_records}))
     return policy
