@@ -39,9 +39,18 @@ class SitePhaseB:
         ledger = SiteLedger(self.site_dir, site_id, None if (self.site_dir / "ledger").exists() else budget)
         concepts = [c.id for c in encoder.profile.concepts]
         self.site = PhaseBSite(ledger, chosen, embed_examples(model, encoder, chosen), concepts, config, run_id)
+        # The noise is calibrated once per run; a node that runs each message in a fresh process (the
+        # Deployment Engine) must find the same plan, not re-calibrate on what is left after round 1.
+        self.plan_path = self.site_dir / "phase_b" / f"plan-{run_id}.json"
+        if self.plan_path.exists():
+            self.site._sigma = float(json.loads(self.plan_path.read_text())["noise_multiplier"])
         self.entries: list[dict] = []
 
     def release(self, kind: str, centroids: np.ndarray, round: int) -> NoisyRelease:
+        if not self.plan_path.exists():
+            self.plan_path.parent.mkdir(parents=True, exist_ok=True)
+            self.plan_path.write_text(json.dumps({"run_id": self.run_id,
+                                                  "noise_multiplier": self.site.noise_multiplier()}))
         out = self.site.kmeans_round(centroids, round) if kind == "kmeans" else self.site.profile_release(centroids)
         self.entries.append(out.entry)
         return out

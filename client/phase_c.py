@@ -7,6 +7,7 @@ The LLM is the site's configured endpoint or the embedded local server, opened o
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,9 +87,15 @@ class SitePhaseC:
         self.rl: LocalRL | None = None
 
     def noise_multiplier(self) -> float:
+        """Calibrated once per run and kept on disk: a node may run each message in a fresh process."""
+        plan = self.site_dir / "phase_c" / f"plan-{self.run_id}.json"
+        if self.sigma is None and plan.exists():
+            self.sigma = float(json.loads(plan.read_text())["noise_multiplier"])
         if self.sigma is None:
             clip, rounds = self.config.clip, self.config.rounds
             self.sigma = self.ledger.calibrate(PHASE, lambda s: [GaussianRelease(s, clip)] * rounds)
+            plan.parent.mkdir(parents=True, exist_ok=True)
+            plan.write_text(json.dumps({"run_id": self.run_id, "noise_multiplier": self.sigma}))
         return self.sigma
 
     def round(self, policy: PromptPolicy, round: int) -> tuple[np.ndarray, dict, dict]:
