@@ -76,7 +76,10 @@ class LocalDeployment:
         return ok
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, **FLOWER_ENV, **extra}
+        # The launch scripts call flower-superlink/flower-supernode by name: find the ones installed beside
+        # this Python even when its environment is not activated (CI runs .venv/bin/python directly).
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return {**os.environ, **FLOWER_ENV, "PATH": path, **extra}
 
     def flwr(self, *args: str, timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
         """One call of the operator's Flower CLI against this deployment's SuperLink."""
@@ -150,7 +153,8 @@ class LocalDeployment:
             "PMLM_TLS": int(self.tls), "CA_CERT": self.keys_dir / "ca.pem",
             "SUPERLINK_CERT": self.keys_dir / "superlink.pem", "SUPERLINK_KEY": self.keys_dir / "superlink.key"})
         self.superlink = self.processes.start("superlink", ["bash", str(SCRIPTS / "start-superlink.sh"),
-                                                            str(env_file)], self.logs / "superlink.log")
+                                                            str(env_file)], self.logs / "superlink.log",
+                                              env=self.env())
         wait_for(lambda: _alive(self.superlink) and port_open(self.link_port), STARTUP_TIMEOUT_S,
                  what=f"the SuperLink on 127.0.0.1:{self.link_port}")
         self.timed("superlink_up", t)
@@ -187,7 +191,8 @@ class LocalDeployment:
             "FLWR_HOME": site_dir / "flwr-home", "SUPERNODE_MAX_RETRIES": max_retries,
             "SUPERNODE_MAX_WAIT_S": "30" if max_retries else ""})
         return self.processes.start(f"supernode {site}", ["bash", str(SCRIPTS / "start-supernode.sh"),
-                                                          str(env_file)], self.logs / f"supernode-{site}.log")
+                                                          str(env_file)], self.logs / f"supernode-{site}.log",
+                                    env=self.env())
 
     def start_unregistered_supernode(self) -> Started:
         """A SuperNode with a valid TLS setup whose key the coordinator never registered."""
