@@ -15,8 +15,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from pmlm.client.client_app import app, site_for
 from pmlm.client.peers import PhaseBConfig
 from pmlm.client.phase_a import PhaseAConfig
-from pmlm.client.phase_b import SitePhaseB
-from pmlm.client.phase_c import PhaseCConfig, SitePhaseC
+from pmlm.client.phase_b import SitePhaseB, store_peer_profiles
+from pmlm.client.phase_c import PhaseCConfig, SitePhaseC, store_policy
 from pmlm.client.secure_sum import attach_secure_sum, register_vector_task
 
 PHASE_A_RECORD = "phase_a"
@@ -99,11 +99,12 @@ def phase_b_release(msg: Message, context: Context) -> Message:
 
 @app.query("phase_b_store")
 def phase_b_store(msg: Message, context: Context) -> Message:
+    from pmlm.common.privacy import SiteLedger
     from pmlm.server.phase_b import profiles_from_message
 
-    site, _ = _site(msg, context)
-    run_id = str(msg.content["config"]["run_id"])
-    _B[(str(site.site_dir), run_id)].store(profiles_from_message(msg.content))
+    site, cfg = _site(msg, context)
+    ledger = SiteLedger(site.site_dir, site.site_id, cfg.budget())
+    store_peer_profiles(site.site_dir, ledger, str(msg.content["config"]["run_id"]), profiles_from_message(msg.content))
     return Message(content=RecordDict({"metrics": MetricRecord({"stored": 1.0})}), reply_to=msg)
 
 
@@ -125,8 +126,11 @@ def phase_c_round(msg: Message, context: Context) -> Message:
 def phase_c_store(msg: Message, context: Context) -> Message:
     from pmlm.server.phase_c import policy_from
 
-    site, _ = _site(msg, context)
+    from pmlm.common.privacy import SiteLedger
+
+    site, cfg = _site(msg, context)
     config = msg.content["config"]
     policy = policy_from(msg.content["arrays"], int(config["embedding_dim"]))
-    _C[(str(site.site_dir), str(config["run_id"]))].store(policy)
+    ledger = SiteLedger(site.site_dir, site.site_id, cfg.budget())
+    store_policy(site.site_dir, ledger, str(config["run_id"]), policy, json.loads(str(config["plan"])))
     return Message(content=RecordDict({"metrics": MetricRecord({"stored": 1.0})}), reply_to=msg)

@@ -44,24 +44,40 @@ class SitePhaseB:
         self.plan_path = self.site_dir / "phase_b" / f"plan-{run_id}.json"
         if self.plan_path.exists():
             self.site._sigma = float(json.loads(self.plan_path.read_text())["noise_multiplier"])
-        self.entries: list[dict] = []
 
     def release(self, kind: str, centroids: np.ndarray, round: int) -> NoisyRelease:
         if not self.plan_path.exists():
             self.plan_path.parent.mkdir(parents=True, exist_ok=True)
             self.plan_path.write_text(json.dumps({"run_id": self.run_id,
                                                   "noise_multiplier": self.site.noise_multiplier()}))
-        out = self.site.kmeans_round(centroids, round) if kind == "kmeans" else self.site.profile_release(centroids)
-        self.entries.append(out.entry)
-        return out
+        return self.site.kmeans_round(centroids, round) if kind == "kmeans" else self.site.profile_release(centroids)
 
-    def store(self, profiles: PeerProfiles) -> Path:
-        """Keep the global peer profiles with the ledger entries of this site's releases that built them."""
-        path = self.site_dir / PEER_PROFILES
-        profiles.save(path)
-        manifest = {"phase": "phase_b", "run_id": self.run_id, "site_id": self.site_id,
-                    "prototypes": int(len(profiles.counts)), "suppressed": int(profiles.suppressed.sum()),
-                    "ledger_releases": [{"seq": e["seq"], "signature": e["signature"], "epsilon": e["epsilon"]}
-                                        for e in self.entries]}
-        path.with_name("manifest.json").write_text(json.dumps(manifest, indent=2))
-        return path
+
+
+def store_peer_profiles(site_dir: Path, ledger: SiteLedger, run_id: str, profiles: PeerProfiles) -> Path:
+    """Keep the global peer profiles with the ledger entries of this site's releases that built them.
+
+    The entries are read from the ledger, not from memory: the node may have run each release in another
+    process (the Deployment Engine starts one per message)."""
+    path = Path(site_dir) / PEER_PROFILES
+    profiles.save(path)
+    write_phase_manifest(site_dir, ledger, "phase_b", run_id,
+                         {"prototypes": int(len(profiles.counts)), "suppressed": int(profiles.suppressed.sum())})
+    return path
+
+
+def write_phase_manifest(site_dir: Path, ledger: SiteLedger, phase: str, run_id: str, extra: dict) -> Path:
+    """SITE/<phase>/current.json: the artifact and the signed ledger releases of this run that produced it."""
+    releases = [e for e in ledger.entries()
+                if e.get("kind") == "release" and e.get("phase") == phase and e.get("run_id") == run_id]
+    last = releases[-1] if releases else {}
+    manifest = {"phase": phase, "run_id": run_id, "site_id": ledger.site_id, "path": phase, **extra,
+                "ledger_release": {"seq": last.get("seq"), "signature": last.get("signature")},
+                "ledger_releases": [{"seq": e["seq"], "signature": e["signature"], "epsilon": e["epsilon"]}
+                                    for e in releases]}
+    out = Path(site_dir) / phase / "current.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(out)
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +82,6 @@ class SitePhaseC:
         self.llm = site_llm(llm_settings)
         self.rng = np.random.default_rng()
         self.sigma: float | None = None
-        self.entries: list[dict] = []
         self.rewards: list[float] = []
         self.rl: LocalRL | None = None
 
@@ -111,14 +110,17 @@ class SitePhaseC:
         episodes = self.rl.run_episodes()
         vector, entry = self.rl.noisy_update(episodes, self.ledger, self.noise_multiplier(), self.rng,
                                              round=round, run_id=self.run_id)
-        self.entries.append(entry)
         mean_reward = float(np.mean([e.reward for e in episodes])) if episodes else 0.0
         self.rewards.append(mean_reward)
         return vector, entry, {"episodes": float(len(episodes)), "mean-reward": mean_reward,
                                "llm-calls": float(self.rl.llm_calls)}
 
-    def store(self, policy: PromptPolicy) -> Path:
-        return save_policy(policy, self.site_dir, {"run_id": self.run_id, "site_id": self.site_id,
-                                                   "config": asdict(self.config),
-                                                   "ledger_releases": [{"seq": e["seq"], "epsilon": e["epsilon"]}
-                                                                       for e in self.entries]})
+
+
+def store_policy(site_dir: Path, ledger: SiteLedger, run_id: str, policy: PromptPolicy, plan: dict) -> Path:
+    """Keep the global policy with this site's phase C releases of the run (read from the ledger)."""
+    from pmlm.client.phase_b import write_phase_manifest
+
+    path = save_policy(policy, site_dir, {"run_id": run_id, "site_id": ledger.site_id, "config": plan})
+    write_phase_manifest(site_dir, ledger, PHASE, run_id, {"policy": "policy.pt"})
+    return path
