@@ -22,6 +22,9 @@ APP_NAME = "pmlm"  # the bundle folder's name must be the project name for `flwr
 QUICK_RUN_CONFIG: dict[str, Any] = {
     "num-server-rounds": 1, "local-epochs": 1, "batch-size": 8, "dim": 16, "layers": 1, "max-history": 16,
     "points-per-patient": 4,
+    # all three phases, each as small as still means something
+    "phases": "abc", "phase-b-rounds": 1, "phase-b-prototypes": 3, "phase-b-min-count": 5,
+    "phase-c-rounds": 1, "phase-c-points": 4, "phase-c-episodes": 2, "phase-c-max-tokens": 48,
 }
 
 

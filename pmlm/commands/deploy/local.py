@@ -38,7 +38,8 @@ CLI_TIMEOUT_S = 120
 # Bounded waits for processes to come up or a run to end; generous because CI machines can be loaded.
 STARTUP_TIMEOUT_S = 180
 # What a site must hold after each phase (relative to its site dir); later phases add their manifests.
-PHASE_ARTIFACTS = {"phase_a": "phase_a/current.json"}
+PHASE_ARTIFACTS = {"phase_a": "phase_a/current.json", "phase_b": "phase_b/current.json",
+                   "phase_c": "phase_c/current.json"}
 UNREGISTERED = "unregistered"
 
 
