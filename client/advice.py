@@ -6,7 +6,6 @@ when one is missing the prompt goes without that section and `missing` says so p
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,11 +164,3 @@ def describe_sources(prompt: Prompt) -> str:
     for fact, source in prompt.sources:
         lines.append(f"  [{source}] {fact}")
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
-    tmp.replace(path)
