@@ -197,3 +197,27 @@ def test_app_bundle_is_small_and_carries_only_the_app_config(tmp_path):
     app = config["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "pmlm.server.server_app:app", "clientapp": "pmlm.client.client_app:app"}
     assert app["config"]["num-server-rounds"] == 1 and app["config"]["workdir"] == "/x"
+
+
+def test_stopping_a_process_also_stops_helpers_it_detached(tmp_path):
+    # Flower's SuperLink starts its SuperExec in a session of its own: a group signal misses it.
+    import sys
+    import time
+
+    from pmlm.commands.deploy.processes import ProcessSet, descendants_of
+
+    spawner = "import subprocess, time; subprocess.Popen(['sleep', '300'], start_new_session=True); time.sleep(300)"
+    processes = ProcessSet()
+    try:
+        started = processes.start("spawner", [sys.executable, "-c", spawner], tmp_path / "spawner.log")
+        deadline = time.monotonic() + 30
+        while not descendants_of(started.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        helpers = descendants_of(started.pid)
+        assert helpers, "the spawner did not start its detached helper"
+        processes.stop(started)
+        for pid in helpers:
+            stat_file = Path(f"/proc/{pid}/stat")
+            assert not stat_file.exists() or stat_file.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    finally:
+        processes.close()

@@ -2,7 +2,8 @@
 
 Every process starts in a new session, so its PID is also the group id of the helpers it spawns
 (Flower's SuperExec, ServerApp and ClientApp processes); stopping signals that group, waits, and
-kills what is left. `stop_all` runs on normal exit, on exceptions (callers use try/finally), at
+kills what is left. The SuperLink starts its SuperExec detached (a session of its own), so the
+descendants are also found by parent PID before the stop and killed and waited for one by one. `stop_all` runs on normal exit, on exceptions (callers use try/finally), at
 interpreter exit and on SIGTERM.
 """
 
@@ -63,6 +64,7 @@ class ProcessSet:
 
     def stop(self, started: Started) -> int | None:
         process = started.process
+        descendants = descendants_of(process.pid)
         if process.poll() is None:
             _signal_group(process.pid, signal.SIGTERM)
             try:
@@ -73,6 +75,12 @@ class ProcessSet:
         # cannot be reused until we reap it below.
         _signal_group(process.pid, signal.SIGKILL)
         process.wait()
+        for pid in descendants:
+            if _is_group_leader(pid):
+                _signal_group(pid, signal.SIGKILL)
+            else:
+                _signal(pid, signal.SIGKILL)
+        _wait_gone(descendants, STOP_GRACE_S)
         return process.returncode
 
     def stop_all(self) -> None:
@@ -86,6 +94,47 @@ class ProcessSet:
         atexit.unregister(self.stop_all)
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """State, parent PID, group id, ... of a live process (None when gone or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields
+
+
+def descendants_of(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _proc_stat(int(entry.name))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _is_group_leader(pid: int) -> bool:
+    fields = _proc_stat(pid)
+    return fields is not None and int(fields[2]) == pid
+
+
+def _wait_gone(pids: set[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(_proc_stat(pid) is not None for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:
