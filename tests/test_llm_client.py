@@ -172,6 +172,18 @@ def test_cache_hit_makes_no_call_and_survives_a_new_client(fake, tmp_path):
     assert oct((tmp_path / CACHE_FILENAME).stat().st_mode & 0o777) == "0o600"
 
 
+def test_cache_scope_keys_answers_by_endpoint_name_not_url(fake, dead_url, tmp_path):
+    """The embedded server gets a new port per start; with a cache scope its answers stay reusable."""
+    with make_client(fake.base_url, cache_dir=tmp_path, cache_scope="embedded:model.gguf") as client:
+        first = client.chat("Hi")
+    with make_client(dead_url, cache_dir=tmp_path, cache_scope="embedded:model.gguf") as moved:
+        again = moved.chat("Hi")  # nothing listens at dead_url: only the cache can answer
+    assert again.cached and again.text == first.text and len(fake.requests) == 1
+    with make_client(dead_url, cache_dir=tmp_path, max_retries=0) as unscoped:
+        with pytest.raises(LLMUnavailable):
+            unscoped.chat("Hi")  # without a scope the URL is part of the key
+
+
 def test_random_samples_are_not_cached_unless_seeded(fake, tmp_path):
     with make_client(fake.base_url, cache_dir=tmp_path, temperature=0.7) as client:
         client.chat("Hi")

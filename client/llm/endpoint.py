@@ -82,6 +82,9 @@ class LLMConfig:
     max_tokens: int = 200  # SmolLM2 answers in 160-200 tokens; a site with a larger model raises it
     extra_body: Mapping[str, Any] = field(default_factory=dict)  # server-specific sampling, e.g. repeat_penalty
     cache_dir: Path | None = None  # None: no response cache
+    # What names the endpoint in cache keys (default: base_url). The embedded server gets a fresh port at every
+    # start, so it names its model file instead, and answers stay reusable across runs.
+    cache_scope: str | None = None
 
     def __post_init__(self):
         if self.base_url is not None:
@@ -304,8 +307,8 @@ class LLMClient:
         key = None
         if cacheable:
             key = cache_key(
-                {"base_url": self.config.base_url, "model": self.config.model, "messages": messages,
-                 "sampling": fields, "extra_body": extra}
+                {"base_url": self.config.cache_scope or self.config.base_url, "model": self.config.model,
+                 "messages": messages, "sampling": fields, "extra_body": extra}
             )
             hit = self._cache.get(key)
             if hit is not None:

@@ -146,8 +146,10 @@ class EmbeddedLLMServer:
         """The site's settings (timeouts, cache, sampling) pointed at this server, with SmolLM2's sampling
         defaults under the site's own extra body fields."""
         site = site or LLMConfig()
+        model_file = (self.model_path or find_smollm2_gguf()).name
         return site.merged({
             "base_url": self.base_url, "model": SERVED_MODEL, "api_key": "local",
+            "cache_scope": f"embedded:{model_file}",
             "extra_body": {**EMBEDDED_EXTRA_BODY, **site.extra_body},
         })
 
