@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from typing import IO, Iterator
 
 from pmlm.client.ingest.fhir import ResourceError, parse_fhir_datetime
@@ -18,12 +19,19 @@ REQUIRED_COLUMNS = ("patient_id", "time", "kind", "system", "code", "display", "
 OPTIONAL_COLUMNS = ("end", "encounter_class")
 ALL_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
+# The csv module's default field limit (128 Ki characters) is shorter than a long clinical note, and past
+# it the reader loses its place inside the quoted field and misreads the rows after it. The limit is
+# process-wide; raising it only lets longer fields through.
+MAX_FIELD_CHARS = 64 * 2**20
+if csv.field_size_limit() < MAX_FIELD_CHARS:
+    csv.field_size_limit(MAX_FIELD_CHARS)
+
 
 def _row_event(row: dict) -> Event:
     kind = row["kind"]
     if kind not in EVENT_KINDS:
         raise ResourceError(f"unknown kind {kind!r}")
-    if not row["code"]:
+    if not row["code"].strip():
         raise ResourceError("empty code")
     when = parse_fhir_datetime(row["time"])
     end = parse_fhir_datetime(row["end"]) if row.get("end") else None
@@ -34,7 +42,9 @@ def _row_event(row: dict) -> Event:
             try:
                 value = float(raw)
             except ValueError:
-                raise ResourceError(f"value {raw!r:.40} is not numeric but has unit {row['unit']!r}") from None
+                raise ResourceError(f"value {raw!r:.40} is not numeric but has unit {row['unit']!r:.40}") from None
+            if not math.isfinite(value):  # "nan", "inf" and "1e999" parse as floats but are no measurement
+                raise ResourceError(f"value {raw!r:.40} is not finite")
         else:
             value = raw
     return Event(when, kind, row["system"], row["code"], row["display"], value, row["unit"], end,
@@ -43,66 +53,97 @@ def _row_event(row: dict) -> Event:
 
 def iter_csv_timelines(stream: IO[bytes], source: str, quarantined: list[Quarantine]) -> Iterator[Timeline]:
     """Yield one timeline per patient; a patient's rows need not be contiguous."""
+    # Undecodable bytes become lone surrogates, so one bad row is quarantined and the rows after it still count.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.DictReader(text)
     try:
-        text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
-        reader = csv.DictReader(text)
         header = reader.fieldnames or []
-    except UnicodeDecodeError as exc:
-        quarantined.append(Quarantine(source, f"not UTF-8 text (byte {exc.start})"))
+    except csv.Error as exc:
+        quarantined.append(Quarantine(source, f"malformed CSV header: {exc}"))
         return
     if not header:
         quarantined.append(Quarantine(source, "empty file"))
+        return
+    if not _is_utf8(header):
+        quarantined.append(Quarantine(source, "not UTF-8 text (in the header)"))
         return
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         quarantined.append(Quarantine(source, f"CSV header lacks columns {missing}"))
         return
     timelines: dict[str, Timeline] = {}
-    try:
-        for row in reader:
-            line = f"line {reader.line_num}"
-            if None in row or any(row.get(c) is None for c in REQUIRED_COLUMNS):
-                quarantined.append(Quarantine(source, "row has the wrong number of fields", line))
-                continue
-            pid = row["patient_id"].strip()
-            if not pid:
-                quarantined.append(Quarantine(source, "empty patient_id", line))
-                continue
-            timeline = timelines.setdefault(pid, Timeline(pid, source=source))
-            try:
-                if row["kind"] == "patient":
-                    timeline.birth_date = parse_fhir_datetime(row["time"]) if row["time"] else None
-                    timeline.gender = row["code"]
-                else:
-                    event = _row_event(row)
-                    if event.concept not in IDENTIFYING_OBSERVATIONS:
-                        timeline.events.append(event)
-            except ResourceError as exc:
-                quarantined.append(Quarantine(source, str(exc), line))
-    except UnicodeDecodeError as exc:
-        quarantined.append(Quarantine(source, f"not UTF-8 text (byte {exc.start}); rows after it skipped"))
-    except csv.Error as exc:
-        quarantined.append(Quarantine(source, f"malformed CSV: {exc}; rows after it skipped", f"line {reader.line_num}"))
+    for line, row in _rows(reader, source, quarantined):
+        if None in row or any(row.get(c) is None for c in REQUIRED_COLUMNS):
+            quarantined.append(Quarantine(source, "row has the wrong number of fields", line))
+            continue
+        if not _is_utf8(row.values()):
+            quarantined.append(Quarantine(source, "row is not UTF-8 text", line))
+            continue
+        pid = row["patient_id"].strip()
+        if not pid:
+            quarantined.append(Quarantine(source, "empty patient_id", line))
+            continue
+        timeline = timelines.setdefault(pid, Timeline(pid, source=source))
+        try:
+            if row["kind"] == "patient":
+                timeline.birth_date = parse_fhir_datetime(row["time"]) if row["time"] else None
+                timeline.gender = row["code"]
+            else:
+                event = _row_event(row)
+                if event.concept not in IDENTIFYING_OBSERVATIONS:
+                    timeline.events.append(event)
+        except ResourceError as exc:
+            quarantined.append(Quarantine(source, str(exc), line))
     for timeline in timelines.values():
         yield timeline.sort()
 
 
+def _rows(reader: csv.DictReader, source: str, quarantined: list[Quarantine]) -> Iterator[tuple[str, dict]]:
+    """(line label, row) for each row; a row the csv module rejects (e.g. an oversized field) is
+    quarantined and reading goes on with the next one."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            quarantined.append(Quarantine(source, f"malformed CSV row: {exc}", f"line {reader.line_num}"))
+            continue
+        yield f"line {reader.line_num}", row
+
+
+def _is_utf8(values) -> bool:
+    try:
+        for value in values:
+            if isinstance(value, str):  # optional columns a short row lacks are None
+                value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate stands for an undecodable byte
+        return False
+    return True
+
+
 def write_csv_timelines(timelines, stream: IO[str]) -> int:
     """Write timelines as the flat event table (the sample consortium's storage format)."""
+    # A bare "\r" is a line break to the reader but is not quoted by the writer when rows end in "\n":
+    # line breaks inside values (notes) are written as "\n", which the writer does quote.
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(ALL_COLUMNS)
     rows = 0
     for t in timelines:
         birth = t.birth_date.date().isoformat() if t.birth_date else ""
-        writer.writerow([t.patient_id, birth, "patient", "", t.gender, "", "", "", "", ""])
+        writer.writerow(_newlines_as_lf([t.patient_id, birth, "patient", "", t.gender, "", "", "", "", ""]))
         for e in t.events:
             value = "" if e.value is None else (repr(e.value) if isinstance(e.value, float) else e.value)
             if isinstance(e.value, float) and e.value.is_integer():
                 value = str(int(e.value))
-            writer.writerow([t.patient_id, _iso(e.time), e.kind, e.system, e.code, e.display, value, e.unit,
-                             _iso(e.end) if e.end else "", e.encounter_class])
+            writer.writerow(_newlines_as_lf([t.patient_id, _iso(e.time), e.kind, e.system, e.code, e.display, value,
+                                             e.unit, _iso(e.end) if e.end else "", e.encounter_class]))
             rows += 1
     return rows
+
+
+def _newlines_as_lf(row: list[str]) -> list[str]:
+    return [v.replace("\r\n", "\n").replace("\r", "\n") for v in row]
 
 
 def _iso(dt) -> str:

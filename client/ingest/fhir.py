@@ -51,7 +51,13 @@ IGNORED_RESOURCES = frozenset(
     TestReport TestScript ValueSet VerificationResult VisionPrescription""".split()
 )
 
-_DATE_IN_TEXT = re.compile(r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)?\b")
+# Years outside this range are placeholders or typos ("0001-01-01" is a common null sentinel), and dates
+# near datetime's limits overflow when the horizon is added later: such records are quarantined.
+PLAUSIBLE_YEARS = (1800, 2200)
+_PARTIAL_DATE = re.compile(r"^[0-9]{4}(-[0-9]{2})?$")
+
+# Digit lookarounds rather than \b: a date glued to a word ("visit_2024-03-01") is still a date.
+_DATE_IN_TEXT = re.compile(r"(?<!\d)\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)?(?!\d)")
 
 
 class ResourceError(ValueError):
@@ -64,17 +70,18 @@ def parse_fhir_datetime(text: object) -> datetime:
         raise ResourceError(f"date is not a string: {text!r:.40}")
     s = text.strip()
     try:
-        if len(s) == 4:
-            dt = datetime(int(s), 1, 1)
-        elif len(s) == 7:
-            dt = datetime(int(s[:4]), int(s[5:7]), 1)
+        if _PARTIAL_DATE.match(s):
+            dt = datetime(int(s[:4]), int(s[5:7] or 1), 1)
         else:
             dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.astimezone(timezone.utc)
+    except (ValueError, OverflowError):  # OverflowError: an offset pushes it past year 1 or 9999
         raise ResourceError(f"unparseable date {text!r:.40}") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc)
+    if not PLAUSIBLE_YEARS[0] <= dt.year <= PLAUSIBLE_YEARS[1]:
+        raise ResourceError(f"implausible date {text!r:.40} (years {PLAUSIBLE_YEARS[0]}-{PLAUSIBLE_YEARS[1]} accepted)")
+    return dt
 
 
 def _coding(concept: object, what: str) -> tuple[str, str, str]:
@@ -214,10 +221,12 @@ def _note_event(resource: dict, names: re.Pattern | None) -> Event:
 
 def _patient_names(patient: dict) -> re.Pattern | None:
     names = []
-    for n in patient.get("name") or []:
+    listed = patient.get("name")
+    for n in listed if isinstance(listed, list) else []:
         if not isinstance(n, dict):
             continue
-        parts = list(n.get("given") or []) + [n.get("family") or ""]
+        given = n.get("given")
+        parts = (given if isinstance(given, list) else [given]) + [n.get("family")]
         for part in parts:
             if isinstance(part, str) and len(part) > 1:
                 names.append(part)
@@ -253,8 +262,11 @@ def bundle_timelines(bundle: object, source: str) -> tuple[list[Timeline], list[
         label = f"{rtype}/{resource.get('id', f'entry {i}')}"
         if rtype == "Patient":
             pid = resource.get("id")
-            if not isinstance(pid, str) or not pid:
-                quarantined.append(Quarantine(source, "Patient has no id", label))
+            if not isinstance(pid, str) or not pid.strip():
+                quarantined.append(Quarantine(source, "Patient has no id (a non-empty string)", label))
+                continue
+            if pid in patients:
+                quarantined.append(Quarantine(source, "a second Patient with the same id in this Bundle", label))
                 continue
             try:
                 birth = parse_fhir_datetime(resource["birthDate"]) if resource.get("birthDate") else None
@@ -264,7 +276,7 @@ def bundle_timelines(bundle: object, source: str) -> tuple[list[Timeline], list[
             patients[pid] = Timeline(pid, birth, str(resource.get("gender", "")), source)
             names[pid] = _patient_names(resource)
             for ref in (pid, f"Patient/{pid}", entry.get("fullUrl")):
-                if ref:
+                if isinstance(ref, str) and ref:
                     refs[ref] = pid
         elif rtype in EVENT_RESOURCES:
             resources.append((label, resource))
@@ -279,16 +291,19 @@ def bundle_timelines(bundle: object, source: str) -> tuple[list[Timeline], list[
     for label, resource in resources:
         subject = resource.get("subject") or resource.get("patient")
         ref = subject.get("reference") if isinstance(subject, dict) else None
-        pid = refs.get(ref) if ref else only
+        if not ref:
+            pid = only  # no reference: the Bundle's Patient, when it has exactly one
+        else:
+            pid = refs.get(ref) if isinstance(ref, str) else None
         if pid is None:
-            quarantined.append(Quarantine(source, f"subject {ref!r} is not a Patient in this Bundle", label))
+            quarantined.append(Quarantine(source, f"subject {ref!r:.80} is not a Patient in this Bundle", label))
             continue
         try:
             patients[pid].events.extend(resource_events(resource, names[pid]))
         except ResourceError as exc:
             quarantined.append(Quarantine(source, str(exc), label))
-        except (TypeError, AttributeError, KeyError) as exc:  # wrong JSON types deep inside
-            quarantined.append(Quarantine(source, f"malformed {resource['resourceType']}: {exc}", label))
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:  # wrong JSON types deep inside
+            quarantined.append(Quarantine(source, f"malformed {resource['resourceType']}: {exc!r:.200}", label))
     return [t.sort() for t in patients.values()], quarantined
 
 

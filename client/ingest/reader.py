@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -75,13 +76,17 @@ class RecordReader:
                     yield from iter_csv_timelines(stream, source, self.quarantined)
             elif kind == "ndjson":
                 with self._open(path) as stream:
+                    blank = True
                     for lineno, line in enumerate(stream, 1):
                         if len(line) > self.max_file_bytes:
                             self.quarantined.append(Quarantine(source, _too_large(len(line), self.max_file_bytes),
                                                                f"line {lineno}"))
-                            continue
-                        if line.strip():
+                            blank = False
+                        elif line.strip():
+                            blank = False
                             yield from self._bundle(line, source, f"line {lineno}")
+                if blank:
+                    self.quarantined.append(Quarantine(source, "empty file"))
             else:
                 size = os.path.getsize(path)
                 if size > self.max_file_bytes:
@@ -93,7 +98,7 @@ class RecordReader:
                     self.quarantined.append(Quarantine(source, _too_large(len(raw), self.max_file_bytes)))
                     return
                 yield from self._bundle(raw, source, "")
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a gzip whose data is corrupt
             self.quarantined.append(Quarantine(source, f"unreadable file: {exc}"))
 
     def _bundle(self, raw: bytes, source: str, where: str) -> Iterator[Timeline]:
