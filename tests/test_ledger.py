@@ -28,7 +28,7 @@ from pmlm.common.privacy import (
     UnknownPhase,
     verify_ledger,
 )
-from pmlm.common.privacy import ledger as ledger_module
+from pmlm.common import atomic
 from pmlm.common.privacy.signing import (
     SITE_ENTRY_DOMAIN,
     KeyFileError,
@@ -270,7 +270,7 @@ def test_crash_mid_write_is_detected_on_reload_and_only_recovered_on_request(sit
         os.write(fd, data[: len(data) // 2])
         raise SystemExit("simulated power loss")
 
-    monkeypatch.setattr(ledger_module, "_write_all", crash_halfway)
+    monkeypatch.setattr(atomic, "_write_all", crash_halfway)
     with pytest.raises(SystemExit):
         ledger.record("phase_a", GaussianRelease(5.0, 1.0), round=1)
     monkeypatch.undo()

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from pmlm.common.atomic import append_durably, write_atomic
 from pmlm.common.privacy.accountant import (
     ACCOUNTANT,
     AccountantSettings,
@@ -340,12 +341,6 @@ def verify_ledger(path: Path, trusted_key: Ed25519PublicKey | None = None, *,
     return replay
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 class SiteLedger:
     """The privacy ledger of one site; every DP release of every phase is charged here.
 
@@ -549,19 +544,8 @@ class SiteLedger:
             "public_key": public_key_b64(public), "key_fingerprint": key_fingerprint(public),
             "budget": budget.to_dict(), "accountant_settings": settings.to_dict(), "accountant": ACCOUNTANT,
         }
-        line = self._signed_line(entry)
         # Write-then-rename, so a crash can never leave a half-written first entry.
-        tmp = self.path.with_name(self.path.name + f".new-{os.getpid()}")
-        with open(tmp, "wb") as out:
-            out.write(line + b"\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, self._signed_line(entry) + b"\n")
 
     def _sync(self, recover_torn_tail: bool = False) -> None:
         if self._broken is not None:
@@ -594,10 +578,7 @@ class SiteLedger:
         torn, self._replay.torn_tail = self._replay.torn_tail, None
         digest = hashlib.sha256(torn).hexdigest()
         side_file = self.path.with_name(f"{self.path.name}.torn-{self._size}-{digest[:12]}")
-        with open(side_file, "xb") as out:
-            out.write(torn)
-            out.flush()
-            os.fsync(out.fileno())
+        write_atomic(side_file, torn, exclusive=True)
         os.truncate(self.path, self._size)
         self._append({
             "kind": "recovery", "torn_bytes": len(torn), "torn_sha256": digest, "torn_saved_as": side_file.name,
@@ -655,14 +636,9 @@ class SiteLedger:
             "run_id": run_id or self.run_id, "prev_hash": self._replay.last_hash,
         }
         line = self._signed_line(entry)
-        data = line + b"\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._size += len(data)
+        # One fsynced append; on a full disk the partial line is cut off again and the error raised,
+        # so the caller sends nothing and the ledger still verifies.
+        self._size = append_durably(self.path, line + b"\n")
         self._replay.accept_own(entry, line, charge)
         return json.loads(line)
 
