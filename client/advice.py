@@ -6,6 +6,7 @@ when one is missing the prompt goes without that section and `missing` says so p
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pmlm.client.examples import Example, build_examples
 from pmlm.client.ingest import RecordReader
 from pmlm.client.prompt_context import build_context
 from pmlm.client.site_config import SiteConfig
+from pmlm.common.atomic import write_atomic
 from pmlm.common.peer_profiles import PeerProfiles, peer_facts
 from pmlm.common.policy import PolicyState, PromptPolicy
 from pmlm.common.profiles import TaskProfile, load_profile
@@ -27,12 +29,9 @@ POLICY = Path("phase_c") / "policy.pt"
 
 
 def save_policy(policy: PromptPolicy, site_dir: Path, meta: dict) -> Path:
-    path = Path(site_dir) / POLICY
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": policy.state_dict(), "embedding_dim": policy.embedding_dim, "meta": meta}, tmp)
-    tmp.replace(path)
-    return path
+    buffer = io.BytesIO()
+    torch.save({"state_dict": policy.state_dict(), "embedding_dim": policy.embedding_dim, "meta": meta}, buffer)
+    return write_atomic(Path(site_dir) / POLICY, buffer.getvalue())
 
 
 def load_policy(site_dir: Path) -> PromptPolicy | None:

@@ -28,6 +28,7 @@ from pmlm.client.examples import Example
 from pmlm.client.features import FeatureEncoder, PatientDataset
 from pmlm.client.sites import load_site
 from pmlm.client.train import TrainSettings, dp_plan, model_state, predict, ranking_metrics, train_local
+from pmlm.common.atomic import write_atomic
 from pmlm.common.model import NextEventRecommender, RecommenderConfig
 from pmlm.common.privacy.budget import BudgetConfig
 from pmlm.common.privacy.events import DpSgd
@@ -139,9 +140,7 @@ class SitePhaseA:
         plan = {"run": run_id, "noise_multiplier": sigma, "sampling_rate": q, "steps_per_round": steps,
                 "rounds": self.cfg.rounds, "patient_clip": self.cfg.patient_clip,
                 "phase_epsilon_cap": self.cfg.budget().phase_cap(PHASE), "opacus_history": []}
-        path = self.site_dir / "phase_a" / f"plan-{run_id}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(plan, indent=2))
+        write_atomic(self.site_dir / "phase_a" / f"plan-{run_id}.json", json.dumps(plan, indent=2))
         state.clear()
         state.update(plan)
         return state
@@ -191,8 +190,7 @@ class SitePhaseA:
         blob = buffer.getvalue()
         digest = hashlib.sha256(blob).hexdigest()
         folder = self.site_dir / MODEL_DIR / f"{run_id}-r{server_round:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "model.pt").write_bytes(blob)
+        write_atomic(folder / "model.pt", blob)
         release = None
         if self.cfg.private:
             entries = [e for e in self.ledger(run_id).entries()
@@ -207,8 +205,9 @@ class SitePhaseA:
             "model_sha256": digest, "profile": self.profile.name, "model_config": self.cfg.model_config(len(self.profile)).to_dict(),
             "private": self.cfg.private, "ledger_release": release,
         }
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        (self.site_dir / "phase_a" / "current.json").write_text(json.dumps({"path": str(folder.relative_to(self.site_dir)), **manifest}, indent=2))
+        write_atomic(folder / "manifest.json", json.dumps(manifest, indent=2))
+        write_atomic(self.site_dir / "phase_a" / "current.json",
+                     json.dumps({"path": str(folder.relative_to(self.site_dir)), **manifest}, indent=2))
         return folder
 
 

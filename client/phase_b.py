@@ -15,6 +15,7 @@ import torch
 from pmlm.client.advice import PEER_PROFILES
 from pmlm.client.examples import Example
 from pmlm.client.peers import NoisyRelease, PhaseBConfig, PhaseBSite, one_example_per_patient
+from pmlm.common.atomic import write_atomic
 from pmlm.common.peer_profiles import PeerProfiles
 from pmlm.common.privacy import BudgetConfig, SiteLedger
 
@@ -47,9 +48,8 @@ class SitePhaseB:
 
     def release(self, kind: str, centroids: np.ndarray, round: int) -> NoisyRelease:
         if not self.plan_path.exists():
-            self.plan_path.parent.mkdir(parents=True, exist_ok=True)
-            self.plan_path.write_text(json.dumps({"run_id": self.run_id,
-                                                  "noise_multiplier": self.site.noise_multiplier()}))
+            write_atomic(self.plan_path, json.dumps({"run_id": self.run_id,
+                                                     "noise_multiplier": self.site.noise_multiplier()}))
         return self.site.kmeans_round(centroids, round) if kind == "kmeans" else self.site.profile_release(centroids)
 
 
@@ -75,9 +75,4 @@ def write_phase_manifest(site_dir: Path, ledger: SiteLedger, phase: str, run_id:
                 "ledger_release": {"seq": last.get("seq"), "signature": last.get("signature")},
                 "ledger_releases": [{"seq": e["seq"], "signature": e["signature"], "epsilon": e["epsilon"]}
                                     for e in releases]}
-    out = Path(site_dir) / phase / "current.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out)
-    return out
+    return write_atomic(Path(site_dir) / phase / "current.json", json.dumps(manifest, indent=2))

@@ -18,6 +18,7 @@ from pmlm.client.advice import PromptAssembler, SiteArtifacts, save_policy
 from pmlm.client.examples import Example
 from pmlm.client.reward import matcher_for
 from pmlm.client.rl import PHASE, LocalRL, Point, RLConfig
+from pmlm.common.atomic import write_atomic
 from pmlm.common.policy import PromptPolicy
 from pmlm.common.privacy import BudgetConfig, GaussianRelease, SiteLedger
 from pmlm.common.profiles import load_profile
@@ -93,8 +94,7 @@ class SitePhaseC:
         if self.sigma is None:
             clip, rounds = self.config.clip, self.config.rounds
             self.sigma = self.ledger.calibrate(PHASE, lambda s: [GaussianRelease(s, clip)] * rounds)
-            plan.parent.mkdir(parents=True, exist_ok=True)
-            plan.write_text(json.dumps({"run_id": self.run_id, "noise_multiplier": self.sigma}))
+            write_atomic(plan, json.dumps({"run_id": self.run_id, "noise_multiplier": self.sigma}))
         return self.sigma
 
     def round(self, policy: PromptPolicy, round: int) -> tuple[np.ndarray, dict, dict]:

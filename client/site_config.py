@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from pmlm.common.atomic import write_atomic
 
 FILENAME = "site.json"
 
@@ -46,9 +47,4 @@ class SiteConfig:
         return config
 
     def save(self, site_dir: Path) -> Path:
-        site_dir = Path(site_dir)
-        site_dir.mkdir(parents=True, exist_ok=True)
-        tmp = site_dir / f".{FILENAME}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, site_dir / FILENAME)  # atomic: never a half-written config
-        return site_dir / FILENAME
+        return write_atomic(Path(site_dir) / FILENAME, json.dumps(asdict(self), indent=2))

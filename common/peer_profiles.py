@@ -7,6 +7,7 @@ horizon. A site matches *her* embedding (never sent) against the prototypes loca
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pmlm.common.atomic import write_atomic
 from pmlm.common.profiles import TaskProfile
 
 
@@ -42,14 +44,12 @@ class PeerProfiles:
 
     def save(self, path: Path) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, centroids=self.centroids, counts=self.counts, rates=self.rates, suppressed=self.suppressed)
+        arrays = io.BytesIO()
+        np.savez(arrays, centroids=self.centroids, counts=self.counts, rates=self.rates, suppressed=self.suppressed)
         meta = {"count_noise_std": self.count_noise_std, "concepts": self.concepts,
                 "horizon_days": self.horizon_days, "min_count": self.min_count}
-        path.with_suffix(".json.tmp").write_text(json.dumps(meta))
-        tmp.replace(path.with_suffix(".npz"))
-        path.with_suffix(".json.tmp").replace(path.with_suffix(".json"))
+        write_atomic(path.with_suffix(".npz"), arrays.getvalue())
+        write_atomic(path.with_suffix(".json"), json.dumps(meta))
 
     @classmethod
     def load(cls, path: Path) -> "PeerProfiles":

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from pmlm import __version__
+from pmlm.common.atomic import DurableWriteError
 
 # command name -> module providing register(subparsers) and the handlers.
 COMMAND_GROUPS = {
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(handler(args) or 0)
-    except CliError as exc:
+    except (CliError, DurableWriteError) as exc:  # DurableWriteError: e.g. a full disk; it names the file
         print(f"pmlm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from pmlm.common.atomic import write_atomic
+
 COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#9d755d", "#bab0ac"]
 
 
@@ -128,10 +130,5 @@ def render_html(report: dict) -> str:
 
 
 def write_report(report: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, html_path = out / "report.json", out / "report.html"
-    for path, text in ((json_path, json.dumps(report, indent=1, default=float)), (html_path, render_html(report))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)  # never a half-written report
-    return json_path, html_path
+    json_path = write_atomic(out / "report.json", json.dumps(report, indent=1, default=float))
+    return json_path, write_atomic(out / "report.html", render_html(report))

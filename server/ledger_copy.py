@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from pmlm.common.atomic import append_durably, write_atomic
 from pmlm.common.privacy.ledger import SITE_ID_PATTERN, LedgerReplay, Problem
 from pmlm.common.privacy.signing import (
     COORDINATOR_COPY_DOMAIN,
@@ -126,7 +127,7 @@ class CoordinatorLedgerCopy:
                     f"not {key_fingerprint(site_key)}"
                 )
             return
-        path.write_bytes(site_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        write_atomic(path, site_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
     def site_key(self, site_id: str) -> Ed25519PublicKey | None:
         path = self.site_key_path(site_id)
@@ -173,14 +174,7 @@ class CoordinatorLedgerCopy:
                 prev = line_hash(line)
                 records.append(record)
                 data += line + b"\n"
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_durably(path, data, create_mode=0o644)  # a full disk leaves the copy as it was
             if records:
                 last_line = data[:-1].rsplit(b"\n", 1)[-1]
             self._held[site_id] = (size + len(data), updated, last_line)

@@ -11,7 +11,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from pmlm.common.atomic import write_atomic
 
 # Domain tags keep a site's entry signature from being replayed as a countersignature and back.
 SITE_ENTRY_DOMAIN = b"pmlm-ledger-entry/1\n"
@@ -49,20 +50,14 @@ def load_or_create_private_key(path: Path) -> Ed25519PrivateKey:
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        # O_EXCL: two processes creating the key at once must not overwrite each other's key.
+        # Created once and whole: two processes creating the key at once must not overwrite each other's
+        # key, and a full disk must not leave half a key behind.
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            write_atomic(path, pem, mode=0o600, exclusive=True)
         except FileExistsError:
             return load_or_create_private_key(path)
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
-            out.flush()
-            os.fsync(out.fileno())
-        public_path(path).write_bytes(
-            key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
+        write_atomic(public_path(path), key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         return key
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
@@ -75,9 +70,8 @@ def load_or_create_private_key(path: Path) -> Ed25519PrivateKey:
         raise KeyFileError(f"{path} is not an Ed25519 private key")
     pub = public_path(path)
     if not pub.exists():
-        pub.write_bytes(
-            key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        )
+        write_atomic(pub, key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return key
 
 

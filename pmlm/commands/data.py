@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from pmlm.cli import CliError
+from pmlm.common.atomic import write_atomic
 
 
 def register(sub) -> None:
@@ -81,10 +82,7 @@ def cmd_validate(args) -> int:
         "quarantined": quarantined,
     }
     if args.quarantine_out:
-        args.quarantine_out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.quarantine_out, "w") as f:
-            for q in quarantined:
-                f.write(json.dumps(q) + "\n")
+        write_atomic(args.quarantine_out, "".join(json.dumps(q) + "\n" for q in quarantined))
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         print()

@@ -7,13 +7,12 @@ llama.cpp server, started for the command and stopped after it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 from pmlm.cli import CliError
+from pmlm.common.atomic import write_atomic
 
 CHECK_PROMPT = "In one sentence: why do pregnant women get a glucose screening test?"
 
@@ -112,21 +111,7 @@ def run_ask(args) -> int:
     if args.out is None:
         print(answer.text)
     else:
-        write_text_atomically(args.out, answer.text + "\n")
+        write_atomic(args.out, answer.text + "\n")
     source = "cache" if answer.cached else f"{answer.completion_tokens} tokens in {answer.elapsed_s:.2f} s"
     print(f"({answer.model}, {source})", file=sys.stderr)
     return 0
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

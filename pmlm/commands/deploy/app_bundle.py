@@ -16,6 +16,8 @@ from typing import Any
 
 import tomli_w
 
+from pmlm.common.atomic import write_atomic
+
 APP_NAME = "pmlm"  # the bundle folder's name must be the project name for `flwr build`
 
 # A short run of every phase: small model, few rounds, one local epoch, few points per patient.
@@ -63,6 +65,5 @@ def write_app_bundle_dir(out: Path, app_pyproject: Path, run_config: dict[str, A
                if key in source["project"]}
     project["dependencies"] = []  # hosts install PMLM themselves; the bundle installs nothing
     folder = Path(out) / APP_NAME
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(tomli_w.dumps({"project": project, "tool": {"flwr": {"app": app}}}))
+    write_atomic(folder / "pyproject.toml", tomli_w.dumps({"project": project, "tool": {"flwr": {"app": app}}}))
     return folder

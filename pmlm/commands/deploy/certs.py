@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pmlm.common.atomic import write_atomic
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 CERT_DAYS = 825  # the longest validity common TLS clients still accept for leaf certificates
@@ -38,18 +39,9 @@ class Issued:
     key: Path
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create the key file with mode 0600 from the start, so it is never readable by others."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+# Private keys are written whole with mode 0600 from the start (write_atomic's mode), so they are never
+# readable by others, nor half-written on a full disk.
+PRIVATE = 0o600
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -87,8 +79,8 @@ def make_ca(out: Path, name: str = "PMLM consortium CA") -> Issued:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA384()))
     issued = Issued(out / "ca.pem", out / "ca.key")
-    _write_private(issued.key, _pem_key(key))
-    _write_public(issued.cert, cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(issued.key, _pem_key(key), mode=PRIVATE)
+    write_atomic(issued.cert, cert.public_bytes(serialization.Encoding.PEM))
     return issued
 
 
@@ -116,8 +108,8 @@ def issue(ca: Issued, cert_path: Path, key_path: Path, common_name: str, *, serv
     if not client:
         builder = builder.add_extension(_san([*LOOPBACK_NAMES, *(server_names or [])]), critical=False)
     cert = builder.sign(ca_key, hashes.SHA384())
-    _write_private(key_path, _pem_key(key))
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(key_path, _pem_key(key), mode=PRIVATE)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return Issued(cert_path, key_path)
 
 
@@ -128,8 +120,8 @@ def make_node_auth_key(folder: Path, comment: str) -> tuple[Path, Path]:
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     private_path, public_path = folder / "node-auth.key", folder / "node-auth.pub"
-    _write_private(private_path, private)
-    _write_public(public_path, public + f" {comment}\n".encode())
+    write_atomic(private_path, private, mode=PRIVATE)
+    write_atomic(public_path, public + f" {comment}\n".encode())
     return private_path, public_path
 
 
