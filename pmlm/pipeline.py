@@ -50,6 +50,11 @@ class PipelineOptions:
     progress: bool = True
     variants: tuple = GUIDANCE_VARIANTS  # which prompts the guidance evaluation scores
     curve: tuple = ()  # extra epsilons per site for the privacy-utility curve (each a full federated run)
+    engine: str = "in-process"  # or "deployment": a local SuperLink and SuperNodes (TLS, node auth) on loopback
+
+
+class PipelineError(RuntimeError):
+    """The federated run did not complete; the message says which step failed and where its logs are."""
 
 
 def _bar(desc: str, total: int, opts: PipelineOptions):
@@ -92,11 +97,8 @@ def run_config(opts: PipelineOptions) -> dict:
 
 
 def run_federation(opts: PipelineOptions, sites: dict[str, Path]) -> dict:
-    """Phases A, B, C through the Flower app, in this process (Ray-free grid)."""
-    from pmlm.client.client_app import app as client_app
+    """Phases A, B, C through the Flower app: in this process (Ray-free grid) or on a local deployment."""
     from pmlm.client.site_config import SiteConfig
-    from pmlm.server.in_process import run_in_process
-    from pmlm.server.server_app import app as server_app
 
     nodes = []
     for name, path in sorted(sites.items()):
@@ -107,13 +109,33 @@ def run_federation(opts: PipelineOptions, sites: dict[str, Path]) -> dict:
     coordinator = opts.workdir / "coordinator"
     before = set(coordinator.glob("*.json")) if coordinator.exists() else set()
     started = time.perf_counter()
-    run_in_process(server_app, client_app, nodes, run_config(opts))
+    if opts.engine == "deployment":
+        _run_on_local_deployment(opts, sites)
+    else:
+        from pmlm.client.client_app import app as client_app
+        from pmlm.server.in_process import run_in_process
+        from pmlm.server.server_app import app as server_app
+
+        run_in_process(server_app, client_app, nodes, run_config(opts))
     total = time.perf_counter() - started
     written = sorted(set(coordinator.glob("*-phases-bc.json")) - before)
     later = json.loads(written[-1].read_text()) if written else {}
     b = later.get("phase_b", {}).get("seconds", 0.0)
     c = later.get("phase_c", {}).get("seconds", 0.0)
     return {"phase_a": round(total - b - c, 1), "phase_b": b, "phase_c": c, "later": later}
+
+
+def _run_on_local_deployment(opts: PipelineOptions, sites: dict[str, Path]) -> None:
+    """SuperLink and one SuperNode per site on loopback with TLS and node authentication, the app run by
+    `flwr run`; site directories land where the in-process engine puts them (workdir/sites/<site>)."""
+    from pmlm.commands.deploy.local import LocalDeployment
+
+    if opts.llm:  # SuperNodes read their LLM from node config; the launch scripts set only data and site
+        raise PipelineError("--deployment runs with the embedded LLM; drop --llm-base-url/--llm-model")
+    deployment = LocalDeployment(opts.workdir, sites, tls=True, run_config=run_config(opts))
+    if not deployment.run():
+        failed = "; ".join(c.name for c in deployment.checks if not c.ok)
+        raise PipelineError(f"the local deployment failed ({failed}); logs in {deployment.logs}")
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
@@ -286,7 +308,8 @@ def run_pipeline_core(opts: PipelineOptions, log=print) -> dict:
         patients += data.patients
         for t in kept:
             timelines[(name, t.patient_id)] = t
-    log(f"[2/4] federated phases A (DP recommender), B (DP peer prototypes), C (RL prompt policy) through Flower")
+    log(f"[2/4] federated phases A (DP recommender), B (DP peer prototypes), C (RL prompt policy) through Flower"
+        f" ({opts.engine})")
     timing = run_federation(opts, sites)
     site_dirs = {name: opts.workdir / "sites" / name for name in sites}
     log(f"      phase A {timing['phase_a']:.0f} s, phase B {timing['phase_b']:.0f} s, phase C {timing['phase_c']:.0f} s")

@@ -20,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("--data", type=Path, default=None, help="consortium directory (default: the bundled sample)")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--deployment", action="store_true",
-                   help="run on Flower's Deployment Engine (local SuperLink + SuperNodes) via `pmlm deploy local`")
+                   help="run the phases on Flower's Deployment Engine (a local SuperLink and SuperNodes with TLS "
+                        "and node authentication, as `pmlm deploy local` starts them) instead of in-process")
     add_pipeline_arguments(p)
     p.set_defaults(handler=cmd_demo, max_test_points=24)
 
@@ -29,24 +30,25 @@ def cmd_demo(args) -> int:
     from pmlm.client.llm import LLMError
     from pmlm.client.sites import SAMPLE_DATA
     from pmlm.commands.evaluate import options_from
-    from pmlm.pipeline import run_pipeline
+    from pmlm.pipeline import PipelineError, run_pipeline
     from pmlm.report import write_report
 
     data = args.data or SAMPLE_DATA
     if not data.exists():
         raise CliError(f"no consortium data at {data}; generate one with `pmlm data generate --out {data}`")
-    if args.deployment:
-        from pmlm.cli import main as pmlm_main
-
-        return pmlm_main(["deploy", "local", "--sites", "3"])
     started = time.perf_counter()
-    print(f"PMLM demo on {data}: phases A, B, C through Flower (in-process), the embedded local LLM")
+    engine = "a local SuperLink and SuperNodes (TLS)" if args.deployment else "in-process"
+    print(f"PMLM demo on {data}: phases A, B, C through Flower ({engine}), the embedded local LLM")
     opts = options_from(args, data, args.out / "work")
     opts.progress = True
+    if args.deployment:
+        opts.engine = "deployment"
     try:
         report = run_pipeline(opts)
     except LLMError as exc:
         raise CliError(f"the LLM could not answer: {exc}") from None
+    except PipelineError as exc:
+        raise CliError(str(exc)) from None
     json_path, html_path = write_report(report, args.out)
     g = report["guidance"]
     print("\nGuidance F1 (LLM answer vs what really happened next):")

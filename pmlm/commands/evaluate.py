@@ -53,7 +53,7 @@ def register(sub) -> None:
 
 def cmd_evaluate(args) -> int:
     from pmlm.client.llm import LLMError
-    from pmlm.pipeline import run_pipeline
+    from pmlm.pipeline import PipelineError, run_pipeline
     from pmlm.report import render_html
 
     if not args.data.exists():
@@ -63,6 +63,8 @@ def cmd_evaluate(args) -> int:
         report = run_pipeline(opts)
     except LLMError as exc:
         raise CliError(f"the LLM could not answer: {exc}") from None
+    except PipelineError as exc:
+        raise CliError(str(exc)) from None
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json_out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1, default=float))

@@ -14,11 +14,13 @@ import gzip
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,9 @@ QUICK_PATIENTS = 40  # records per site in a --quick run: enough for train/val/t
 CLI_TIMEOUT_S = 120
 # Bounded waits for processes to come up or a run to end; generous because CI machines can be loaded.
 STARTUP_TIMEOUT_S = 180
+# Lines of the run log worth showing while it runs: phase A's rounds and the later phases' own markers.
+PROGRESS_LINE = re.compile(r"\[ROUND \d+/\d+\]|\[PMLM phase|Strategy execution finished")
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 # What a site must hold after each phase (relative to its site dir); later phases add their manifests.
 PHASE_ARTIFACTS = {"phase_a": "phase_a/current.json", "phase_b": "phase_b/current.json",
                    "phase_c": "phase_c/current.json"}
@@ -233,7 +238,7 @@ class LocalDeployment:
 
     def run_app(self) -> None:
         t = time.monotonic()
-        config = {**self.run_config, "workdir": str(self.run_dir / "coordinator")}
+        config = {"workdir": str(self.run_dir / "coordinator"), **self.run_config}
         app_dir = write_app_bundle_dir(self.run_dir / "app", self.app_pyproject or find_app_pyproject(), config)
         started = self.flwr_json("run", str(app_dir), CONNECTION)
         if not self.check("flwr run accepted the app", bool(started.get("success")),
@@ -243,10 +248,7 @@ class LocalDeployment:
         # `flwr log` streams until the run ends; its own timeout bounds a run that hangs.
         log = self.logs / f"run-{run_id}.log"
         try:
-            with open(log, "w") as out:
-                subprocess.run([_tool("flwr"), "log", run_id, CONNECTION, "--stream"], stdout=out,
-                               stderr=subprocess.STDOUT, timeout=self.timeout_s, stdin=subprocess.DEVNULL,
-                               env=self.env(FLWR_HOME=str(self.cli_home)))
+            self.stream_run_log(run_id, log)
         except subprocess.TimeoutExpired:
             self.flwr("stop", run_id, CONNECTION)
             raise
@@ -260,6 +262,25 @@ class LocalDeployment:
         wait_for(finished, STARTUP_TIMEOUT_S, 2.0, what=f"run {run_id} to finish")
         self.check("app run completed", status == "finished:completed", f"run {run_id}: {status}; log {log}")
         self.timed("app_run", t)
+
+    def stream_run_log(self, run_id: str, log: Path) -> None:
+        """Keep the whole run log in a file and show its progress lines (rounds, phases) as they come."""
+        deadline = time.monotonic() + self.timeout_s
+        with open(log, "w") as out, subprocess.Popen(
+                [_tool("flwr"), "log", run_id, CONNECTION, "--stream"], stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace",
+                env=self.env(FLWR_HOME=str(self.cli_home))) as streaming:
+            watchdog = threading.Timer(self.timeout_s, streaming.kill)  # a run that hangs must not hang us
+            watchdog.start()
+            try:
+                for line in streaming.stdout:
+                    out.write(line)
+                    if PROGRESS_LINE.search(line):
+                        print(f"    {ANSI_COLOUR.sub('', line).split(':', 1)[-1].strip()}", flush=True)
+            finally:
+                watchdog.cancel()
+        if time.monotonic() >= deadline:
+            raise subprocess.TimeoutExpired(["flwr", "log", run_id], self.timeout_s)
 
     def check_sites(self) -> None:
         from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, verify_ledger
