@@ -17,6 +17,7 @@ import numpy as np
 from pmlm.client.examples import Example
 from pmlm.common.peer_profiles import normalise
 from pmlm.common.privacy import GaussianRelease, SiteLedger
+from pmlm.common.privacy.kept import release_once, request_digest
 
 PHASE = "phase_b"
 NOISE_SOURCE = "numpy PCG64 seeded from OS entropy (not a cryptographic RNG)"
@@ -86,15 +87,16 @@ class NoisyRelease:
 
 
 def release(ledger: SiteLedger, stats: tuple[np.ndarray, np.ndarray], mechanism: GaussianRelease,
-            rng: np.random.Generator, *, round: int, run_id: str, what: str) -> NoisyRelease:
-    """Check the budget, then draw the noise, then record: a refused release draws nothing."""
+            rng: np.random.Generator, *, round: int, run_id: str, what: str, centroids: np.ndarray) -> NoisyRelease:
+    """Check the budget, then draw the noise, then record: a refused release draws nothing.
+    The same round asked for again with the same `centroids` (a retried secure sum) gets the same release."""
     exact = np.concatenate([stats[0], stats[1][:, None]], axis=1)
 
     def draw() -> np.ndarray:
         return exact + rng.normal(0.0, mechanism.noise_stddev, size=exact.shape)
 
-    noisy, entry = ledger.release(PHASE, mechanism, draw, round=round, run_id=run_id, extra={"release": what},
-                                  noise_source=NOISE_SOURCE)
+    noisy, entry = release_once(ledger, PHASE, mechanism, draw, round=round, run_id=run_id,
+                                request=request_digest(centroids), extra={"release": what}, noise_source=NOISE_SOURCE)
     return NoisyRelease(noisy, entry)
 
 
@@ -138,11 +140,12 @@ class PhaseBSite:
     def kmeans_round(self, centroids: np.ndarray, round: int) -> NoisyRelease:
         mechanism = GaussianRelease(self.noise_multiplier(), kmeans_sensitivity())
         stats = kmeans_stats(self.embeddings, centroids)
-        return release(self.ledger, stats, mechanism, self.rng, round=round, run_id=self.run_id, what="kmeans")
+        return release(self.ledger, stats, mechanism, self.rng, round=round, run_id=self.run_id, what="kmeans",
+                       centroids=centroids)
 
     def profile_release(self, centroids: np.ndarray) -> NoisyRelease:
         mechanism = GaussianRelease(self.noise_multiplier(), profile_sensitivity(self.config.max_targets))
         targets = target_matrix(self.examples, self.concepts, self.config.max_targets, self.config.seed)
         stats = profile_stats(self.embeddings, targets, centroids)
         return release(self.ledger, stats, mechanism, self.rng, round=self.config.rounds, run_id=self.run_id,
-                       what="peer_profile")
+                       what="peer_profile", centroids=centroids)

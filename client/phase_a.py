@@ -7,6 +7,9 @@ Privacy: the noise multiplier is calibrated once per run from what is left of th
 budget for the whole planned run (rounds x local steps); each local round is priced before any
 noise is drawn (`SiteLedger.check`, which records a refusal and raises if it does not fit) and,
 after training, recorded with the parameters Opacus actually used, before the weights are returned.
+A site killed while training has no entry for that round; one killed after recording keeps an entry
+for weights that never left (over-counted, never under-counted). A round of a run asked for again is
+refused by the ledger (`AlreadyReleased`) before anything is trained: it is never charged twice.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from pmlm.client.examples import Example
 from pmlm.client.reward import ConceptMatcher, RewardWeights, score_answer
 from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, action_onehot, action_tensor
 from pmlm.common.privacy import GaussianRelease, SiteLedger
+from pmlm.common.privacy.kept import release_once, request_digest
 from pmlm.common.prompt import PatientContext, PromptParams, render
 
 PHASE = "phase_c"
@@ -164,8 +165,10 @@ class LocalRL:
         def draw() -> np.ndarray:
             return total + rng.normal(0.0, mechanism.noise_stddev, size=total.shape)
 
-        return ledger.release(PHASE, mechanism, draw, round=round, run_id=run_id,
-                              extra={"release": "policy_gradient_sum"}, noise_source=NOISE_SOURCE)
+        # A round asked for again (a retried secure sum) resends this release: the request is the policy it had.
+        policy = torch.nn.utils.parameters_to_vector(self.policy.parameters()).detach().numpy()
+        return release_once(ledger, PHASE, mechanism, draw, round=round, run_id=run_id, request=request_digest(policy),
+                            extra={"release": "policy_gradient_sum"}, noise_source=NOISE_SOURCE)
 
 
 def n_parameters(model: nn.Module) -> int:

@@ -16,6 +16,7 @@ from pmlm.common.privacy.accountant import (
 from pmlm.common.privacy.budget import BudgetConfig, BudgetExhausted, Charge, UnknownPhase
 from pmlm.common.privacy.events import PRIVACY_UNITS, DpSgd, GaussianRelease, Mechanism, MechanismError, mechanism_from_dict
 from pmlm.common.privacy.ledger import (
+    AlreadyReleased,
     LedgerConfigMismatch,
     LedgerCorrupted,
     LedgerError,
@@ -28,5 +29,5 @@ __all__ = [
     "ACCOUNTANT", "AccountantSettings", "CalibrationError", "Composition", "Epsilons", "calibrate_dpsgd",
     "calibrate_gaussian", "compose_epsilon", "BudgetConfig", "BudgetExhausted", "Charge", "UnknownPhase",
     "PRIVACY_UNITS", "DpSgd", "GaussianRelease", "Mechanism", "MechanismError", "mechanism_from_dict",
-    "LedgerConfigMismatch", "LedgerCorrupted", "LedgerError", "LedgerTornTail", "SiteLedger", "verify_ledger",
+    "AlreadyReleased", "LedgerConfigMismatch", "LedgerCorrupted", "LedgerError", "LedgerTornTail", "SiteLedger", "verify_ledger",
 ]

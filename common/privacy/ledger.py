@@ -10,7 +10,13 @@ One line per event, in canonical JSON:
 
 Every line carries the SHA-256 of the previous line and an Ed25519 signature by the site's
 key. Releases are written (and fsynced) before the caller may send anything, so a crash can
-lose a release that was never sent, never send one that is not in the ledger.
+lose a release that was never sent, never send one that is not in the ledger. A site that dies
+after recording and before its reply leaves is over-charged (the entry stays), never under-charged.
+
+A release is charged once per (run, phase, round, privacy unit): asking again for a round that
+is already in the ledger raises `AlreadyReleased` before anything is priced or drawn, so a
+coordinator that re-sends a round (a retry, a restarted server) cannot make a site pay twice.
+Phases that can be retried resend the release they kept (`common/privacy/kept.py`).
 
 `LedgerReplay` re-checks a ledger from its bytes (chain, signatures, canonical form, and
 every epsilon re-priced with dp-accounting); `SiteLedger` is what a site's code charges.
@@ -110,6 +116,17 @@ class LedgerConfigMismatch(LedgerError):
 
 class LedgerConflict(LedgerError):
     """The file changed under us in a way appends cannot explain (truncated or rewritten)."""
+
+
+class AlreadyReleased(LedgerError):
+    """This round of this run was already released and charged; it is not charged (or drawn) again."""
+
+    def __init__(self, site_id: str, entry: dict[str, Any], detail: str = ""):
+        self.entry = entry
+        super().__init__(
+            f"site {site_id} already released round {entry['round']} of {entry['phase']} in run "
+            f"{entry['run_id']} (ledger entry {entry['seq']}); a round is charged once and not drawn again"
+            + (f" ({detail})" if detail else ""))
 
 
 @dataclass(frozen=True)
@@ -438,6 +455,14 @@ class SiteLedger:
             self._sync()
             return self._replay.state.remaining(privacy_unit, phase)
 
+    def release_of(self, phase: str, round: int, run_id: str | None = None,
+                   privacy_unit: str = "patient-in-site") -> dict[str, Any] | None:
+        """The release entry of this round of `run_id` (default: this ledger's run), or None if none was made."""
+        with self._locked():
+            self._sync()
+            found = self._release_of(phase, round, run_id or self.run_id, privacy_unit)
+            return json.loads(json.dumps(found)) if found is not None else None
+
     def price(self, phase: str, mechanism: Mechanism | Iterable[Mechanism], *, rdp: bool = True) -> Charge:
         """What `mechanism` (or a planned sequence) would cost now; records nothing (rdp=False: PLD only, faster)."""
         with self._locked():
@@ -588,6 +613,11 @@ class SiteLedger:
 
     def _charge_or_refuse(self, phase, mechanism, round, run_id, population_size, extra) -> Charge:
         _check_fields(round, population_size, extra)
+        unit = getattr(mechanism, "privacy_unit", None)
+        if round is not None and unit is not None:
+            done = self._release_of(phase, round, run_id or self.run_id, unit)
+            if done is not None:
+                raise AlreadyReleased(self.site_id, done)
         charge = self._replay.state.price(phase, mechanism)
         if charge.fits:
             return charge
@@ -606,6 +636,13 @@ class SiteLedger:
             "reason": str(refused),
         }, run_id=run_id, charge=None)
         raise refused
+
+    def _release_of(self, phase: str, round: int, run_id: str, privacy_unit: str) -> dict[str, Any] | None:
+        for entry in reversed(self._replay.entries):
+            if (entry.get("kind") == "release" and entry.get("phase") == phase and entry.get("round") == round
+                    and entry.get("run_id") == run_id and entry.get("privacy_unit") == privacy_unit):
+                return entry
+        return None
 
     def _append_release(self, charge, round, run_id, population_size, noise_source, extra) -> dict[str, Any]:
         if not isinstance(noise_source, str) or not noise_source:

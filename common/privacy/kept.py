@@ -1,0 +1,74 @@
+"""Noisy releases kept at the site, so that a re-executed round resends its release instead of paying again.
+
+A coordinator may ask a site for the same round twice: a secure sum that halted after the sites had
+computed their vectors is retried, a restarted server re-sends a round. The ledger charges a round once
+(`AlreadyReleased`); `release_once` turns that into an answer: the first time it checks the budget, draws
+the noise, keeps the noisy array under ``SITE/ledger/releases/`` and records the entry, all under the
+ledger's lock, before anything is sent. Asked again for the same (run, phase, round), it returns the kept
+array and its entry. Sending the same noisy values again is post-processing of one release: it costs no
+privacy, and nothing new is drawn.
+
+A repeat must carry the same request (e.g. the same centroids or policy weights, by digest): a different
+request for a round already released is refused, since answering it would need a fresh release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pmlm.common.privacy.events import Mechanism
+from pmlm.common.privacy.ledger import AlreadyReleased, SiteLedger
+
+KEPT_DIR = Path("ledger") / "releases"  # relative to the site directory
+
+
+def request_digest(*arrays: np.ndarray) -> str:
+    """SHA-256 over the arrays a request carried (shape, dtype and bytes of each)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def kept_path(ledger: SiteLedger, phase: str, round: int, run_id: str) -> Path:
+    return ledger.site_dir / KEPT_DIR / f"{run_id}-{phase}-r{round:04d}.npz"
+
+
+def release_once(ledger: SiteLedger, phase: str, mechanism: Mechanism, draw_noise: Callable[[], np.ndarray], *,
+                 round: int, run_id: str, request: str, population_size: int | None = None,
+                 noise_source: str, extra: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """`SiteLedger.release` for a round that may be asked for again; returns (noisy array, ledger entry).
+
+    `request`: `request_digest` of what the coordinator sent for this round.
+    """
+    path = kept_path(ledger, phase, round, run_id)
+
+    def draw_and_keep() -> np.ndarray:
+        noisy = np.asarray(draw_noise())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".new-{os.getpid()}")
+        with open(tmp, "wb") as out:  # kept before the entry is recorded, both before anything is sent
+            np.savez(out, values=noisy, request=np.array(request))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        return noisy
+
+    try:
+        return ledger.release(phase, mechanism, draw_and_keep, round=round, run_id=run_id,
+                              population_size=population_size, noise_source=noise_source, extra=extra)
+    except AlreadyReleased as already:
+        if not path.is_file():  # released before releases were kept, or the file was removed
+            raise
+        with np.load(path) as kept:
+            if str(kept["request"]) != request:
+                raise AlreadyReleased(ledger.site_id, already.entry,
+                                      "asked again with a different request") from None
+            return kept["values"], already.entry
