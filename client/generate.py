@@ -7,8 +7,6 @@ generator's bundles.
 
 from __future__ import annotations
 
-import gzip
-import io
 import shutil
 import subprocess
 import sys
@@ -18,7 +16,8 @@ from importlib import metadata
 from pathlib import Path
 
 from pmlm.client.ingest import RecordReader
-from pmlm.client.ingest.csv_events import write_csv_timelines
+from pmlm.client.ingest.csv_events import gzipped_event_table
+from pmlm.common.atomic import write_atomic
 
 # (site name, state, city or "") — extended cyclically for more hospitals.
 HOSPITALS = [
@@ -61,11 +60,8 @@ def fhir_dir_to_csv(fhir_dir: Path, out_file: Path) -> tuple[int, int]:
     timelines = sorted(reader, key=lambda t: t.patient_id)
     if reader.quarantined:
         raise RuntimeError(f"generator output had quarantined records: {reader.quarantined[:3]}")
-    buffer = io.StringIO()
-    rows = write_csv_timelines(timelines, buffer)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_file, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
-        gz.write(buffer.getvalue().encode("utf-8"))
+    table, rows = gzipped_event_table(timelines)
+    write_atomic(out_file, table)
     return len(timelines), rows
 
 
@@ -125,4 +121,4 @@ def write_provenance(out: Path, specs: list[dict], version: str, reference_date:
         lines.append(f"| {s['name']} | {s['state']} | {s['city'] or '-'} | {s['seed']} | {s.get('patients', '?')} "
                      f"| `synthea {s['command']}` |")
     lines += ["", "Licence: the generator is Apache-2.0; the generated records are synthetic and free to use.", ""]
-    (out / "PROVENANCE.md").write_text("\n".join(lines))
+    write_atomic(out / "PROVENANCE.md", "\n".join(lines))

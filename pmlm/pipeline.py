@@ -9,7 +9,6 @@ LLM's guidance for each prompt variant against what really happened next.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from pmlm.client.baselines import GestationalTiming, Popularity, timing_key
 from pmlm.client.sites import discover_sites
+from pmlm.common.atomic import write_atomic
 
 GUIDANCE_VARIANTS = ("general", "summary_only", "self", "peer", "self_peer", "pmlm", "oracle")
 
@@ -67,7 +67,7 @@ def prepare_sites(opts: PipelineOptions) -> dict[str, Path]:
     if len(found) > 1:
         return {name: path.resolve() for name, path in found.items()}
     from pmlm.client.ingest import RecordReader
-    from pmlm.client.ingest.csv_events import write_csv_timelines
+    from pmlm.client.ingest.csv_events import gzipped_event_table
 
     names = [f"site_{i + 1}" for i in range(opts.sites)]
     buckets: dict[str, list] = {n: [] for n in names}
@@ -77,9 +77,7 @@ def prepare_sites(opts: PipelineOptions) -> dict[str, Path]:
     out = {}
     for name, timelines in buckets.items():
         folder = opts.workdir / "data" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        with gzip.open(folder / "events.csv.gz", "wt", newline="") as f:
-            write_csv_timelines(timelines, f)
+        write_atomic(folder / "events.csv.gz", gzipped_event_table(timelines)[0])
         out[name] = folder.resolve()
     return out
 

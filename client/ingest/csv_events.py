@@ -8,6 +8,7 @@ gender in ``code``. Bad rows are quarantined with their line number; good rows g
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import math
 from typing import IO, Iterator
@@ -140,6 +141,16 @@ def write_csv_timelines(timelines, stream: IO[str]) -> int:
                                              e.unit, _iso(e.end) if e.end else "", e.encounter_class]))
             rows += 1
     return rows
+
+
+def gzipped_event_table(timelines) -> tuple[bytes, int]:
+    """The event table of `timelines`, gzipped byte-reproducibly (no file name, mtime 0), and its row count."""
+    text = io.StringIO()
+    rows = write_csv_timelines(timelines, text)
+    packed = io.BytesIO()
+    with gzip.GzipFile(fileobj=packed, mode="wb", mtime=0, filename="") as gz:
+        gz.write(text.getvalue().encode("utf-8"))
+    return packed.getvalue(), rows
 
 
 def _newlines_as_lf(row: list[str]) -> list[str]:

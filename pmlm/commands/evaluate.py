@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from pmlm.cli import CliError
+from pmlm.common.atomic import write_atomic
 
 
 def add_pipeline_arguments(p) -> None:
@@ -65,12 +66,9 @@ def cmd_evaluate(args) -> int:
         raise CliError(f"the LLM could not answer: {exc}") from None
     except PipelineError as exc:
         raise CliError(str(exc)) from None
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json_out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=float))
-    tmp.replace(args.json_out)
+    write_atomic(args.json_out, json.dumps(report, indent=1, default=float))
     if args.html_out:
-        args.html_out.write_text(render_html(report))
+        write_atomic(args.html_out, render_html(report))
     g = report["guidance"]
     print(f"guidance F1: general {g['general']['f1']:.3f}, self+peer {g['self_peer']['f1']:.3f}, "
           f"PMLM {g['pmlm']['f1']:.3f}, oracle {g['oracle']['f1']:.3f}; report: {args.json_out}")

@@ -29,6 +29,7 @@ from typing import Any
 from pmlm.commands.deploy.app_bundle import QUICK_RUN_CONFIG, find_app_pyproject, write_app_bundle_dir
 from pmlm.commands.deploy.certs import make_deploy_keys, make_node_auth_key
 from pmlm.commands.deploy.processes import ProcessSet, Started, wait_for
+from pmlm.common.atomic import write_atomic
 
 DEPLOY_DIR = Path(__file__).resolve().parents[3] / "deploy"
 SCRIPTS = DEPLOY_DIR / "scripts"
@@ -147,7 +148,7 @@ class LocalDeployment:
             connection.append(f'root-certificates = "{self.keys_dir / "ca.pem"}"')
         else:
             connection.append("insecure = true")
-        (self.cli_home / "config.toml").write_text("\n".join(connection) + "\n")
+        write_atomic(self.cli_home / "config.toml", "\n".join(connection) + "\n")
         self.timed("prepare", t)
 
     def start_superlink(self) -> None:
@@ -320,7 +321,7 @@ class LocalDeployment:
                   "run_config": self.run_config, "timings_s": self.timings,
                   "checks": [vars(c) for c in self.checks], "run_dir": str(self.run_dir),
                   "stopped_pids": getattr(self, "pids", {})}
-        (self.run_dir / "deploy_report.json").write_text(json.dumps(report, indent=2))
+        write_atomic(self.run_dir / "deploy_report.json", json.dumps(report, indent=2))
 
 
 # -- helpers without state ---------------------------------------------------------------------
@@ -343,7 +344,7 @@ def write_env_file(path: Path, values: dict[str, Any]) -> Path:
         if any(ch in text for ch in "\"'$`\\\n "):
             raise ValueError(f"{key}={text!r}: paths and values may not hold spaces, quotes or shell characters")
         lines.append(f"{key}={text}")
-    path.write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
