@@ -17,6 +17,7 @@ from typing import Any
 from pmlm.common.privacy.accountant import ACCOUNTANT
 from pmlm.common.privacy.events import PRIVACY_UNITS
 from pmlm.common.privacy.ledger import UNSPECIFIED_NOISE_SOURCE, LedgerReplay
+from pmlm.common.privacy.membership import CONFIDENCE, advantage_bound, composed_epsilon, tied_releases, verdict
 
 PHASE_COLOURS = ["#1f5fa8", "#d9731a", "#2e8b3e", "#8e44ad", "#b03a48", "#5d6d7e"]
 UNIT_TITLES = {
@@ -403,7 +404,86 @@ def _entries_table(ledgers: list[AuditedLedger]) -> str:
             f"would have reached; the cumulative ε did not change.</p>")
 
 
-def render_html(ledgers: list[AuditedLedger], generated_at: str | None = None) -> str:
+# -- membership inference --------------------------------------------------------------------------
+
+def membership_rows(audits: list[dict[str, Any]], ledgers: list[AuditedLedger]) -> list[dict[str, Any]]:
+    """One row per site, artifact and attack of the sites' `pmlm audit membership` results.
+
+    ε and the bound are re-derived here from the verified ledger in this report (the releases the
+    site named, checked by sequence number and signature); a result whose releases the ledger does
+    not hold, or whose ledger is not in the report, says so instead of being trusted silently.
+    """
+    by_site = {}
+    for ledger in ledgers:
+        if ledger.verified and ledger.replay.budget is not None:
+            by_site.setdefault(ledger.site_id, ledger)  # the first given: a site ledger before a copy
+    rows = []
+    for audit in audits:
+        site = str(audit.get("site_id"))
+        ledger = by_site.get(site)
+        for artifact in audit.get("artifacts", []):
+            epsilon, delta, check, untied = artifact.get("epsilon"), artifact.get("delta"), "", ""
+            named = artifact.get("ledger_releases") or []
+            if ledger is not None and named:
+                found, problems = tied_releases(ledger.replay.entries, named)
+                delta = ledger.replay.budget.delta
+                if problems:
+                    epsilon, untied = None, problems[0]
+                else:
+                    epsilon, check = composed_epsilon(found, delta, ledger.replay.settings), "ε re-computed from the verified ledger"
+            elif named:
+                check = "ε as the site computed it: its verified ledger is not in this report"
+            bound = advantage_bound(epsilon, delta) if epsilon is not None else None
+            for attack in artifact.get("attacks") or [{}]:
+                if untied:
+                    text, consistent = f"not tied to the ledger: {untied}", False
+                elif attack:
+                    text, consistent = verdict(attack, bound)
+                else:
+                    text, consistent = "not measured", True
+                rows.append({"site_id": site, "artifact": artifact.get("artifact"), "run_id": artifact.get("run_id"),
+                             "epsilon": epsilon, "delta": delta, "bound": bound, "ledger_check": check,
+                             "note": artifact.get("note", ""), **attack, "verdict": text, "consistent": consistent})
+    return rows
+
+
+def _ci(value: Any, interval: Any) -> str:
+    if not isinstance(interval, (list, tuple)) or len(interval) != 2:
+        return _num(value, ".3f")
+    return f"{_num(value, '.3f')} <span class='meta'>({_num(interval[0], '.3f')}–{_num(interval[1], '.3f')})</span>"
+
+
+def membership_section(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    body = "".join(
+        f"<tr><td>{_e(r['site_id'])}</td><td>{_e(r['artifact'])}</td>"
+        f"<td class='nowrap' title='{_e(r.get('run_id') or '')}'>{_e(str(r.get('run_id') or '')[:8])}</td>"
+        f"<td class='num'>{_num(r['epsilon'])}</td><td class='num'>{_num(r['bound'], '.3f')}</td>"
+        f"<td>{_e(r.get('attack', '—'))}</td>"
+        f"<td class='num'>{_e(r.get('members', '—'))} / {_e(r.get('non_members', '—'))}</td>"
+        f"<td class='num'>{_ci(r.get('advantage'), r.get('advantage_ci'))}</td>"
+        f"<td class='num'>{_ci(r.get('auc'), r.get('auc_ci'))}</td>"
+        f"<td class='num'>{_num(r.get('null_advantage'), '.3f')}</td>"
+        f"<td><span class='{'ok' if r['consistent'] else 'fail'}'>{_e(r['verdict'])}</span>"
+        f"<br><span class='meta'>{_e('; '.join(filter(None, [r['ledger_check'], r['note']])))}</span></td></tr>"
+        for r in rows)
+    return f"""<h2>Membership inference</h2>
+<div class="statement"><p>Each site attacked its own released artifacts with its own patients
+(<code>pmlm audit membership SITE_DIR</code>): members are the patients an artifact was built from, non-members
+the site's held-out patients. The <b>advantage</b> is the attack's best TPR − FPR over all thresholds (with a
+bootstrap {_e(int(CONFIDENCE * 100))}% interval); for an artifact whose ledger releases compose to (ε, δ), no attack
+can exceed <b>(e<sup>ε</sup> − 1 + 2δ) / (e<sup>ε</sup> + 1)</b>. A measured advantage above the bound means the
+release leaks more than its ledger says; one below it is what DP predicts, and only a lower bound on leakage
+(these attacks are simple; stronger ones may find more). “Chance level” is the 95th percentile of the advantage
+the same procedure finds with member labels shuffled: at these sample sizes, an advantage below it is noise.</p></div>
+<table><tr><th>Site</th><th>Artifact</th><th>Run</th><th>ε</th><th>Bound</th><th>Attack</th><th>Members / held out</th>
+<th>Advantage (CI)</th><th>AUC (CI)</th><th>Chance level</th><th>Verdict</th></tr>{body}</table>
+"""
+
+
+def render_html(ledgers: list[AuditedLedger], generated_at: str | None = None,
+                membership: list[dict[str, Any]] | None = None) -> str:
     generated_at = generated_at or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     colours = _phase_colours(ledgers)
     all_ok = all(ledger.verified for ledger in ledgers)
@@ -472,14 +552,16 @@ its phase's share is refused before any noise is drawn, and the refusal is itsel
 <p><b>Random numbers.</b></p>{_noise_statement(ledgers)}
 </div>
 {''.join(_site_section(l, colours) for l in ledgers)}
+{membership_section(membership_rows(membership or [], ledgers))}
 <h2>Every release</h2>
 {_entries_table(ledgers)}
 </main></body></html>
 """
 
 
-def write_report(ledgers: list[AuditedLedger], out_dir: Path) -> Path:
+def write_report(ledgers: list[AuditedLedger], out_dir: Path, membership: list[dict[str, Any]] | None = None) -> Path:
+    """`membership`: the sites' `pmlm audit membership` results, shown in their own section."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "privacy_report.html"
-    path.write_text(render_html(ledgers), encoding="utf-8")
+    path.write_text(render_html(ledgers, membership=membership), encoding="utf-8")
     return path
