@@ -5,13 +5,13 @@ Which site this node is: in a deployment, the SuperNode's node config names it
 `data-root` (a consortium folder) and `workdir` plus the node's `partition-id` pick one hospital.
 
 What leaves the site: the updated weights (ArrayRecord) and site-level aggregates (MetricRecord:
-number of training patients, mean loss, steps, cumulative epsilon). Nothing per patient.
+number of training patients, mean loss, steps, cumulative epsilon). Nothing per patient. Every reply
+of every handler (phases A, B and C) is first recorded in the site's egress log (client/egress.py).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,12 +19,14 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from pmlm.client.phase_a import PhaseAConfig, SitePhaseA, run_config_of
-from pmlm.client.sites import discover_sites
+from pmlm.client.egress import record_egress
+from pmlm.client.sites import site_location
 
 PLAN_RECORD = "phase-a-plan"
 _SITES: dict[tuple[str, str], SitePhaseA] = {}  # per node process: (site dir, run) -> loaded site
 
-app = ClientApp()
+# Every handler runs inside the egress log's mod; app-wide mods are the outermost, so it sees the final reply.
+app = ClientApp(mods=[record_egress])
 
 
 def hospital_dp_clipping(msg: Message, context: Context, call_next) -> Message:
@@ -36,18 +38,10 @@ def hospital_dp_clipping(msg: Message, context: Context, call_next) -> Message:
 
 
 def site_for(context: Context, cfg: PhaseAConfig) -> SitePhaseA:
-    node, run = context.node_config, run_config_of(context.run_config)
-    if "data-dir" in node:
-        data_dir = Path(str(node["data-dir"]))
-        site_id = str(node.get("site-id", data_dir.name))
-        site_dir = Path(str(node.get("site-dir", Path(str(run.get("workdir", "pmlm-work"))) / "sites" / site_id)))
-    else:  # simulation: one hospital of the consortium per partition
-        sites = discover_sites(Path(str(run["data-root"])))
-        site_id, data_dir = sorted(sites.items())[int(node["partition-id"]) % len(sites)]
-        site_dir = Path(str(run.get("workdir", "pmlm-work"))) / "sites" / site_id
-    key = (str(site_dir), cfg.run_name)
+    where = site_location(context.node_config, run_config_of(context.run_config))
+    key = (str(where.site_dir), cfg.run_name)
     if key not in _SITES:
-        _SITES[key] = SitePhaseA(site_id, data_dir, site_dir, cfg)
+        _SITES[key] = SitePhaseA(where.site_id, where.data_dir, where.site_dir, cfg)
     return _SITES[key]
 
 

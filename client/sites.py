@@ -30,6 +30,34 @@ def discover_sites(root: Path) -> dict[str, Path]:
     return {p.name: p for p in subdirs} if subdirs else {root.name or "site": root}
 
 
+@dataclass(frozen=True)
+class SiteLocation:
+    site_id: str
+    data_dir: Path  # the hospital's records
+    site_dir: Path  # what PMLM keeps at the hospital: ledger, keys, artifacts, egress log
+
+
+def site_location(node_config: dict, run_config: dict) -> SiteLocation:
+    """Which hospital a Flower node is, from its node config and the run config.
+
+    In a deployment the SuperNode's node config names it (`data-dir`, optional `site-id` and `site-dir`);
+    in simulation the run config's `data-root` (a consortium folder) and `workdir` plus the node's
+    `partition-id` pick one hospital.
+    """
+    workdir = Path(str(run_config.get("workdir", "pmlm-work")))
+    if "data-dir" in node_config:
+        data_dir = Path(str(node_config["data-dir"]))
+        site_id = str(node_config.get("site-id", data_dir.name))
+        site_dir = Path(str(node_config.get("site-dir", workdir / "sites" / site_id)))
+        return SiteLocation(site_id, data_dir, site_dir)
+    if "data-root" not in run_config or "partition-id" not in node_config:
+        raise ValueError("cannot tell which hospital this node is: its node config has no data-dir, and the "
+                         "run config no data-root (with a partition-id for the node)")
+    sites = discover_sites(Path(str(run_config["data-root"])))
+    site_id, data_dir = sorted(sites.items())[int(node_config["partition-id"]) % len(sites)]
+    return SiteLocation(site_id, data_dir, workdir / "sites" / site_id)
+
+
 @dataclass
 class SiteData:
     name: str

@@ -2,6 +2,7 @@
 
   pmlm audit verify LEDGER...                 exit 0 only if every ledger verifies
   pmlm audit report LEDGER... --out DIR [--json]
+  pmlm audit egress SITE_DIR [--json]         what left the site, message by message (SITE_DIR/egress.jsonl)
 
 LEDGER is a site's ledger (SITE_DIR/ledger/privacy_ledger.jsonl) or a coordinator's copy
 (STATE_DIR/ledger_copies/SITE.jsonl). Signatures are checked against a key the auditor
@@ -54,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also write DIR/privacy_summary.json and print it: per site "
                              "{epsilon, epsilon_rdp, delta, budget, releases}")
     report.set_defaults(handler=run_report)
+
+    egress = commands.add_parser("egress", help="show every message the site sent (its egress log)")
+    egress.add_argument("site_dir", type=Path, metavar="SITE_DIR")
+    egress.add_argument("--json", action="store_true",
+                        help="print {site_dir, log, messages, totals, problems} as JSON instead of a table")
+    egress.set_defaults(handler=run_egress)
 
 
 def _key_overrides(pairs: list[str]) -> dict[str, Path]:
@@ -179,3 +186,63 @@ def run_report(args: argparse.Namespace) -> int:
     for ledger in failed:
         print(f"warning: {ledger.path} failed verification: {ledger.problems[0]}", file=sys.stderr)
     return 1 if failed else 0
+
+
+# -- pmlm audit egress -----------------------------------------------------------------------------------
+
+EGRESS_SHOWN_ITEMS = 4  # per record in the table; --json has everything
+
+
+def run_egress(args: argparse.Namespace) -> int:
+    from pmlm.client.egress import egress_log_path, egress_totals, read_egress_log
+
+    log = egress_log_path(args.site_dir)
+    if not log.is_file():
+        raise CliError(f"no egress log at {log}: is {args.site_dir} a site directory, and has the site sent "
+                       f"anything yet?")
+    entries, problems = read_egress_log(args.site_dir)
+    totals = egress_totals(entries)
+    if args.json:
+        print(json.dumps({"site_dir": str(args.site_dir), "log": str(log), "messages": entries,
+                          "totals": totals, "problems": problems}, indent=2, sort_keys=True))
+    else:
+        _print_egress_table(log, entries, totals)
+    for problem in problems:
+        print(f"warning: unreadable line kept out of the table: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _print_egress_table(log: Path, entries: list[dict], totals: dict[str, dict[str, int]]) -> None:
+    sites = sorted({str(e.get("site_id")) for e in entries})
+    print(f"egress log {log} (site {', '.join(sites) or '?'}): {len(entries)} messages")
+    print(f"{'#':>4}  {'time (UTC)':<24} {'type':<38} {'round':>5} {'bytes':>11}  content sha256")
+    for number, entry in enumerate(entries, start=1):
+        kind = str(entry["message_type"]) + (f" [{entry['stage']}]" if entry.get("stage") else "")
+        digest = str(entry.get("content_sha256") or "-")[:16]
+        print(f"{number:>4}  {str(entry.get('time', '')):<24} {kind:<38} {str(entry.get('round', '')):>5} "
+              f"{int(entry.get('size_bytes') or 0):>11,}  {digest}")
+        if "error" in entry:
+            print(f"{'':>6}error {entry['error'].get('code')}: {entry['error'].get('reason')}")
+        for name, items in (entry.get("summary") or {}).items():
+            print(f"{'':>6}{name}: {_summary_line(items)}")
+    print()
+    print(f"{'totals by type':<46} {'messages':>8} {'bytes':>13} {'errors':>7}")
+    for kind, row in sorted(totals.items()):
+        print(f"{kind:<46} {row['messages']:>8} {row['bytes']:>13,} {row['errors']:>7}")
+    print(f"{'all':<46} {sum(r['messages'] for r in totals.values()):>8} "
+          f"{sum(r['bytes'] for r in totals.values()):>13,} {sum(r['errors'] for r in totals.values()):>7}")
+
+
+def _summary_line(items: dict) -> str:
+    """A record's summary on one line: its first few items, each cut short."""
+    shown = []
+    for key, value in list(items.items())[:EGRESS_SHOWN_ITEMS]:
+        if isinstance(value, dict) and "shape" in value:  # an array: shape, dtype, L2 norm
+            norm = value.get("l2_norm")
+            text = f"{tuple(value['shape'])} {value.get('dtype')}" + (f" |x|={norm:.4g}" if isinstance(norm, float)
+                                                                        else "")
+        else:
+            text = json.dumps(value)
+        shown.append(f"{key}={text if len(text) <= 60 else text[:57] + '...'}")
+    more = len(items) - EGRESS_SHOWN_ITEMS
+    return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "")

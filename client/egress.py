@@ -1,0 +1,222 @@
+"""The site's egress log: every message this site sends is recorded here, at the site, before it leaves.
+
+`record_egress` is an app-wide Flower mod of the site's ClientApp (client/client_app.py). App-wide mods
+wrap every handler and sit outside the per-handler ones, so it sees each reply last: after Flower's
+fixed-clipping mod and after SecAgg+ has masked a vector, i.e. the message exactly as it is handed to
+the SuperNode. One JSON line per message goes to SITE_DIR/egress.jsonl (appended under an exclusive
+lock and fsynced, so the fresh ClientApp process that handles each message in a deployment can share
+the file with the others)::
+
+    time            UTC, when the reply was recorded
+    site_id         the hospital
+    message_type    the handler: train, evaluate, query.<name>, train.pmlm_secure_sum (SecAgg+ stages)
+    stage           the SecAgg+ stage, when there is one
+    flower_run_id   Flower's run id;  run: PMLM's run name, when the request named one
+    round           the round the request named, when it did
+    message_id      sha256 of the deflated Message (Flower's own message id: metadata, error, content id)
+    content_sha256  sha256 of the deflated content (Flower's object id of the RecordDict, which hashes
+                    every record and array inside it)
+    size_bytes      all the message's objects as Flower serialises them for sending
+    records         record name -> type and keys (array names with shape and dtype)
+    summary         record name -> key -> value: small scalars and config values verbatim, long text cut,
+                    bytes as their length, arrays as shape/dtype/L2 norm (never their values)
+    error           {code, reason} when the reply is an error (the reason text leaves the site too)
+
+If the site directory cannot be found or the line cannot be written, the handler does not run and
+nothing but Flower's error reply leaves: a message the auditor cannot see is not sent.
+
+`pmlm audit egress SITE_DIR` reads the log. For tests and audits of the raw bytes, setting
+PMLM_EGRESS_SPOOL=DIR also writes every message's serialised objects to DIR/SITE/MESSAGE_ID.bin (off by
+default: the log keeps hashes, not payloads).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
+from flwr.common.constant import ErrorCode
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from pmlm.client.sites import site_location
+
+EGRESS_LOG = "egress.jsonl"
+SPOOL_ENV = "PMLM_EGRESS_SPOOL"
+MAX_TEXT = 2000  # characters of a config string kept verbatim in the summary
+MAX_LIST = 16  # items of a scalar list kept verbatim
+ROUND_KEYS = ("server-round", "round")
+RUN_KEYS = ("run_name", "run_id")
+
+
+class EgressLogError(RuntimeError):
+    """The site could not record a message it was about to send, so it does not send it."""
+
+
+def egress_log_path(site_dir: Path) -> Path:
+    return Path(site_dir) / EGRESS_LOG
+
+
+def record_egress(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower mod: run the handler, then record what it sends (or the error text Flower will send)."""
+    from pmlm.client.phase_a import run_config_of  # phase_a pulls in torch; log readers do not need it
+
+    try:
+        where = site_location(context.node_config, run_config_of(context.run_config))
+    except (ValueError, KeyError, OSError) as exc:
+        raise EgressLogError(f"no site directory to record egress in, so nothing is sent: {exc}") from exc
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:
+        # The runtime answers a raising handler with an error message in this format (flwr's
+        # run_clientapp); the text of the exception leaves the site, so it is recorded as well.
+        reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+        error = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+        append_egress(where.site_dir, egress_entry(where.site_id, msg, error))
+        raise
+    append_egress(where.site_dir, egress_entry(where.site_id, msg, reply))
+    return reply
+
+
+def egress_entry(site_id: str, request: Message, reply: Message) -> dict[str, Any]:
+    """The log line for `reply` (the answer to `request`); spools the raw bytes when asked to."""
+    objects = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(reply).items()}
+    message_id = reply.object_id
+    request_facts = _request_facts(request)
+    entry: dict[str, Any] = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "site_id": site_id, "message_type": reply.metadata.message_type, **request_facts,
+        "flower_run_id": reply.metadata.run_id, "message_id": message_id,
+        "content_sha256": reply.content.object_id if reply.has_content() else None,
+        "size_bytes": sum(len(blob) for blob in objects.values()),
+    }
+    if reply.has_error():
+        entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
+    else:
+        entry["records"], entry["summary"] = _describe_records(reply)
+    spool = os.environ.get(SPOOL_ENV)
+    if spool:
+        _spool(Path(spool) / site_id / f"{message_id}.bin", b"".join(objects.values()))
+    return entry
+
+
+def append_egress(site_dir: Path, entry: dict[str, Any]) -> None:
+    """Append one line; an exclusive lock keeps lines whole when several node processes write at once."""
+    line = (json.dumps(entry, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+    path = egress_log_path(site_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as out:
+            fcntl.flock(out, fcntl.LOCK_EX)  # released when the file closes
+            out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        raise EgressLogError(f"cannot append to the egress log {path}, so nothing is sent: {exc}") from exc
+
+
+def read_egress_log(site_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The log's entries, and a problem line for each line that is not a JSON object (kept, not skipped)."""
+    path = egress_log_path(site_dir)
+    entries, problems = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                entry = json.loads(raw)
+            except ValueError as exc:
+                problems.append(f"{path}:{number}: not JSON ({exc}): {raw[:80]!r}")
+                continue
+            if not isinstance(entry, dict) or "message_type" not in entry:
+                problems.append(f"{path}:{number}: not an egress entry: {raw[:80]!r}")
+                continue
+            entries.append(entry)
+    return entries, problems
+
+
+def egress_totals(entries: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per message type: how many messages and bytes left, and how many were errors."""
+    totals: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        row = totals.setdefault(str(entry["message_type"]), {"messages": 0, "bytes": 0, "errors": 0})
+        row["messages"] += 1
+        row["bytes"] += int(entry.get("size_bytes") or 0)
+        row["errors"] += "error" in entry
+    return totals
+
+
+# -- internals -----------------------------------------------------------------------------------
+
+
+def _request_facts(request: Message) -> dict[str, Any]:
+    """Round, PMLM run and SecAgg+ stage, as the request's config records named them."""
+    facts: dict[str, Any] = {}
+    for record in request.content.config_records.values() if request.has_content() else []:
+        for key in ROUND_KEYS:
+            value = record.get(key)
+            if isinstance(value, (int, str)) and not isinstance(value, bool) and "round" not in facts:
+                facts["round"] = value
+        for key in RUN_KEYS:
+            if key in record and "run" not in facts:
+                facts["run"] = str(record[key])
+        if "stage" in record and isinstance(record["stage"], str):
+            facts["stage"] = record["stage"]
+    return facts
+
+
+def _describe_records(reply: Message) -> tuple[dict[str, Any], dict[str, Any]]:
+    records, summary = {}, {}
+    for name, record in reply.content.items():
+        if isinstance(record, ArrayRecord):
+            arrays = {key: _describe_array(array) for key, array in record.items()}
+            records[name] = {"type": "ArrayRecord",
+                             "arrays": {k: {"shape": a["shape"], "dtype": a["dtype"]} for k, a in arrays.items()}}
+            summary[name] = arrays
+        else:
+            kind = "MetricRecord" if isinstance(record, MetricRecord) else "ConfigRecord"
+            records[name] = {"type": kind, "keys": sorted(record)}
+            summary[name] = {key: _summarise(value) for key, value in record.items()}
+    return records, summary
+
+
+def _describe_array(array) -> dict[str, Any]:
+    described: dict[str, Any] = {"shape": list(array.shape), "dtype": str(array.dtype)}
+    try:
+        values = np.asarray(array.numpy(), dtype=np.float64)
+        described["l2_norm"] = _finite(float(np.linalg.norm(values.ravel())))
+    except (TypeError, ValueError):  # an array Flower cannot show as numbers: shape and dtype only
+        described["l2_norm"] = None
+    return described
+
+
+def _summarise(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"bytes": len(value)}
+    if isinstance(value, str):
+        return value if len(value) <= MAX_TEXT else {"text": value[:MAX_TEXT], "chars": len(value)}
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, list):
+        if any(isinstance(item, bytes) for item in value):
+            return {"items": len(value), "bytes": sum(len(item) for item in value)}
+        if len(value) <= MAX_LIST:
+            return [_summarise(item) for item in value]
+        numbers = [float(item) for item in value if isinstance(item, (int, float))]
+        return {"items": len(value), "l2_norm": _finite(math.sqrt(sum(x * x for x in numbers)))}
+    return value  # int, bool
+
+
+def _finite(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)  # JSON has no NaN or infinity
+
+
+def _spool(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
