@@ -104,7 +104,8 @@ class LocalRL:
 
     def evaluate(self, point: Point, params: PromptParams):
         prompt = render(point.context, params)
-        answer = self.llm.chat(prompt.messages, **self.config.sampling)
+        # An empty answer names nothing, so it scores 0: the policy learns that this prompt form fails.
+        answer = self.llm.chat(prompt.messages, allow_empty=True, **self.config.sampling)
         self.llm_calls += 0 if answer.cached else 1
         return score_answer(answer.text, point.example, self.matcher, self.weights)
 

@@ -235,7 +235,7 @@ def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opt
                 prompt = render(ctx.__class__(**{**ctx.__dict__, "oracle": []}), assembler.refined_params(state))
             else:
                 prompt = render_variant(variant, ctx)
-            answer = llm.chat(prompt.messages, max_tokens=opts.max_tokens, temperature=0.0)
+            answer = llm.chat(prompt.messages, max_tokens=opts.max_tokens, temperature=0.0, allow_empty=True)
             score = score_answer(answer.text, ex, matcher)
             scores[variant].append(score)
             shown[variant] = {"prompt": prompt.messages, "answer": answer.text, "f1": score.f1}
@@ -327,7 +327,7 @@ def run_pipeline_core(opts: PipelineOptions, log=print) -> dict:
         "recommender": recommender,
         "guidance": guidance["table"],
         "llm": {"model": (config.model if config and config.model else "smollm2 (embedded SmolLM2-135M-Instruct)"),
-                "calls": usage.calls, "cached": usage.cache_hits},
+                "calls": usage.calls, "cached": usage.cache_hits, "empty": usage.empty_answers},
         "runtime_s": {"total": round(time.perf_counter() - started, 1), "phase_a": timing["phase_a"],
                       "phase_b": timing["phase_b"], "phase_c": timing["phase_c"],
                       "evaluation": round(time.perf_counter() - eval_started, 1)},

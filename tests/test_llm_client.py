@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -36,9 +37,12 @@ def chat_body(text="Hello there.", prompt_tokens=7, completion_tokens=3, model="
 
 
 class Reply:
-    def __init__(self, status=200, body=None, headers=None, delay_s=0.0, content_type="application/json"):
+    """hang_up: "before_response" closes the connection without a word, "mid_body" after half the body."""
+
+    def __init__(self, status=200, body=None, headers=None, delay_s=0.0, content_type="application/json",
+                 hang_up=None):
         self.status, self.headers, self.delay_s = status, headers or {}, delay_s
-        self.content_type = content_type
+        self.content_type, self.hang_up = content_type, hang_up
         self.body = chat_body() if body is None else body
 
 
@@ -62,6 +66,8 @@ class _FakeHandler(BaseHTTPRequestHandler):
         server.requests.append({"path": self.path, "json": json.loads(body)})
         reply = server.script.pop(0) if server.script else server.default
         time.sleep(reply.delay_s)
+        if reply.hang_up == "before_response":
+            return  # HTTP/1.0: the connection closes with nothing sent
         payload = reply.body if isinstance(reply.body, (bytes, str)) else json.dumps(reply.body)
         payload = payload.encode() if isinstance(payload, str) else payload
         try:
@@ -71,7 +77,7 @@ class _FakeHandler(BaseHTTPRequestHandler):
             for name, value in reply.headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(payload)
+            self.wfile.write(payload[: len(payload) // 2] if reply.hang_up == "mid_body" else payload)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout test)
 
@@ -79,14 +85,21 @@ class _FakeHandler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def fake():
-    server = FakeOpenAIServer()
+@contextmanager
+def serving(server: FakeOpenAIServer):
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def fake():
+    with serving(FakeOpenAIServer()) as server:
+        yield server
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pmlm.client.llm.endpoint import (
     LLMClient,
     LLMConfig,
     LLMConfigError,
+    LLMEmptyAnswer,
     LLMError,
     LLMResponseError,
     LLMUnavailable,
@@ -19,5 +20,5 @@ from pmlm.client.llm.local_server import EmbeddedLLMServer, EmbeddedServerError,
 
 __all__ = [
     "Completion", "EmbeddedLLMServer", "EmbeddedServerError", "LLMClient", "LLMConfig", "LLMConfigError",
-    "LLMError", "LLMResponseError", "LLMUnavailable", "LLMUsage", "find_smollm2_gguf", "open_llm",
+    "LLMEmptyAnswer", "LLMError", "LLMResponseError", "LLMUnavailable", "LLMUsage", "find_smollm2_gguf", "open_llm",
 ]

@@ -33,6 +33,9 @@ OPENAI_SAMPLING_FIELDS = frozenset(
     {"temperature", "max_tokens", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty"}
 )
 RETRYABLE_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+# No real token is longer than this many characters: an answer longer than max_tokens times this means the
+# endpoint ignored max_tokens (or is not an LLM), and it is refused before it reaches the cache or a scorer.
+MAX_CHARS_PER_TOKEN = 64
 ENV_BASE_URL = "PMLM_LLM_BASE_URL"
 ENV_MODEL = "PMLM_LLM_MODEL"
 ENV_API_KEY = "PMLM_LLM_API_KEY"
@@ -59,7 +62,12 @@ class LLMUnavailable(LLMError):
 
 
 class LLMResponseError(LLMError):
-    """The endpoint answered, but not with a usable chat completion (not JSON, no choices, empty)."""
+    """The endpoint answered, but not with a usable chat completion (not JSON, no choices, empty, overlong)."""
+
+
+class LLMEmptyAnswer(LLMResponseError):
+    """A well-formed completion with no text. Scorers may take it as an answer that names nothing
+    (``chat(..., allow_empty=True)``); everyone else gets this error."""
 
 
 class LLMConfigError(ValueError):
@@ -218,6 +226,7 @@ class LLMUsage:
     cache_hits: int = 0
     retries: int = 0
     failures: int = 0  # chat() calls that ended in an LLMError
+    empty_answers: int = 0  # well-formed completions without text (allowed or not)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     generation_s: float = 0.0
@@ -293,13 +302,17 @@ class LLMClient:
         extra = {k: v for k, v in extra.items() if v is not None}
         return fields, extra
 
-    def chat(self, messages: Messages | str, *, use_cache: bool = True, **sampling: Any) -> Completion:
+    def chat(self, messages: Messages | str, *, use_cache: bool = True, allow_empty: bool = False,
+             **sampling: Any) -> Completion:
         """One chat completion. ``messages`` is a list of {"role", "content"} (a str = one user message).
 
         ``sampling`` overrides the config: OpenAI fields (temperature, max_tokens, top_p, seed, stop, ...)
         go as such, anything else (repeat_penalty, top_k, ...) in the request body. Only deterministic
         requests (temperature 0, or a fixed seed) are cached: caching a random sample would silently
         return the same "sample" every time.
+
+        An answer without text raises LLMEmptyAnswer, or with ``allow_empty`` comes back with text ""
+        (for scorers, to which it names nothing); either way it is counted and never cached.
         """
         messages = _checked_messages(messages)
         fields, extra = self.request_fields(sampling)
@@ -317,6 +330,13 @@ class LLMClient:
                 return Completion(cached=True, elapsed_s=0.0, **hit)
         try:
             completion = self._request(messages, fields, extra)
+            if not completion.text.strip():
+                with self._lock:
+                    self.usage.empty_answers += 1
+                if not allow_empty:
+                    raise LLMEmptyAnswer(self.config.base_url, f"the answer is empty (finish_reason="
+                                         f"{completion.finish_reason})", model=self.config.model)
+                return completion
         except LLMError:
             with self._lock:
                 self.usage.failures += 1
@@ -363,7 +383,7 @@ class LLMClient:
             else:
                 elapsed = time.perf_counter() - started
                 self._count_call()
-                return self._completion_from(response, elapsed, attempt)
+                return self._completion_from(response, elapsed, attempt, fields.get("max_tokens"))
             if attempt == attempts:
                 raise LLMUnavailable(self.config.base_url, self._describe_failure(failure),
                                      model=self.config.model, attempts=attempt) from failure
@@ -376,7 +396,7 @@ class LLMClient:
         with self._lock:
             self.usage.calls += 1
 
-    def _completion_from(self, response: Any, elapsed_s: float, attempt: int) -> Completion:
+    def _completion_from(self, response: Any, elapsed_s: float, attempt: int, max_tokens: int | None) -> Completion:
         def malformed(what: str) -> LLMResponseError:
             return LLMResponseError(self.config.base_url, what, model=self.config.model, attempts=attempt)
 
@@ -388,8 +408,13 @@ class LLMClient:
         message = getattr(choices[0], "message", None)
         text = getattr(message, "content", None)
         finish_reason = getattr(choices[0], "finish_reason", None)
-        if not isinstance(text, str) or not text.strip():
-            raise malformed(f"the answer is empty (finish_reason={finish_reason})")
+        if text is None:  # no content at all (e.g. a refusal or a tool call): an empty answer
+            text = ""
+        if not isinstance(text, str):
+            raise malformed(f"the answer's content is not text: {_snippet(repr(text))}")
+        if max_tokens and len(text) > max_tokens * MAX_CHARS_PER_TOKEN:
+            raise malformed(f"the answer is {len(text):,} characters, more than max_tokens={max_tokens} can "
+                            f"produce: the endpoint ignores max_tokens")
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
@@ -414,6 +439,9 @@ class LLMClient:
         if any(isinstance(e, TimeoutError) for e in chain):
             return f"no answer within {self.config.timeout_s:g} s (timeout)"
         innermost = chain[-1]
+        # By name: the openai client's HTTP stack (httpx, or its fork httpx2) is its own business.
+        if any(isinstance(e, ConnectionResetError) or type(e).__name__ == "RemoteProtocolError" for e in chain):
+            return f"the server closed the connection before a complete answer ({innermost})"
         return f"cannot connect: {innermost}" if str(innermost) else f"cannot connect: {type(innermost).__name__}"
 
 
@@ -469,6 +497,6 @@ def _snippet(text: str, limit: int = 200) -> str:
 
 
 __all__ = [
-    "Completion", "LLMClient", "LLMConfig", "LLMConfigError", "LLMError", "LLMResponseError", "LLMUnavailable",
-    "LLMUsage", "is_loopback_url", "read_toml_table",
+    "Completion", "LLMClient", "LLMConfig", "LLMConfigError", "LLMEmptyAnswer", "LLMError", "LLMResponseError",
+    "LLMUnavailable", "LLMUsage", "is_loopback_url", "read_toml_table",
 ]
