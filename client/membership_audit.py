@@ -32,6 +32,7 @@ from pmlm.client.phase_a import load_global_model
 from pmlm.client.phase_b import embed_examples
 from pmlm.client.site_config import SiteConfig
 from pmlm.client.sites import load_site
+from pmlm.common.atomic import write_atomic
 from pmlm.common.model import NextEventRecommender
 from pmlm.common.peer_profiles import PeerProfiles
 from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, LedgerReplay, verify_ledger
@@ -188,8 +189,4 @@ def audit_site(site_dir: Path, data_dir: Path | None = None, *, resamples: int =
 
 
 def write_audit(result: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, json.dumps(result, indent=2) + "\n")

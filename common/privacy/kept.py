@@ -15,12 +15,13 @@ request for a round already released is refused, since answering it would need a
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from pmlm.common.atomic import write_atomic
 from pmlm.common.privacy.events import Mechanism
 from pmlm.common.privacy.ledger import AlreadyReleased, SiteLedger
 
@@ -52,13 +53,9 @@ def release_once(ledger: SiteLedger, phase: str, mechanism: Mechanism, draw_nois
 
     def draw_and_keep() -> np.ndarray:
         noisy = np.asarray(draw_noise())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".new-{os.getpid()}")
-        with open(tmp, "wb") as out:  # kept before the entry is recorded, both before anything is sent
-            np.savez(out, values=noisy, request=np.array(request))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        kept = io.BytesIO()
+        np.savez(kept, values=noisy, request=np.array(request))
+        write_atomic(path, kept.getvalue())  # kept before the entry is recorded, both before anything is sent
         return noisy
 
     try:
