@@ -71,6 +71,7 @@ def record_egress(msg: Message, context: Context, call_next: Callable[[Message, 
         where = site_location(context.node_config, run_config_of(context.run_config))
     except (ValueError, KeyError, OSError) as exc:
         raise EgressLogError(f"no site directory to record egress in, so nothing is sent: {exc}") from exc
+    facts = request_facts(msg)  # before the handler: Flower's SecAgg+ mod pops the stage from the request
     try:
         reply = call_next(msg, context)
     except Exception as exc:
@@ -78,20 +79,19 @@ def record_egress(msg: Message, context: Context, call_next: Callable[[Message, 
         # run_clientapp); the text of the exception leaves the site, so it is recorded as well.
         reason = str(type(exc)) + ":<'" + str(exc) + "'>"
         error = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
-        append_egress(where.site_dir, egress_entry(where.site_id, msg, error))
+        append_egress(where.site_dir, egress_entry(where.site_id, error, facts))
         raise
-    append_egress(where.site_dir, egress_entry(where.site_id, msg, reply))
+    append_egress(where.site_dir, egress_entry(where.site_id, reply, facts))
     return reply
 
 
-def egress_entry(site_id: str, request: Message, reply: Message) -> dict[str, Any]:
-    """The log line for `reply` (the answer to `request`); spools the raw bytes when asked to."""
+def egress_entry(site_id: str, reply: Message, facts: dict[str, Any]) -> dict[str, Any]:
+    """The log line for `reply`, with the request's `facts`; spools the raw bytes when asked to."""
     objects = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(reply).items()}
     message_id = reply.object_id
-    request_facts = _request_facts(request)
     entry: dict[str, Any] = {
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "site_id": site_id, "message_type": reply.metadata.message_type, **request_facts,
+        "site_id": site_id, "message_type": reply.metadata.message_type, **facts,
         "flower_run_id": reply.metadata.run_id, "message_id": message_id,
         "content_sha256": reply.content.object_id if reply.has_content() else None,
         "size_bytes": sum(len(blob) for blob in objects.values()),
@@ -150,10 +150,7 @@ def egress_totals(entries: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return totals
 
 
-# -- internals -----------------------------------------------------------------------------------
-
-
-def _request_facts(request: Message) -> dict[str, Any]:
+def request_facts(request: Message) -> dict[str, Any]:
     """Round, PMLM run and SecAgg+ stage, as the request's config records named them."""
     facts: dict[str, Any] = {}
     for record in request.content.config_records.values() if request.has_content() else []:
@@ -167,6 +164,9 @@ def _request_facts(request: Message) -> dict[str, Any]:
         if "stage" in record and isinstance(record["stage"], str):
             facts["stage"] = record["stage"]
     return facts
+
+
+# -- internals -----------------------------------------------------------------------------------
 
 
 def _describe_records(reply: Message) -> tuple[dict[str, Any], dict[str, Any]]:

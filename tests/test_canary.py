@@ -261,6 +261,12 @@ def test_every_message_the_coordinator_received_is_in_its_sites_egress_log(feder
         assert problems == [] and entries
         logged.update((site, e["message_type"]) for e in entries)
         ids |= {e["message_id"] for e in entries}
+        secure = [e for e in entries if e["message_type"] == "train.pmlm_secure_sum"]
+        assert {e.get("stage") for e in secure} == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+        # Recorded after SecAgg+ masking: the plain vector's array record is empty, the masked one is config.
+        for e in (e for e in secure if e["stage"] == "collect_masked_vectors"):
+            assert e["records"]["fitres.parameters"]["arrays"] == {}
+            assert "masked_params" in e["records"]["secaggplus_configs"]["keys"]
     assert logged == received
     assert ids == {reply.object_id for _, reply in grid.outbox}
     # All phases ran: phase A's rounds, evaluation, the model store, SecAgg+ sums (B and C), the ledger copies.
