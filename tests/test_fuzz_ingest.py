@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pmlm.client.ingest import RecordReader
@@ -283,6 +283,7 @@ def test_hostile_files_are_quarantined_and_neighbour_files_kept(batch_dir, docum
     assert_neighbours_kept(timelines, "before", "after")
     from_fuzz = [t for t in timelines.values() if t.source.endswith(name)]
     assert from_fuzz or any(q.file.endswith(name) for q in quarantined), "a hostile file vanished without a reason"
+    event("quarantined" if quarantined else "accepted")  # --hypothesis-show-statistics shows the mix
     assert all(q.file.endswith(name) for q in quarantined), "a valid neighbour file was quarantined"
 
 
@@ -301,6 +302,7 @@ def test_hostile_resources_are_quarantined_and_the_rest_of_the_bundle_kept(batch
     accepted = len(main_events) > 1 or len(timelines) > 3  # its events, or the second Patient it was
     rejected = [q for q in quarantined if q.file.endswith("m_fuzz.json")]
     assert accepted or rejected or _silently_skipped(resource), "a hostile resource vanished without a reason"
+    event("quarantined" if rejected else "accepted" if accepted else "skipped as documented")
     assert all(q.file.endswith("m_fuzz.json") for q in quarantined), "a valid neighbour file was quarantined"
 
 
@@ -364,6 +366,7 @@ def test_hostile_csv_rows_are_quarantined_and_neighbour_rows_kept(batch_dir, row
     accepted = pid in timelines and (len(timelines[pid].events) > baseline or (len(row) > 2 and row[2] == "patient"))
     identifying = len(row) > 4 and concept_id(row[3], row[4]) in IDENTIFYING_OBSERVATIONS
     assert accepted or quarantined or identifying, "a hostile row vanished without a reason"
+    event("quarantined" if quarantined else "accepted" if accepted else "dropped as an identifier")
     if quarantined:
         assert quarantined[0].file.endswith(name) and quarantined[0].resource.startswith("line ")
 
@@ -380,6 +383,7 @@ def test_raw_hostile_csv_lines_never_cost_earlier_rows(batch_dir, line):
     timelines, quarantined = read_all(folder)
     assert_csv_neighbours_kept(timelines, "before", "elsewhere")
     assert all(q.file.endswith("events.csv") for q in quarantined)
+    event("quarantined" if quarantined else "accepted")
 
 
 def test_line_breaks_inside_notes_survive_the_event_table(tmp_path):
