@@ -46,6 +46,7 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from pmlm.client.sites import site_location
+from pmlm.common.atomic import append_durably, write_atomic
 
 EGRESS_LOG = "egress.jsonl"
 SPOOL_ENV = "PMLM_EGRESS_SPOOL"
@@ -102,7 +103,7 @@ def egress_entry(site_id: str, reply: Message, facts: dict[str, Any]) -> dict[st
         entry["records"], entry["summary"] = _describe_records(reply)
     spool = os.environ.get(SPOOL_ENV)
     if spool:
-        _spool(Path(spool) / site_id / f"{message_id}.bin", b"".join(objects.values()))
+        write_atomic(Path(spool) / site_id / f"{message_id}.bin", b"".join(objects.values()))
     return entry
 
 
@@ -112,11 +113,9 @@ def append_egress(site_dir: Path, entry: dict[str, Any]) -> None:
     path = egress_log_path(site_dir)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as out:
-            fcntl.flock(out, fcntl.LOCK_EX)  # released when the file closes
-            out.write(line)
-            out.flush()
-            os.fsync(out.fileno())
+        with open(path, "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            append_durably(path, line)  # a full disk leaves no torn line: the partial one is cut off again
     except OSError as exc:
         raise EgressLogError(f"cannot append to the egress log {path}, so nothing is sent: {exc}") from exc
 
@@ -213,10 +212,3 @@ def _summarise(value: Any) -> Any:
 
 def _finite(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)  # JSON has no NaN or infinity
-
-
-def _spool(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

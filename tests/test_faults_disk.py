@@ -19,6 +19,7 @@ import pytest
 
 from pmlm.cli import main
 from pmlm.client.advice import load_policy, save_policy
+from pmlm.client.egress import EgressLogError, append_egress, egress_log_path, read_egress_log
 from pmlm.common.atomic import DurableWriteError, write_atomic
 from pmlm.common.peer_profiles import PeerProfiles
 from pmlm.common.policy import PromptPolicy
@@ -201,3 +202,12 @@ def test_the_coordinators_copy_is_not_torn_by_a_full_disk(ledger, tmp_path, disk
     coordinator.accept("site-1", entries[1:])  # shipped again once there is room: accepted once
     held, problems, _ = read_copy(copy_path, coordinator.public_key, coordinator.site_key("site-1"))
     assert problems == [] and [e["seq"] for e in held.entries] == [0, 1]
+
+
+def test_the_egress_log_keeps_whole_lines_when_the_disk_fills(tmp_path, disk_full_after):
+    append_egress(tmp_path, {"kind": "first"})
+    before, read_before = egress_log_path(tmp_path).read_bytes(), read_egress_log(tmp_path)
+    with disk_full_after(5), pytest.raises(EgressLogError, match="No space left on device.*partial write was removed"):
+        append_egress(tmp_path, {"kind": "second", "pad": "x" * 100})
+    assert egress_log_path(tmp_path).read_bytes() == before
+    assert read_egress_log(tmp_path) == read_before  # no torn line for the reader to trip over
