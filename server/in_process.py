@@ -1,23 +1,28 @@
 """A Ray-free, in-process Flower Grid: the ServerApp's messages go straight to ClientApp calls.
 
 Used by tests (fast, inspectable), `pmlm train --in-process` and bench/recsys.py. Each node
-keeps its own Context (node config, state) across rounds like a SuperNode does, and every reply
-a node sends is kept in `outbox` so tests can inspect exactly what left each site.
+keeps its own Context (node config, state) across rounds like a SuperNode does, a ClientApp that
+raises answers with an error reply like a SuperNode's does (the coordinator then drops that site),
+and every reply a node sends is kept in `outbox` so tests can inspect exactly what left each site.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
 RUN_ID = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,13 +57,18 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        """Each node with its site's name, as a SuperLink knows the name a node was registered under."""
+        return [NodeInfo(node_id=n, name=str(c.node_config.get("site-id", ""))) for n, c in self.contexts.items()]
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
             delivered = self._deliver(msg)
-            reply = self.client_app(delivered, self.contexts[msg.metadata.dst_node_id])
-            self.outbox.append((msg.metadata.dst_node_id, reply))
-            self._replies[delivered.metadata.message_id] = reply
+            reply = self.handle(msg.metadata.dst_node_id, delivered)
+            if reply is not None:
+                self.outbox.append((msg.metadata.dst_node_id, reply))
+                self._replies[delivered.metadata.message_id] = reply
             ids.append(delivered.metadata.message_id)
         return ids
 
@@ -69,6 +79,15 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
     # -- internals -------------------------------------------------------------------------
+    def handle(self, node: int, delivered: Message) -> Message | None:
+        """What the node sends back: the ClientApp's reply, or an error reply if it raised (None: no reply)."""
+        try:
+            return self.client_app(delivered, self.contexts[node])
+        except Exception as exc:
+            log.exception("node %s: the ClientApp raised on %s", node, delivered.metadata.message_type)
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"),
+                           reply_to=delivered)
+
     def _deliver(self, msg: Message) -> Message:
         """The message as a SuperNode would receive it: ids and routing filled in by the 'link'."""
         meta = msg.metadata

@@ -15,6 +15,7 @@ from pmlm.client.phase_c import PhaseCConfig
 from pmlm.common.profiles import load_profile
 from pmlm.server.phase_b import run_phase_b
 from pmlm.server.phase_c import run_phase_c
+from pmlm.server.roster import SiteRoster
 
 PHASE_B_KEYS = {"phase-b-prototypes": "prototypes", "phase-b-rounds": "rounds", "phase-b-min-count": "min_count"}
 PHASE_C_KEYS = {"phase-c-rounds": "rounds", "phase-c-points": "points_per_site", "phase-c-episodes": "episodes_per_round",
@@ -26,18 +27,19 @@ def _pick(run: dict, keys: dict, cls):
     return cls(**{field: type(getattr(cls(), field))(run[key]) for key, field in keys.items() if key in run})
 
 
-def run_later_phases(grid: Grid, nodes: list[int], cfg: PhaseAConfig, run: dict, workdir: Path) -> dict:
-    """Phase B (DP prototypes and peer profiles), then phase C (the RL prompt policy); returns a summary."""
+def run_later_phases(grid: Grid, roster: SiteRoster, cfg: PhaseAConfig, run: dict, workdir: Path) -> dict:
+    """Phase B (DP prototypes and peer profiles), then phase C (the RL prompt policy), over the sites still in
+    the run (`roster`, which drops the ones that fail); returns a summary that names the dropped sites."""
     summary: dict = {}
     profile = load_profile(cfg.profile)
     records = {"phase_a": ConfigRecord(cfg.to_record())}
     # SecAgg+ needs at least two sites (one site's "sum" would be its own vector).
-    secure = bool(run.get("secure-aggregation", True)) and len(nodes) >= 2
+    secure = bool(run.get("secure-aggregation", True)) and len(roster.active) >= 2
     summary["secure_aggregation"] = secure
     if int(run.get("phase-b-rounds", 1)) >= 0 and not run.get("skip-phase-b"):
         started = time.perf_counter()
         b = _pick(run, PHASE_B_KEYS, PhaseBConfig)
-        profiles = run_phase_b(grid, nodes, b, cfg.run_name, [c.id for c in profile.concepts], cfg.dim,
+        profiles = run_phase_b(grid, roster, b, cfg.run_name, [c.id for c in profile.concepts], cfg.dim,
                                profile.horizon_days, site_records=records, secure=secure)
         summary["phase_b"] = {"prototypes": b.prototypes, "suppressed": int(profiles.suppressed.sum()),
                               "count_noise_std": profiles.count_noise_std,
@@ -46,18 +48,20 @@ def run_later_phases(grid: Grid, nodes: list[int], cfg: PhaseAConfig, run: dict,
         started = time.perf_counter()
         c = _pick(run, PHASE_C_KEYS, PhaseCConfig)
         rounds: list = []
-        run_phase_c(grid, nodes, c, cfg.run_name, cfg.dim, on_round=lambda r, m: rounds.append(m),
+        run_phase_c(grid, roster, c, cfg.run_name, cfg.dim, on_round=lambda r, m: rounds.append(m),
                     site_records=records, secure=secure)
         summary["phase_c"] = {"rounds": c.rounds, "per_round": rounds,
                               "seconds": round(time.perf_counter() - started, 1)}
-    summary["ledger_copies"] = copy_site_ledgers(grid, nodes, records, workdir)
+    summary["ledger_copies"] = copy_site_ledgers(grid, roster, records, workdir)
+    summary["roster"] = roster.summary()
     out = workdir / f"{cfg.run_name}-phases-bc.json"
     out.write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
 
-def copy_site_ledgers(grid: Grid, nodes: list[int], records: dict, workdir: Path) -> dict:
-    """Fetch every site's new ledger entries and keep the coordinator's countersigned copy of them."""
+def copy_site_ledgers(grid: Grid, roster: SiteRoster, records: dict, workdir: Path, timeout: float = 600.0) -> dict:
+    """Fetch the new ledger entries of every site still in the run and keep the coordinator's countersigned copy.
+    A dropped site's entries are fetched by the next run it takes part in (the copy asks from what it holds)."""
     from flwr.app import Message, RecordDict
 
     from pmlm.server.ledger_copy import CopyRejected, CoordinatorLedgerCopy, read_copy
@@ -70,11 +74,12 @@ def copy_site_ledgers(grid: Grid, nodes: list[int], records: dict, workdir: Path
     content = RecordDict({"config": ConfigRecord({"held": json.dumps(held)}), **records})
     result = {}
     for reply in grid.send_and_receive([Message(content=content, dst_node_id=n, message_type="query.ledger_entries")
-                                        for n in nodes]):
+                                        for n in roster.active], timeout=timeout):
         if reply.has_error():
             result[f"node-{reply.metadata.src_node_id}"] = f"no entries: {reply.error.reason}"
             continue
         site_id = str(reply.content["config"]["site_id"])
+        roster.names[reply.metadata.src_node_id] = site_id
         try:
             accepted = copies.accept(site_id, json.loads(str(reply.content["config"]["entries"])))
             result[site_id] = len(accepted)

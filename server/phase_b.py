@@ -16,20 +16,21 @@ from flwr.serverapp import Grid
 
 from pmlm.client.peers import PhaseBConfig
 from pmlm.common.peer_profiles import PeerProfiles
-from pmlm.server.broadcast import ask_every_site
 from pmlm.server.prototypes import run_prototypes, summed_noise_std
+from pmlm.server.roster import SiteRoster
+from pmlm.server.secure_sum import secure_sum_over
 
+PHASE = "phase_b"
 QUERY_RELEASE = "query.phase_b_release"
 QUERY_STORE = "query.phase_b_store"
 
 
-def run_phase_b(grid: Grid, nodes: list[int], config: PhaseBConfig, run_id: str, concepts: list[str], dim: int,
+def run_phase_b(grid: Grid, roster: SiteRoster, config: PhaseBConfig, run_id: str, concepts: list[str], dim: int,
                 horizon_days: int, on_entries=None, site_records: dict | None = None, secure: bool = False,
                 timeout: float = 600.0) -> PeerProfiles:
-    """`site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run).
+    """`roster`: the sites still in the run; one that fails a round is dropped and the round sums the others.
+    `site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run).
     `secure`: the sites' noisy statistics are summed under SecAgg+ (the coordinator sees only totals)."""
-    from pmlm.server.secure_sum import secure_sum
-
     site_records = site_records or {}
     plan = {"run_id": run_id, "plan": json.dumps(asdict(config))}
 
@@ -38,14 +39,15 @@ def run_phase_b(grid: Grid, nodes: list[int], config: PhaseBConfig, run_id: str,
             scalars = {k: v for rec in site_records.values() for k, v in dict(rec).items()}
             width = dim + 1 if kind == "kmeans" else len(concepts) + 1
             # Counts and sums grow with a site's size: the range must cover its largest cell plus noise.
-            result = secure_sum(grid, None, "phase_b_release", {**scalars, **plan, "kind": kind, "round": round},
-                                nodes, shape=(len(centroids), width), arrays={"centroids": centroids},
-                                timeout=timeout, retries=1, clipping_range=8192.0)
+            result = secure_sum_over(roster, grid, PHASE, round, "phase_b_release",
+                                     {**scalars, **plan, "kind": kind, "round": round},
+                                     shape=(len(centroids), width), arrays={"centroids": centroids},
+                                     timeout=timeout, clipping_range=8192.0)
             stds = [m["noise_std"] for m in result.metrics.values()]
             return result.total, float(np.sqrt(np.sum(np.square(stds))))
         content = RecordDict({"arrays": ArrayRecord({"centroids": Array(np.ascontiguousarray(centroids))}),
                               "config": ConfigRecord({**plan, "kind": kind, "round": round}), **site_records})
-        replies = ask_every_site(grid, nodes, QUERY_RELEASE, content)
+        replies = roster.ask(grid, QUERY_RELEASE, content, PHASE, round, timeout=timeout)
         total = sum(r.content["arrays"]["values"].numpy() for r in replies)
         entries = [json.loads(str(r.content["config"]["ledger_entry"])) for r in replies]
         if on_entries is not None:
@@ -58,7 +60,8 @@ def run_phase_b(grid: Grid, nodes: list[int], config: PhaseBConfig, run_id: str,
     meta = ConfigRecord({"run_id": run_id, "count_noise_std": profiles.count_noise_std,
                          "concepts": json.dumps(profiles.concepts), "horizon_days": horizon_days,
                          "min_count": config.min_count})
-    ask_every_site(grid, nodes, QUERY_STORE, RecordDict({"arrays": arrays, "config": meta, **site_records}))
+    roster.ask(grid, QUERY_STORE, RecordDict({"arrays": arrays, "config": meta, **site_records}), PHASE,
+               timeout=timeout)
     return profiles
 
 

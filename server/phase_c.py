@@ -16,8 +16,10 @@ from pmlm.client.phase_c import PhaseCConfig
 from pmlm.client.rl import apply_update
 from pmlm.common.policy import PromptPolicy, initial_bias
 from pmlm.common.prompt import INITIAL
-from pmlm.server.broadcast import ask_every_site
+from pmlm.server.roster import SiteRoster
+from pmlm.server.secure_sum import secure_sum_over
 
+PHASE = "phase_c"
 QUERY_ROUND = "query.phase_c_round"
 QUERY_STORE = "query.phase_c_store"
 
@@ -36,13 +38,12 @@ def policy_from_numpy(arrays: dict, embedding_dim: int) -> PromptPolicy:
     return policy
 
 
-def run_phase_c(grid: Grid, nodes: list[int], config: PhaseCConfig, run_id: str, embedding_dim: int,
+def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: str, embedding_dim: int,
                 on_round=None, site_records: dict | None = None, secure: bool = False,
                 timeout: float = 1800.0) -> PromptPolicy:
-    """`site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run).
+    """`roster`: the sites still in the run; one that fails a round is dropped and the round sums the others.
+    `site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run).
     `secure`: the sites' noisy updates are summed under SecAgg+ (the coordinator sees only the total)."""
-    from pmlm.server.secure_sum import secure_sum
-
     site_records = site_records or {}
     torch.manual_seed(config.seed)
     policy = PromptPolicy(embedding_dim)
@@ -53,19 +54,19 @@ def run_phase_c(grid: Grid, nodes: list[int], config: PhaseCConfig, run_id: str,
             scalars = {k: v for rec in site_records.values() for k, v in dict(rec).items()}
             weights = {k: v.detach().numpy().copy() for k, v in policy.state_dict().items()}
             n = sum(v.size for v in weights.values())
-            result = secure_sum(grid, None, "phase_c_round", {**scalars, **dict(plan), "round": r}, nodes,
-                                 shape=(n,), arrays=weights, timeout=timeout, retries=1, clipping_range=1024.0)
+            result = secure_sum_over(roster, grid, PHASE, r, "phase_c_round", {**scalars, **dict(plan), "round": r},
+                                     shape=(n,), arrays=weights, timeout=timeout, clipping_range=1024.0)
             total, metrics = result.total, list(result.metrics.values())
         else:
             content = RecordDict({"arrays": policy_arrays(policy),
                                   "config": ConfigRecord({**dict(plan), "round": r}), **site_records})
-            replies = ask_every_site(grid, nodes, QUERY_ROUND, content)
+            replies = roster.ask(grid, QUERY_ROUND, content, PHASE, r, timeout=timeout)
             total = sum(m.content["arrays"]["update"].numpy() for m in replies)
             metrics = [dict(m.content["metrics"]) for m in replies]
         episodes = sum(float(m["episodes"]) for m in metrics)
         apply_update(policy, total, lr=config.lr, scale=max(episodes, 1.0))
         if on_round is not None:
             on_round(r, metrics)
-    ask_every_site(grid, nodes, QUERY_STORE,
-                   RecordDict({"arrays": policy_arrays(policy), "config": plan, **site_records}))
+    roster.ask(grid, QUERY_STORE, RecordDict({"arrays": policy_arrays(policy), "config": plan, **site_records}),
+               PHASE, timeout=timeout)
     return policy

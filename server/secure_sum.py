@@ -26,7 +26,10 @@ The masked sum lives modulo 2**32, so sites * quantization_range must stay below
 Dropout: a site lost after it sent its masked vector is unmasked from its neighbours' key shares; the total
 is then the sum over exactly ``result.sites`` and ``result.dropped`` names the rest. A site lost earlier
 (setup or key sharing), or too many lost, halts the protocol: ``SecureSumFailed(retryable=True)`` names the
-silent nodes, and ``retries`` restarts without them (each retry makes the sites draw and charge fresh noise).
+silent nodes, and ``retries`` restarts without them. A retry asks the sites for the same round again: phases B
+and C keep each round's noisy release (common/privacy/kept.py), so a site that had already computed its vector
+sends the same one and is not charged again; a task without kept releases is refused by the site's ledger.
+``secure_sum_over`` runs a phase round over the sites still in the run and drops the ones it lost.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from pmlm.client.secure_sum import META_KEY, PLAIN_ACTION, RANGE_ERROR, SECURE_ACTION, pack_meta
+from pmlm.server.roster import SiteRoster
 
 log = logging.getLogger(__name__)
 
@@ -323,3 +327,29 @@ def plain_sum(grid: Grid, context: Context | None, task: str, config: dict, node
             raise failed
         log.warning("%s; retrying", failed)
     raise AssertionError("unreachable")
+
+
+# -- over the sites still in a run ------------------------------------------------------------------------
+
+def secure_sum_over(roster: SiteRoster, grid: Grid, phase: str, round: int, task: str, config: dict, *,
+                    shape: tuple[int, ...], timeout: float | None, arrays: dict[str, np.ndarray] | None = None,
+                    clipping_range: float = DEFAULT_CLIPPING_RANGE) -> SecureSumResult:
+    """``secure_sum`` of one phase round over ``roster.active`` (server/roster.py), with one retry.
+
+    Sites the total leaves out, or that made the protocol halt, are dropped from the roster with their reason;
+    too few left raises ``TooFewSites``. A retry resends the round: the sites that already released it send the
+    same noisy vector again (common/privacy/kept.py), so nothing is charged twice.
+    """
+    roster.require(phase, round)
+    try:
+        result = secure_sum(grid, None, task, config, roster.active, shape=shape, arrays=arrays, timeout=timeout,
+                            min_sites=roster.min_sites, retries=1, clipping_range=clipping_range)
+    except SecureSumFailed as failed:
+        for node in failed.unresponsive:
+            roster.drop(node, phase, round, failed.reasons.get(node, f"silent during secure aggregation: {failed}"))
+        roster.require(phase, round)
+        raise
+    for node in result.dropped:
+        roster.drop(node, phase, round, result.reasons.get(node, "left out of the secure sum: no answer in time"))
+    roster.require(phase, round)
+    return result
