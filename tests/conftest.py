@@ -22,3 +22,30 @@ def synthea_bundles(tmp_path_factory) -> Path:
     subprocess.run([exe, "-p", "4", "-s", "4242", "-g", "f", "-a", "20-38", "-r", "20260301",
                     "--state", "Massachusetts", "-o", str(out)], check=True, capture_output=True, timeout=600)
     return out / "fhir"
+
+
+# -- small event tables for tests that need a site's records ---------------------------------------------
+
+EVENT_COLUMNS = ["patient_id", "time", "kind", "system", "code", "display", "value", "unit", "end", "encounter_class"]
+SNOMED = "http://snomed.info/sct"
+
+
+def pregnant_woman_rows(patient_id: str, born, pregnancy_start) -> list[list[str]]:
+    """Her patient row and a normal pregnancy of 38 weeks from `pregnancy_start` (datetimes)."""
+    from datetime import timedelta
+
+    return [[patient_id, born.isoformat(), "patient", "", "female", "", "", "", "", ""],
+            [patient_id, pregnancy_start.isoformat(), "condition", SNOMED, "72892002", "Normal pregnancy", "", "",
+             (pregnancy_start + timedelta(days=266)).isoformat(), ""]]
+
+
+def write_events_csv(folder: Path, rows: list[list[str]]) -> Path:
+    """An event table (client/ingest's CSV format) at folder/events.csv."""
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "events.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(EVENT_COLUMNS)
+        writer.writerows(rows)
+    return folder / "events.csv"
