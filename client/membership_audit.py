@@ -51,7 +51,6 @@ from pmlm.common.privacy.membership import (
 )
 from pmlm.common.privacy.signing import load_public_key, public_path
 
-MEMBERSHIP_JSON = Path("audit") / "membership.json"
 PRIVACY_UNIT = "patient-in-site"
 REFERENCE_SEED = 0  # the untrained reference model is public: any fixed seed will do
 

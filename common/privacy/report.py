@@ -17,7 +17,14 @@ from typing import Any
 from pmlm.common.privacy.accountant import ACCOUNTANT
 from pmlm.common.privacy.events import PRIVACY_UNITS
 from pmlm.common.privacy.ledger import UNSPECIFIED_NOISE_SOURCE, LedgerReplay
-from pmlm.common.privacy.membership import CONFIDENCE, advantage_bound, composed_epsilon, tied_releases, verdict
+from pmlm.common.privacy.membership import (
+    CONFIDENCE,
+    advantage_bound,
+    composed_epsilon,
+    epsilon_lower_bound,
+    tied_releases,
+    verdict,
+)
 
 PHASE_COLOURS = ["#1f5fa8", "#d9731a", "#2e8b3e", "#8e44ad", "#b03a48", "#5d6d7e"]
 UNIT_TITLES = {
@@ -103,13 +110,17 @@ def summary(ledger: AuditedLedger) -> dict[str, Any]:
     }
 
 
-def summaries(ledgers: list[AuditedLedger]) -> dict[str, Any]:
+def summaries(ledgers: list[AuditedLedger], membership: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per ledger, `summary`; with the sites' membership audits, each site's rows under "membership"."""
+    rows = membership_rows(membership, ledgers) if membership else None
     out: dict[str, Any] = {}
     for ledger in ledgers:
         key = ledger.label
         if key in out:
             key = f"{key} [{ledger.path}]"
         out[key] = summary(ledger)
+        if rows is not None:
+            out[key]["membership"] = [r for r in rows if r["site_id"] == ledger.site_id]
     return out
 
 
@@ -447,6 +458,13 @@ def membership_rows(audits: list[dict[str, Any]], ledgers: list[AuditedLedger]) 
     return rows
 
 
+def _empirical_epsilon(row: dict[str, Any]) -> float | None:
+    interval = row.get("advantage_ci")
+    if not isinstance(interval, (list, tuple)) or not isinstance(interval[0], (int, float)):
+        return None
+    return epsilon_lower_bound(max(interval[0], 0.0), row.get("delta") or 0.0)
+
+
 def _ci(value: Any, interval: Any) -> str:
     if not isinstance(interval, (list, tuple)) or len(interval) != 2:
         return _num(value, ".3f")
@@ -462,23 +480,30 @@ def membership_section(rows: list[dict[str, Any]]) -> str:
         f"<td class='num'>{_num(r['epsilon'])}</td><td class='num'>{_num(r['bound'], '.3f')}</td>"
         f"<td>{_e(r.get('attack', '—'))}</td>"
         f"<td class='num'>{_e(r.get('members', '—'))} / {_e(r.get('non_members', '—'))}</td>"
-        f"<td class='num'>{_ci(r.get('advantage'), r.get('advantage_ci'))}</td>"
+        f"<td class='num'>{_num(r.get('advantage'), '.3f')} <span class='meta'>(chance "
+        f"{_num(r.get('null_advantage'), '.3f')})</span></td>"
+        f"<td class='num'>{_ci(r.get('held_out_advantage'), r.get('advantage_ci'))}</td>"
         f"<td class='num'>{_ci(r.get('auc'), r.get('auc_ci'))}</td>"
-        f"<td class='num'>{_num(r.get('null_advantage'), '.3f')}</td>"
+        f"<td class='num'>{_num(_empirical_epsilon(r), '.2f')}</td>"
         f"<td><span class='{'ok' if r['consistent'] else 'fail'}'>{_e(r['verdict'])}</span>"
         f"<br><span class='meta'>{_e('; '.join(filter(None, [r['ledger_check'], r['note']])))}</span></td></tr>"
         for r in rows)
     return f"""<h2>Membership inference</h2>
 <div class="statement"><p>Each site attacked its own released artifacts with its own patients
 (<code>pmlm audit membership SITE_DIR</code>): members are the patients an artifact was built from, non-members
-the site's held-out patients. The <b>advantage</b> is the attack's best TPR − FPR over all thresholds (with a
-bootstrap {_e(int(CONFIDENCE * 100))}% interval); for an artifact whose ledger releases compose to (ε, δ), no attack
-can exceed <b>(e<sup>ε</sup> − 1 + 2δ) / (e<sup>ε</sup> + 1)</b>. A measured advantage above the bound means the
-release leaks more than its ledger says; one below it is what DP predicts, and only a lower bound on leakage
-(these attacks are simple; stronger ones may find more). “Chance level” is the 95th percentile of the advantage
-the same procedure finds with member labels shuffled: at these sample sizes, an advantage below it is noise.</p></div>
+the site's held-out patients. An attack's <b>advantage</b> is TPR − FPR, how much more often it says “member” for
+members than for non-members; for an artifact whose ledger releases compose to (ε, δ), no attack can exceed
+<b>(e<sup>ε</sup> − 1 + 2δ) / (e<sup>ε</sup> + 1)</b>. A measured advantage above the bound means the release
+leaks more than its ledger says; one below it is what DP predicts, and only a lower bound on leakage (these
+attacks are simple; stronger ones may find more).</p>
+<p>“Best threshold” is the usual figure, the best TPR − FPR over all thresholds on the same patients; it is
+optimistic, and “chance” is what it reads with member labels shuffled. “Held out” chooses the threshold on one
+half of the patients and measures it on the other; its {_e(round(CONFIDENCE * 100))}% interval carries the
+verdict. The AUC's interval is a bootstrap. “Empirical ε ≥” is the smallest ε whose bound admits the lower end
+of the held-out interval: what the attack proves about the release, to set beside the ledger's ε.</p></div>
 <table><tr><th>Site</th><th>Artifact</th><th>Run</th><th>ε</th><th>Bound</th><th>Attack</th><th>Members / held out</th>
-<th>Advantage (CI)</th><th>AUC (CI)</th><th>Chance level</th><th>Verdict</th></tr>{body}</table>
+<th>Advantage, best threshold</th><th>Advantage, held out (CI)</th><th>AUC (CI)</th><th>Empirical ε ≥</th>
+<th>Verdict</th></tr>{body}</table>
 """
 
 

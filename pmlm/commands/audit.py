@@ -1,7 +1,8 @@
 """`pmlm audit`: check privacy ledgers and report what each site released and spent.
 
   pmlm audit verify LEDGER...                 exit 0 only if every ledger verifies
-  pmlm audit report LEDGER... --out DIR [--json]
+  pmlm audit report LEDGER... --out DIR [--json] [--membership FILE...]
+  pmlm audit membership SITE_DIR [--data DIR] [--out FILE]   attack the site's artifacts (runs on-site)
   pmlm audit egress SITE_DIR [--json]         what left the site, message by message (SITE_DIR/egress.jsonl)
 
 LEDGER is a site's ledger (SITE_DIR/ledger/privacy_ledger.jsonl) or a coordinator's copy
@@ -54,7 +55,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--json", action="store_true",
                         help="also write DIR/privacy_summary.json and print it: per site "
                              "{epsilon, epsilon_rdp, delta, budget, releases}")
+    report.add_argument("--membership", action="append", default=[], type=Path, metavar="FILE",
+                        help="a site's `pmlm audit membership` result to show (repeatable); a site ledger's own "
+                             "SITE_DIR/audit/membership.json is shown without it")
     report.set_defaults(handler=run_report)
+
+    membership = commands.add_parser(
+        "membership", help="membership-inference attacks on the site's released artifacts, against their DP bound",
+        description="Runs at the site (it needs the site's records): attacks the phase-A model and the peer "
+                    "profiles with the site's own training and held-out patients and writes aggregate figures "
+                    "only (see client/membership_audit.py), for `pmlm audit report`.")
+    membership.add_argument("site_dir", type=Path, metavar="SITE_DIR")
+    membership.add_argument("--data", type=Path, metavar="DIR", help="the site's records (default: site.json's data_dir)")
+    membership.add_argument("--out", type=Path, metavar="FILE", help="default SITE_DIR/audit/membership.json")
+    membership.set_defaults(handler=run_membership)
 
     egress = commands.add_parser("egress", help="show every message the site sent (its egress log)")
     egress.add_argument("site_dir", type=Path, metavar="SITE_DIR")
@@ -173,11 +187,12 @@ def run_report(args: argparse.Namespace) -> int:
 
     # A report is still written when a check fails (it says so prominently); the exit code tells scripts.
     ledgers = _audit_all(args, trust_embedded_key=True)
-    html_path = write_report(ledgers, args.out)
+    membership = _membership_results(args.membership, args.ledgers)
+    html_path = write_report(ledgers, args.out, membership)
     # With --json, stdout carries only the JSON so it can be piped.
     print(f"wrote {html_path}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        text = json.dumps(summaries(ledgers), indent=2, sort_keys=True)
+        text = json.dumps(summaries(ledgers, membership), indent=2, sort_keys=True)
         json_path = args.out / "privacy_summary.json"
         json_path.write_text(text + "\n", encoding="utf-8")
         print(f"wrote {json_path}", file=sys.stderr)
@@ -186,6 +201,53 @@ def run_report(args: argparse.Namespace) -> int:
     for ledger in failed:
         print(f"warning: {ledger.path} failed verification: {ledger.problems[0]}", file=sys.stderr)
     return 1 if failed else 0
+
+
+# -- pmlm audit membership -------------------------------------------------------------------------------
+
+def run_membership(args: argparse.Namespace) -> int:
+    from pmlm.client.membership_audit import MembershipAuditError, audit_site, write_audit
+    from pmlm.client.site_config import SiteConfigError
+    from pmlm.common.privacy.membership import MEMBERSHIP_JSON
+
+    try:
+        result = audit_site(args.site_dir, args.data)
+    except (MembershipAuditError, SiteConfigError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+    path = write_audit(result, args.out or args.site_dir / MEMBERSHIP_JSON)
+    print(f"site {result['site_id']}: {result['patients']} patients; wrote {path}")
+    print(f"{'artifact':<22} {'attack':<23} {'members/held out':>16} {'ε':>6} {'bound':>6} {'best (chance)':>14} "
+          f"{'held out (95% CI)':>24}  verdict")
+    for artifact in result["artifacts"]:
+        eps, bound = artifact["epsilon"], artifact["bound"]
+        for attack in artifact["attacks"]:
+            low, high = attack["advantage_ci"]
+            print(f"{artifact['artifact']:<22} {attack['attack']:<23} "
+                  f"{attack['members']:>8}/{attack['non_members']:<7} {'-' if eps is None else f'{eps:.3g}':>6} "
+                  f"{'-' if bound is None else f'{bound:.3f}':>6} {attack['advantage']:>6.3f} ({attack['null_advantage']:.3f}) "
+                  f"{attack['held_out_advantage']:>6.3f} ({low:+.3f} to {high:+.3f})  {attack['verdict']}")
+        if artifact["note"]:
+            print(f"  note ({artifact['artifact']}): {artifact['note']}")
+    return 0 if all(a["consistent"] for art in result["artifacts"] for a in art["attacks"]) else 1
+
+
+def _membership_results(files: list[Path], ledgers: list[Path]) -> list[dict]:
+    """The results named with --membership, plus SITE_DIR/audit/membership.json beside each site ledger."""
+    from pmlm.common.privacy.ledger import LEDGER_PATH
+    from pmlm.common.privacy.membership import FORMAT, MEMBERSHIP_JSON
+
+    beside = [p.parents[len(LEDGER_PATH.parts) - 1] / MEMBERSHIP_JSON for p in ledgers
+              if p.name == LEDGER_PATH.name and len(p.parents) >= len(LEDGER_PATH.parts)]
+    results = []
+    for path in dict.fromkeys([*files, *(p for p in beside if p.is_file())]):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot read the membership audit {path}: {exc}") from None
+        if not isinstance(result, dict) or result.get("format") != FORMAT:
+            raise CliError(f"{path} is not a `pmlm audit membership` result (format {FORMAT})")
+        results.append(result)
+    return results
 
 
 # -- pmlm audit egress -----------------------------------------------------------------------------------
