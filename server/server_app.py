@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
 from pmlm.client.phase_a import PHASE, PhaseAConfig, new_model, run_config_of
+from pmlm.common.atomic import write_atomic
 from pmlm.common.profiles import load_profile
 from pmlm.server.roster import SiteRoster
 
@@ -127,7 +128,7 @@ def main(grid: Grid, context: Context) -> None:
             context.state["phases-bc-result"] = ConfigRecord({"json": json.dumps(later, default=float)})
     except Exception as exc:  # too few sites left, a secure sum that failed, ...: say which sites were lost
         failed = {"run": cfg.run_name, "error": f"{type(exc).__name__}: {exc}", "roster": roster.summary()}
-        (workdir / f"{cfg.run_name}-failed.json").write_text(json.dumps(failed, indent=2))
+        write_atomic(workdir / f"{cfg.run_name}-failed.json", json.dumps(failed, indent=2))
         raise
 
 
@@ -157,5 +158,5 @@ def run_phase_a(grid: Grid, context: Context, run: dict, cfg: PhaseAConfig, rost
         "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
     }
     final.to_torch_state_dict()  # fail loudly here rather than in phase B if the arrays are malformed
-    (workdir / f"{cfg.run_name}.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_atomic(workdir / f"{cfg.run_name}.json", json.dumps(summary, indent=2, default=float))
     context.state["phase-a-result"] = ConfigRecord({"json": json.dumps(summary, default=float)})

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pmlm.common.atomic import write_atomic
 from pmlm.common.privacy.accountant import ACCOUNTANT
 from pmlm.common.privacy.events import PRIVACY_UNITS
 from pmlm.common.privacy.ledger import UNSPECIFIED_NOISE_SOURCE, LedgerReplay
@@ -586,7 +587,4 @@ its phase's share is refused before any noise is drawn, and the refusal is itsel
 
 def write_report(ledgers: list[AuditedLedger], out_dir: Path, membership: list[dict[str, Any]] | None = None) -> Path:
     """`membership`: the sites' `pmlm audit membership` results, shown in their own section."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "privacy_report.html"
-    path.write_text(render_html(ledgers, membership=membership), encoding="utf-8")
-    return path
+    return write_atomic(out_dir / "privacy_report.html", render_html(ledgers, membership=membership))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pmlm.cli import CliError
+from pmlm.common.atomic import write_atomic
 
 if TYPE_CHECKING:
     from pmlm.common.privacy.report import AuditedLedger
@@ -193,8 +194,7 @@ def run_report(args: argparse.Namespace) -> int:
     print(f"wrote {html_path}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         text = json.dumps(summaries(ledgers, membership), indent=2, sort_keys=True)
-        json_path = args.out / "privacy_summary.json"
-        json_path.write_text(text + "\n", encoding="utf-8")
+        json_path = write_atomic(args.out / "privacy_summary.json", text + "\n")
         print(f"wrote {json_path}", file=sys.stderr)
         print(text)
     failed = [ledger for ledger in ledgers if not ledger.verified]
