@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from pmlm.client.peers import PhaseBConfig
 from pmlm.client.phase_a import PhaseAConfig
 from pmlm.client.phase_c import PhaseCConfig
+from pmlm.common.atomic import write_atomic
 from pmlm.common.profiles import load_profile
 from pmlm.server.phase_b import run_phase_b
 from pmlm.server.phase_c import run_phase_c
@@ -55,7 +56,7 @@ def run_later_phases(grid: Grid, roster: SiteRoster, cfg: PhaseAConfig, run: dic
     summary["ledger_copies"] = copy_site_ledgers(grid, roster, records, workdir)
     summary["roster"] = roster.summary()
     out = workdir / f"{cfg.run_name}-phases-bc.json"
-    out.write_text(json.dumps(summary, indent=2, default=float))
+    write_atomic(out, json.dumps(summary, indent=2, default=float))
     return summary
 
 
