@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import ConfigRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from pmlm.client.peers import PhaseBConfig
@@ -40,6 +42,7 @@ def run_later_phases(grid: Grid, roster: SiteRoster, cfg: PhaseAConfig, run: dic
     if int(run.get("phase-b-rounds", 1)) >= 0 and not run.get("skip-phase-b"):
         started = time.perf_counter()
         b = _pick(run, PHASE_B_KEYS, PhaseBConfig)
+        log(INFO, "[PMLM phase B] DP k-means, %d prototypes, %d rounds, then peer profiles", b.prototypes, b.rounds)
         profiles = run_phase_b(grid, roster, b, cfg.run_name, [c.id for c in profile.concepts], cfg.dim,
                                profile.horizon_days, site_records=records, secure=secure)
         summary["phase_b"] = {"prototypes": b.prototypes, "suppressed": int(profiles.suppressed.sum()),
@@ -49,8 +52,12 @@ def run_later_phases(grid: Grid, roster: SiteRoster, cfg: PhaseAConfig, run: dic
         started = time.perf_counter()
         c = _pick(run, PHASE_C_KEYS, PhaseCConfig)
         rounds: list = []
-        run_phase_c(grid, roster, c, cfg.run_name, cfg.dim, on_round=lambda r, m: rounds.append(m),
-                    site_records=records, secure=secure)
+        log(INFO, "[PMLM phase C] RL prompt policy, %d rounds", c.rounds)
+
+        def on_round(r, metrics):
+            rounds.append(metrics)
+            log(INFO, "[PMLM phase C] round %s/%d done", r, c.rounds)
+        run_phase_c(grid, roster, c, cfg.run_name, cfg.dim, on_round=on_round, site_records=records, secure=secure)
         summary["phase_c"] = {"rounds": c.rounds, "per_round": rounds,
                               "seconds": round(time.perf_counter() - started, 1)}
     summary["ledger_copies"] = copy_site_ledgers(grid, roster, records, workdir)
