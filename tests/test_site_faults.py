@@ -1,8 +1,9 @@
 """Faults at the sites: a round asked for twice is charged once; a site killed mid-round is dropped, the run goes on
 with the others or stops naming it, and every ledger holds exactly the releases that were made.
 
-In-process (no Ray, no deployment): a site is "killed" by a grid that stops delivering to it from a given message
-on, or by an exception at the moment its training runs. About half a minute on two idle cores.
+In-process (no Ray, no deployment): a site is "killed" by an exception it cannot answer from, raised inside the
+code it is running (DP-SGD, after recording, computing a SecAgg+ vector); the grid then never delivers to it
+again. About 50 s of CPU (2 minutes of wall time on two cores shared with other jobs).
 """
 
 from __future__ import annotations
@@ -177,17 +178,23 @@ def phase_a_rounds(ledger: SiteLedger, run_name: str) -> list[int]:
     return [e["round"] for e in releases(ledger) if e["phase"] == "phase_a" and e["run_id"] == run_name]
 
 
-def test_a_site_killed_while_training_is_dropped_and_the_run_goes_on_with_the_others(consortium, tmp_path,
-                                                                                        monkeypatch):
+def kill_while_training(monkeypatch) -> None:
+    """The armed site dies inside DP-SGD: after its budget check, before its release is recorded."""
     from pmlm.client import phase_a
+
+    real_train_local = phase_a.train_local
 
     def train_local(*args, **kwargs):
         if ARMED["now"]:
-            raise SiteKilled()  # mid-training: after the budget check, before the release is recorded
+            raise SiteKilled()
         return real_train_local(*args, **kwargs)
 
-    real_train_local = phase_a.train_local
     monkeypatch.setattr(phase_a, "train_local", train_local)
+
+
+def test_a_site_killed_while_training_is_dropped_and_the_run_goes_on_with_the_others(consortium, tmp_path,
+                                                                                        monkeypatch):
+    kill_while_training(monkeypatch)
     sites = sorted(consortium)
     later = {"phases": "ab", "phase-b-rounds": 1, "phase-b-prototypes": 3, "phase-b-min-count": 5}
     grid, context, run = run_with_a_killed_site(consortium, tmp_path, sites, {"num-server-rounds": 2, **later},
@@ -304,3 +311,14 @@ def test_a_secure_sum_retried_after_it_halted_resends_the_kept_releases(tmp_path
     kept = sum(np.load(kept_path(SiteLedger(tmp_path / s, s), "phase_b", 0, "run-1"))["values"]
                for s in ("site_0", "site_1"))
     assert np.max(np.abs(result.total - kept)) <= result.quantization_bound
+
+
+def test_with_hospital_level_dp_a_lost_site_stops_the_run(consortium, tmp_path, monkeypatch):
+    """Flower scales hospital-level noise to the number of sites the run started with: going on with fewer would
+    weaken that guarantee, so the roster requires every site (without hospital DP this run would go on with two)."""
+    kill_while_training(monkeypatch)
+    _, _, run = run_with_a_killed_site(consortium, tmp_path, sorted(consortium),
+                                       {"num-server-rounds": 1, "hospital-dp-noise": 0.5, "hospital-dp-clip": 10.0},
+                                       dies_on=in_round("hospital_c", "train", 1))
+    with pytest.raises(TooFewSites, match=r"2 of 3 sites left, fewer than the 3 the run needs; dropped: hospital_c"):
+        run()
