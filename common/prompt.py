@@ -22,17 +22,20 @@ FACTORS: dict[str, tuple] = {
     "trajectory": (False, True),
     "peer_items": (0, 3, 5),
     "reasoning": (False, True),
-    "phrasing": (0, 1, 2),
-    "format": (0, 1, 2, 3),
+    "phrasing": (0, 1, 2, 3),
+    "format": (0, 1, 2, 3, 4),
     "order": ("self_first", "peer_first"),
     "notes": (False, True),
-    "placement": ("system", "user"),  # where her sections go: small models follow the user turn more closely
+    # Where her sections go. Small models follow the user turn more closely, and the last instruction most:
+    # "user_task_last" asks the question first and ends on the answer-format instruction.
+    "placement": ("system", "user", "user_task_last"),
 }
 
 SELF_HEADINGS = (
     "Care events predicted for her in the next {weeks} weeks (from her own record)",
     "What she is likely to need next, within {weeks} weeks",
     "Expected upcoming care for this patient ({weeks}-week horizon)",
+    "Planned care for this patient over the next {weeks} weeks",  # stated as a plan: small models repeat it
 )
 FORMATS = (
     "Answer with one bullet per expected care event, naming the event and when it is due. Start with the events "
@@ -43,6 +46,8 @@ FORMATS = (
     "to watch for. Name specific tests and visits.",
     "Rewrite the expected care listed above as a checklist for her clinician: one bullet per item, keeping each "
     "item's name, most urgent first. At most {max_items} bullets.",
+    "List each care item above as a bullet, with one short sentence on why it matters for her. At most {max_items} "
+    "bullets.",
 )
 ROLE = ("You are a clinical decision-support assistant for obstetrics and gynecology. You help a clinician plan the "
         "care of one patient. Be specific and concise.")
@@ -235,9 +240,9 @@ def _render_once(ctx: PatientContext, params: PromptParams, question: str | None
     max_items = max(params.self_items, 5)
     blocks.append(FORMATS[params.format].format(weeks=weeks, max_items=max_items))
     user = neutralise(question or f"What care does this patient need over the next {weeks} weeks?", 400)
-    if params.placement == "user":  # role and the quoting rule stay in the system turn; her data and the task move
+    if params.placement != "system":  # role and the quoting rule stay in the system turn; her data and the task move
         system = "\n\n".join(blocks[:1] + ([QUOTE_RULE] if params.notes and ctx.notes else []))
-        user = "\n\n".join(blocks[1:] + [user])
+        user = "\n\n".join(blocks[1:] + [user] if params.placement == "user" else [user] + blocks[1:])
     else:
         system = "\n\n".join(blocks)
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
