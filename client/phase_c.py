@@ -40,15 +40,29 @@ def site_llm(llm_settings: dict | None = None):
 
 @dataclass(frozen=True)
 class PhaseCConfig:
-    rounds: int = 3
-    points_per_site: int = 48  # training points a site draws its episodes from
-    episodes_per_round: int = 16
+    # Few rounds over many points: each round is one Gaussian release, and at a fixed budget the noise per
+    # round grows with the number of rounds while the signal grows with the patients in a round.
+    rounds: int = 2
+    points_per_site: int = 40  # training points a site draws its episodes from
+    episodes_per_round: int = 40  # points visited per round (the same points again: repeated prompts are cached)
+    prompts_per_point: int = 2  # compared with each other: a baseline of her own
+    explore_temperature: float = 2.0
+    reward_scale: float = 10.0  # rewards differ by ~0.1 between prompts: scaled, her gradient reaches the clip
     candidates: int = 6
-    use_reward_model: bool = True
+    # The reward model is fitted on all patients' rewards, so with it one patient's gradient would depend on the
+    # others' and the released sum's sensitivity would exceed the clip the ledger charges for: refused here.
+    use_reward_model: bool = False
     clip: float = 1.0
-    lr: float = 1.0
+    lr: float = 15.0  # the step on the mean clipped gradient; it must move the initial prompt's 2-logit head start
     max_tokens: int = 120
     seed: int = 0
+
+    def rl_config(self, use_reward_model: bool = False) -> RLConfig:
+        """Local RL with these settings; the reward model only for refinement that releases nothing."""
+        return RLConfig(episodes_per_round=self.episodes_per_round, prompts_per_point=self.prompts_per_point,
+                        explore_temperature=self.explore_temperature, reward_scale=self.reward_scale,
+                        candidates=self.candidates, use_reward_model=use_reward_model, clip=self.clip,
+                        sampling={"max_tokens": self.max_tokens, "temperature": 0.0})
 
 
 def training_points(assembler: PromptAssembler, examples: list[Example], n: int, seed: int) -> list[Point]:
@@ -73,6 +87,10 @@ class SitePhaseC:
                  config: PhaseCConfig, run_id: str, llm_settings: dict | None = None,
                  budget: BudgetConfig | None = None):
         self.site_id, self.site_dir, self.config, self.run_id = site_id, Path(site_dir), config, run_id
+        if config.use_reward_model:
+            raise ValueError("phase C releases per-patient clipped updates; a reward model fitted on every patient's "
+                             "rewards would make each update depend on the others: run it without (use_reward_model "
+                             "false) and use the reward model only for on-site refinement")
         profile = load_profile(profile_name)
         self.artifacts = SiteArtifacts.load(self.site_dir, profile)
         if self.artifacts.model is None:
@@ -102,10 +120,7 @@ class SitePhaseC:
         c = self.config
         if self.rl is None:
             self.rl = LocalRL(policy, self.llm, matcher_for(self.artifacts.profile.name), self.points,
-                              RLConfig(episodes_per_round=c.episodes_per_round, candidates=c.candidates,
-                                       use_reward_model=c.use_reward_model, clip=c.clip,
-                                       sampling={"max_tokens": c.max_tokens, "temperature": 0.0}),
-                              seed=c.seed + round)
+                              c.rl_config(), seed=c.seed + round)
         self.rl.policy.load_state_dict(policy.state_dict())
         episodes = self.rl.run_episodes()
         vector, entry = self.rl.noisy_update(episodes, self.ledger, self.noise_multiplier(), self.rng,

@@ -1,10 +1,16 @@
 """Phase C at a site: REINFORCE over her prompt parameters, with the LLM's answer scored against the truth.
 
-Per round a site runs episodes on its training prediction points (LLM calls go through the response
-cache), turns each patient's episodes into one policy-gradient vector, clips it, sums, and adds Gaussian
-noise: only that noisy sum leaves the site (charged to the ledger as one Gaussian release).
-A reward model learned from the logged (state, prompt, reward) triples pre-screens candidate prompts so
-most LLM calls go to promising ones.
+Per round a site visits some of its training prediction points and tries a few prompts on each (LLM
+calls go through the response cache). Each prompt's advantage is its reward minus the mean reward of the
+other prompts tried on the same point (a baseline of her own, which removes how hard her case is), so the
+policy learns from differences between prompts. Each patient's episodes become one policy-gradient vector,
+clipped; the site sums them and adds Gaussian noise: only that noisy sum leaves the site (charged to the
+ledger as one Gaussian release).
+
+A reward model learned from the logged (state, prompt, reward) triples can pre-screen candidate prompts so
+most LLM calls go to promising ones. It is fitted on every patient's rewards, so a prompt it picks for one
+patient depends on the others: fine for refinement that stays on-site, not for released updates, whose
+per-patient sensitivity would no longer be the clip (phase C therefore runs without it).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from torch import nn
 
 from pmlm.client.examples import Example
+from pmlm.client.llm.cache import cache_key
 from pmlm.client.reward import ConceptMatcher, RewardWeights, score_answer
 from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, action_onehot, action_tensor
 from pmlm.common.privacy import GaussianRelease, SiteLedger
@@ -38,49 +45,54 @@ class Point:
 
 @dataclass
 class Episode:
+    """One prompt tried on one point."""
+
     patient_id: str
     state: np.ndarray
     params: PromptParams
     reward: float
     f1: float
+    baseline: float | None = None  # mean reward of the other prompts tried on her point; None: the value head
 
 
 class RewardModel:
-    """Predicts the reward of (state, prompt) from logged episodes; a tiny MLP refitted as logs grow."""
+    """Ranks candidate prompts for one point from the logged episodes: ridge regression of each episode's reward
+    relative to the other prompts tried on her point (how hard her case is cancels out) on the prompt's
+    options, refitted as the log grows. Linear on purpose: a few dozen noisy episodes can tell apart how much
+    each option adds, not more."""
 
-    def __init__(self, state_dim: int, seed: int = 0):
-        torch.manual_seed(seed)
-        width = state_dim + len(action_onehot(PromptParams()))
-        self.net = nn.Sequential(nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, 1))
+    def __init__(self, ridge: float = 1.0):
+        self.ridge = ridge
+        self.weights: np.ndarray | None = None
         self.fitted = 0
 
-    def _x(self, state: np.ndarray, params: list[PromptParams]) -> torch.Tensor:
-        rows = [np.concatenate([state, action_onehot(p)]) for p in params]
-        return torch.as_tensor(np.stack(rows), dtype=torch.float32)
+    @staticmethod
+    def _x(params: list[PromptParams]) -> np.ndarray:
+        return np.stack([np.append(action_onehot(p), 1.0) for p in params])
 
-    def fit(self, episodes: list[Episode], epochs: int = 60) -> None:
-        x = torch.cat([self._x(e.state, [e.params]) for e in episodes])
-        y = torch.tensor([e.reward for e in episodes], dtype=torch.float32)
-        opt = torch.optim.Adam(self.net.parameters(), lr=1e-2)
-        for _ in range(epochs):
-            opt.zero_grad()
-            loss = ((self.net(x).squeeze(-1) - y) ** 2).mean()
-            loss.backward()
-            opt.step()
+    def fit(self, episodes: list[Episode]) -> None:
+        x = self._x([e.params for e in episodes])
+        # Relative to her other prompts (a prompt tried alone on its point: relative to the others tried alone).
+        alone = np.array([e.baseline is None for e in episodes])
+        y = np.array([e.reward - (e.baseline or 0.0) for e in episodes])
+        y[alone] -= y[alone].mean() if alone.any() else 0.0
+        self.weights = np.linalg.solve(x.T @ x + self.ridge * np.eye(x.shape[1]), x.T @ y)
         self.fitted = len(episodes)
 
-    @torch.no_grad()
-    def predict(self, state: np.ndarray, params: list[PromptParams]) -> np.ndarray:
-        return self.net(self._x(state, params)).squeeze(-1).numpy()
+    def predict(self, params: list[PromptParams]) -> np.ndarray:
+        return self._x(params) @ self.weights
 
 
 @dataclass
 class RLConfig:
-    episodes_per_round: int = 24
-    candidates: int = 8  # prompts proposed per point; the reward model picks which one costs an LLM call
+    episodes_per_round: int = 24  # points visited per round
+    prompts_per_point: int = 2  # prompts tried on each point; with 2 or more each has a baseline of her own
+    explore_temperature: float = 1.0  # prompts are drawn from softmax(logits / T); the refined prompt is the argmax
+    reward_scale: float = 1.0  # fixed (not data-dependent) factor on advantages, so gradients use the clip range
+    candidates: int = 8  # prompts proposed per point; the reward model picks which ones cost an LLM call
     use_reward_model: bool = True
     warmup_episodes: int = 24  # plain sampling before the reward model is trusted
-    explore: float = 0.2  # chance of spending the call on a random candidate anyway
+    explore: float = 0.2  # chance of spending the calls on random candidates anyway
     clip: float = 1.0  # per-patient L2 bound on the policy-gradient vector
     value_weight: float = 0.5
     sampling: dict = field(default_factory=lambda: {"max_tokens": 160, "temperature": 0.0})
@@ -98,41 +110,56 @@ class LocalRL:
         self.random = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.log: list[Episode] = []
-        self.llm_calls = 0
-        state_dim = len(points[0].state.vector()) if points else 0
-        self.reward_model = RewardModel(state_dim, seed) if config.use_reward_model else None
+        self.requests: set[str] = set()  # keys of the distinct requests this run sent (a cold cache's misses)
+        self.reward_model = RewardModel() if config.use_reward_model else None
+
+    @property
+    def llm_calls(self) -> int:
+        """LLM calls this run would pay with a cache of its own: its distinct requests. Answers another run
+        left in a shared cache do not make this run look cheaper."""
+        return len(self.requests)
 
     def evaluate(self, point: Point, params: PromptParams):
         prompt = render(point.context, params)
+        self.requests.add(cache_key({"messages": prompt.messages, "sampling": self.config.sampling}))
         # An empty answer names nothing, so it scores 0: the policy learns that this prompt form fails.
         answer = self.llm.chat(prompt.messages, allow_empty=True, **self.config.sampling)
-        self.llm_calls += 0 if answer.cached else 1
         return score_answer(answer.text, point.example, self.matcher, self.weights)
 
-    def choose(self, point: Point) -> PromptParams:
+    def _draw(self, point: Point, n: int) -> list[PromptParams]:
+        """Up to n distinct prompts from the policy at the exploration temperature (fewer if it is peaked)."""
+        drawn = self.policy.sample(point.state, self.generator, n=n, temperature=self.config.explore_temperature)
+        return list(dict.fromkeys(drawn))
+
+    def choose(self, point: Point) -> list[PromptParams]:
+        k = self.config.prompts_per_point
         rm = self.reward_model
         if rm is None or len(self.log) < self.config.warmup_episodes:
-            return self.policy.sample(point.state, self.generator)[0]
-        candidates = self.policy.sample(point.state, self.generator, n=self.config.candidates)
+            return self._draw(point, 4 * k)[:k]
+        candidates = self._draw(point, self.config.candidates)
         if self.random.random() < self.config.explore:
-            return self.random.choice(candidates)
-        scores = rm.predict(point.state.vector(), candidates)
-        return candidates[int(np.argmax(scores))]
+            return self.random.sample(candidates, min(k, len(candidates)))
+        scores = rm.predict(candidates)
+        return [candidates[i] for i in np.argsort(-scores, kind="stable")[:k]]
 
     def run_episodes(self, n: int | None = None) -> list[Episode]:
         n = n or self.config.episodes_per_round
         episodes = []
         for point in self.random.sample(self.points, min(n, len(self.points))):
-            params = self.choose(point)
-            score = self.evaluate(point, params)
-            episodes.append(Episode(point.example.patient_id, point.state.vector(), params, score.reward, score.f1))
+            tried = [(params, self.evaluate(point, params)) for params in self.choose(point)]
+            rewards = [score.reward for _, score in tried]
+            for i, (params, score) in enumerate(tried):
+                others = rewards[:i] + rewards[i + 1:]
+                episodes.append(Episode(point.example.patient_id, point.state.vector(), params, score.reward,
+                                        score.f1, float(np.mean(others)) if others else None))
         self.log += episodes
         if self.reward_model is not None and len(self.log) >= self.config.warmup_episodes:
             self.reward_model.fit(self.log[-400:])
         return episodes
 
     def patient_gradients(self, episodes: list[Episode]) -> list[torch.Tensor]:
-        """One flat REINFORCE-with-baseline gradient per patient (her episodes together)."""
+        """One flat REINFORCE-with-baseline gradient per patient (her episodes together). The baseline is her
+        own other prompts' mean reward, else the value head (which then also learns from her)."""
         by_patient: dict[str, list[Episode]] = {}
         for e in episodes:
             by_patient.setdefault(e.patient_id, []).append(e)
@@ -142,10 +169,14 @@ class LocalRL:
             states = torch.as_tensor(np.stack([e.state for e in eps]))
             actions = action_tensor([e.params for e in eps])
             rewards = torch.tensor([e.reward for e in eps], dtype=torch.float32)
+            own = torch.tensor([np.nan if e.baseline is None else e.baseline for e in eps], dtype=torch.float32)
+            use_value = torch.isnan(own)
             _, values = self.policy(states)
-            advantage = rewards - values.detach()
-            loss = -(advantage * self.policy.log_prob(states, actions)).sum() \
-                + self.config.value_weight * ((values - rewards) ** 2).sum()
+            baseline = torch.where(use_value, values.detach(), own)
+            advantage = (rewards - baseline) * self.config.reward_scale
+            log_prob = self.policy.log_prob(states, actions, self.config.explore_temperature)
+            loss = -(advantage * log_prob).sum() \
+                + self.config.value_weight * (((values - rewards) ** 2) * use_value).sum()
             g = torch.autograd.grad(loss, params)
             grads.append(torch.cat([x.reshape(-1) for x in g]))
         return grads

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.distributions import Categorical
 
 from pmlm.common.prompt import FACTORS, PromptParams
 
@@ -52,20 +53,22 @@ class PromptPolicy(nn.Module):
         h = self.trunk(states)
         return {name: head(h) for name, head in self.heads.items()}, self.value(h).squeeze(-1)
 
-    def distribution(self, states: torch.Tensor) -> dict[str, torch.distributions.Categorical]:
+    def distribution(self, states: torch.Tensor, temperature: float = 1.0) -> dict[str, Categorical]:
         logits, _ = self(states)
-        return {name: torch.distributions.Categorical(logits=lg) for name, lg in logits.items()}
+        return {name: Categorical(logits=lg / temperature) for name, lg in logits.items()}
 
-    def log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Sum over factors of log pi(a_f | s); `actions` is (batch, factors) of option indices."""
-        dists = self.distribution(states)
+    def log_prob(self, states: torch.Tensor, actions: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Sum over factors of log pi_T(a_f | s); `actions` is (batch, factors) of option indices."""
+        dists = self.distribution(states, temperature)
         return sum(dists[name].log_prob(actions[:, i]) for i, name in enumerate(FACTOR_NAMES))
 
     @torch.no_grad()
-    def sample(self, state: PolicyState, generator: torch.Generator | None = None, n: int = 1) -> list[PromptParams]:
+    def sample(self, state: PolicyState, generator: torch.Generator | None = None, n: int = 1,
+               temperature: float = 1.0) -> list[PromptParams]:
+        """n draws; a temperature above 1 flattens every factor's distribution (exploration during training)."""
         x = torch.as_tensor(state.vector()).unsqueeze(0).repeat(n, 1)
         logits, _ = self(x)
-        picks = {name: torch.multinomial(torch.softmax(lg, -1), 1, generator=generator).squeeze(-1)
+        picks = {name: torch.multinomial(torch.softmax(lg / temperature, -1), 1, generator=generator).squeeze(-1)
                  for name, lg in logits.items()}
         return [PromptParams.from_indices({name: int(picks[name][i]) for name in FACTOR_NAMES}) for i in range(n)]
 

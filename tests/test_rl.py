@@ -1,7 +1,8 @@
 """Phase C mechanics with a scripted stand-in LLM: learning moves the policy; only clipped, noised sums leave."""
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -10,10 +11,10 @@ import torch
 from pmlm.client.examples import Example
 from pmlm.client.reward import ConceptMatcher
 from pmlm.client.rl import LocalRL, Point, RLConfig, apply_update, n_parameters
-from pmlm.common.policy import PolicyState, PromptPolicy, initial_bias
+from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, initial_bias
 from pmlm.common.privacy import BudgetConfig, BudgetExhausted, SiteLedger
 from pmlm.common.profiles import load_profile
-from pmlm.common.prompt import INITIAL, PatientContext
+from pmlm.common.prompt import INITIAL, PatientContext, render
 
 
 @dataclass
@@ -30,10 +31,10 @@ class ListingLLM:
 
     def chat(self, messages, **sampling):
         self.calls += 1
-        system = messages[0]["content"]
-        if "one bullet per expected care event" not in system:
+        text = "\n".join(m["content"] for m in messages)
+        if "one bullet per expected care event" not in text:
             return Answer("Rest and eat well.")
-        items = re.findall(r"^- (.+)$", system, flags=re.M)
+        items = re.findall(r"^- (.+)$", text, flags=re.M)
         return Answer("\n".join(f"- {i}" for i in items))
 
 
@@ -107,3 +108,62 @@ def test_reward_model_screens_candidates(points):
     screened = rl.run_episodes()
     # After warm-up the model prefers the listing format, so screened episodes score higher than random ones.
     assert np.mean([e.reward for e in screened]) > np.mean([e.reward for e in rl.log[:36]])
+
+
+class ScriptedLLM:
+    """Says "fetal anatomy study" only when the prompt ends on the checklist-rewrite instruction; reports every
+    answer as cached, as a cache another run filled would."""
+
+    def chat(self, messages, **sampling):
+        wanted = messages[-1]["content"].rstrip().endswith("At most 5 bullets.")
+        return Answer("- fetal anatomy study" if wanted else "Rest and eat well.", cached=True)
+
+
+def test_prompts_on_one_point_are_judged_against_each_other(points):
+    profile, pts = points
+    policy = PromptPolicy(8)
+    initial_bias(policy, INITIAL, strength=0.0)
+    rl = LocalRL(policy, ScriptedLLM(), ConceptMatcher(profile), pts,
+                 RLConfig(episodes_per_round=6, prompts_per_point=2, use_reward_model=False), seed=3)
+    episodes = rl.run_episodes()
+    pairs = {}
+    for e in episodes:
+        pairs.setdefault(e.patient_id, []).append(e)
+    assert len(pairs) == 6 and all(len(p) == 2 for p in pairs.values())
+    for a, b in pairs.values():
+        assert (a.baseline, b.baseline) == (b.reward, a.reward)  # her own other prompt is the baseline
+    # Equal rewards on her point teach nothing: her gradient is zero, whatever the value head says.
+    same = [replace(e, reward=0.3, baseline=0.3) for e in next(iter(pairs.values()))]
+    assert float(rl.patient_gradients(same)[0].abs().max()) == 0.0
+    # Calls are the distinct requests of this run, though the LLM answered every one "from the cache".
+    context = {p.example.patient_id: p.context for p in pts}
+    asked = {json.dumps(render(context[e.patient_id], e.params).messages) for e in episodes}
+    assert rl.llm_calls == len(asked) > 0
+
+
+def test_exploration_temperature_flattens_the_draws_not_the_choice(points):
+    _, pts = points
+    torch.manual_seed(0)
+    policy = PromptPolicy(8)
+    initial_bias(policy, INITIAL)
+    state = pts[0].state
+    share = {}
+    for t in (1.0, 3.0):
+        draws = policy.sample(state, torch.Generator().manual_seed(0), n=400, temperature=t)
+        share[t] = np.mean([d.placement == INITIAL.placement for d in draws])
+    assert share[3.0] < share[1.0] - 0.15
+    assert policy.best(state) == INITIAL
+    x = torch.as_tensor(state.vector()).unsqueeze(0)
+    every = torch.arange(3).unsqueeze(1)  # the three placements, other factors at option 0
+    actions = torch.zeros(3, len(FACTOR_NAMES), dtype=torch.long)
+    actions[:, FACTOR_NAMES.index("placement")] = every[:, 0]
+    dist = policy.distribution(x, temperature=3.0)["placement"]
+    assert torch.allclose(dist.probs.sum(), torch.tensor(1.0))
+    assert policy.log_prob(x.repeat(3, 1), actions, 3.0).shape == (3,)
+
+
+def test_phase_c_refuses_a_reward_model_for_released_updates(tmp_path):
+    from pmlm.client.phase_c import PhaseCConfig, SitePhaseC
+
+    with pytest.raises(ValueError, match="depend on the others"):
+        SitePhaseC("s", tmp_path, [], "obgyn", PhaseCConfig(use_reward_model=True), "run")
