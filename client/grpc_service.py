@@ -7,7 +7,11 @@ SuperNode writes (ledger, keys, global artifacts) and the records named by its s
 Request problems become clear statuses, never a dead server: a message that is not valid protobuf
 or breaks a rule (empty patient id, a prompt parameter out of range) -> INVALID_ARGUMENT, an unknown
 patient -> NOT_FOUND, a site without records or ledger -> FAILED_PRECONDITION, the LLM down ->
-UNAVAILABLE.
+UNAVAILABLE, no turn at the LLM before the call's deadline -> RESOURCE_EXHAUSTED.
+
+Advise calls wait for the LLM in a worker thread, so the pool is larger than the LLM's own capacity:
+with 8 workers and 32 clients, waiting Advise calls held every worker and AssemblePrompt calls queued
+behind them for a minute (bench/serve.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from google.protobuf.message import DecodeError
 from pmlm.client.advice import PEER_PROFILES, POLICY, PromptAssembler, SiteArtifacts
 from pmlm.client.examples import build_examples
 from pmlm.client.ingest import RecordReader
-from pmlm.client.llm import LLMConfig, LLMError, open_llm
+from pmlm.client.llm import LLMBusy, LLMConfig, LLMError, open_llm
 from pmlm.client.site_config import SiteConfig, SiteConfigError
 from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, verify_ledger
 from pmlm.common.privacy.signing import KeyFileError, key_fingerprint, load_public_key, public_path
@@ -156,8 +160,10 @@ class PromptServicer:
         assembled = self._assemble(request)
         yield prompt_pb.AdviseEvent(prompt=assembled)
         # The LLM client answers whole completions; the answer is passed on line by line so a
-        # clinician's screen fills as the stream arrives.
-        completion = self.site.llm().chat([{"role": m.role, "content": m.content} for m in assembled.messages])
+        # clinician's screen fills as the stream arrives. Calls beyond what the LLM serves at once wait
+        # their turn for as long as this call's deadline allows.
+        completion = self.site.llm().chat([{"role": m.role, "content": m.content} for m in assembled.messages],
+                                          wait_s=context.time_remaining())
         for piece in completion.text.splitlines(keepends=True):
             if not context.is_active():
                 return
@@ -212,6 +218,7 @@ STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (FileNotFoundError, grpc.StatusCode.FAILED_PRECONDITION),
     (LookupError, grpc.StatusCode.NOT_FOUND),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (LLMBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (LLMError, grpc.StatusCode.UNAVAILABLE),
 ]
 
@@ -339,7 +346,7 @@ class TlsFiles:
     client_ca: Path | None = None  # set: mutual TLS, only clients with a certificate from this CA
 
 
-def start_server(site: SiteState, address: str, tls: TlsFiles, max_workers: int = 8) -> tuple[grpc.Server, int]:
+def start_server(site: SiteState, address: str, tls: TlsFiles, max_workers: int = 32) -> tuple[grpc.Server, int]:
     """Serve both services on `address` (host:port, port 0 = any free one) with TLS; returns the bound port."""
     credentials = grpc.ssl_server_credentials(
         [(tls.key.read_bytes(), tls.cert.read_bytes())],

@@ -16,6 +16,7 @@ import pytest
 
 from pmlm.cli import main
 from pmlm.client.llm import (
+    LLMBusy,
     LLMClient,
     LLMConfig,
     LLMConfigError,
@@ -308,6 +309,37 @@ def test_concurrent_chats_share_the_cache_and_counters(fake, tmp_path):
     assert client.usage.calls + client.usage.cache_hits == 16
     assert client.usage.completion_tokens == 3 * client.usage.calls
 
+
+
+def test_max_concurrent_makes_calls_wait_their_turn_before_the_timeout_starts(fake):
+    """llama.cpp's server answers one request at a time: calls sent together used to time out inside it."""
+    fake.default = Reply(delay_s=0.3)
+    client = make_client(fake.base_url, timeout_s=0.5, max_retries=0, max_concurrent=1)
+    errors, ends = [], []
+
+    def ask(i):
+        try:
+            client.chat(f"question {i}")
+            ends.append(time.monotonic())
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # One at a time (the fake itself would answer all four at once), each within its own 0.5 s timeout.
+    assert not errors and max(ends) - started >= 4 * 0.3
+    waiting = threading.Thread(target=ask, args=(9,))
+    waiting.start()
+    time.sleep(0.05)
+    with pytest.raises(LLMBusy, match="no turn within 0.1 s"):
+        client.chat("impatient", wait_s=0.1)
+    waiting.join()
+    with pytest.raises(LLMConfigError, match="max_concurrent"):
+        LLMConfig(max_concurrent=-1)
 
 # -- the CLI ------------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@
 
 from pmlm.client.llm.endpoint import (
     Completion,
+    LLMBusy,
     LLMClient,
     LLMConfig,
     LLMConfigError,
@@ -19,6 +20,6 @@ from pmlm.client.llm.endpoint import (
 from pmlm.client.llm.local_server import EmbeddedLLMServer, EmbeddedServerError, find_smollm2_gguf, open_llm
 
 __all__ = [
-    "Completion", "EmbeddedLLMServer", "EmbeddedServerError", "LLMClient", "LLMConfig", "LLMConfigError",
-    "LLMEmptyAnswer", "LLMError", "LLMResponseError", "LLMUnavailable", "LLMUsage", "find_smollm2_gguf", "open_llm",
+    "Completion", "EmbeddedLLMServer", "EmbeddedServerError", "LLMBusy", "LLMClient", "LLMConfig",
+    "LLMConfigError", "LLMEmptyAnswer", "LLMError", "LLMResponseError", "LLMUnavailable", "LLMUsage", "find_smollm2_gguf", "open_llm",
 ]

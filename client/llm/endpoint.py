@@ -11,6 +11,7 @@ patient prompts leave the hospital only when a site names an external endpoint e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -20,7 +21,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import openai
@@ -61,6 +62,10 @@ class LLMUnavailable(LLMError):
     """The endpoint could not serve: connection refused, timeout, 5xx/429 after all retries."""
 
 
+class LLMBusy(LLMUnavailable):
+    """No turn at the endpoint within the caller's wait: ``max_concurrent`` requests were already out."""
+
+
 class LLMResponseError(LLMError):
     """The endpoint answered, but not with a usable chat completion (not JSON, no choices, empty, overlong)."""
 
@@ -93,6 +98,10 @@ class LLMConfig:
     # What names the endpoint in cache keys (default: base_url). The embedded server gets a fresh port at every
     # start, so it names its model file instead, and answers stay reusable across runs.
     cache_scope: str | None = None
+    # Requests this client has out at once; more wait their turn, and their timeout starts only when sent.
+    # 0: no limit. The embedded server sets 1: llama.cpp answers one request at a time, so requests sent
+    # together queued inside it and timed out there (bench/serve.py: 8 concurrent Advise calls, 44% failed).
+    max_concurrent: int = 0
 
     def __post_init__(self):
         if self.base_url is not None:
@@ -106,6 +115,8 @@ class LLMConfig:
             raise LLMConfigError(f"max_retries must be >= 0, not {self.max_retries}")
         if self.max_tokens < 1:
             raise LLMConfigError(f"max_tokens must be >= 1, not {self.max_tokens}")
+        if self.max_concurrent < 0:
+            raise LLMConfigError(f"max_concurrent must be >= 0 (0: no limit), not {self.max_concurrent}")
 
     @property
     def is_embedded(self) -> bool:
@@ -182,7 +193,7 @@ def read_toml_table(path: Path, table: str) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     if name in ("timeout_s", "backoff_s", "backoff_max_s", "temperature"):
         return float(value)
-    if name in ("max_retries", "max_tokens"):
+    if name in ("max_retries", "max_tokens", "max_concurrent"):
         if isinstance(value, float) and not value.is_integer():
             raise ValueError("must be a whole number")
         return int(value)
@@ -265,6 +276,7 @@ class LLMClient:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._cache = ResponseCache(config.cache_dir) if config.cache_dir else None
+        self._turns = threading.BoundedSemaphore(config.max_concurrent) if config.max_concurrent else None
         # The client's own retries are off: ours are counted, classified and testable.
         # A loopback endpoint must not be sent through an HTTP proxy set in the environment.
         http_client = openai.DefaultHttpxClient(trust_env=False) if is_loopback_url(config.base_url) else None
@@ -303,7 +315,7 @@ class LLMClient:
         return fields, extra
 
     def chat(self, messages: Messages | str, *, use_cache: bool = True, allow_empty: bool = False,
-             **sampling: Any) -> Completion:
+             wait_s: float | None = None, **sampling: Any) -> Completion:
         """One chat completion. ``messages`` is a list of {"role", "content"} (a str = one user message).
 
         ``sampling`` overrides the config: OpenAI fields (temperature, max_tokens, top_p, seed, stop, ...)
@@ -313,6 +325,9 @@ class LLMClient:
 
         An answer without text raises LLMEmptyAnswer, or with ``allow_empty`` comes back with text ""
         (for scorers, to which it names nothing); either way it is counted and never cached.
+
+        With ``max_concurrent`` requests already out, the call waits its turn: as long as it takes, or
+        at most ``wait_s`` seconds, then LLMBusy.
         """
         messages = _checked_messages(messages)
         fields, extra = self.request_fields(sampling)
@@ -329,7 +344,8 @@ class LLMClient:
                     self.usage.cache_hits += 1
                 return Completion(cached=True, elapsed_s=0.0, **hit)
         try:
-            completion = self._request(messages, fields, extra)
+            with self._turn(wait_s):
+                completion = self._request(messages, fields, extra)
             if not completion.text.strip():
                 with self._lock:
                     self.usage.empty_answers += 1
@@ -348,6 +364,19 @@ class LLMClient:
                 "finish_reason": completion.finish_reason,
             })
         return completion
+
+    @contextlib.contextmanager
+    def _turn(self, wait_s: float | None) -> Iterator[None]:
+        if self._turns is None:
+            yield
+            return
+        if not self._turns.acquire(timeout=None if wait_s is None else max(wait_s, 0.0)):
+            raise LLMBusy(self.config.base_url, f"no turn within {wait_s:g} s: {self.config.max_concurrent} "
+                          f"request(s) already out and others waiting", model=self.config.model)
+        try:
+            yield
+        finally:
+            self._turns.release()
 
     def backoff_delay(self, retry: int, retry_after_s: float | None = None) -> float:
         """Wait before retry number ``retry`` (0-based): exponential, capped, with ±25% jitter so

@@ -151,6 +151,7 @@ class EmbeddedLLMServer:
             "base_url": self.base_url, "model": SERVED_MODEL, "api_key": "local",
             "cache_scope": f"embedded:{model_file}",
             "extra_body": {**EMBEDDED_EXTRA_BODY, **site.extra_body},
+            "max_concurrent": site.max_concurrent or 1,  # it answers one request at a time
         })
 
     def __enter__(self) -> "EmbeddedLLMServer":

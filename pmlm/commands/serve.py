@@ -27,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--key", type=Path, required=True, help="its private key (PEM)")
     serve.add_argument("--client-ca", type=Path, default=None,
                        help="require client certificates issued by this CA (mutual TLS)")
-    serve.add_argument("--workers", type=int, default=8, help="concurrent calls served (default 8)")
+    serve.add_argument("--workers", type=int, default=32,
+                       help="calls served at once (default 32; Advise calls wait in them for the LLM's turn, "
+                            "and up to 4x as many more wait for a worker before RESOURCE_EXHAUSTED)")
     serve.set_defaults(handler=run_serve)
 
 
