@@ -54,7 +54,7 @@ def _phase_c_site(site, cfg: PhaseAConfig, config, context: Context) -> SitePhas
 def _b_vector(config: dict, context: Context, arrays: dict):
     cfg = PhaseAConfig.from_record(config)
     out = _phase_b_site(site_for(context, cfg), cfg, config).release(str(config["kind"]), arrays["centroids"],
-                                                                     int(config["round"]))
+                                                                     int(config["round"]), arrays["centre"])
     mech = out.entry["mechanism"]
     return out.values, {"noise_std": float(mech["noise_multiplier"] * mech["l2_sensitivity"])}
 
@@ -91,7 +91,9 @@ register_vector_task("phase_c_round", _c_vector)
 def phase_b_release(msg: Message, context: Context) -> Message:
     site, cfg = _site(msg, context)
     config = msg.content["config"]
-    out = _phase_b_site(site, cfg, config).release(str(config["kind"]), msg.content["arrays"]["centroids"].numpy(), int(config["round"]))
+    arrays = msg.content["arrays"]
+    out = _phase_b_site(site, cfg, config).release(str(config["kind"]), arrays["centroids"].numpy(),
+                                                   int(config["round"]), arrays["centre"].numpy())
     reply = RecordDict({"arrays": ArrayRecord({"values": Array(np.ascontiguousarray(out.values))}),
                         "config": ConfigRecord({"ledger_entry": json.dumps(out.entry)})})
     return Message(content=reply, reply_to=msg)

@@ -4,8 +4,8 @@ Members and non-members are the site's own patients, so this runs at the site, n
 
 * the phase-A global model — members: the patients of the training split (the only ones DP-SGD saw);
   non-members: the held-out validation and test splits;
-* the phase-B peer profiles — members: the training and validation splits (phase B draws one
-  prediction point per patient from both, with the run's public seed); non-members: the test split.
+* the phase-B peer profiles — members: the training and validation splits (phase B uses every prediction
+  point of their patients); non-members: the test split.
 
 Each artifact is tied to the signed ledger releases that produced it; their composition gives the
 artifact's (ε, δ) and so the bound on any attack (common/privacy/membership.py). The profiles are
@@ -27,14 +27,14 @@ import torch
 
 from pmlm.client.advice import PEER_PROFILES
 from pmlm.client.examples import Example
-from pmlm.client.peers import PhaseBConfig, assign, one_example_per_patient, target_matrix
+from pmlm.client.peers import PEER_SPLITS, assign, target_columns
 from pmlm.client.phase_a import load_global_model
 from pmlm.client.phase_b import embed_examples
 from pmlm.client.site_config import SiteConfig
 from pmlm.client.sites import load_site
 from pmlm.common.atomic import write_atomic
 from pmlm.common.model import NextEventRecommender
-from pmlm.common.peer_profiles import PeerProfiles
+from pmlm.common.peer_profiles import PeerProfiles, centred
 from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, LedgerReplay, verify_ledger
 from pmlm.common.privacy.membership import (
     FORMAT,
@@ -146,14 +146,18 @@ def audit_peer_profiles(site_dir: Path, replay: LedgerReplay | None, examples: l
     note = "" if model_manifest["run_id"] == run_id else (
         f"the stored model is from run {model_manifest['run_id']}, the profiles from run {run_id}: the attack's "
         f"embeddings may not be the ones phase B used")
-    # The pipeline runs phase B with its default plan: the same public seed and per-patient cap as here.
-    plan = PhaseBConfig()
+    # Phase B uses every prediction point of a member: score each point against its prototype as phase B
+    # assigned it (centred embedding), and each patient by the mean over her points.
     scores = []
-    for splits in (("train", "val"), ("test",)):
-        chosen = one_example_per_patient(examples, plan.seed, splits)
-        prototype = assign(embed_examples(model, encoder, chosen), profiles.centroids)
-        targets = target_matrix(chosen, profiles.concepts, plan.max_targets, plan.seed)
-        scores.append(profile_alignment(prototype, targets, profiles.rates, profiles.counts, profiles.suppressed))
+    for splits in (PEER_SPLITS, ("test",)):
+        chosen = [ex for ex in examples if ex.split in splits]
+        patient = np.unique([ex.patient_id for ex in chosen], return_inverse=True)[1].reshape(-1)
+        prototype = assign(centred(embed_examples(model, encoder, chosen), profiles.centre), profiles.centroids)
+        targets = np.zeros((len(chosen), len(profiles.concepts)))
+        for row, columns in enumerate(target_columns(chosen, profiles.concepts)):
+            targets[row, columns] = 1.0
+        points = profile_alignment(prototype, targets, profiles.rates, profiles.counts, profiles.suppressed)
+        scores.append(mean_by_group(points, patient, int(patient.max()) + 1 if len(patient) else 0))
     attacks = []
     if min(len(s) for s in scores) >= MIN_GROUP:
         attacks = [("contribution alignment", scores[0], scores[1])]

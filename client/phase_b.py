@@ -14,7 +14,7 @@ import torch
 
 from pmlm.client.advice import PEER_PROFILES
 from pmlm.client.examples import Example
-from pmlm.client.peers import NoisyRelease, PhaseBConfig, PhaseBSite, one_example_per_patient
+from pmlm.client.peers import PEER_SPLITS, NoisyRelease, PhaseBConfig, PhaseBSite
 from pmlm.common.atomic import write_atomic
 from pmlm.common.peer_profiles import PeerProfiles
 from pmlm.common.privacy import BudgetConfig, SiteLedger
@@ -36,7 +36,7 @@ class SitePhaseB:
 
         self.site_id, self.site_dir, self.run_id = site_id, Path(site_dir), run_id
         model, encoder, _ = load_global_model(self.site_dir)
-        chosen = one_example_per_patient(examples, config.seed)
+        chosen = [ex for ex in examples if ex.split in PEER_SPLITS]
         ledger = SiteLedger(self.site_dir, site_id, None if (self.site_dir / "ledger").exists() else budget)
         concepts = [c.id for c in encoder.profile.concepts]
         self.site = PhaseBSite(ledger, chosen, embed_examples(model, encoder, chosen), concepts, config, run_id)
@@ -46,11 +46,11 @@ class SitePhaseB:
         if self.plan_path.exists():
             self.site._sigma = float(json.loads(self.plan_path.read_text())["noise_multiplier"])
 
-    def release(self, kind: str, centroids: np.ndarray, round: int) -> NoisyRelease:
+    def release(self, kind: str, centroids: np.ndarray, round: int, centre: np.ndarray | None) -> NoisyRelease:
         if not self.plan_path.exists():
             write_atomic(self.plan_path, json.dumps({"run_id": self.run_id,
                                                      "noise_multiplier": self.site.noise_multiplier()}))
-        return self.site.kmeans_round(centroids, round) if kind == "kmeans" else self.site.profile_release(centroids)
+        return self.site.release(kind, centroids, round, centre)
 
 
 

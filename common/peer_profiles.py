@@ -1,8 +1,10 @@
 """Peer prototypes and their DP profiles: the global artifact of phase B, and the peer section it yields on-site.
 
-A prototype is a point on the unit sphere of patient embeddings; its profile is a DP estimate of how
-many training patients fell nearest to it and what fraction of them had each care event in the next
-horizon. A site matches *her* embedding (never sent) against the prototypes locally.
+A prototype is a direction from the consortium's centre (the DP mean embedding): embeddings share most
+of their direction, so patients are told apart by where they lie *around* the centre. Its profile is a
+DP estimate of how many training patients fell nearest to it and what fraction of their prediction
+points were followed by each care event within the horizon. A site matches *her* embedding (never
+sent) against the prototypes locally.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
+def centred(embeddings: np.ndarray, centre: np.ndarray | None) -> np.ndarray:
+    """Unit directions of the embeddings seen from `centre` (no centre: the embeddings' own directions)."""
+    embeddings = np.asarray(embeddings, dtype=float)
+    return normalise(embeddings if centre is None else normalise(embeddings) - centre)
+
+
 @dataclass
 class PeerProfiles:
     centroids: np.ndarray  # (k, d), unit rows
@@ -41,11 +49,13 @@ class PeerProfiles:
     concepts: list[str]  # column order of `rates`
     horizon_days: int
     min_count: int
+    centre: np.ndarray | None = None  # (d,) the consortium's DP mean embedding; None: prototypes on the raw sphere
 
     def save(self, path: Path) -> None:
         path = Path(path)
         arrays = io.BytesIO()
-        np.savez(arrays, centroids=self.centroids, counts=self.counts, rates=self.rates, suppressed=self.suppressed)
+        np.savez(arrays, centroids=self.centroids, counts=self.counts, rates=self.rates, suppressed=self.suppressed,
+                 **({} if self.centre is None else {"centre": self.centre}))
         meta = {"count_noise_std": self.count_noise_std, "concepts": self.concepts,
                 "horizon_days": self.horizon_days, "min_count": self.min_count}
         write_atomic(path.with_suffix(".npz"), arrays.getvalue())
@@ -58,11 +68,11 @@ class PeerProfiles:
         meta = json.loads(path.with_suffix(".json").read_text())
         return cls(arrays["centroids"], arrays["counts"], arrays["rates"], arrays["suppressed"].astype(bool),
                    float(meta["count_noise_std"]), list(meta["concepts"]), int(meta["horizon_days"]),
-                   int(meta["min_count"]))
+                   int(meta["min_count"]), arrays["centre"] if "centre" in arrays.files else None)
 
     def weights(self, embedding: np.ndarray, temperature: float = 0.1, top: int = 3) -> np.ndarray:
         """Soft assignment of one embedding to the visible prototypes (the `top` nearest, softmax on cosine)."""
-        sims = self.centroids @ normalise(np.asarray(embedding, dtype=float))
+        sims = self.centroids @ centred(embedding, self.centre)
         sims = np.where(self.suppressed, -np.inf, sims)
         order = np.argsort(-sims)[:top]
         order = order[np.isfinite(sims[order])]

@@ -34,18 +34,20 @@ def run_phase_b(grid: Grid, roster: SiteRoster, config: PhaseBConfig, run_id: st
     site_records = site_records or {}
     plan = {"run_id": run_id, "plan": json.dumps(asdict(config))}
 
-    def collect(kind: str, centroids: np.ndarray, round: int):
+    def collect(kind: str, centroids: np.ndarray, round: int, centre: np.ndarray):
         if secure:
             scalars = {k: v for rec in site_records.values() for k, v in dict(rec).items()}
-            width = dim + 1 if kind == "kmeans" else len(concepts) + 1
+            width = len(concepts) + 1 if kind == "profile" else dim + 1
             # Counts and sums grow with a site's size: the range must cover its largest cell plus noise.
             result = secure_sum_over(roster, grid, PHASE, round, "phase_b_release",
                                      {**scalars, **plan, "kind": kind, "round": round},
-                                     shape=(len(centroids), width), arrays={"centroids": centroids},
+                                     shape=(len(centroids), width), arrays={"centroids": centroids, "centre": centre},
                                      timeout=timeout, clipping_range=8192.0)
             stds = [m["noise_std"] for m in result.metrics.values()]
             return result.total, float(np.sqrt(np.sum(np.square(stds))))
-        content = RecordDict({"arrays": ArrayRecord({"centroids": Array(np.ascontiguousarray(centroids))}),
+        arrays = ArrayRecord({"centroids": Array(np.ascontiguousarray(centroids)),
+                              "centre": Array(np.ascontiguousarray(centre))})
+        content = RecordDict({"arrays": arrays,
                               "config": ConfigRecord({**plan, "kind": kind, "round": round}), **site_records})
         replies = roster.ask(grid, QUERY_RELEASE, content, PHASE, round, timeout=timeout)
         total = sum(r.content["arrays"]["values"].numpy() for r in replies)
@@ -56,7 +58,8 @@ def run_phase_b(grid: Grid, roster: SiteRoster, config: PhaseBConfig, run_id: st
 
     profiles = run_prototypes(collect, concepts, dim, horizon_days, config)
     arrays = ArrayRecord({"centroids": Array(profiles.centroids), "counts": Array(profiles.counts),
-                          "rates": Array(profiles.rates), "suppressed": Array(profiles.suppressed.astype(np.float64))})
+                          "rates": Array(profiles.rates), "suppressed": Array(profiles.suppressed.astype(np.float64)),
+                          "centre": Array(profiles.centre)})
     meta = ConfigRecord({"run_id": run_id, "count_noise_std": profiles.count_noise_std,
                          "concepts": json.dumps(profiles.concepts), "horizon_days": horizon_days,
                          "min_count": config.min_count})
@@ -69,4 +72,5 @@ def profiles_from_message(content: RecordDict) -> PeerProfiles:
     a, c = content["arrays"], content["config"]
     return PeerProfiles(a["centroids"].numpy(), a["counts"].numpy(), a["rates"].numpy(),
                         a["suppressed"].numpy().astype(bool), float(c["count_noise_std"]),
-                        json.loads(str(c["concepts"])), int(c["horizon_days"]), int(c["min_count"]))
+                        json.loads(str(c["concepts"])), int(c["horizon_days"]), int(c["min_count"]),
+                        a["centre"].numpy())
