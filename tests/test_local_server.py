@@ -61,6 +61,19 @@ def test_real_server_answers_through_the_openai_client(embedded):
     assert 0 < response.usage.completion_tokens <= 8
 
 
+def test_server_waits_with_a_short_spin_and_keeps_no_logits_for_every_position(embedded):
+    """The two settings that took the embedded server from 31 to 84 tokens/s (bench/llm.py)."""
+    with open(f"/proc/{embedded.pid}/environ", "rb") as fh:
+        environ = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
+    with open(f"/proc/{embedded.pid}/cmdline", "rb") as fh:
+        argv = fh.read().split(b"\0")
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        assert b"GOMP_SPINCOUNT" not in environ or environ[b"GOMP_SPINCOUNT"] == os.environ["GOMP_SPINCOUNT"].encode()
+    else:
+        assert environ.get(b"GOMP_SPINCOUNT") == b"1000" and b"OMP_WAIT_POLICY" not in environ
+    assert argv[argv.index(b"--logits_all") + 1] == b"false"
+
+
 def test_llm_client_on_the_embedded_server_counts_and_caches(embedded, tmp_path):
     config = embedded.config(LLMConfig(cache_dir=tmp_path, max_tokens=8))
     assert config.extra_body == {"repeat_penalty": 1.15} and config.model == "smollm2"
