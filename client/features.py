@@ -23,9 +23,9 @@ from pmlm.common.model import (
     WEEKS_POSTPARTUM,
     WEEKS_SINCE_FIRST_VISIT,
     age_bucket,
+    concept_token,
     count_bucket,
     gap_bucket,
-    hashed_token,
     week_bucket,
 )
 from pmlm.common.profiles import TaskProfile
@@ -43,8 +43,7 @@ class FeatureEncoder:
         self.n_concepts = len(profile)
 
     def token(self, concept: str) -> int:
-        i = self.profile.index.get(concept)
-        return 1 + i if i is not None else hashed_token(concept, self.n_concepts)
+        return concept_token(self.profile, concept)
 
     def history(self, example: Example) -> np.ndarray:
         last_seen: dict[str, tuple[float, str]] = {}
@@ -97,7 +96,7 @@ class PatientDataset(Dataset):
     subset each time she is drawn.
     """
 
-    def __init__(self, examples: list[Example], encoder: FeatureEncoder, points_per_patient: int = 16,
+    def __init__(self, examples: list[Example], encoder: FeatureEncoder, points_per_patient: int = 32,
                  seed: int = 0):
         by_patient: dict[str, list[Example]] = defaultdict(list)
         for ex in examples:

@@ -32,7 +32,7 @@ from pmlm.client.features import FeatureEncoder, PatientDataset
 from pmlm.client.sites import load_site
 from pmlm.client.train import TrainSettings, dp_plan, model_state, predict, ranking_metrics, train_local
 from pmlm.common.atomic import write_atomic
-from pmlm.common.model import NextEventRecommender, RecommenderConfig
+from pmlm.common.model import NextEventRecommender, RecommenderConfig, recommender_config
 from pmlm.common.privacy.budget import BudgetConfig
 from pmlm.common.privacy.events import DpSgd
 from pmlm.common.privacy.ledger import SiteLedger
@@ -55,17 +55,17 @@ class PhaseAConfig:
 
     rounds: int = 5
     local_epochs: int = 2
-    batch_size: int = 16
-    lr: float = 3e-3
-    optimizer: str = "adam"
+    batch_size: int = 50  # expected patients per step: a sampling rate of 1/3 to 1/2 at ~100 patients a site
+    lr: float = 0.3  # non-private training (Adam)
+    optimizer: str = "adam"  # non-private training; DP-SGD always runs plain SGD at dp_lr (client/train.py says why)
+    dp_lr: float = 10.0  # DP-SGD; clipped per-patient gradients are small, so the step is large
     epsilon: float = 3.0  # phase A's epsilon per site (patient-level); <= 0 means non-private (benchmarks only)
     delta: float = 1e-5
     epsilon_total: float = 0.0  # the site's whole budget; 0 means epsilon / DEFAULT_SHARES["phase_a"]
-    patient_clip: float = 1.0
-    points_per_patient: int = 16
+    patient_clip: float = 0.3  # below every patient's gradient norm at the start (~0.5-3 on the sample)
+    points_per_patient: int = 32
     profile: str = "obgyn"
-    dim: int = 64
-    layers: int = 2
+    dim: int = 64  # the patient vector's length (phase B's embedding, phase C's state)
     max_history: int = 64
     run_name: str = "phase-a"
 
@@ -80,9 +80,17 @@ class PhaseAConfig:
         shares = {PHASE: share_a} if rest <= 1e-9 else {PHASE: share_a, "phase_b": rest / 2, "phase_c": rest / 2}
         return BudgetConfig(epsilon_total=total, delta=self.delta, shares=shares)
 
-    def model_config(self, n_concepts: int) -> RecommenderConfig:
-        return RecommenderConfig(n_concepts=n_concepts, dim=self.dim, layers=self.layers,
-                                 max_history=self.max_history)
+    def model_config(self, profile: TaskProfile) -> RecommenderConfig:
+        return recommender_config(profile, dim=self.dim, max_history=self.max_history)
+
+    def train_settings(self, seed: int) -> TrainSettings:
+        """One local round's settings: DP-SGD (plain SGD, clipped) when private, else the configured optimizer."""
+        settings = TrainSettings(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                                 optimizer=self.optimizer, points_per_patient=self.points_per_patient,
+                                 clipping_norm=self.patient_clip, seed=seed)
+        if self.private:
+            settings.optimizer, settings.lr = "sgd", self.dp_lr
+        return settings
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +108,7 @@ def run_config_of(context_run_config: dict) -> dict:
 
 
 def new_model(cfg: PhaseAConfig, profile: TaskProfile) -> NextEventRecommender:
-    return NextEventRecommender(cfg.model_config(len(profile)))
+    return NextEventRecommender(cfg.model_config(profile))
 
 
 # Reading records is the slow part; a site process reads its directory once per profile.
@@ -155,9 +163,7 @@ class SitePhaseA:
         `state` is the node's memory across rounds of this run (the calibrated plan, Opacus history).
         """
         model = self.model_from(weights)
-        settings = TrainSettings(epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
-                                 optimizer=self.cfg.optimizer, points_per_patient=self.cfg.points_per_patient,
-                                 clipping_norm=self.cfg.patient_clip, seed=secrets.randbits(63))
+        settings = self.cfg.train_settings(seed=secrets.randbits(63))
         metrics: dict[str, float] = {"num-examples": float(len(self.train_set))}
         if not self.cfg.private:
             report = train_local(model, self.train_set, settings)
@@ -205,7 +211,7 @@ class SitePhaseA:
                            "phase_epsilon": e["phase_epsilon"], "mechanism": e["mechanism"]}
         manifest = {
             "phase": PHASE, "run_id": run_id, "round": server_round, "site_id": self.site_id,
-            "model_sha256": digest, "profile": self.profile.name, "model_config": self.cfg.model_config(len(self.profile)).to_dict(),
+            "model_sha256": digest, "profile": self.profile.name, "model_config": self.cfg.model_config(self.profile).to_dict(),
             "private": self.cfg.private, "ledger_release": release,
         }
         write_atomic(folder / "manifest.json", json.dumps(manifest, indent=2))
@@ -232,7 +238,7 @@ def load_global_model(site_dir: Path) -> tuple[NextEventRecommender, FeatureEnco
     blob = (folder / "model.pt").read_bytes()
     if hashlib.sha256(blob).hexdigest() != manifest["model_sha256"]:
         raise ValueError(f"{folder / 'model.pt'} does not match its manifest's sha256")
-    model = NextEventRecommender(RecommenderConfig(**manifest["model_config"]))
+    model = NextEventRecommender(RecommenderConfig.from_dict(manifest["model_config"]))
     model.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
     model.eval()
     profile = load_profile(manifest["profile"])

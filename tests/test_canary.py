@@ -35,7 +35,7 @@ PATIENTS_PER_SITE = 30
 SYSTOLIC, WEIGHT = "8480-6", "29463-7"  # LOINC: the self features read blood pressure and weight changes
 RUN_CONFIG = {
     "num-server-rounds": 1, "local-epochs": 1, "batch-size": 16, "epsilon": 1.5, "epsilon-total": 3.0,
-    "delta": 1e-5, "dim": 16, "layers": 1, "points-per-patient": 4, "phases": "abc", "min-nodes": 3,
+    "delta": 1e-5, "dim": 16, "points-per-patient": 4, "phases": "abc", "min-nodes": 3,
     "evaluate-each-round": True, "phase-b-rounds": 1, "phase-b-prototypes": 3, "phase-b-min-count": 5,
     "phase-c-rounds": 1, "phase-c-points": 3, "phase-c-episodes": 2, "phase-c-candidates": 2,
     "phase-c-max-tokens": 16,

@@ -41,7 +41,7 @@ from conftest import SNOMED, pregnant_woman_rows, write_events_csv
 
 SITE = "hospital_m"
 # Small enough to train in seconds on one core, large enough to memorise 40-odd women.
-SMALL_MODEL = dict(dim=16, layers=1, max_history=16, points_per_patient=8, batch_size=8)
+SMALL_MODEL = dict(dim=16, max_history=16, points_per_patient=8, batch_size=8)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -111,7 +111,7 @@ def dp_site(records, tmp_path_factory) -> Path:
 
 def test_the_attack_finds_a_model_overfit_without_dp(records, tmp_path):
     site_dir = new_site(tmp_path, records)
-    train_and_store(site_dir, records, PhaseAConfig(epsilon=0, rounds=1, local_epochs=100, lr=1e-2, **SMALL_MODEL),
+    train_and_store(site_dir, records, PhaseAConfig(epsilon=0, rounds=1, local_epochs=100, lr=0.3, **SMALL_MODEL),
                     "run-overfit")
     code, result, out = run_audit(site_dir)
     assert code == 0 and "loss threshold" in out

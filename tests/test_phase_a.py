@@ -36,7 +36,7 @@ from pmlm.server.server_app import app as server_app
 SNOMED, LOINC = "http://snomed.info/sct", "http://loinc.org"
 ROUNDS, EPSILON, DELTA = 2, 3.0, 1e-5
 RUN_CONFIG = {"num-server-rounds": ROUNDS, "local-epochs": 1, "epsilon": EPSILON, "delta": DELTA, "batch-size": 4,
-              "dim": 16, "layers": 1, "max-history": 16, "points-per-patient": 4, "evaluate-each-round": True}
+              "dim": 16, "max-history": 16, "points-per-patient": 4, "evaluate-each-round": True}
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 
@@ -88,7 +88,7 @@ def federated_run(tmp_path_factory):
 
 
 def test_model_accepts_points_or_patients_and_embeds_on_the_unit_sphere():
-    model = build_model(50, dim=16, layers=1, max_history=8)
+    model = build_model(50, dim=16, max_history=8)
     history = torch.randint(1, 40, (3, 5, 8, 4)) % torch.tensor([300, 9, 13, 6])
     point = torch.zeros((3, 5, 5), dtype=torch.long)
     assert model(history, point).shape == (3, 5, 50)
@@ -100,7 +100,7 @@ def test_model_accepts_points_or_patients_and_embeds_on_the_unit_sphere():
 def test_training_runs_and_sends_only_weight_updates(federated_run):
     grid, summary = federated_run["grid"], federated_run["summary"]
     assert summary["sites"] == 3 and summary["sites_stored"] == 3
-    model_keys = set(build_model(len(load_profile("obgyn")), dim=16, layers=1, max_history=16).state_dict())
+    model_keys = set(build_model(load_profile("obgyn"), dim=16, max_history=16).state_dict())
     patient_ids = federated_run["patient_ids"]
     allowed_metrics = {"num-examples", "train-loss", "local-steps", "epsilon", "noise-multiplier", "recall@5",
                        "ndcg@5", "micro_auroc", "risk_auroc", "stored"}
@@ -119,7 +119,7 @@ def test_training_runs_and_sends_only_weight_updates(federated_run):
             arrays = content["arrays"]
             assert set(arrays) == model_keys  # exactly the model's parameters: no `_module.`, no extra arrays
             state = arrays.to_torch_state_dict()
-            reference = build_model(len(load_profile("obgyn")), dim=16, layers=1, max_history=16).state_dict()
+            reference = build_model(load_profile("obgyn"), dim=16, max_history=16).state_dict()
             assert all(state[k].shape == reference[k].shape for k in reference)
         else:
             assert not content.array_records, f"{kind} replies carry no arrays (no embeddings, no predictions)"
@@ -197,7 +197,7 @@ def _example_with_changes() -> Example:
 def test_self_features_name_predictions_and_trajectory_changes():
     profile = load_profile("obgyn")
     encoder = FeatureEncoder(profile, 16)
-    model = build_model(len(profile), dim=16, layers=1, max_history=16)
+    model = build_model(profile, dim=16, max_history=16)
     features = self_informed_features(model, encoder, _example_with_changes(), k=5)
     assert len(features.predictions) == 5
     assert all(p.name == profile.name_of(p.concept) and 0 <= p.probability <= 1 for p in features.predictions)

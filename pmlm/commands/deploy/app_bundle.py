@@ -22,7 +22,7 @@ APP_NAME = "pmlm"  # the bundle folder's name must be the project name for `flwr
 
 # A short run of every phase: small model, few rounds, one local epoch, few points per patient.
 QUICK_RUN_CONFIG: dict[str, Any] = {
-    "num-server-rounds": 1, "local-epochs": 1, "batch-size": 8, "dim": 16, "layers": 1, "max-history": 16,
+    "num-server-rounds": 1, "local-epochs": 1, "batch-size": 8, "dim": 16, "max-history": 16,
     "points-per-patient": 4,
     # all three phases, each as small as still means something
     "phases": "abc", "phase-b-rounds": 1, "phase-b-prototypes": 3, "phase-b-min-count": 5,
