@@ -271,11 +271,14 @@ def privacy_summary(site_dirs: dict, opts: PipelineOptions) -> dict:
 
 def run_pipeline(opts: PipelineOptions, log=print) -> dict:
     started = time.perf_counter()
-    report = run_pipeline_core(opts, log)
-    return _with_curve(report, opts, log, started)
+    loaded: dict = {}
+    report = run_pipeline_core(opts, log, loaded)
+    return _with_curve(report, opts, log, started, loaded)
 
 
-def run_pipeline_core(opts: PipelineOptions, log=print) -> dict:
+def run_pipeline_core(opts: PipelineOptions, log=print, loaded: dict | None = None) -> dict:
+    """One federated run and its evaluation. `loaded` carries the sites' records read by an earlier run on the
+    same data (the curve's runs), and is filled in when empty."""
     import logging
 
     from pmlm.client.llm import LLMConfig
@@ -289,23 +292,30 @@ def run_pipeline_core(opts: PipelineOptions, log=print) -> dict:
     if opts.progress:  # the progress lines and bars say what happens; Flower's per-message log would drown them
         import warnings
 
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        from flwr.common import logger as flwr_logger  # importing it sets Flower's logger to DEBUG: import first
+
+        flwr_logger.FLOWER_LOGGER.setLevel(logging.WARNING)
         # Repeated once per local round; the audit report states that Opacus secure mode is unavailable.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
     opts.workdir = opts.workdir.resolve()
     opts.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    sites = prepare_sites(opts)
-    profile = load_profile(opts.profile)
-    log(f"[1/4] sites: {', '.join(sites)}")
-    site_examples, timelines, patients = {}, {}, 0
-    for name, path in sites.items():
-        data, kept = load_site(name, path, profile, keep_timelines=True, progress=opts.progress)
-        site_examples[name] = data.examples
-        patients += data.patients
-        for t in kept:
-            timelines[(name, t.patient_id)] = t
+    loaded = {} if loaded is None else loaded
+    if not loaded:
+        sites = prepare_sites(opts)
+        profile = load_profile(opts.profile)
+        log(f"[1/4] sites: {', '.join(sites)}")
+        site_examples, timelines, patients = {}, {}, 0
+        for name, path in sites.items():
+            data, kept = load_site(name, path, profile, keep_timelines=True, progress=opts.progress)
+            site_examples[name] = data.examples
+            patients += data.patients
+            for t in kept:
+                timelines[(name, t.patient_id)] = t
+        loaded.update(sites=sites, site_examples=site_examples, timelines=timelines, patients=patients)
+    sites, site_examples = loaded["sites"], loaded["site_examples"]
+    timelines, patients = loaded["timelines"], loaded["patients"]
     log(f"[2/4] federated phases A (DP recommender), B (DP peer prototypes), C (RL prompt policy) through Flower"
         f" ({opts.engine})")
     timing = run_federation(opts, sites)
@@ -314,7 +324,7 @@ def run_pipeline_core(opts: PipelineOptions, log=print) -> dict:
     log("[3/4] evaluating the recommender against its baselines")
     eval_started = time.perf_counter()
     recommender = evaluate_recommenders(site_examples, site_dirs, opts)
-    log(f"[4/4] evaluating guidance on up to {opts.max_test_points} test points x {len(GUIDANCE_VARIANTS)} prompts")
+    log(f"[4/4] evaluating guidance on up to {opts.max_test_points} test points x {len(opts.variants)} prompts")
     llm = site_llm(opts.llm)
     guidance = evaluate_guidance(site_examples, site_dirs, timelines, opts, llm)
     config = LLMConfig.from_dict(opts.llm) if opts.llm else None
@@ -338,7 +348,7 @@ def run_pipeline_core(opts: PipelineOptions, log=print) -> dict:
     return report
 
 
-def _with_curve(report: dict, opts: PipelineOptions, log, started: float) -> dict:
+def _with_curve(report: dict, opts: PipelineOptions, log, started: float, loaded: dict) -> dict:
     report["privacy_utility_curve"] = [{"epsilon": opts.epsilon, "f1": report["guidance"].get("pmlm", {}).get("f1")}]
     for eps in opts.curve:
         if eps == opts.epsilon:
@@ -346,7 +356,7 @@ def _with_curve(report: dict, opts: PipelineOptions, log, started: float) -> dic
         log(f"[curve] epsilon {eps} per site: another federated run, PMLM prompts only")
         extra = PipelineOptions(**{**opts.__dict__, "epsilon": eps, "workdir": opts.workdir / f"curve-eps-{eps:g}",
                                    "variants": ("pmlm",), "curve": (), "baselines_trained": False})
-        sub = run_pipeline_core(extra, log)
+        sub = run_pipeline_core(extra, log, loaded)
         report["privacy_utility_curve"].append({"epsilon": eps, "f1": sub["guidance"]["pmlm"]["f1"]})
     report["runtime_s"]["total"] = round(time.perf_counter() - started, 1)
     return report
