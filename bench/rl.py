@@ -1,0 +1,237 @@
+"""Issue #7 acceptance: the RL-refined prompt against the ablation prompts, and the reward model's LLM-call savings.
+
+1. Guidance on held-out test points of the sample consortium with the site's LLM (the embedded SmolLM2 by
+   default): precision, recall, F1 and risk recall of general / summary only / self / peer / self + peer
+   (the initial prompt) / PMLM refined / oracle, scored by pmlm.pipeline.evaluate_guidance. PMLM refined is
+   the policy that federated, DP phase C stored at the sites. Targets: PMLM F1 >= 1.10 x the initial
+   prompt's and >= 2 x the general prompt's.
+2. Local RL at one site (no release, so no DP noise), side by side with and without the reward model's
+   pre-screening, from the same initial policy on the same training points: the LLM calls each spends
+   (distinct requests, i.e. the misses of a cache of its own) until its training reward reaches the final
+   training reward of the run without the reward model. Target: >= 3 x fewer calls with it.
+
+Phases A-C need a work directory: a finished `pmlm demo` / `pmlm evaluate` / earlier bench run is evaluated
+as it is; otherwise phases A, B and C run there first (through Flower, in-process). Answers are cached on disk
+(--cache-dir, keyed by the messages), so a rerun on the same work directory asks the LLM only for new prompts.
+
+    python bench/rl.py [--workdir DIR] [--points N] [--rm-points N --rm-rounds N] [--skip-calls]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = (("general", "general"), ("summary_only", "summary only"), ("self", "self"), ("peer", "peer"),
+        ("self_peer", "self + peer (initial)"), ("pmlm", "PMLM refined"), ("oracle", "oracle"))
+
+
+def parse_args() -> argparse.Namespace:
+    from pmlm.client.phase_c import PhaseCConfig
+    from pmlm.client.sites import SAMPLE_DATA
+
+    c = PhaseCConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=SAMPLE_DATA)
+    p.add_argument("--workdir", type=Path, default=REPO / "out" / "bench-rl" / "work")
+    p.add_argument("--cache-dir", type=Path, default=REPO / "out" / "rl-cache", help="LLM response cache")
+    p.add_argument("--points", type=int, default=60, help="held-out test points (round-robin over the sites)")
+    p.add_argument("--epsilon", type=float, default=3.0, help="per site, all phases (phase C gets a quarter)")
+    p.add_argument("--phase-c-rounds", type=int, default=c.rounds)
+    p.add_argument("--phase-c-points", type=int, default=c.points_per_site)
+    p.add_argument("--phase-c-episodes", type=int, default=c.episodes_per_round, help="points per site per round")
+    p.add_argument("--max-tokens", type=int, default=c.max_tokens)
+    p.add_argument("--rm-points", type=int, default=12, help="training points of the local RL comparison")
+    p.add_argument("--rm-rounds", type=int, default=8)
+    p.add_argument("--skip-guidance", action="store_true")
+    p.add_argument("--skip-calls", action="store_true")
+    p.add_argument("--json-out", type=Path)
+    return p.parse_args()
+
+
+def load_sites(sites: dict, profile) -> tuple[dict, dict]:
+    from pmlm.client.sites import load_site
+
+    site_examples, timelines = {}, {}
+    for name, path in sites.items():
+        data, kept = load_site(name, path, profile, keep_timelines=True, progress=False)
+        site_examples[name] = data.examples
+        timelines.update({(name, t.patient_id): t for t in kept})
+    return site_examples, timelines
+
+
+def ensure_phases(opts, sites: dict, site_dirs: dict) -> dict:
+    """The stored refined-prompt policy of every site, after running phases A-C if they are missing."""
+    from pmlm.client.advice import POLICY
+    from pmlm.pipeline import run_federation
+
+    if all((d / POLICY).exists() for d in site_dirs.values()):
+        print(f"evaluating the finished run in {opts.workdir} (phases A-C not rerun)")
+    else:
+        print(f"running phases A, B, C in {opts.workdir} (epsilon {opts.epsilon:g} per site) ...", flush=True)
+        timing = run_federation(opts, sites)
+        print(f"  phase A {timing['phase_a']:.0f} s, B {timing['phase_b']:.0f} s, C {timing['phase_c']:.0f} s")
+        for r, per_site in enumerate(timing["later"].get("phase_c", {}).get("per_round", [])):
+            rewards = ", ".join(f"{m['mean-reward']:.3f}" for m in per_site)
+            print(f"  phase C round {r + 1}: mean training reward per site {rewards}")
+    blob = torch.load(next(iter(site_dirs.values())) / POLICY, weights_only=True)
+    return blob.get("meta", {})
+
+
+def refined_choices(site_examples: dict, site_dirs: dict, profile, per_site: int = 40) -> Counter:
+    """What the stored policy picks on each site's test points (parameters that differ from the initial prompt)."""
+    from pmlm.client.advice import PromptAssembler, SiteArtifacts
+    from pmlm.common.prompt import INITIAL
+
+    picks = Counter()
+    for site, d in site_dirs.items():
+        artifacts = SiteArtifacts.load(d, profile)
+        for note in artifacts.missing:
+            print(f"  note ({site}): {note}")
+        assembler = PromptAssembler(artifacts)
+        for ex in [e for e in site_examples[site] if e.split == "test" and e.targets][:per_site]:
+            _, state = assembler.context(ex, None)
+            chosen = assembler.refined_params(state)
+            picks[tuple(sorted((k, v) for k, v in asdict(chosen).items() if getattr(INITIAL, k) != v))] += 1
+    return picks
+
+
+def print_guidance(table: dict, points: int, llm_usage) -> dict:
+    print(f"\nguidance on {points} held-out test points (temperature 0, same points and LLM for every prompt)")
+    print(f"{'prompt':24s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'risk recall':>11s}")
+    for key, label in ROWS:
+        if key in table:
+            m = table[key]
+            print(f"{label:24s} {m['precision']:9.3f} {m['recall']:7.3f} {m['f1']:6.3f} {m['risk_recall']:11.3f}")
+    if all(np.isnan(m["risk_recall"]) for m in table.values()):
+        print("risk recall: n/a, no test point had a risk condition in its horizon")
+    f1 = {k: table[k]["f1"] for k in table}
+    verdict = {}
+    if {"pmlm", "self_peer", "general"} <= set(f1):
+        for name, base, factor in (("vs_initial", "self_peer", 1.10), ("vs_general", "general", 2.0)):
+            ratio = f1["pmlm"] / f1[base] if f1[base] > 0 else float("inf") if f1["pmlm"] > 0 else float("nan")
+            met = f1["pmlm"] >= factor * f1[base] and f1["pmlm"] > 0
+            verdict[name] = {"ratio": ratio, "target": factor, "met": bool(met)}
+            print(f"PMLM F1 / {base} F1 = {ratio:.2f} (target >= {factor:.2f}: {'met' if met else 'NOT met'})"
+                  + (f" [{base} scores 0: any F1 above 0 meets it]" if f1[base] == 0 else ""))
+    print(f"LLM: {llm_usage.calls} calls, {llm_usage.cache_hits} answered from the cache")
+    return verdict
+
+
+def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm, args) -> dict:
+    """Local RL with and without pre-screening: calls until each reaches the run without it's final reward."""
+    from pmlm.client.advice import PromptAssembler, SiteArtifacts
+    from pmlm.client.phase_c import PhaseCConfig, training_points
+    from pmlm.client.reward import matcher_for
+    from pmlm.client.rl import LocalRL, apply_update
+    from pmlm.common.policy import PromptPolicy, initial_bias
+    from pmlm.common.prompt import INITIAL
+
+    phase_c = PhaseCConfig(episodes_per_round=args.rm_points, max_tokens=args.max_tokens)
+    assembler = PromptAssembler(SiteArtifacts.load(site_dir, profile))
+    points = training_points(assembler, examples, args.rm_points, seed=1)
+    curves = {}
+    for use_rm in (False, True):
+        torch.manual_seed(0)
+        policy = PromptPolicy(len(points[0].state.embedding))
+        initial_bias(policy, INITIAL)
+        config = phase_c.rl_config(use_reward_model=use_rm)
+        config = replace(config, warmup_episodes=len(points) * config.prompts_per_point)  # one round of plain sampling
+        rl = LocalRL(policy, llm, matcher_for(profile.name), points, config, seed=0)
+        curve = []
+        for r in range(args.rm_rounds):
+            episodes = rl.run_episodes()
+            apply_update(policy, rl.clipped_sum(episodes), lr=phase_c.lr, scale=len(episodes))
+            curve.append((rl.llm_calls, float(np.mean([e.reward for e in episodes]))))
+            print(f"  {'with' if use_rm else 'without'} reward model, round {r + 1}: {curve[-1][0]} calls, "
+                  f"mean training reward {curve[-1][1]:.3f}", flush=True)
+        curves[use_rm] = curve
+
+    def smoothed(curve):  # mean of the last two rounds: one round of 12 points is noisy
+        return [float(np.mean([c[1] for c in curve[max(0, i - 1): i + 1]])) for i in range(len(curve))]
+
+    target = smoothed(curves[False])[-1]
+    reached = {}
+    for use_rm, curve in curves.items():
+        hit = next((i for i, v in enumerate(smoothed(curve)) if v >= target), None)
+        reached[use_rm] = None if hit is None else curve[hit][0]
+    print(f"\nreward-model pre-screening, local RL at {site} ({len(points)} training points x "
+          f"{phase_c.prompts_per_point} prompts a round, {args.rm_rounds} rounds, no DP noise):")
+    print(f"{'round':>5s} {'calls, no RM':>12s} {'reward':>7s} {'calls, RM':>10s} {'reward':>7s}")
+    for r, ((c0, r0), (c1, r1)) in enumerate(zip(curves[False], curves[True])):
+        print(f"{r + 1:5d} {c0:12d} {r0:7.3f} {c1:10d} {r1:7.3f}")
+    print(f"target: the run without the reward model's final training reward, {target:.3f} (mean of its last 2 rounds)")
+    out = {"site": site, "target_reward": target, "calls_to_target": {"without": reached[False], "with": reached[True]},
+           "curves": {"without": curves[False], "with": curves[True]}}
+    if reached[True] is None:
+        print("with the reward model the run did not reach it: no saving measured (target >= 3x NOT met)")
+        out["saving"] = None
+    else:
+        saving = reached[False] / max(reached[True], 1)
+        out["saving"] = saving
+        print(f"LLM calls to reach it: {reached[False]} without, {reached[True]} with the reward model = {saving:.2f}x "
+              f"fewer (target >= 3x: {'met' if saving >= 3 else 'NOT met'})")
+    return out
+
+
+def main() -> int:
+    args = parse_args()
+    for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+                       ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
+        os.environ.setdefault(key, value)
+    # The figures are the output: Flower's per-message log and Opacus' per-round warnings would bury them.
+    from flwr.common import logger as flwr_logger  # importing it sets Flower's logger to DEBUG: import first
+
+    flwr_logger.FLOWER_LOGGER.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    from pmlm.client.phase_c import site_llm
+    from pmlm.common.profiles import load_profile
+    from pmlm.pipeline import PipelineOptions, evaluate_guidance, prepare_sites
+
+    started = time.perf_counter()
+    opts = PipelineOptions(data=args.data, workdir=args.workdir.resolve(), epsilon=args.epsilon,
+                           max_test_points=args.points, phase_c_rounds=args.phase_c_rounds,
+                           phase_c_points=args.phase_c_points, phase_c_episodes=args.phase_c_episodes,
+                           max_tokens=args.max_tokens, llm={"cache_dir": str(args.cache_dir.resolve())},
+                           baselines_trained=False, progress=False)
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    sites = prepare_sites(opts)
+    profile = load_profile(opts.profile)
+    site_examples, timelines = load_sites(sites, profile)
+    site_dirs = {name: opts.workdir / "sites" / name for name in sites}
+    meta = ensure_phases(opts, sites, site_dirs)
+    print(f"policy: run {meta.get('run_id', '?')}, phase C plan {meta.get('config', {})}")
+    llm = site_llm(opts.llm)
+    report: dict = {"workdir": str(opts.workdir), "policy": meta}
+    if not args.skip_guidance:
+        picks = refined_choices(site_examples, site_dirs, profile)
+        print("refined prompt on test points (changes from the initial prompt: count):")
+        for change, n in picks.most_common(4):
+            print(f"  {n:3d}  {dict(change) or 'none (the initial prompt)'}")
+        guidance = evaluate_guidance(site_examples, site_dirs, timelines, opts, llm)
+        report["guidance"] = guidance["table"]
+        report["targets"] = print_guidance(guidance["table"], guidance["points"], llm.usage)
+    if not args.skip_calls:
+        site = next(iter(sites))
+        print(f"\nlocal RL at {site}, with and without the reward model ...", flush=True)
+        report["reward_model"] = reward_model_savings(site, site_dirs[site], site_examples[site], profile, llm, args)
+    print(f"\nbench time {time.perf_counter() - started:.0f} s")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
