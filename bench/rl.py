@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -58,17 +56,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-calls", action="store_true")
     p.add_argument("--json-out", type=Path)
     return p.parse_args()
-
-
-def load_sites(sites: dict, profile) -> tuple[dict, dict]:
-    from pmlm.client.sites import load_site
-
-    site_examples, timelines = {}, {}
-    for name, path in sites.items():
-        data, kept = load_site(name, path, profile, keep_timelines=True, progress=False)
-        site_examples[name] = data.examples
-        timelines.update({(name, t.patient_id): t for t in kept})
-    return site_examples, timelines
 
 
 def ensure_phases(opts, sites: dict, site_dirs: dict) -> dict:
@@ -190,15 +177,11 @@ def main() -> int:
     for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
                        ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
         os.environ.setdefault(key, value)
-    # The figures are the output: Flower's per-message log and Opacus' per-round warnings would bury them.
-    from flwr.common import logger as flwr_logger  # importing it sets Flower's logger to DEBUG: import first
-
-    flwr_logger.FLOWER_LOGGER.setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     from pmlm.client.phase_c import site_llm
     from pmlm.common.profiles import load_profile
-    from pmlm.pipeline import PipelineOptions, evaluate_guidance, prepare_sites
+    from pmlm.pipeline import PipelineOptions, evaluate_guidance, load_consortium, quiet_flower
+
+    quiet_flower()  # the figures are the output
 
     started = time.perf_counter()
     opts = PipelineOptions(data=args.data, workdir=args.workdir.resolve(), epsilon=args.epsilon,
@@ -207,9 +190,9 @@ def main() -> int:
                            max_tokens=args.max_tokens, llm={"cache_dir": str(args.cache_dir.resolve())},
                            baselines_trained=False, progress=False)
     opts.workdir.mkdir(parents=True, exist_ok=True)
-    sites = prepare_sites(opts)
+    records = load_consortium(opts)
+    sites, site_examples, timelines = records.sites, records.site_examples, records.timelines
     profile = load_profile(opts.profile)
-    site_examples, timelines = load_sites(sites, profile)
     site_dirs = {name: opts.workdir / "sites" / name for name in sites}
     meta = ensure_phases(opts, sites, site_dirs)
     print(f"policy: run {meta.get('run_id', '?')}, phase C plan {meta.get('config', {})}")

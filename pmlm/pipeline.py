@@ -271,51 +271,66 @@ def privacy_summary(site_dirs: dict, opts: PipelineOptions) -> dict:
 
 def run_pipeline(opts: PipelineOptions, log=print) -> dict:
     started = time.perf_counter()
-    loaded: dict = {}
-    report = run_pipeline_core(opts, log, loaded)
-    return _with_curve(report, opts, log, started, loaded)
+    opts.workdir = opts.workdir.resolve()
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    records = load_consortium(opts)
+    log(f"[1/4] sites: {', '.join(records.sites)}")
+    report = run_pipeline_core(opts, records, log)
+    return _with_curve(report, opts, log, started, records)
 
 
-def run_pipeline_core(opts: PipelineOptions, log=print, loaded: dict | None = None) -> dict:
-    """One federated run and its evaluation. `loaded` carries the sites' records read by an earlier run on the
-    same data (the curve's runs), and is filled in when empty."""
-    import logging
+@dataclass
+class Consortium:
+    """The sites' records as read once: examples per site and the timelines prompts are assembled from."""
 
-    from pmlm.client.llm import LLMConfig
-    from pmlm.client.phase_c import site_llm
+    sites: dict[str, Path]
+    site_examples: dict[str, list]
+    timelines: dict[tuple[str, str], object]
+    patients: int
+
+
+def load_consortium(opts: PipelineOptions) -> Consortium:
     from pmlm.client.sites import load_site
     from pmlm.common.profiles import load_profile
+
+    sites = prepare_sites(opts)
+    profile = load_profile(opts.profile)
+    site_examples, timelines, patients = {}, {}, 0
+    for name, path in sites.items():
+        data, kept = load_site(name, path, profile, keep_timelines=True, progress=opts.progress)
+        site_examples[name] = data.examples
+        patients += data.patients
+        timelines.update({(name, t.patient_id): t for t in kept})
+    return Consortium(sites, site_examples, timelines, patients)
+
+
+def quiet_flower() -> None:
+    """Flower's per-message log and Opacus' per-round warnings would drown progress lines and figures."""
+    import logging
+    import warnings
+
+    from flwr.common import logger as flwr_logger  # importing it sets Flower's logger to DEBUG: import first
+
+    flwr_logger.FLOWER_LOGGER.setLevel(logging.WARNING)
+    # Repeated once per local round; the audit report states that Opacus secure mode is unavailable.
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+def run_pipeline_core(opts: PipelineOptions, records: Consortium, log=print) -> dict:
+    """One federated run on the records read once (the curve's runs reuse them) and its evaluation."""
+    from pmlm.client.llm import LLMConfig
+    from pmlm.client.phase_c import site_llm
 
     for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
                        ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
         os.environ.setdefault(key, value)
-    if opts.progress:  # the progress lines and bars say what happens; Flower's per-message log would drown them
-        import warnings
-
-        from flwr.common import logger as flwr_logger  # importing it sets Flower's logger to DEBUG: import first
-
-        flwr_logger.FLOWER_LOGGER.setLevel(logging.WARNING)
-        # Repeated once per local round; the audit report states that Opacus secure mode is unavailable.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    if opts.progress:  # the progress lines and bars say what happens
+        quiet_flower()
     opts.workdir = opts.workdir.resolve()
     opts.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    loaded = {} if loaded is None else loaded
-    if not loaded:
-        sites = prepare_sites(opts)
-        profile = load_profile(opts.profile)
-        log(f"[1/4] sites: {', '.join(sites)}")
-        site_examples, timelines, patients = {}, {}, 0
-        for name, path in sites.items():
-            data, kept = load_site(name, path, profile, keep_timelines=True, progress=opts.progress)
-            site_examples[name] = data.examples
-            patients += data.patients
-            for t in kept:
-                timelines[(name, t.patient_id)] = t
-        loaded.update(sites=sites, site_examples=site_examples, timelines=timelines, patients=patients)
-    sites, site_examples = loaded["sites"], loaded["site_examples"]
-    timelines, patients = loaded["timelines"], loaded["patients"]
+    sites, site_examples, timelines = records.sites, records.site_examples, records.timelines
     log(f"[2/4] federated phases A (DP recommender), B (DP peer prototypes), C (RL prompt policy) through Flower"
         f" ({opts.engine})")
     timing = run_federation(opts, sites)
@@ -330,7 +345,7 @@ def run_pipeline_core(opts: PipelineOptions, log=print, loaded: dict | None = No
     config = LLMConfig.from_dict(opts.llm) if opts.llm else None
     usage = llm.usage
     report = {
-        "data": {"patients": patients, "sites": len(sites),
+        "data": {"patients": records.patients, "sites": len(sites),
                  "prediction_points": sum(len(v) for v in site_examples.values()),
                  "test_points": guidance["points"]},
         "privacy": privacy_summary(site_dirs, opts),
@@ -348,7 +363,7 @@ def run_pipeline_core(opts: PipelineOptions, log=print, loaded: dict | None = No
     return report
 
 
-def _with_curve(report: dict, opts: PipelineOptions, log, started: float, loaded: dict) -> dict:
+def _with_curve(report: dict, opts: PipelineOptions, log, started: float, records: Consortium) -> dict:
     report["privacy_utility_curve"] = [{"epsilon": opts.epsilon, "f1": report["guidance"].get("pmlm", {}).get("f1")}]
     for eps in opts.curve:
         if eps == opts.epsilon:
@@ -356,7 +371,7 @@ def _with_curve(report: dict, opts: PipelineOptions, log, started: float, loaded
         log(f"[curve] epsilon {eps} per site: another federated run, PMLM prompts only")
         extra = PipelineOptions(**{**opts.__dict__, "epsilon": eps, "workdir": opts.workdir / f"curve-eps-{eps:g}",
                                    "variants": ("pmlm",), "curve": (), "baselines_trained": False})
-        sub = run_pipeline_core(extra, log, loaded)
+        sub = run_pipeline_core(extra, records, log)
         report["privacy_utility_curve"].append({"epsilon": eps, "f1": sub["guidance"]["pmlm"]["f1"]})
     report["runtime_s"]["total"] = round(time.perf_counter() - started, 1)
     return report
