@@ -71,7 +71,9 @@ def ensure_phases(opts, sites: dict, site_dirs: dict) -> dict:
         print(f"  phase A {timing['phase_a']:.0f} s, B {timing['phase_b']:.0f} s, C {timing['phase_c']:.0f} s")
         for r, per_site in enumerate(timing["later"].get("phase_c", {}).get("per_round", [])):
             rewards = ", ".join(f"{m['mean-reward']:.3f}" for m in per_site)
-            print(f"  phase C round {r + 1}: mean training reward per site {rewards}")
+            step = per_site[0].get("step-lr") if per_site else None
+            print(f"  phase C round {r + 1}: mean training reward per site {rewards}"
+                  + (f", step size {step:.3g}" if step is not None else ""))
     blob = torch.load(next(iter(site_dirs.values())) / POLICY, weights_only=True)
     return blob.get("meta", {})
 

@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from pmlm.client.phase_c import PhaseCConfig
-from pmlm.client.rl import apply_update
+from pmlm.client.rl import apply_update, noise_limited_lr
 from pmlm.common.policy import PromptPolicy, initial_bias
 from pmlm.common.prompt import INITIAL
 from pmlm.server.roster import SiteRoster
@@ -63,8 +63,12 @@ def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: st
             replies = roster.ask(grid, QUERY_ROUND, content, PHASE, r, timeout=timeout)
             total = sum(m.content["arrays"]["update"].numpy() for m in replies)
             metrics = [dict(m.content["metrics"]) for m in replies]
-        episodes = sum(float(m["episodes"]) for m in metrics)
-        apply_update(policy, total, lr=config.lr, scale=max(episodes, 1.0))
+        episodes = max(sum(float(m["episodes"]) for m in metrics), 1.0)
+        lr = noise_limited_lr(config.lr, episodes, [float(m.get("noise-std", 0.0)) for m in metrics],
+                              config.max_step_noise)
+        apply_update(policy, total, lr=lr, scale=episodes)
+        for m in metrics:
+            m["step-lr"] = lr
         if on_round is not None:
             on_round(r, metrics)
     roster.ask(grid, QUERY_STORE, RecordDict({"arrays": policy_arrays(policy), "config": plan, **site_records}),

@@ -84,6 +84,11 @@ def test_no_identifier_from_the_record_appears_in_any_prompt(patient):
         assert "12345678" not in text and "617-555-0199" not in text
 
 
+def text(prompt) -> str:
+    """Everything the LLM reads, whichever turn the placement put her sections in."""
+    return "\n\n".join(m["content"] for m in prompt.messages)
+
+
 def test_parameters_control_the_sections():
     from pmlm.common.prompt import PatientContext
 
@@ -91,17 +96,17 @@ def test_parameters_control_the_sections():
                          predictions=[(f"event {i}", 0.9 - i / 10) for i in range(8)],
                          trajectory=["blood pressure rising"],
                          peer_facts=["Among about 200 similar patients:", "about 50% had X", "about 40% had Y"])
-    base = render(ctx, PromptParams(self_items=3, show_probs=True, peer_items=3)).messages[0]["content"]
+    base = text(render(ctx, PromptParams(self_items=3, show_probs=True, peer_items=3)))
     assert "event 2 (probability 70%)" in base and "event 3" not in base
     assert base.index("event 0") < base.index("Among about 200")
-    flipped = render(ctx, PromptParams(order="peer_first")).messages[0]["content"]
+    flipped = text(render(ctx, PromptParams(order="peer_first")))
     assert flipped.index("Among about 200") < flipped.index("event 0")
-    general = render_variant("general", ctx).messages[0]["content"]
+    general = text(render_variant("general", ctx))
     assert "event 0" not in general and "Age" not in general and "200" not in general
-    summary = render_variant("summary_only", ctx).messages[0]["content"]
+    summary = text(render_variant("summary_only", ctx))
     assert "gestational week 20" in summary and "event 0" not in summary
     for variant, expect in (("self", "event 0"), ("peer", "about 50% had X")):
-        assert expect in render_variant(variant, ctx).messages[0]["content"]
+        assert expect in text(render_variant(variant, ctx))
     with pytest.raises(ValueError):
         PromptParams(self_items=4)
     for params in (INITIAL, PromptParams(order="peer_first", format=2)):
@@ -116,8 +121,8 @@ def test_token_budget_drops_low_value_sections_first():
                          notes=["long note " * 200], predictions=[(f"event {i}", 0.5) for i in range(8)])
     small = render(ctx, PromptParams(notes=True, self_items=8), token_budget=250)
     assert small.approx_tokens <= 250
-    assert "event 0" in small.messages[0]["content"]  # predictions survive; notes and history went first
-    assert "long note" not in small.messages[0]["content"]
+    assert "event 0" in text(small)  # predictions survive; notes and history went first
+    assert "long note" not in text(small)
 
 
 def test_neutralise():

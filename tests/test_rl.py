@@ -167,3 +167,32 @@ def test_phase_c_refuses_a_reward_model_for_released_updates(tmp_path):
 
     with pytest.raises(ValueError, match="depend on the others"):
         SitePhaseC("s", tmp_path, [], "obgyn", PhaseCConfig(use_reward_model=True), "run")
+
+
+def test_a_noisy_step_from_few_episodes_keeps_the_initial_prompt():
+    """Three sites' noise over 18 episodes: the full step is mostly noise and flips the initial prompt's
+    choices; the noise-limited step keeps them, and a step from many episodes is not limited at all."""
+    from pmlm.client.phase_c import PhaseCConfig
+    from pmlm.client.rl import noise_limited_lr
+
+    c = PhaseCConfig()
+    stds = [2.0, 2.0, 2.0]  # each site's noise multiplier x clip, as its metrics report it
+    assert noise_limited_lr(c.lr, 240.0, stds, c.max_step_noise) == c.lr  # bench/rl.py's default run
+    small = noise_limited_lr(c.lr, 18.0, stds, c.max_step_noise)
+    assert small == pytest.approx(c.max_step_noise * 18 / np.sqrt(12.0)) and small < c.lr
+    assert noise_limited_lr(c.lr, 18.0, [], c.max_step_noise) == c.lr  # no noise reported: nothing to limit
+    rng = np.random.default_rng(0)
+    states = [PolicyState((e / np.linalg.norm(e)).astype(np.float32), top1_prob=0.5, history_length=20)
+              for e in rng.standard_normal((10, 64))]
+    kept = {}
+    for lr in (c.lr, small):
+        same = 0
+        for draw in range(20):
+            torch.manual_seed(draw)
+            policy = PromptPolicy(64)
+            initial_bias(policy, INITIAL)
+            noise = rng.normal(0.0, np.sqrt(12.0), n_parameters(policy))  # the noisy sum of a round with no signal
+            apply_update(policy, noise, lr=lr, scale=18.0)
+            same += sum(getattr(policy.best(s), f) == getattr(INITIAL, f) for s in states for f in FACTOR_NAMES)
+        kept[lr] = same / (20 * len(states) * len(FACTOR_NAMES))  # share of the prompt's choices left as they were
+    assert kept[c.lr] < 0.6 and kept[small] > 0.95, kept
