@@ -31,8 +31,8 @@ def evaluated(small_consortium, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("evaluate")
     out = tmp_path / "report.json"
     code = main(["evaluate", "--data", str(small_consortium), "--workdir", str(tmp_path / "work"),
-                 "--json-out", str(out), "--html-out", str(tmp_path / "report.html"), "--max-test-points", "8",
-                 "--rounds", "1", "--phase-c-rounds", "1", "--phase-c-episodes", "3", "--no-trained-baselines"])
+                 "--json-out", str(out), "--html-out", str(tmp_path / "report.html"), "--max-test-points", "12",
+                 "--rounds", "2", "--phase-c-rounds", "1", "--phase-c-episodes", "3", "--no-trained-baselines"])
     assert code == 0
     return tmp_path
 
@@ -41,7 +41,7 @@ def test_reduced_evaluate_reports_every_key(evaluated):
     tmp_path = evaluated
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["data"]) >= {"patients", "sites", "prediction_points", "test_points"}
-    assert report["data"]["sites"] == 3 and report["data"]["patients"] == 120 and report["data"]["test_points"] == 8
+    assert report["data"]["sites"] == 3 and report["data"]["patients"] == 120 and report["data"]["test_points"] == 12
     privacy = report["privacy"]
     assert privacy["delta"] == 1e-5 and set(privacy["sites"]) == {"hospital_a", "hospital_b", "hospital_c"}
     for site in privacy["sites"].values():
@@ -56,10 +56,9 @@ def test_reduced_evaluate_reports_every_key(evaluated):
         assert 0 <= row["f1"] <= 1
     assert report["llm"]["calls"] > 0 and "model" in report["llm"] and "cached" in report["llm"]
     assert set(report["runtime_s"]) == {"total", "phase_a", "phase_b", "phase_c", "evaluation"}
-    # The ceiling is above the no-data prompt, and personalisation does not do worse than no data.
-    print("GUIDANCE", json.dumps(report["guidance"]), report["runtime_s"])
+    # The ceiling is above the no-data prompt, and PMLM's prompt beats it: her data makes the LLM name her events.
     assert report["guidance"]["oracle"]["f1"] > report["guidance"]["general"]["f1"]
-    assert report["guidance"]["pmlm"]["f1"] >= report["guidance"]["general"]["f1"]
+    assert report["guidance"]["pmlm"]["f1"] > report["guidance"]["general"]["f1"]
     html = (tmp_path / "report.html").read_text()
     assert "<svg" in html and "Guidance F1" in html
     # The site directories stay usable by `pmlm advise`.
