@@ -104,10 +104,11 @@ def test_superlink_restarted_mid_run(tmp_path):
         for e in releases:
             by_run.setdefault(e["run_id"], []).append(e["round"])
         assert by_run.pop(summary["run"]) == list(range(1, ROUNDS + 1))
-        # the interrupted run: only the rounds it really trained, in order, each once
+        # The interrupted run: only the rounds it really trained, in order, each once. Sites may have released
+        # every round before the restart while the ServerApp died before it finished (the run then failed): the
+        # releases happened, so they stay charged.
         for rounds in by_run.values():
-            assert rounds == list(range(1, len(rounds) + 1))
-            assert len(rounds) < ROUNDS or status["status"] == "finished:completed"
+            assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) <= ROUNDS
 
 
 def phase_a_ledger_has_a_release(site_dir: Path) -> bool:
