@@ -41,6 +41,9 @@ def cmd_demo(args) -> int:
     started = time.perf_counter()
     engine = "a local SuperLink and SuperNodes (TLS)" if args.deployment else "in-process"
     print(f"PMLM demo on {data}: phases A, B, C through Flower ({engine}), the embedded local LLM")
+    previous = set_aside_previous(args.out / "work")
+    if previous is not None:
+        print(f"The previous demo's sites spent their privacy budget; its work directory is kept at {previous}")
     opts = options_from(args, data, args.out / "work")
     opts.progress = True
     if args.deployment:
@@ -62,3 +65,18 @@ def cmd_demo(args) -> int:
     print(f"Site directories (for `pmlm advise --site ...`): {opts.workdir / 'sites'}")
     print(f"Report: {html_path} and {json_path} ({time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def set_aside_previous(workdir: Path) -> Path | None:
+    """A demo always starts with fresh sites: a site's ledger keeps its budget for its lifetime, so a rerun in the
+    same directory would find it spent. The old directory is renamed, never deleted."""
+    if not workdir.is_dir() or not any(workdir.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = workdir.with_name(f"{workdir.name}.previous-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = workdir.with_name(f"{workdir.name}.previous-{stamp}-{n}")
+    workdir.rename(target)
+    return target
