@@ -211,7 +211,7 @@ def noise_limited_lr(lr: float, scale: float, noise_stds: list[float], max_step_
     """The largest step size up to `lr` at which the summed noise (the sites' public standard deviations)
     moves each weight by at most `max_step_noise` (one standard deviation): with few episodes a full step
     would be mostly noise and undo the initial prompt. Post-processing of released values only."""
-    noise = float(np.sqrt(np.sum(np.square(noise_stds)))) if noise_stds else 0.0
+    noise = float(np.linalg.norm(noise_stds))  # independent Gaussian noises add in variance
     return lr if noise == 0 else min(lr, max_step_noise * scale / noise)
 
 
@@ -223,5 +223,5 @@ def apply_update(policy: PromptPolicy, total_gradient: np.ndarray, lr: float, sc
         torch.nn.utils.vector_to_parameters(vec, policy.parameters())
 
 
-__all__ = ["Point", "Episode", "RewardModel", "RLConfig", "LocalRL", "apply_update", "noise_limited_lr", "n_parameters",
-           "FACTOR_NAMES", "PHASE"]
+__all__ = ["Point", "Episode", "RewardModel", "RLConfig", "LocalRL", "apply_update", "noise_limited_lr",
+           "n_parameters", "FACTOR_NAMES", "PHASE"]

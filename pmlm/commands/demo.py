@@ -43,7 +43,7 @@ def cmd_demo(args) -> int:
     print(f"PMLM demo on {data}: phases A, B, C through Flower ({engine}), the embedded local LLM")
     previous = set_aside_previous(args.out / "work")
     if previous is not None:
-        print(f"The previous demo's sites spent their privacy budget; its work directory is kept at {previous}")
+        print(f"A previous demo's sites have used their privacy budget; their directory is kept at {previous}")
     opts = options_from(args, data, args.out / "work")
     opts.progress = True
     if args.deployment:
