@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -94,6 +96,55 @@ def run_config(opts: PipelineOptions) -> dict:
     }
 
 
+class PhaseProgress(logging.Handler):
+    """A progress bar per phase, driven by the round markers the ServerApp logs (Flower's FedAvg rounds in
+    phase A, PMLM's own lines in phases B and C), so the in-process run shows where it is."""
+
+    PATTERNS = (
+        ("A", re.compile(r"\[ROUND (\d+)/(\d+)\]"), "phase A: DP recommender rounds"),
+        ("B", re.compile(r"\[PMLM phase B\] release (\d+)/(\d+)"), "phase B: DP peer releases"),
+        ("C", re.compile(r"\[PMLM phase C\] round (\d+)/(\d+)"), "phase C: RL prompt rounds"),
+    )
+
+    def __init__(self, opts: PipelineOptions):
+        super().__init__(logging.INFO)
+        self.opts = opts
+        self.bars: dict[str, tqdm] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        for phase, pattern, desc in self.PATTERNS:
+            if m := pattern.search(message):
+                done, total = int(m.group(1)), int(m.group(2))
+                if phase == "A":
+                    done -= 1  # Flower logs a round as it starts
+                for other in [k for k in self.bars if k < phase]:
+                    self._finish(other)
+                bar = self.bars.get(phase) or self.bars.setdefault(phase, _bar(desc, total, self.opts))
+                bar.update(done - bar.n)
+                return
+        if "Strategy execution finished" in message and "A" in self.bars:
+            self._finish("A")
+
+    def _finish(self, phase: str) -> None:
+        bar = self.bars[phase]
+        bar.update(bar.total - bar.n)
+        bar.close()
+
+    def __enter__(self):
+        from flwr.common.logger import FLOWER_LOGGER
+
+        FLOWER_LOGGER.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        from flwr.common.logger import FLOWER_LOGGER
+
+        FLOWER_LOGGER.removeHandler(self)
+        for bar in self.bars.values():
+            bar.close()
+
+
 def run_federation(opts: PipelineOptions, sites: dict[str, Path]) -> dict:
     """Phases A, B, C through the Flower app: in this process (Ray-free grid) or on a local deployment."""
     from pmlm.client.site_config import SiteConfig
@@ -114,7 +165,8 @@ def run_federation(opts: PipelineOptions, sites: dict[str, Path]) -> dict:
         from pmlm.server.in_process import run_in_process
         from pmlm.server.server_app import app as server_app
 
-        run_in_process(server_app, client_app, nodes, run_config(opts))
+        with PhaseProgress(opts):
+            run_in_process(server_app, client_app, nodes, run_config(opts))
     total = time.perf_counter() - started
     written = sorted(set(coordinator.glob("*-phases-bc.json")) - before)
     later = json.loads(written[-1].read_text()) if written else {}
@@ -311,7 +363,11 @@ def quiet_flower() -> None:
 
     from flwr.common import logger as flwr_logger  # importing it sets Flower's logger to DEBUG: import first
 
-    flwr_logger.FLOWER_LOGGER.setLevel(logging.WARNING)
+    # The logger stays at INFO so PhaseProgress still hears the round markers; the console shows warnings only.
+    flwr_logger.FLOWER_LOGGER.setLevel(logging.INFO)
+    flwr_logger.console_handler.setLevel(logging.WARNING)
+    # Phase A asks for no federated evaluation on purpose (the pipeline evaluates once, at the end).
+    flwr_logger.FLOWER_LOGGER.addFilter(lambda record: "fraction_evaluate is set to 0.0" not in record.getMessage())
     # Repeated once per local round; the audit report states that Opacus secure mode is unavailable.
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -57,7 +57,7 @@ def run_later_phases(grid: Grid, roster: SiteRoster, cfg: PhaseAConfig, run: dic
         def on_round(r, metrics):
             rounds.append(metrics)
             step = metrics[0].get("step-lr", c.lr) if metrics else c.lr
-            log(INFO, "[PMLM phase C] round %s/%d done, step size %.3g%s", r, c.rounds, step,
+            log(INFO, "[PMLM phase C] round %s/%d done, step size %.3g%s", r + 1, c.rounds, step,
                 f" (lr {c.lr:g} limited by the DP noise of {sum(float(m['episodes']) for m in metrics):g} episodes)"
                 if step < c.lr else "")
         run_phase_c(grid, roster, c, cfg.run_name, cfg.dim, on_round=on_round, site_records=records, secure=secure)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from pmlm.client.peers import PhaseBConfig
@@ -56,7 +58,16 @@ def run_phase_b(grid: Grid, roster: SiteRoster, config: PhaseBConfig, run_id: st
             on_entries(entries)
         return total, summed_noise_std(entries)
 
-    profiles = run_prototypes(collect, concepts, dim, horizon_days, config)
+    releases = config.rounds + 1  # the k-means rounds (the first finds the centre), then the peer profiles
+    done = []
+
+    def collect_and_report(kind: str, centroids: np.ndarray, round: int, centre: np.ndarray):
+        out = collect(kind, centroids, round, centre)
+        done.append(kind)
+        log(INFO, "[PMLM phase B] release %d/%d (%s) done", len(done), releases, kind)
+        return out
+
+    profiles = run_prototypes(collect_and_report, concepts, dim, horizon_days, config)
     arrays = ArrayRecord({"centroids": Array(profiles.centroids), "counts": Array(profiles.counts),
                           "rates": Array(profiles.rates), "suppressed": Array(profiles.suppressed.astype(np.float64)),
                           "centre": Array(profiles.centre)})
