@@ -14,6 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -110,17 +111,30 @@ def honest_percent(rate: float, n: float, noise_std: float) -> str:
     return f"about {int(round(value * 100))}%"
 
 
+def clear_of_noise(profiles: PeerProfiles, rates: np.ndarray, n: float, family_error: float = 0.05) -> np.ndarray:
+    """Which rates stand clear of the DP noise: the patients behind a rate (rate x n) lie more noise stds above
+    zero than the largest of the profile's noise-only cells would reach by chance (a Bonferroni bound over its
+    concepts). At a small budget the noise outweighs most cells, and a rare event would otherwise be shown
+    to the LLM as 'about 50% had ...' for no reason but noise."""
+    z = NormalDist().inv_cdf(1.0 - family_error / max(len(profiles.concepts), 1))
+    return rates * n > z * profiles.count_noise_std
+
+
 def peer_facts(profiles: PeerProfiles, embedding: np.ndarray, profile: TaskProfile, top: int = 5,
                risks: bool = True) -> list[str]:
-    """Readable peer-informed facts for the prompt, e.g. 'about 60% had a fetal anatomy study within 12 weeks'."""
+    """Readable peer-informed facts for the prompt, e.g. 'about 60% had a fetal anatomy study within 12 weeks';
+    only rates clear of the DP noise are stated."""
     rates, n = profiles.peer_rates(embedding)
-    if n <= 0 or not np.any(rates > 0):
+    clear = clear_of_noise(profiles, rates, n)
+    if n <= 0 or not np.any(clear):
         return []
     weeks = round(profiles.horizon_days / 7)
     facts = [f"Among {honest_count(n, profiles.count_noise_std)} similar patients across the consortium:"]
     shown = 0
     for i in np.argsort(-rates, kind="stable"):
         concept = profiles.concepts[i]
+        if not clear[i]:
+            break  # sorted by rate: every later one is below this one
         if concept in profile.risks:
             continue
         facts.append(f"{honest_percent(rates[i], n, profiles.count_noise_std)} had "
@@ -131,7 +145,7 @@ def peer_facts(profiles: PeerProfiles, embedding: np.ndarray, profile: TaskProfi
     if risks:
         for concept in profile.risk_ids:
             i = profiles.concepts.index(concept) if concept in profiles.concepts else None
-            if i is not None and rates[i] > 0.01:
+            if i is not None and clear[i]:
                 facts.append(f"{honest_percent(rates[i], n, profiles.count_noise_std)} developed "
                              f"{profile.name_of(concept)}")
     return facts

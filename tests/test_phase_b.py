@@ -90,7 +90,7 @@ def test_budget_refusal_draws_no_noise(tmp_path):
 def test_suppression_and_honest_facts():
     profile = load_profile("obgyn")
     centroids = initial_centroids(3, 4, 0)
-    hist = np.array([[200, 100, 8, 340, 0], [2, 1, 0, 3, 0], [30, 20, 1, 50, 5]], float)
+    hist = np.array([[200, 100, 40, 340, 9], [2, 1, 0, 3, 0], [30, 20, 1, 50, 5]], float)
     counts = np.array([340.0, 4.0, 50.0])
     total = np.concatenate([hist, counts[:, None]], axis=1)
     prof = build_profiles(centroids, total, noise_std=6.0, concepts=CONCEPTS, horizon_days=84, min_count=20)
@@ -103,10 +103,16 @@ def test_suppression_and_honest_facts():
     assert facts[0].startswith("Among about ") and "similar patients" in facts[0]
     assert "fetal anatomy study within 12 weeks" in text
     assert "pre-eclampsia" in text  # a risk, phrased as an outcome
+    # 9 patients is within noise of zero at noise std 6 (2.33 stds needed over 5 concepts): not stated.
+    assert profile.name_of(CONCEPTS[4]) not in text
     assert not any(ch in text for ch in (".1%", ".2%", ".5%"))  # no false precision
     assert honest_count(343.0, 6.0) == "about 340"
     assert honest_percent(0.587, 340, 6.0) == "about 60%"
     assert honest_percent(0.587, 30, 30.0) in ("about 50%", "about 75%")  # coarse when noise dominates
+    # When the noise outweighs every cell (a small budget), the profile states nothing rather than noise.
+    noisy = build_profiles(centroids, total, noise_std=150.0, concepts=CONCEPTS, horizon_days=84, min_count=20)
+    noisy.suppressed[:] = [False, True, True]
+    assert peer_facts(noisy, centroids[0], profile) == []
 
 
 def _points(patient, n, rng, dim, concepts=CONCEPTS, split="train"):
