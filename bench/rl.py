@@ -6,9 +6,10 @@
    the policy that federated, DP phase C stored at the sites. Targets: PMLM F1 >= 1.10 x the initial
    prompt's and >= 2 x the general prompt's.
 2. Local RL at one site (no release, so no DP noise), side by side with and without the reward model's
-   pre-screening, from the same initial policy on the same training points: the LLM calls each spends
-   (distinct requests, i.e. the misses of a cache of its own) until its training reward reaches the final
-   training reward of the run without the reward model. Target: >= 3 x fewer calls with it.
+   pre-screening, from the same starting policy on the same training points: the LLM calls each spends in
+   training (distinct requests, i.e. the misses of a cache of its own) until its refined prompt scores, on
+   other training points, what the run without the reward model's refined prompt scored at its end.
+   Target: >= 3 x fewer calls with it.
 
 Phases A-C need a work directory: a finished `pmlm demo` / `pmlm evaluate` / earlier bench run is evaluated
 as it is; otherwise phases A, B and C run there first (through Flower, in-process). Answers are cached on disk
@@ -50,8 +51,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--phase-c-points", type=int, default=c.points_per_site)
     p.add_argument("--phase-c-episodes", type=int, default=c.episodes_per_round, help="points per site per round")
     p.add_argument("--max-tokens", type=int, default=c.max_tokens)
-    p.add_argument("--rm-points", type=int, default=12, help="training points of the local RL comparison")
+    p.add_argument("--rm-points", type=int, default=12, help="training points a round of the local RL comparison")
+    p.add_argument("--rm-eval-points", type=int, default=24, help="other training points its refined prompts are scored on")
     p.add_argument("--rm-rounds", type=int, default=8)
+    p.add_argument("--rm-start", choices=("uniform", "initial"), default="uniform",
+                   help="the local RL's starting policy: uniform over the prompt options, or the initial prompt's head start")
     p.add_argument("--skip-guidance", action="store_true")
     p.add_argument("--skip-calls", action="store_true")
     p.add_argument("--json-out", type=Path)
@@ -119,58 +123,81 @@ def print_guidance(table: dict, points: int, llm_usage) -> dict:
 
 
 def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm, args) -> dict:
-    """Local RL with and without pre-screening: calls until each reaches the run without it's final reward."""
+    """Local RL with and without pre-screening: training calls until each one's refined (greedy) prompt scores,
+    on held-out training points, what the run without the reward model's refined prompt scored at its end."""
     from pmlm.client.advice import PromptAssembler, SiteArtifacts
     from pmlm.client.phase_c import PhaseCConfig, training_points
-    from pmlm.client.reward import matcher_for
+    from pmlm.client.reward import matcher_for, score_answer
     from pmlm.client.rl import LocalRL, apply_update
     from pmlm.common.policy import PromptPolicy, initial_bias
-    from pmlm.common.prompt import INITIAL
+    from pmlm.common.prompt import INITIAL, render
 
     phase_c = PhaseCConfig(episodes_per_round=args.rm_points, max_tokens=args.max_tokens)
     assembler = PromptAssembler(SiteArtifacts.load(site_dir, profile))
-    points = training_points(assembler, examples, args.rm_points, seed=1)
+    pool = training_points(assembler, examples, args.rm_points + args.rm_eval_points, seed=1)
+    points, held = pool[:args.rm_points], pool[args.rm_points:]
+    matcher = matcher_for(profile.name)
+    sampling = {"max_tokens": args.max_tokens, "temperature": 0.0}
+
+    def refined_reward(policy) -> float:
+        """The refined prompt's mean reward on the held-out points: evaluation, not counted as training calls."""
+        rewards = []
+        for p in held:
+            answer = llm.chat(render(p.context, policy.best(p.state)).messages, allow_empty=True, **sampling)
+            rewards.append(score_answer(answer.text, p.example, matcher).reward)
+        return float(np.mean(rewards))
+
     curves = {}
     for use_rm in (False, True):
         torch.manual_seed(0)
         policy = PromptPolicy(len(points[0].state.embedding))
-        initial_bias(policy, INITIAL)
+        initial_bias(policy, INITIAL, strength=0.0 if args.rm_start == "uniform" else 2.0)
         config = phase_c.rl_config(use_reward_model=use_rm)
         config = replace(config, warmup_episodes=len(points) * config.prompts_per_point)  # one round of plain sampling
-        rl = LocalRL(policy, llm, matcher_for(profile.name), points, config, seed=0)
-        curve = []
+        rl = LocalRL(policy, llm, matcher, points, config, seed=0)
+        curve = [(0, refined_reward(policy))]
         for r in range(args.rm_rounds):
             episodes = rl.run_episodes()
-            apply_update(policy, rl.clipped_sum(episodes), lr=phase_c.lr, scale=len(episodes))
-            curve.append((rl.llm_calls, float(np.mean([e.reward for e in episodes]))))
-            print(f"  {'with' if use_rm else 'without'} reward model, round {r + 1}: {curve[-1][0]} calls, "
-                  f"mean training reward {curve[-1][1]:.3f}", flush=True)
+            visited = len({e.patient_id for e in episodes})
+            apply_update(policy, rl.clipped_sum(episodes), lr=phase_c.lr, scale=visited * config.prompts_per_point)
+            curve.append((rl.llm_calls, refined_reward(policy)))
+            print(f"  {'with' if use_rm else 'without'} reward model, round {r + 1}: {curve[-1][0]} training calls, "
+                  f"refined prompt's held-out reward {curve[-1][1]:.3f}", flush=True)
         curves[use_rm] = curve
+        final = policy.best(held[0].state)
+        print(f"  refined prompt: {dict((k, v) for k, v in asdict(final).items() if getattr(INITIAL, k) != v) or 'the initial prompt'}"
+              " (changes from the initial prompt)")
 
-    def smoothed(curve):  # mean of the last two rounds: one round of 12 points is noisy
+    def smoothed(curve):  # mean of the last two evaluations: one evaluation of a few points is noisy
         return [float(np.mean([c[1] for c in curve[max(0, i - 1): i + 1]])) for i in range(len(curve))]
 
     target = smoothed(curves[False])[-1]
     reached = {}
     for use_rm, curve in curves.items():
-        hit = next((i for i, v in enumerate(smoothed(curve)) if v >= target), None)
+        hit = next((i for i, v in enumerate(smoothed(curve)) if i > 0 and v >= target), None)
         reached[use_rm] = None if hit is None else curve[hit][0]
-    print(f"\nreward-model pre-screening, local RL at {site} ({len(points)} training points x "
-          f"{phase_c.prompts_per_point} prompts a round, {args.rm_rounds} rounds, no DP noise):")
+    print(f"\nreward-model pre-screening, local RL at {site} ({len(points)} training points a round, "
+          f"{phase_c.prompts_per_point} prompts each, {args.rm_rounds} rounds, no DP noise, {args.rm_start} start; "
+          f"the refined prompt scored on {len(held)} other training points):")
     print(f"{'round':>5s} {'calls, no RM':>12s} {'reward':>7s} {'calls, RM':>10s} {'reward':>7s}")
     for r, ((c0, r0), (c1, r1)) in enumerate(zip(curves[False], curves[True])):
-        print(f"{r + 1:5d} {c0:12d} {r0:7.3f} {c1:10d} {r1:7.3f}")
-    print(f"target: the run without the reward model's final training reward, {target:.3f} (mean of its last 2 rounds)")
-    out = {"site": site, "target_reward": target, "calls_to_target": {"without": reached[False], "with": reached[True]},
+        print(f"{r:5d} {c0:12d} {r0:7.3f} {c1:10d} {r1:7.3f}")
+    start = curves[False][0][1]
+    print(f"target: the refined reward the run without the reward model ended with, {target:.3f} (mean of its last "
+          f"2 evaluations; both started at {start:.3f})")
+    out = {"site": site, "start": args.rm_start, "target_reward": target, "start_reward": start,
+           "calls_to_target": {"without": reached[False], "with": reached[True]},
            "curves": {"without": curves[False], "with": curves[True]}}
+    if target <= start:
+        print("the run without the reward model did not improve on its start: nothing to save calls on")
     if reached[True] is None:
         print("with the reward model the run did not reach it: no saving measured (target >= 3x NOT met)")
         out["saving"] = None
     else:
         saving = reached[False] / max(reached[True], 1)
         out["saving"] = saving
-        print(f"LLM calls to reach it: {reached[False]} without, {reached[True]} with the reward model = {saving:.2f}x "
-              f"fewer (target >= 3x: {'met' if saving >= 3 else 'NOT met'})")
+        print(f"training calls to reach it: {reached[False]} without, {reached[True]} with the reward model = "
+              f"{saving:.2f}x fewer (target >= 3x: {'met' if saving >= 3 else 'NOT met'})")
     return out
 
 

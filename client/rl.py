@@ -7,10 +7,13 @@ policy learns from differences between prompts. Each patient's episodes become o
 clipped; the site sums them and adds Gaussian noise: only that noisy sum leaves the site (charged to the
 ledger as one Gaussian release).
 
-A reward model learned from the logged (state, prompt, reward) triples can pre-screen candidate prompts so
-most LLM calls go to promising ones. It is fitted on every patient's rewards, so a prompt it picks for one
-patient depends on the others: fine for refinement that stays on-site, not for released updates, whose
-per-patient sensitivity would no longer be the clip (phase C therefore runs without it).
+A reward model learned from the logged (state, prompt, reward) triples pre-screens candidate prompts so
+most LLM calls go to promising ones. After a warm-up of plain episodes, only every `calls_every`-th point
+visited costs LLM calls (on the reward model's best candidates, which then grow its log); on the other
+points the policy learns from the reward model's predicted rewards for all of her candidates, at no call.
+It is fitted on every patient's rewards, so a prompt it picks for one patient depends on the others: fine
+for refinement that stays on-site, not for released updates, whose per-patient sensitivity would no longer
+be the clip (phase C therefore runs without it).
 """
 
 from __future__ import annotations
@@ -53,13 +56,15 @@ class Episode:
     reward: float
     f1: float
     baseline: float | None = None  # mean reward of the other prompts tried on her point; None: the value head
+    predicted: bool = False  # the reward is the reward model's prediction, no LLM call: never logged for fitting
 
 
 class RewardModel:
-    """Ranks candidate prompts for one point from the logged episodes: ridge regression of each episode's reward
-    relative to the other prompts tried on her point (how hard her case is cancels out) on the prompt's
-    options, refitted as the log grows. Linear on purpose: a few dozen noisy episodes can tell apart how much
-    each option adds, not more."""
+    """Ranks candidate prompts from the logged episodes: ridge regression of each episode's reward on the
+    prompt's options, refitted as the log grows. Linear on purpose: a few dozen noisy episodes can tell apart
+    how much each option adds, not more. Rewards are taken as they are, not relative to the other prompt tried
+    on her point: once the policy is sure of an option, both prompts of a point share it and their difference
+    says nothing more about it, while the earlier, varied episodes still do."""
 
     def __init__(self, ridge: float = 1.0):
         self.ridge = ridge
@@ -72,10 +77,7 @@ class RewardModel:
 
     def fit(self, episodes: list[Episode]) -> None:
         x = self._x([e.params for e in episodes])
-        # Relative to her other prompts (a prompt tried alone on its point: relative to the others tried alone).
-        alone = np.array([e.baseline is None for e in episodes])
-        y = np.array([e.reward - (e.baseline or 0.0) for e in episodes])
-        y[alone] -= y[alone].mean() if alone.any() else 0.0
+        y = np.array([e.reward for e in episodes])
         self.weights = np.linalg.solve(x.T @ x + self.ridge * np.eye(x.shape[1]), x.T @ y)
         self.fitted = len(episodes)
 
@@ -93,6 +95,7 @@ class RLConfig:
     use_reward_model: bool = True
     warmup_episodes: int = 24  # plain sampling before the reward model is trusted
     explore: float = 0.2  # chance of spending the calls on random candidates anyway
+    calls_every: int = 3  # with a trusted reward model, one point in this many costs LLM calls; the rest are predicted
     clip: float = 1.0  # per-patient L2 bound on the policy-gradient vector
     value_weight: float = 0.5
     sampling: dict = field(default_factory=lambda: {"max_tokens": 160, "temperature": 0.0})
@@ -133,26 +136,47 @@ class LocalRL:
 
     def choose(self, point: Point) -> list[PromptParams]:
         k = self.config.prompts_per_point
-        rm = self.reward_model
-        if rm is None or len(self.log) < self.config.warmup_episodes:
+        if not self.screening:
             return self._draw(point, 4 * k)[:k]
         candidates = self._draw(point, self.config.candidates)
         if self.random.random() < self.config.explore:
             return self.random.sample(candidates, min(k, len(candidates)))
-        scores = rm.predict(candidates)
+        scores = self.reward_model.predict(candidates)
         return [candidates[i] for i in np.argsort(-scores, kind="stable")[:k]]
 
+    @property
+    def screening(self) -> bool:
+        """Whether the reward model is trusted yet (fitted on at least the warm-up's episodes)."""
+        return self.reward_model is not None and self.reward_model.fitted >= self.config.warmup_episodes
+
+    def predicted_episodes(self, point: Point) -> list[Episode]:
+        """Her candidates scored by the reward model instead of the LLM, each against the mean of the others."""
+        candidates = self._draw(point, self.config.candidates)
+        predicted = self.reward_model.predict(candidates)
+        out = []
+        for i, params in enumerate(candidates):
+            others = np.delete(predicted, i)
+            out.append(Episode(point.example.patient_id, point.state.vector(), params, float(predicted[i]),
+                               float("nan"), float(others.mean()) if len(others) else None, predicted=True))
+        return out
+
     def run_episodes(self, n: int | None = None) -> list[Episode]:
+        """One round: n points visited, each with LLM calls or, once the reward model screens, most predicted."""
         n = n or self.config.episodes_per_round
-        episodes = []
-        for point in self.random.sample(self.points, min(n, len(self.points))):
+        episodes, called = [], []
+        screening = self.screening
+        for i, point in enumerate(self.random.sample(self.points, min(n, len(self.points)))):
+            if screening and i % max(self.config.calls_every, 1) != 0:
+                episodes += self.predicted_episodes(point)
+                continue
             tried = [(params, self.evaluate(point, params)) for params in self.choose(point)]
             rewards = [score.reward for _, score in tried]
-            for i, (params, score) in enumerate(tried):
-                others = rewards[:i] + rewards[i + 1:]
-                episodes.append(Episode(point.example.patient_id, point.state.vector(), params, score.reward,
-                                        score.f1, float(np.mean(others)) if others else None))
-        self.log += episodes
+            for j, (params, score) in enumerate(tried):
+                others = rewards[:j] + rewards[j + 1:]
+                called.append(Episode(point.example.patient_id, point.state.vector(), params, score.reward,
+                                      score.f1, float(np.mean(others)) if others else None))
+        episodes += called
+        self.log += called
         if self.reward_model is not None and len(self.log) >= self.config.warmup_episodes:
             self.reward_model.fit(self.log[-400:])
         return episodes

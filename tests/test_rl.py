@@ -101,13 +101,22 @@ def test_reward_model_screens_candidates(points):
     initial_bias(policy, INITIAL, strength=0.0)
     llm = ListingLLM()
     rl = LocalRL(policy, llm, ConceptMatcher(profile), pts,
-                 RLConfig(episodes_per_round=12, warmup_episodes=36, candidates=8, explore=0.0), seed=1)
+                 RLConfig(episodes_per_round=12, warmup_episodes=36, candidates=16, explore=0.0, calls_every=3), seed=1)
     for _ in range(3):
         rl.run_episodes()
-    assert rl.reward_model.fitted >= 36
+    assert rl.reward_model.fitted >= 36 and rl.screening
+    before = llm.calls
     screened = rl.run_episodes()
+    called = [e for e in screened if not e.predicted]
+    predicted = [e for e in screened if e.predicted]
+    # One point in three costs LLM calls, spent on the candidates the model ranks best; the rest are predicted.
+    assert llm.calls - before == len(called) == 4 * 2
+    assert len({e.patient_id for e in predicted}) == 8 and all(np.isnan(e.f1) for e in predicted)
     # After warm-up the model prefers the listing format, so screened episodes score higher than random ones.
-    assert np.mean([e.reward for e in screened]) > np.mean([e.reward for e in rl.log[:36]])
+    assert np.mean([e.reward for e in called]) > np.mean([e.reward for e in rl.log[:36]])
+    # Predicted rewards teach the policy, but only answers the LLM gave are logged to fit the model on.
+    assert not any(e.predicted for e in rl.log)
+    assert max(float(g.norm()) for g in rl.patient_gradients(predicted)) > 0
 
 
 class ScriptedLLM:
