@@ -41,8 +41,10 @@ def site_llm(llm_settings: dict | None = None):
 @dataclass(frozen=True)
 class PhaseCConfig:
     # Few rounds over many points: each round is one Gaussian release, and at a fixed budget the noise per
-    # round grows with the number of rounds while the signal grows with the patients in a round.
-    rounds: int = 2
+    # round grows with the number of rounds while the signal grows with the patients in a round. Two rounds
+    # of n points have the signal-to-noise ratio of one round of n (sigma grows about sqrt(2) per doubling of
+    # releases, and the two rounds' noises add), at the LLM calls of one round of 2n, which has twice it.
+    rounds: int = 1
     points_per_site: int = 40  # training points a site draws its episodes from
     episodes_per_round: int = 40  # points visited per round (the same points again: repeated prompts are cached)
     prompts_per_point: int = 2  # compared with each other: a baseline of her own

@@ -42,9 +42,9 @@ class PipelineOptions:
     phase_b_rounds: int = 2
     prototypes: int = 6
     min_count: int = 20
-    phase_c_rounds: int = 2
+    phase_c_rounds: int = 1  # one release of all its episodes: at a fixed budget, more rounds only add noise
     phase_c_points: int = 24
-    phase_c_episodes: int = 12
+    phase_c_episodes: int = 24
     max_tokens: int = 120
     profile: str = "obgyn"
     baselines_trained: bool = True  # centralized and local-only models (non-private) for the table
