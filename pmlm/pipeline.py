@@ -363,8 +363,10 @@ def quiet_flower() -> None:
 
     from flwr.common import logger as flwr_logger  # importing it sets Flower's logger to DEBUG: import first
 
-    # The logger stays at INFO so PhaseProgress still hears the round markers; the console shows warnings only.
+    # The logger stays at INFO so PhaseProgress still hears the round markers; the console shows warnings only,
+    # and nothing reaches the root logger's handlers (a library that configured them would print every line).
     flwr_logger.FLOWER_LOGGER.setLevel(logging.INFO)
+    flwr_logger.FLOWER_LOGGER.propagate = False
     flwr_logger.console_handler.setLevel(logging.WARNING)
     # Phase A asks for no federated evaluation on purpose (the pipeline evaluates once, at the end).
     flwr_logger.FLOWER_LOGGER.addFilter(lambda record: "fraction_evaluate is set to 0.0" not in record.getMessage())

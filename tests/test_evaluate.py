@@ -89,24 +89,31 @@ def test_advise_uses_the_site_artifacts_evaluate_left(small_consortium, evaluate
     assert "not a PMLM site directory" in capsys.readouterr().err
 
 
-def test_each_phase_shows_a_progress_bar_from_the_round_markers(tmp_path):
+def test_each_phase_shows_a_progress_bar_from_the_round_markers(tmp_path, capsys):
+    import logging
     from logging import INFO
 
-    from flwr.common.logger import log
+    from flwr.common.logger import FLOWER_LOGGER, log
 
     from pmlm.pipeline import PhaseProgress, PipelineOptions, quiet_flower
 
-    quiet_flower()
-    opts = PipelineOptions(data=tmp_path, workdir=tmp_path)
-    with PhaseProgress(opts) as progress:
-        log(INFO, "[ROUND 1/3]")
-        log(INFO, "[ROUND 2/3]")
-        assert (progress.bars["A"].n, progress.bars["A"].total) == (1, 3)  # a round counts once it is done
-        log(INFO, "[PMLM phase B] release 1/3 (centre) done")
-        assert progress.bars["A"].n == 3  # phase B starting means phase A finished
-        assert (progress.bars["B"].n, progress.bars["B"].total) == (1, 3)
-        log(INFO, "[PMLM phase C] round 1/2 done, step size 0.5")
-        assert progress.bars["B"].n == 3 and (progress.bars["C"].n, progress.bars["C"].total) == (1, 2)
-    from flwr.common.logger import FLOWER_LOGGER
-
-    assert progress not in FLOWER_LOGGER.handlers
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logging.basicConfig(level=logging.INFO, force=True)  # as some libraries do: the round markers must not print
+    try:
+        quiet_flower()
+        with PhaseProgress(PipelineOptions(data=tmp_path, workdir=tmp_path)) as progress:
+            log(INFO, "[ROUND 1/3]")
+            log(INFO, "[ROUND 2/3]")
+            assert (progress.bars["A"].n, progress.bars["A"].total) == (1, 3)  # a round counts once it is done
+            log(INFO, "[PMLM phase B] release 1/3 (centre) done")
+            assert progress.bars["A"].n == 3  # phase B starting means phase A finished
+            assert (progress.bars["B"].n, progress.bars["B"].total) == (1, 3)
+            log(INFO, "[PMLM phase C] round 1/2 done, step size 0.5")
+            assert progress.bars["B"].n == 3 and (progress.bars["C"].n, progress.bars["C"].total) == (1, 2)
+        assert progress not in FLOWER_LOGGER.handlers
+    finally:
+        root.handlers, _ = saved
+        root.setLevel(saved[1])
+    printed = capsys.readouterr()
+    assert "[ROUND" not in printed.err + printed.out and "PMLM phase" not in printed.err + printed.out
