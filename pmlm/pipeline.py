@@ -100,10 +100,18 @@ class PhaseProgress(logging.Handler):
     """A progress bar per phase, driven by the round markers the ServerApp logs (Flower's FedAvg rounds in
     phase A, PMLM's own lines in phases B and C), so the in-process run shows where it is."""
 
+    # (phase, pattern, bar title, (done, total) from the match): a phase's bar opens when the phase starts.
     PATTERNS = (
-        ("A", re.compile(r"\[ROUND (\d+)/(\d+)\]"), "phase A: DP recommender rounds"),
-        ("B", re.compile(r"\[PMLM phase B\] release (\d+)/(\d+)"), "phase B: DP peer releases"),
-        ("C", re.compile(r"\[PMLM phase C\] round (\d+)/(\d+)"), "phase C: RL prompt rounds"),
+        ("A", re.compile(r"\[ROUND (\d+)/(\d+)\]"), "phase A: DP recommender rounds",
+         lambda m: (int(m[1]) - 1, int(m[2]))),  # Flower logs a round as it starts
+        ("B", re.compile(r"\[PMLM phase B\] DP k-means, \d+ prototypes, (\d+) rounds"), "phase B: DP peer releases",
+         lambda m: (0, int(m[1]) + 1)),
+        ("B", re.compile(r"\[PMLM phase B\] release (\d+)/(\d+)"), "phase B: DP peer releases",
+         lambda m: (int(m[1]), int(m[2]))),
+        ("C", re.compile(r"\[PMLM phase C\] RL prompt policy, (\d+) rounds"), "phase C: RL prompt rounds",
+         lambda m: (0, int(m[1]))),
+        ("C", re.compile(r"\[PMLM phase C\] round (\d+)/(\d+)"), "phase C: RL prompt rounds",
+         lambda m: (int(m[1]), int(m[2]))),
     )
 
     def __init__(self, opts: PipelineOptions):
@@ -113,11 +121,9 @@ class PhaseProgress(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        for phase, pattern, desc in self.PATTERNS:
+        for phase, pattern, desc, progress in self.PATTERNS:
             if m := pattern.search(message):
-                done, total = int(m.group(1)), int(m.group(2))
-                if phase == "A":
-                    done -= 1  # Flower logs a round as it starts
+                done, total = progress(m)
                 for other in [k for k in self.bars if k < phase]:
                     self._finish(other)
                 bar = self.bars.get(phase) or self.bars.setdefault(phase, _bar(desc, total, self.opts))

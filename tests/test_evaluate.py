@@ -106,9 +106,12 @@ def test_each_phase_shows_a_progress_bar_from_the_round_markers(tmp_path, capsys
             log(INFO, "[ROUND 1/3]")
             log(INFO, "[ROUND 2/3]")
             assert (progress.bars["A"].n, progress.bars["A"].total) == (1, 3)  # a round counts once it is done
-            log(INFO, "[PMLM phase B] release 1/3 (centre) done")
+            log(INFO, "[PMLM phase B] DP k-means, 6 prototypes, 2 rounds, then peer profiles")
             assert progress.bars["A"].n == 3  # phase B starting means phase A finished
-            assert (progress.bars["B"].n, progress.bars["B"].total) == (1, 3)
+            assert (progress.bars["B"].n, progress.bars["B"].total) == (0, 3)
+            log(INFO, "[PMLM phase B] release 1/3 (centre) done")
+            assert progress.bars["B"].n == 1
+            log(INFO, "[PMLM phase C] RL prompt policy, 2 rounds")
             log(INFO, "[PMLM phase C] round 1/2 done, step size 0.5")
             assert progress.bars["B"].n == 3 and (progress.bars["C"].n, progress.bars["C"].total) == (1, 2)
         assert progress not in FLOWER_LOGGER.handlers
