@@ -52,8 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--phase-c-episodes", type=int, default=c.episodes_per_round, help="points per site per round")
     p.add_argument("--max-tokens", type=int, default=c.max_tokens)
     p.add_argument("--rm-points", type=int, default=12, help="training points a round of the local RL comparison")
-    p.add_argument("--rm-eval-points", type=int, default=24, help="other training points its refined prompts are scored on")
-    p.add_argument("--rm-rounds", type=int, default=8)
+    p.add_argument("--rm-eval-points", type=int, default=36, help="other training points its refined prompts are scored on")
+    p.add_argument("--rm-rounds", type=int, default=12)
     p.add_argument("--rm-start", choices=("uniform", "initial"), default="uniform",
                    help="the local RL's starting policy: uniform over the prompt options, or the initial prompt's head start")
     p.add_argument("--skip-guidance", action="store_true")
@@ -139,14 +139,15 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
     matcher = matcher_for(profile.name)
     sampling = {"max_tokens": args.max_tokens, "temperature": 0.0}
 
-    def refined_reward(policy) -> float:
-        """The refined prompt's mean reward on the held-out points: evaluation, not counted as training calls."""
+    def held_out_reward(choose) -> float:
+        """Mean reward on the held-out points of the prompt `choose(point)` picks: evaluation, not training calls."""
         rewards = []
         for p in held:
-            answer = llm.chat(render(p.context, policy.best(p.state)).messages, allow_empty=True, **sampling)
+            answer = llm.chat(render(p.context, choose(p)).messages, allow_empty=True, **sampling)
             rewards.append(score_answer(answer.text, p.example, matcher).reward)
         return float(np.mean(rewards))
 
+    initial = held_out_reward(lambda p: INITIAL)
     curves = {}
     for use_rm in (False, True):
         torch.manual_seed(0)
@@ -155,12 +156,12 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
         config = phase_c.rl_config(use_reward_model=use_rm)
         config = replace(config, warmup_episodes=len(points) * config.prompts_per_point)  # one round of plain sampling
         rl = LocalRL(policy, llm, matcher, points, config, seed=0)
-        curve = [(0, refined_reward(policy))]
+        curve = [(0, held_out_reward(lambda p: policy.best(p.state)))]
         for r in range(args.rm_rounds):
             episodes = rl.run_episodes()
             visited = len({e.patient_id for e in episodes})
             apply_update(policy, rl.clipped_sum(episodes), lr=phase_c.lr, scale=visited * config.prompts_per_point)
-            curve.append((rl.llm_calls, refined_reward(policy)))
+            curve.append((rl.llm_calls, held_out_reward(lambda p: policy.best(p.state))))
             print(f"  {'with' if use_rm else 'without'} reward model, round {r + 1}: {curve[-1][0]} training calls, "
                   f"refined prompt's held-out reward {curve[-1][1]:.3f}", flush=True)
         curves[use_rm] = curve
@@ -184,8 +185,9 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
         print(f"{r:5d} {c0:12d} {r0:7.3f} {c1:10d} {r1:7.3f}")
     start = curves[False][0][1]
     print(f"target: the refined reward the run without the reward model ended with, {target:.3f} (mean of its last "
-          f"2 evaluations; both started at {start:.3f})")
+          f"2 evaluations; both started at {start:.3f}; the initial prompt scores {initial:.3f} on these points)")
     out = {"site": site, "start": args.rm_start, "target_reward": target, "start_reward": start,
+           "initial_prompt_reward": initial,
            "calls_to_target": {"without": reached[False], "with": reached[True]},
            "curves": {"without": curves[False], "with": curves[True]}}
     if target <= start:
