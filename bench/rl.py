@@ -192,7 +192,8 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
            "curves": {"without": curves[False], "with": curves[True]}}
     if target <= start:
         print("the run without the reward model did not improve on its start: nothing to save calls on")
-    if reached[True] is None:
+        out["saving"] = None
+    elif reached[True] is None:
         print("with the reward model the run did not reach it: no saving measured (target >= 3x NOT met)")
         out["saving"] = None
     else:
