@@ -267,8 +267,11 @@ def secure_sum(grid: Grid, context: Context | None, task: str, config: dict, nod
     asked, nodes, reasons = list(nodes), list(nodes), {}
     for attempt in range(1, retries + 2):
         if len(nodes) < min_sites:
-            raise SecureSumFailed(f"secure sum of {task!r}: {len(nodes)} nodes left, min_sites={min_sites}",
-                                  retryable=False, unresponsive=[])
+            # Name why the others left (a budget refusal, a data error): "0 nodes left" alone sends people to logs.
+            why = "; ".join(f"{n}: {r[:200]}" for n, r in sorted(reasons.items()))
+            raise SecureSumFailed(f"secure sum of {task!r}: {len(nodes)} nodes left, min_sites={min_sites}"
+                                  + (f"; sites left out: {why}" if why else ""),
+                                  retryable=False, unresponsive=[], reasons=dict(reasons))
         try:
             result = _secure_sum_once(grid, context, task, config, nodes, shape=shape, arrays=arrays,
                                       timeout=timeout, min_sites=min_sites, clipping_range=clipping_range,

@@ -229,6 +229,15 @@ def test_too_many_sites_lost_fails_instead_of_summing_too_few():
         run_secure(grid, context, retries=1)
 
 
+def test_retry_that_runs_out_of_sites_names_why_each_left():
+    grid, context = make_grid(3, {i: {"broken": True} for i in range(3)})
+    with pytest.raises(SecureSumFailed) as failed:
+        run_secure(grid, context, retries=1)
+    message = str(failed.value)
+    assert "0 nodes left" in message and not failed.value.retryable
+    assert message.count("site data unavailable") == 3 and sorted(failed.value.reasons) == sorted(grid.contexts)
+
+
 def test_min_sites_stops_before_unmasking():
     grid, context = make_grid(4)
     grid.drop_at = {sorted(grid.contexts)[3]: Stage.COLLECT_MASKED_VECTORS}
