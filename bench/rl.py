@@ -15,7 +15,7 @@ Phases A-C need a work directory: a finished `pmlm demo` / `pmlm evaluate` / ear
 as it is; otherwise phases A, B and C run there first (through Flower, in-process). Answers are cached on disk
 (--cache-dir, keyed by the messages), so a rerun on the same work directory asks the LLM only for new prompts.
 
-    python bench/rl.py [--workdir DIR] [--points N] [--rm-points N --rm-rounds N] [--skip-calls]
+    python bench/rl.py [--workdir DIR] [--points N] [--rm-points N --rm-rounds N --rm-seeds N] [--skip-calls]
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rm-points", type=int, default=12, help="training points a round of the local RL comparison")
     p.add_argument("--rm-eval-points", type=int, default=36, help="other training points its refined prompts are scored on")
     p.add_argument("--rm-rounds", type=int, default=12)
+    p.add_argument("--rm-lr", type=float, help="local RL step size (default: phase C's)")
+    p.add_argument("--rm-seeds", type=int, default=1, help="repeat both runs with this many seeds and compare their mean curves")
     p.add_argument("--rm-start", choices=("uniform", "initial"), default="uniform",
                    help="the local RL's starting policy: uniform over the prompt options, or the initial prompt's head start")
     p.add_argument("--skip-guidance", action="store_true")
@@ -133,6 +135,8 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
     from pmlm.common.prompt import INITIAL, render
 
     phase_c = PhaseCConfig(episodes_per_round=args.rm_points, max_tokens=args.max_tokens)
+    if args.rm_lr:
+        phase_c = replace(phase_c, lr=args.rm_lr)
     assembler = PromptAssembler(SiteArtifacts.load(site_dir, profile))
     pool = training_points(assembler, examples, args.rm_points + args.rm_eval_points, seed=1)
     points, held = pool[:args.rm_points], pool[args.rm_points:]
@@ -148,26 +152,30 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
         return float(np.mean(rewards))
 
     initial = held_out_reward(lambda p: INITIAL)
-    curves = {}
-    for use_rm in (False, True):
-        torch.manual_seed(0)
-        policy = PromptPolicy(len(points[0].state.embedding))
-        initial_bias(policy, INITIAL, strength=0.0 if args.rm_start == "uniform" else 2.0)
-        config = phase_c.rl_config(use_reward_model=use_rm)
-        config = replace(config, warmup_episodes=len(points) * config.prompts_per_point)  # one round of plain sampling
-        rl = LocalRL(policy, llm, matcher, points, config, seed=0)
-        curve = [(0, held_out_reward(lambda p: policy.best(p.state)))]
-        for r in range(args.rm_rounds):
-            episodes = rl.run_episodes()
-            visited = len({e.patient_id for e in episodes})
-            apply_update(policy, rl.clipped_sum(episodes), lr=phase_c.lr, scale=visited * config.prompts_per_point)
-            curve.append((rl.llm_calls, held_out_reward(lambda p: policy.best(p.state))))
-            print(f"  {'with' if use_rm else 'without'} reward model, round {r + 1}: {curve[-1][0]} training calls, "
-                  f"refined prompt's held-out reward {curve[-1][1]:.3f}", flush=True)
-        curves[use_rm] = curve
-        final = policy.best(held[0].state)
-        print(f"  refined prompt: {dict((k, v) for k, v in asdict(final).items() if getattr(INITIAL, k) != v) or 'the initial prompt'}"
-              " (changes from the initial prompt)")
+    runs: dict[bool, list] = {False: [], True: []}
+    for seed in range(args.rm_seeds):
+        for use_rm in (False, True):
+            torch.manual_seed(seed)
+            policy = PromptPolicy(len(points[0].state.embedding))
+            initial_bias(policy, INITIAL, strength=0.0 if args.rm_start == "uniform" else 2.0)
+            config = phase_c.rl_config(use_reward_model=use_rm)
+            config = replace(config, warmup_episodes=len(points) * config.prompts_per_point)  # one round of plain sampling
+            rl = LocalRL(policy, llm, matcher, points, config, seed=seed)
+            curve = [(0, held_out_reward(lambda p: policy.best(p.state)))]
+            for r in range(args.rm_rounds):
+                episodes = rl.run_episodes()
+                visited = len({e.patient_id for e in episodes})
+                apply_update(policy, rl.clipped_sum(episodes), lr=phase_c.lr, scale=visited * config.prompts_per_point)
+                curve.append((rl.llm_calls, held_out_reward(lambda p: policy.best(p.state))))
+                print(f"  seed {seed}, {'with' if use_rm else 'without'} reward model, round {r + 1}: {curve[-1][0]} "
+                      f"training calls, refined prompt's held-out reward {curve[-1][1]:.3f}", flush=True)
+            runs[use_rm].append(curve)
+            final = policy.best(held[0].state)
+            print(f"  refined prompt: {dict((k, v) for k, v in asdict(final).items() if getattr(INITIAL, k) != v) or 'the initial prompt'}"
+                  " (changes from the initial prompt)")
+    # One run's curve is a few dozen noisy points; seeds (the draws and the points visited) are averaged round by round.
+    curves = {use_rm: [(int(round(np.mean([c[i][0] for c in cs]))), float(np.mean([c[i][1] for c in cs])))
+                       for i in range(len(cs[0]))] for use_rm, cs in runs.items()}
 
     def smoothed(curve):  # mean of the last two evaluations: one evaluation of a few points is noisy
         return [float(np.mean([c[1] for c in curve[max(0, i - 1): i + 1]])) for i in range(len(curve))]
@@ -179,7 +187,7 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
         reached[use_rm] = None if hit is None else curve[hit][0]
     print(f"\nreward-model pre-screening, local RL at {site} ({len(points)} training points a round, "
           f"{phase_c.prompts_per_point} prompts each, {args.rm_rounds} rounds, no DP noise, {args.rm_start} start; "
-          f"the refined prompt scored on {len(held)} other training points):")
+          f"the refined prompt scored on {len(held)} other training points; mean of {args.rm_seeds} seeds):")
     print(f"{'round':>5s} {'calls, no RM':>12s} {'reward':>7s} {'calls, RM':>10s} {'reward':>7s}")
     for r, ((c0, r0), (c1, r1)) in enumerate(zip(curves[False], curves[True])):
         print(f"{r:5d} {c0:12d} {r0:7.3f} {c1:10d} {r1:7.3f}")
@@ -189,7 +197,8 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
     out = {"site": site, "start": args.rm_start, "target_reward": target, "start_reward": start,
            "initial_prompt_reward": initial,
            "calls_to_target": {"without": reached[False], "with": reached[True]},
-           "curves": {"without": curves[False], "with": curves[True]}}
+           "curves": {"without": curves[False], "with": curves[True]},
+           "seeds": args.rm_seeds, "runs": {"without": runs[False], "with": runs[True]}}
     if target <= start:
         print("the run without the reward model did not improve on its start: nothing to save calls on")
         out["saving"] = None
