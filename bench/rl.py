@@ -136,8 +136,7 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
     from pmlm.common.policy import PromptPolicy, initial_bias
     from pmlm.common.prompt import INITIAL, render
 
-    phase_c = PhaseCConfig(episodes_per_round=args.rm_points, max_tokens=args.max_tokens)
-    phase_c = replace(phase_c, lr=args.rm_lr)
+    phase_c = PhaseCConfig(episodes_per_round=args.rm_points, max_tokens=args.max_tokens, lr=args.rm_lr)
     assembler = PromptAssembler(SiteArtifacts.load(site_dir, profile))
     pool = training_points(assembler, examples, args.rm_points + args.rm_eval_points, seed=1)
     points, held = pool[:args.rm_points], pool[args.rm_points:]

@@ -89,6 +89,12 @@ class SecureSumFailed(RuntimeError):
         self.reasons = dict(reasons or {})
 
 
+def with_reasons(message: str, reasons: dict[int, str]) -> str:
+    """`message` naming why each site left (a budget refusal, a data error): a bare count sends people to logs."""
+    why = "; ".join(f"{n}: {r[:200]}" for n, r in sorted(reasons.items()))
+    return f"{message}; sites left out: {why}" if why else message
+
+
 # -- SecAgg+ ---------------------------------------------------------------------------------------------
 
 class _OneShotSum(Strategy):
@@ -267,10 +273,8 @@ def secure_sum(grid: Grid, context: Context | None, task: str, config: dict, nod
     asked, nodes, reasons = list(nodes), list(nodes), {}
     for attempt in range(1, retries + 2):
         if len(nodes) < min_sites:
-            # Name why the others left (a budget refusal, a data error): "0 nodes left" alone sends people to logs.
-            why = "; ".join(f"{n}: {r[:200]}" for n, r in sorted(reasons.items()))
-            raise SecureSumFailed(f"secure sum of {task!r}: {len(nodes)} nodes left, min_sites={min_sites}"
-                                  + (f"; sites left out: {why}" if why else ""),
+            raise SecureSumFailed(with_reasons(f"secure sum of {task!r}: {len(nodes)} nodes left, "
+                                               f"min_sites={min_sites}", reasons),
                                   retryable=False, unresponsive=[], reasons=dict(reasons))
         try:
             result = _secure_sum_once(grid, context, task, config, nodes, shape=shape, arrays=arrays,
@@ -324,7 +328,9 @@ def plain_sum(grid: Grid, context: Context | None, task: str, config: dict, node
         if len(sites) >= min_sites:
             return SecureSumResult(total=total, sites=sorted(sites), dropped=dropped, secure=False, metrics=metrics,
                                    reasons=reasons, attempts=attempt)
-        failed = SecureSumFailed(f"plain sum of {task!r}: {len(sites)} sites answered, min_sites={min_sites}",
+        silent = {n: f"no reply within {timeout} s" for n in dropped if n not in reasons}
+        failed = SecureSumFailed(with_reasons(f"plain sum of {task!r}: {len(sites)} sites answered, "
+                                              f"min_sites={min_sites}", {**silent, **reasons}),
                                  retryable=True, unresponsive=dropped, reasons=reasons)
         if attempt > retries:
             raise failed

@@ -266,8 +266,9 @@ def test_plain_sum_has_the_same_contract():
     grid.drop_at = {nodes[0]: "query"}
     result = plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, timeout=30)
     assert result.dropped == [nodes[0]] and np.allclose(result.total, exact_sum(grid, nodes[1:]))
-    with pytest.raises(SecureSumFailed):
+    with pytest.raises(SecureSumFailed) as failed:
         plain_sum(grid, context, TASK, CONFIG, nodes, shape=SHAPE, arrays=ARRAYS, timeout=30, min_sites=3)
+    assert f"sites left out: {nodes[0]}: " in str(failed.value)
 
 
 def test_site_can_insist_on_secure_aggregation():
