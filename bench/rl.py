@@ -38,6 +38,7 @@ ROWS = (("general", "general"), ("summary_only", "summary only"), ("self", "self
 
 def parse_args() -> argparse.Namespace:
     from pmlm.client.phase_c import PhaseCConfig
+    from pmlm.client.rl import RLConfig
     from pmlm.client.sites import SAMPLE_DATA
 
     c = PhaseCConfig()
@@ -57,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     # Step 5, not phase C's 15 (which its DP noise cap scales down): at 15 the noise-free runs peaked and fell
     # back by round 12; at 5 both runs still gained there (3 seeds each, 2026-12-05).
     p.add_argument("--rm-lr", type=float, default=5.0, help="the local RL comparison's step size")
+    p.add_argument("--rm-calls-every", type=int, default=RLConfig.calls_every,
+                   help="after the warm-up, one point in this many costs LLM calls in the run with the reward model")
     p.add_argument("--rm-seeds", type=int, default=3, help="repeat both runs with this many seeds and compare their mean curves")
     p.add_argument("--rm-start", choices=("uniform", "initial"), default="uniform",
                    help="the local RL's starting policy: uniform over the prompt options, or the initial prompt's head start")
@@ -159,7 +162,8 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
             policy = PromptPolicy(len(points[0].state.embedding))
             initial_bias(policy, INITIAL, strength=0.0 if args.rm_start == "uniform" else 2.0)
             config = phase_c.rl_config(use_reward_model=use_rm)
-            config = replace(config, warmup_episodes=len(points) * config.prompts_per_point)  # one round of plain sampling
+            config = replace(config, warmup_episodes=len(points) * config.prompts_per_point,  # one round of plain sampling
+                             calls_every=args.rm_calls_every)
             rl = LocalRL(policy, llm, matcher, points, config, seed=seed)
             curve = [(0, held_out_reward(lambda p: policy.best(p.state)))]
             for r in range(args.rm_rounds):
