@@ -9,8 +9,8 @@ of every training point (non-private upper bound), the peer profile without DP, 
 (the mean over independent noise draws), global popularity, and gestational timing for reference.
 
 Epsilon is phase B's own epsilon per hospital (patient-level, delta 1e-5), as bench/recsys.py states phase
-A's: with the project's default shares (A 1/2, B 1/4, C 1/4) the site's whole budget is 4x it, so
-`pmlm demo --epsilon 3` gives phase B 0.75. Every DP row runs phase B's real site and coordinator code
+A's. `pmlm demo --epsilon 3` gives phase B 1.68: phase A's cap is half the budget, and B and C share what
+composition leaves (common/privacy/budget.py, composed_caps). Every DP row runs phase B's real site and coordinator code
 (PhaseBSite releases charged to a fresh ledger per hospital, run_prototypes) on the embeddings of one
 phase-A global model, trained here once through the in-process Flower harness or read from --workdir.
 """

@@ -33,7 +33,7 @@ from pmlm.client.sites import load_site
 from pmlm.client.train import TrainSettings, dp_plan, model_state, predict, ranking_metrics, train_local
 from pmlm.common.atomic import write_atomic
 from pmlm.common.model import NextEventRecommender, RecommenderConfig, recommender_config
-from pmlm.common.privacy.budget import BudgetConfig
+from pmlm.common.privacy.budget import BudgetConfig, composed_caps
 from pmlm.common.privacy.events import DpSgd
 from pmlm.common.privacy.ledger import SiteLedger
 from pmlm.common.profiles import TaskProfile, load_profile
@@ -42,8 +42,9 @@ from pmlm.common.profiles import TaskProfile, load_profile
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 PHASE = "phase_a"
-# How a site's total budget is split when the run does not say otherwise (phase B: DP prototypes and
-# peer histograms; phase C: the RL policy). `epsilon` in the run config is phase A's share.
+# Fractions of a site's total epsilon (phase B: DP prototypes and peer histograms; phase C: the RL policy).
+# Only phase A's is a cap: a run that gives `epsilon` (phase A's cap) but no total has a total of
+# epsilon / 0.5, and B and C get what composition leaves (PhaseAConfig.budget), more than a quarter each.
 DEFAULT_SHARES = {"phase_a": 0.5, "phase_b": 0.25, "phase_c": 0.25}
 NOISE_SOURCE = "torch default generator, seeded from os.urandom (Opacus secure_mode off: torchcsprng unavailable)"
 MODEL_DIR = Path("phase_a") / "models"
@@ -74,11 +75,14 @@ class PhaseAConfig:
         return self.epsilon > 0
 
     def budget(self) -> BudgetConfig:
+        """Phase A's cap is `epsilon`; phases B and C share equally what is left once composition is counted
+        (`composed_caps`): at a budget of 3 with phase A at 1.5, 1.68 each, and the site can spend 2.95 in
+        all, where splitting epsilon itself (0.75 each) let it spend only 1.9."""
         total = self.epsilon_total or self.epsilon / DEFAULT_SHARES[PHASE]
-        share_a = min(self.epsilon / total, 1.0)
-        rest = 1.0 - share_a  # the other phases split what phase A does not take, as in DEFAULT_SHARES
-        shares = {PHASE: share_a} if rest <= 1e-9 else {PHASE: share_a, "phase_b": rest / 2, "phase_c": rest / 2}
-        return BudgetConfig(epsilon_total=total, delta=self.delta, shares=shares)
+        if self.epsilon >= total * (1 - 1e-9):
+            return BudgetConfig(epsilon_total=total, delta=self.delta, shares={PHASE: 1.0})
+        caps = composed_caps(total, self.delta, {PHASE: self.epsilon}, ("phase_b", "phase_c"))
+        return BudgetConfig(epsilon_total=total, delta=self.delta, shares={p: c / total for p, c in caps.items()})
 
     def model_config(self, profile: TaskProfile) -> RecommenderConfig:
         return recommender_config(profile, dim=self.dim, max_history=self.max_history)

@@ -34,7 +34,7 @@ class PipelineOptions:
     data: Path
     workdir: Path
     sites: int = 3
-    epsilon: float = 3.0  # per site, whole budget (phase A gets half, B and C a quarter each)
+    epsilon: float = 3.0  # per site, whole budget (phase A's cap is half; B and C share what composition leaves)
     delta: float = 1e-5
     max_test_points: int = 40
     rounds: int = 3

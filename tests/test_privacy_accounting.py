@@ -22,7 +22,7 @@ from pmlm.common.privacy import (
     compose_epsilon,
     mechanism_from_dict,
 )
-from pmlm.common.privacy.budget import BudgetState
+from pmlm.common.privacy.budget import BudgetState, composed_caps
 
 DELTA = 1e-5
 INTERVAL = AccountantSettings().pld_value_discretization_interval
@@ -120,6 +120,43 @@ def test_calibrate_gaussian_is_the_smallest_noise_within_target():
     sigma = calibrate_gaussian(target, DELTA, releases, tolerance=1e-3)
     event = lambda s: dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(s), releases)  # noqa: E731
     assert direct([event(sigma)])[0] <= target < direct([event(sigma * (1 - 3e-3))])[0]
+
+
+def test_composed_caps_compose_to_the_total_where_split_epsilons_left_a_third_unspent():
+    caps = composed_caps(3.0, DELTA, {"phase_a": 1.5}, ("phase_b", "phase_c"))
+    assert caps["phase_a"] == 1.5 and caps["phase_b"] == caps["phase_c"] > 1.5
+    # Priced straight through dp-accounting: one Gaussian release a phase at its cap composes to the total.
+    sigmas = [calibrate_gaussian(cap, DELTA, tolerance=1e-4) for cap in caps.values()]
+    assert direct([dp_accounting.GaussianDpEvent(s) for s in sigmas])[0] == pytest.approx(3.0, abs=0.02)
+    # The split it replaces, 1.5 + 0.75 + 0.75, composes to far less.
+    old = [calibrate_gaussian(cap, DELTA) for cap in (1.5, 0.75, 0.75)]
+    assert direct([dp_accounting.GaussianDpEvent(s) for s in old])[0] < 2.2
+    with pytest.raises(ValueError, match="whole budget"):
+        composed_caps(3.0, DELTA, {"phase_a": 3.0}, ("phase_b",))
+
+
+def test_phases_calibrated_on_composed_caps_spend_the_budget_and_never_more(tmp_path):
+    """Phase A's DP-SGD, phase B's three Gaussian releases and phase C's one, each calibrated by the ledger
+    on the pipeline's budget: together they spend nearly all of it, never more, with less noise in B and C."""
+    from pmlm.client.phase_a import PhaseAConfig
+    from pmlm.common.privacy import SiteLedger
+
+    def run(budget, name):
+        ledger = SiteLedger(tmp_path / name, name, budget)
+        a = ledger.calibrate("phase_a", lambda s: [DpSgd(s, 1 / 3, 3, 0.3)] * 3)
+        for r in range(3):
+            ledger.record("phase_a", DpSgd(a, 1 / 3, 3, 0.3), round=r + 1)
+        b = ledger.calibrate("phase_b", lambda s: [GaussianRelease(s, 1.0, releases=3)])
+        ledger.record("phase_b", GaussianRelease(b, 1.0, releases=3), round=1)
+        c = ledger.calibrate("phase_c", lambda s: [GaussianRelease(s, 1.0)])
+        ledger.record("phase_c", GaussianRelease(c, 1.0), round=1)
+        return ledger.spent().pld, b, c
+
+    spent, b, c = run(PhaseAConfig(epsilon=1.5, epsilon_total=3.0).budget(), "composed")
+    split = BudgetConfig(3.0, DELTA, {"phase_a": 0.5, "phase_b": 0.25, "phase_c": 0.25})
+    spent_split, b_split, c_split = run(split, "split")
+    assert 2.85 < spent <= 3.0 and spent_split < 2.0
+    assert b < b_split / 1.8 and c < c_split / 1.8
 
 
 def test_budget_config_validation_and_caps():
