@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=REPO / "out" / "bench-rl" / "work")
     p.add_argument("--cache-dir", type=Path, default=REPO / "out" / "rl-cache", help="LLM response cache")
     p.add_argument("--points", type=int, default=60, help="held-out test points (round-robin over the sites)")
-    p.add_argument("--epsilon", type=float, default=3.0, help="per site, all phases (phase C gets a quarter)")
+    p.add_argument("--epsilon", type=float, default=3.0, help="per site, all phases (phase A half; B and C share what composition leaves)")
     p.add_argument("--phase-c-rounds", type=int, default=c.rounds)
     p.add_argument("--phase-c-points", type=int, default=c.points_per_site)
     p.add_argument("--phase-c-episodes", type=int, default=c.episodes_per_round, help="points per site per round")
@@ -163,7 +163,7 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
             initial_bias(policy, INITIAL, strength=0.0 if args.rm_start == "uniform" else 2.0)
             config = phase_c.rl_config(use_reward_model=use_rm)
             config = replace(config, warmup_episodes=len(points) * config.prompts_per_point,  # one round of plain sampling
-                             calls_every=args.rm_calls_every)
+                             calls_every=args.rm_calls_every, trains="all")  # on-site, nothing released: every weight
             rl = LocalRL(policy, llm, matcher, points, config, seed=seed)
             curve = [(0, held_out_reward(lambda p: policy.best(p.state)))]
             for r in range(args.rm_rounds):

@@ -59,6 +59,10 @@ class PhaseCConfig:
     # others' and the released sum's sensitivity would exceed the clip the ledger charges for: refused here.
     use_reward_model: bool = False
     clip: float = 1.0
+    # Released updates move only the heads' biases: the factors' preferences for every state together. The
+    # state-dependent weights would need far more patients than a site has for their noise to leave the
+    # initial prompt's choices alone (common/policy.py, TRAINED_WEIGHTS).
+    trains: str = "head-biases"
     lr: float = 15.0  # the step on the mean clipped gradient; it must move the initial prompt's 2-logit head start
     # ... but never so far that the DP noise alone moves a weight by more than this (standard deviation) in a
     # round: at 0.25 a round of pure noise leaves 97% of the initial prompt's choices as they were
@@ -73,6 +77,7 @@ class PhaseCConfig:
         return RLConfig(episodes_per_round=self.episodes_per_round, prompts_per_point=self.prompts_per_point,
                         explore_temperature=self.explore_temperature, reward_scale=self.reward_scale,
                         candidates=self.candidates, use_reward_model=use_reward_model, clip=self.clip,
+                        trains=self.trains,
                         sampling={"max_tokens": self.max_tokens, "temperature": 0.0})
 
 

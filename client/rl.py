@@ -28,7 +28,7 @@ from torch import nn
 from pmlm.client.examples import Example
 from pmlm.client.llm.cache import cache_key
 from pmlm.client.reward import ConceptMatcher, RewardWeights, score_answer
-from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, action_onehot, action_tensor
+from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, action_onehot, action_tensor, trained_mask
 from pmlm.common.privacy import GaussianRelease, SiteLedger
 from pmlm.common.privacy.kept import release_once, request_digest
 from pmlm.common.prompt import PatientContext, PromptParams, render
@@ -98,6 +98,7 @@ class RLConfig:
     calls_every: int = 4  # with a trusted reward model, one point in this many costs LLM calls; the rest are predicted
     # (4, not 3: bench/rl.py, 3 seeds, reached the run without the model's final reward with 3.9x fewer calls, 3: 2.9x)
     clip: float = 1.0  # per-patient L2 bound on the policy-gradient vector
+    trains: str = "all"  # the weights an update moves (common/policy.TRAINED_WEIGHTS); the others stay exactly 0
     value_weight: float = 0.5
     sampling: dict = field(default_factory=lambda: {"max_tokens": 160, "temperature": 0.0})
 
@@ -203,8 +204,13 @@ class LocalRL:
             loss = -(advantage * log_prob).sum() \
                 + self.config.value_weight * (((values - rewards) ** 2) * use_value).sum()
             g = torch.autograd.grad(loss, params)
-            grads.append(torch.cat([x.reshape(-1) for x in g]))
+            grads.append(torch.cat([x.reshape(-1) for x in g]) * self.mask)
         return grads
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """1 on the weights this run's updates move, 0 elsewhere (public: it follows from the config)."""
+        return torch.as_tensor(trained_mask(self.policy, self.config.trains), dtype=torch.float32)
 
     def clipped_sum(self, episodes: list[Episode]) -> np.ndarray:
         """Sum of per-patient gradients, each clipped to L2 norm <= clip: one patient moves it by <= clip."""
@@ -219,8 +225,8 @@ class LocalRL:
         total = self.clipped_sum(episodes)
         mechanism = GaussianRelease(noise_multiplier, self.config.clip)
 
-        def draw() -> np.ndarray:
-            return total + rng.normal(0.0, mechanism.noise_stddev, size=total.shape)
+        def draw() -> np.ndarray:  # weights the update does not move are sent as exact zeros, noise-free
+            return total + rng.normal(0.0, mechanism.noise_stddev, size=total.shape) * self.mask.numpy()
 
         # A round asked for again (a retried secure sum) resends this release: the request is the policy it had.
         policy = torch.nn.utils.parameters_to_vector(self.policy.parameters()).detach().numpy()

@@ -23,7 +23,7 @@ from pmlm.server.roster import SiteRoster
 PHASE_B_KEYS = {"phase-b-prototypes": "prototypes", "phase-b-rounds": "rounds", "phase-b-min-count": "min_count"}
 PHASE_C_KEYS = {"phase-c-rounds": "rounds", "phase-c-points": "points_per_site", "phase-c-episodes": "episodes_per_round",
                 "phase-c-candidates": "candidates", "phase-c-reward-model": "use_reward_model",
-                "phase-c-max-tokens": "max_tokens"}
+                "phase-c-max-tokens": "max_tokens", "phase-c-trains": "trains"}
 
 
 def _pick(run: dict, keys: dict, cls):

@@ -11,7 +11,7 @@ import torch
 from pmlm.client.examples import Example
 from pmlm.client.reward import ConceptMatcher
 from pmlm.client.rl import LocalRL, Point, RLConfig, apply_update, n_parameters
-from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, initial_bias
+from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, initial_bias, trained_mask
 from pmlm.common.privacy import BudgetConfig, BudgetExhausted, SiteLedger
 from pmlm.common.profiles import load_profile
 from pmlm.common.prompt import INITIAL, PatientContext, render
@@ -205,3 +205,41 @@ def test_a_noisy_step_from_few_episodes_keeps_the_initial_prompt():
             same += sum(getattr(policy.best(s), f) == getattr(INITIAL, f) for s in states for f in FACTOR_NAMES)
         kept[lr] = same / (20 * len(states) * len(FACTOR_NAMES))  # share of the prompt's choices left as they were
     assert kept[c.lr] < 0.6 and kept[small] > 0.95, kept
+
+
+def test_a_head_bias_update_sends_zeros_elsewhere_and_noise_alone_flips_no_choice(points, tmp_path):
+    """Phase C's released update covers the heads' biases only: every other coordinate is an exact zero (no
+    noise, nothing of hers), and a round of pure noise at the capped step leaves every state's choices as
+    they were, where noise on every weight changed a few percent of them (the test above)."""
+    from pmlm.client.phase_c import PhaseCConfig
+    from pmlm.client.rl import noise_limited_lr
+
+    profile, pts = points
+    c = PhaseCConfig()
+    assert c.rl_config().trains == "head-biases"
+    policy = PromptPolicy(8)
+    mask = trained_mask(policy, "head-biases")
+    assert 0 < mask.sum() < 100 and mask.sum() == sum(h.bias.numel() for h in policy.heads.values())
+    rl = LocalRL(policy, ListingLLM(), ConceptMatcher(profile), pts, replace(c.rl_config(), clip=0.5))
+    ledger = SiteLedger(tmp_path / "s", "s", BudgetConfig(10.0, 1e-5, {"phase_c": 1.0}))
+    episodes = rl.run_episodes(12)
+    exact = rl.clipped_sum(episodes)
+    assert np.all(exact[~mask] == 0) and np.any(exact[mask] != 0)
+    vector, _ = rl.noisy_update(episodes, ledger, noise_multiplier=1.0, rng=np.random.default_rng(0), round=0, run_id="r")
+    assert np.all(vector[~mask] == 0)
+    assert 0.3 < np.std(vector[mask] - exact[mask]) < 0.7  # N(0, 0.5^2) on the biases
+
+    rng = np.random.default_rng(1)
+    states = [PolicyState((e / np.linalg.norm(e)).astype(np.float32), top1_prob=0.5, history_length=20)
+              for e in rng.standard_normal((10, 64))]
+    stds = [2.0, 2.0, 2.0]
+    lr = noise_limited_lr(c.lr, 18.0, stds, c.max_step_noise)
+    for draw in range(20):
+        torch.manual_seed(draw)
+        policy = PromptPolicy(64)
+        initial_bias(policy, INITIAL)
+        mask = trained_mask(policy, "head-biases")
+        apply_update(policy, rng.normal(0.0, np.sqrt(12.0), mask.size) * mask, lr=lr, scale=18.0)
+        assert all(policy.best(s) == INITIAL for s in states)
+    with pytest.raises(ValueError, match="trains must be one of"):
+        trained_mask(policy, "trunk")
