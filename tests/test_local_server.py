@@ -87,6 +87,22 @@ def test_llm_client_on_the_embedded_server_counts_and_caches(embedded, tmp_path)
     assert (client.usage.calls, client.usage.cache_hits) == (1, 1)
 
 
+def test_a_greedy_answer_depends_on_its_prompt_not_on_the_request_before(embedded):
+    """Without a fresh evaluation of every prompt, llama-cpp-python reused the previous request's KV cache and
+    the same prompt asked twice in a row got different answers (8 times in 12 on the demo's prompts)."""
+    questions = ["What care does a patient at gestational week {} need over the next 12 weeks? List the visits, "
+                 "tests and screenings one per line, most urgent first." .format(w) for w in (10, 20, 30, 36)]
+    config = embedded.config(LLMConfig(max_tokens=60))
+    with LLMClient(config) as client:
+        def ask(q):
+            return client.chat([{"role": "system", "content": "You help a clinician plan prenatal care."},
+                                {"role": "user", "content": q}], temperature=0.0).text
+        twice = [(ask(q), ask(q)) for q in questions]
+        after_others = [ask(q) for q in reversed(questions)][::-1]
+    assert all(a == b for a, b in twice), twice
+    assert after_others == [a for a, _ in twice]
+
+
 def test_cli_check_against_the_running_server(embedded, capsys):
     assert main(["llm", "check", "--base-url", embedded.base_url, "--model", "smollm2", "--max-tokens", "8"]) == 0
     printed = capsys.readouterr().out
