@@ -19,7 +19,7 @@ from pmlm.client.examples import Example
 from pmlm.client.reward import matcher_for
 from pmlm.client.rl import PHASE, LocalRL, Point, RLConfig
 from pmlm.common.atomic import write_atomic
-from pmlm.common.policy import PromptPolicy
+from pmlm.common.policy import TRAINED_WEIGHTS, PromptPolicy
 from pmlm.common.privacy import BudgetConfig, GaussianRelease, SiteLedger
 from pmlm.common.profiles import load_profile
 
@@ -71,6 +71,10 @@ class PhaseCConfig:
     max_step_noise: float = 0.25
     max_tokens: int = 120
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trains not in TRAINED_WEIGHTS:  # at the coordinator's start, before any site spends budget
+            raise ValueError(f"phase-c-trains must be one of {TRAINED_WEIGHTS}, got {self.trains!r}")
 
     def rl_config(self, use_reward_model: bool = False) -> RLConfig:
         """Local RL with these settings; the reward model only for refinement that releases nothing."""

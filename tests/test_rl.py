@@ -243,3 +243,5 @@ def test_a_head_bias_update_sends_zeros_elsewhere_and_noise_alone_flips_no_choic
         assert all(policy.best(s) == INITIAL for s in states)
     with pytest.raises(ValueError, match="trains must be one of"):
         trained_mask(policy, "trunk")
+    with pytest.raises(ValueError, match="phase-c-trains must be one of"):
+        PhaseCConfig(trains="trunk")
