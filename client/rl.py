@@ -117,6 +117,8 @@ class LocalRL:
         self.log: list[Episode] = []
         self.requests: set[str] = set()  # keys of the distinct requests this run sent (a cold cache's misses)
         self.reward_model = RewardModel() if config.use_reward_model else None
+        # 1 on the weights this run's updates move, 0 elsewhere (public: it follows from the config)
+        self.mask = torch.as_tensor(trained_mask(policy, config.trains), dtype=torch.float32)
 
     @property
     def llm_calls(self) -> int:
@@ -206,11 +208,6 @@ class LocalRL:
             g = torch.autograd.grad(loss, params)
             grads.append(torch.cat([x.reshape(-1) for x in g]) * self.mask)
         return grads
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """1 on the weights this run's updates move, 0 elsewhere (public: it follows from the config)."""
-        return torch.as_tensor(trained_mask(self.policy, self.config.trains), dtype=torch.float32)
 
     def clipped_sum(self, episodes: list[Episode]) -> np.ndarray:
         """Sum of per-patient gradients, each clipped to L2 norm <= clip: one patient moves it by <= clip."""
