@@ -9,6 +9,14 @@ or breaks a rule (empty patient id, a prompt parameter out of range) -> INVALID_
 patient -> NOT_FOUND, a site without records or ledger -> FAILED_PRECONDITION, the LLM down ->
 UNAVAILABLE, no turn at the LLM before the call's deadline -> RESOURCE_EXHAUSTED.
 
+The site trusts no caller by default. Mutual TLS with the site's client CA is required (plaintext or
+no client certificate only on a loopback address, when the operator asks for it), and a certificate
+from that CA is not enough: its subject must name this site (`pmlm deploy certs` issues
+CN=pmlm-client-SITE), or be listed in site.json's "allowed_clients", else every call answers
+PERMISSION_DENIED. A consortium CA signs every hospital's certificates, so without this check
+hospital B's client certificate would read hospital A's patients. Every call, allowed or denied,
+is written to the site's access log (client/access_log.py) before its answer leaves.
+
 Advise calls wait for the LLM in a worker thread, so the pool is larger than the LLM's own capacity:
 with 8 workers and 32 clients, waiting Advise calls held every worker and AssemblePrompt calls queued
 behind them for a minute (bench/serve.py).
@@ -17,6 +25,7 @@ behind them for a minute (bench/serve.py).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import threading
@@ -28,6 +37,7 @@ from typing import Any, Callable, Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
+from pmlm.client.access_log import AccessLog
 from pmlm.client.advice import PEER_PROFILES, POLICY, PromptAssembler, SiteArtifacts
 from pmlm.client.examples import build_examples
 from pmlm.client.ingest import RecordReader
@@ -46,6 +56,7 @@ MAX_PATIENT_ID = 200
 MAX_QUESTION = 2000
 PRIVACY_UNIT = "patient-in-site"
 PHASE_ARTIFACTS = {"phase_b": PEER_PROFILES.with_suffix(".npz"), "phase_c": POLICY}  # phase A: phase_a/current.json
+CLIENT_CN_PREFIX = "pmlm-client-"  # + site id: the client certificate `pmlm deploy certs` issues per site
 
 
 class MalformedRequest:
@@ -75,6 +86,16 @@ class SiteState:
         self._ledger: tuple[tuple, Any] | None = None
         self._llm_stack = contextlib.ExitStack()
         self._llm = None
+        self.access_log = AccessLog(self.site_dir)
+        self.allow_unauthenticated = False  # set by start_server for an --insecure-loopback service only
+
+    def authorises(self, caller: "Caller") -> bool:
+        """Whether this caller may use the site's services: its certificate names this site, or site.json lists it."""
+        if caller.subject is None:
+            return self.allow_unauthenticated
+        if self.config.allowed_clients:  # the site's explicit list replaces the default rule
+            return caller.subject in self.config.allowed_clients
+        return caller.common_name == CLIENT_CN_PREFIX + self.config.site_id
 
     # -- records and prompt -----------------------------------------------------------------------
 
@@ -227,33 +248,94 @@ def _status_for(exc: BaseException) -> grpc.StatusCode | None:
     return next((code for kind, code in STATUS_OF if isinstance(exc, kind)), None)
 
 
-def _abort(context, exc: BaseException) -> None:
+@dataclass(frozen=True)
+class Caller:
+    subject: str | None  # RFC 4514 subject of the client certificate; None: no certificate (loopback only)
+    common_name: str = ""
+
+    @property
+    def logged_as(self) -> str:
+        return self.subject or ""
+
+
+def caller_of(context) -> Caller:
+    """Who is calling, from the client certificate the TLS handshake verified."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    pems = (context.auth_context() or {}).get("x509_pem_cert") or []
+    if not pems:
+        return Caller(None)
+    cert = x509.load_pem_x509_certificate(pems[0])
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return Caller(cert.subject.rfc4514_string(), str(names[0].value) if names else "")
+
+
+class _CallRecord:
+    """One call's line in the access log, and the refusal of callers the site does not admit."""
+
+    def __init__(self, site: SiteState, rpc: str, request, context):
+        self.site, self.rpc = site, rpc
+        self.patient = "" if isinstance(request, MalformedRequest) else str(getattr(request, "patient_id", ""))[:MAX_PATIENT_ID]
+        self.caller = caller_of(context)
+        if not site.authorises(self.caller):
+            who = self.caller.subject or "a caller without a client certificate"
+            self.finish(grpc.StatusCode.PERMISSION_DENIED, f"{who} is not authorised for site {site.config.site_id}",
+                        context, strict=False)
+        if isinstance(request, MalformedRequest):
+            self.finish(grpc.StatusCode.INVALID_ARGUMENT, request.message, context)
+
+    def finish(self, code: grpc.StatusCode, detail: str = "", context=None, *, strict: bool = True) -> None:
+        """Log the call's outcome; with a context and an error code, end the call with that status.
+
+        A line that cannot be written ends the call with INTERNAL (strict): an access the log does not
+        show is not served. A denial is answered PERMISSION_DENIED whether or not its line was written.
+        """
+        try:
+            self.site.access_log.record(self.caller.logged_as, self.rpc, self.patient, code.name,
+                                        "" if code == grpc.StatusCode.OK else detail)
+        except OSError as exc:
+            log.error("access log %s not written: %s", self.site.access_log.path, exc)
+            if strict and context is not None:
+                context.abort(grpc.StatusCode.INTERNAL, "the site's access log cannot be written; call refused")
+        if context is not None and code != grpc.StatusCode.OK:
+            context.abort(code, detail)
+
+
+def _failure(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     code = _status_for(exc)
     if code is None:
         log.exception("unexpected error in a pmlm.v1 call")
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the service log")
-    context.abort(code, str(exc))
+        return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the service log"
+    return code, str(exc)
 
 
-def _unary(behaviour: Callable) -> Callable:
+def _unary(behaviour: Callable, site: SiteState, rpc: str) -> Callable:
     def handle(request, context):
-        if isinstance(request, MalformedRequest):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        call = _CallRecord(site, rpc, request, context)
         try:
-            return behaviour(request, context)
+            reply = behaviour(request, context)
         except Exception as exc:  # every failure answers with a status; the server keeps serving
-            _abort(context, exc)
+            call.finish(*_failure(exc), context)
+        call.finish(grpc.StatusCode.OK, context=context)  # logged before the reply leaves
+        return reply
     return handle
 
 
-def _streaming(behaviour: Callable) -> Callable:
+def _streaming(behaviour: Callable, site: SiteState, rpc: str) -> Callable:
     def handle(request, context):
-        if isinstance(request, MalformedRequest):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        call = _CallRecord(site, rpc, request, context)
         try:
             yield from behaviour(request, context)
+        except GeneratorExit:  # the client went away and grpc closed the stream
+            call.finish(grpc.StatusCode.CANCELLED, "the client cancelled the stream")
+            raise
         except Exception as exc:
-            _abort(context, exc)
+            call.finish(*_failure(exc), context)
+        if context.is_active():
+            call.finish(grpc.StatusCode.OK)
+        else:
+            call.finish(grpc.StatusCode.CANCELLED, "the client cancelled the stream")
     return handle
 
 
@@ -266,7 +348,7 @@ def _tolerant_parser(message_class) -> Callable[[bytes], Any]:
     return parse
 
 
-def service_handler(service_descriptor, servicer, messages_module) -> grpc.GenericRpcHandler:
+def service_handler(service_descriptor, servicer, messages_module, site: SiteState) -> grpc.GenericRpcHandler:
     """The service's method table, built from its descriptor, with requests parsed tolerantly.
 
     grpc's generated add_*_to_server would answer a request that fails to parse with a bare
@@ -279,7 +361,8 @@ def service_handler(service_descriptor, servicer, messages_module) -> grpc.Gener
         behaviour = getattr(servicer, method.name)
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         wrap = _streaming if method.server_streaming else _unary
-        handlers[method.name] = make(wrap(behaviour), request_deserializer=_tolerant_parser(request_class),
+        rpc = f"/{service_descriptor.full_name}/{method.name}"
+        handlers[method.name] = make(wrap(behaviour, site, rpc), request_deserializer=_tolerant_parser(request_class),
                                      response_serializer=response_class.SerializeToString)
     return grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers)
 
@@ -343,22 +426,57 @@ def _mtime(path: Path) -> int:
 class TlsFiles:
     cert: Path
     key: Path
-    client_ca: Path | None = None  # set: mutual TLS, only clients with a certificate from this CA
+    client_ca: Path | None = None  # mutual TLS with clients of this CA; None only for an insecure loopback service
 
 
-def start_server(site: SiteState, address: str, tls: TlsFiles, max_workers: int = 32) -> tuple[grpc.Server, int]:
-    """Serve both services on `address` (host:port, port 0 = any free one) with TLS; returns the bound port."""
-    credentials = grpc.ssl_server_credentials(
-        [(tls.key.read_bytes(), tls.cert.read_bytes())],
-        root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-        require_client_auth=tls.client_ca is not None)
+class InsecureServiceError(ValueError):
+    """The service was asked to run without client authentication somewhere other than loopback."""
+
+
+LOOPBACK_HOSTS = ("localhost",)
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether host:port (or [v6]:port) binds only this machine: 127.0.0.0/8, ::1 or localhost."""
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def start_server(site: SiteState, address: str, tls: TlsFiles | None, max_workers: int = 32, *,
+                 insecure_loopback: bool = False) -> tuple[grpc.Server, int]:
+    """Serve both services on `address` (host:port, port 0 = any free one); returns the bound port.
+
+    Mutual TLS unless `insecure_loopback`: then `tls` may be None (plaintext) or lack its client CA
+    (server-side TLS only), callers need no certificate, and `address` must be a loopback one.
+    """
+    closed = tls is not None and tls.client_ca is not None
+    if not closed and not insecure_loopback:
+        raise InsecureServiceError("the site's services need mutual TLS: give the client CA (--client-ca), or "
+                                   "--insecure-loopback to serve without client certificates on loopback only")
+    if insecure_loopback and not is_loopback_address(address):
+        raise InsecureServiceError(f"--insecure-loopback serves only on a loopback address (127.0.0.0/8, ::1, "
+                                   f"localhost), not {address}")
+    site.allow_unauthenticated = not closed
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="pmlm-grpc"),
                          maximum_concurrent_rpcs=4 * max_workers)
     server.add_generic_rpc_handlers([
-        service_handler(prompt_pb.DESCRIPTOR.services_by_name["PromptService"], PromptServicer(site), prompt_pb),
-        service_handler(audit_pb.DESCRIPTOR.services_by_name["AuditService"], AuditServicer(site), audit_pb),
+        service_handler(prompt_pb.DESCRIPTOR.services_by_name["PromptService"], PromptServicer(site), prompt_pb, site),
+        service_handler(audit_pb.DESCRIPTOR.services_by_name["AuditService"], AuditServicer(site), audit_pb, site),
     ])
-    port = server.add_secure_port(address, credentials)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+            require_client_auth=tls.client_ca is not None)
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()

@@ -28,6 +28,8 @@ class SiteConfig:
     data_dir: str
     profile: str = "obgyn"
     llm: dict = field(default_factory=dict)
+    # Client certificate subjects (RFC 4514) `pmlm serve` admits; empty: the site's own CN=pmlm-client-SITE.
+    allowed_clients: list = field(default_factory=list)
 
     @classmethod
     def load(cls, site_dir: Path) -> "SiteConfig":
@@ -38,7 +40,8 @@ class SiteConfig:
         try:
             raw = json.loads(path.read_text())
             config = cls(site_id=str(raw["site_id"]), data_dir=str(raw["data_dir"]),
-                         profile=str(raw.get("profile", "obgyn")), llm=dict(raw.get("llm") or {}))
+                         profile=str(raw.get("profile", "obgyn")), llm=dict(raw.get("llm") or {}),
+                         allowed_clients=_subjects(raw.get("allowed_clients")))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise SiteConfigError(f"{path}: malformed site configuration ({exc})") from None
         data = Path(config.data_dir)
@@ -48,3 +51,11 @@ class SiteConfig:
 
     def save(self, site_dir: Path) -> Path:
         return write_atomic(Path(site_dir) / FILENAME, json.dumps(asdict(self), indent=2))
+
+
+def _subjects(value) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError("allowed_clients must be a list of certificate subjects, e.g. \"CN=ehr-a,O=Hospital A\"")
+    return [v.strip() for v in value]

@@ -22,7 +22,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pmlm.client.grpc_service import SiteState, TlsFiles, start_server
+from pmlm.cli import main
+from pmlm.client.access_log import read_access_log
+from pmlm.client.grpc_service import InsecureServiceError, SiteState, TlsFiles, start_server
 from pmlm.client.llm import LLMConfig
 from pmlm.commands.deploy.certs import make_deploy_keys
 from pmlm.common.privacy import AccountantSettings, BudgetConfig, BudgetExhausted, DpSgd, GaussianRelease, SiteLedger
@@ -32,6 +34,7 @@ from pmlm.v1 import prompt_service_pb2 as prompt_pb
 from pmlm.v1 import prompt_service_pb2_grpc as prompt_grpc
 
 SITE = "hospital_a"
+OTHER_SITE = "hospital_b"  # a second hospital of the same consortium CA
 SNOMED, LOINC = "http://snomed.info/sct", "http://loinc.org"
 ANSWER = "- Prenatal visit within 4 weeks\n- Auscultation of fetal heart\n- Fundal height measurement\n"
 TIMEOUT_S = 30
@@ -129,7 +132,7 @@ def site(tmp_path_factory, fake_llm):
     (site_dir / "site.json").write_text(json.dumps({
         "site_id": SITE, "data_dir": str(root / "records"), "profile": "obgyn",
         "llm": {"base_url": fake_llm.url, "model": "fake-llm", "max_retries": 0, "timeout_s": 10}}))
-    keys = make_deploy_keys(root / "keys", [SITE])
+    keys = make_deploy_keys(root / "keys", [SITE, OTHER_SITE])
     return {"dir": site_dir, "ids": ids, "keys": keys, "root": root}
 
 
@@ -138,12 +141,12 @@ def tls_files(site) -> TlsFiles:
     return TlsFiles(keys[f"{SITE}/service-cert"], keys[f"{SITE}/service-key"], keys["ca"])
 
 
-def client_channel(site, port: int, *, with_client_cert: bool = True) -> grpc.Channel:
+def client_channel(site, port: int, *, with_client_cert: bool = True, as_site: str = SITE) -> grpc.Channel:
     keys = site["keys"]
     credentials = grpc.ssl_channel_credentials(
         keys["ca"].read_bytes(),
-        private_key=keys[f"{SITE}/client-key"].read_bytes() if with_client_cert else None,
-        certificate_chain=keys[f"{SITE}/client-cert"].read_bytes() if with_client_cert else None)
+        private_key=keys[f"{as_site}/client-key"].read_bytes() if with_client_cert else None,
+        certificate_chain=keys[f"{as_site}/client-cert"].read_bytes() if with_client_cert else None)
     return grpc.secure_channel(f"localhost:{port}", credentials)
 
 
@@ -309,6 +312,145 @@ def test_tls_is_required_and_client_certificates_are_checked(served, site, tmp_p
         assert_status(lambda: prompt_grpc.PromptServiceStub(foreign).GetSiteStatus(request, timeout=5),
                       grpc.StatusCode.UNAVAILABLE)
     assert served["prompt"].GetSiteStatus(request, timeout=TIMEOUT_S).site_id == SITE
+
+
+def new_log_lines(site, since: int) -> list[dict]:
+    return read_access_log(site["dir"])[0][since:]
+
+
+def logged_so_far(site) -> int:
+    path = site["dir"] / "audit" / "access_log.jsonl"
+    return len(read_access_log(site["dir"])[0]) if path.exists() else 0
+
+
+def test_another_sites_certificate_is_denied_on_every_call_and_logged(served, site):
+    """Hospital B's client certificate is signed by the same consortium CA, so TLS accepts it; the site does not."""
+    before = logged_so_far(site)
+    patient = site["ids"][0]
+    with client_channel(site, served["port"], as_site=OTHER_SITE) as channel:
+        prompt, audit = prompt_grpc.PromptServiceStub(channel), audit_grpc.AuditServiceStub(channel)
+        calls = {
+            "/pmlm.v1.PromptService/GetSiteStatus": lambda: prompt.GetSiteStatus(prompt_pb.GetSiteStatusRequest(),
+                                                                                 timeout=TIMEOUT_S),
+            "/pmlm.v1.PromptService/AssemblePrompt": lambda: prompt.AssemblePrompt(
+                prompt_pb.AssemblePromptRequest(patient_id=patient), timeout=TIMEOUT_S),
+            "/pmlm.v1.PromptService/Advise": lambda: list(prompt.Advise(prompt_pb.AdviseRequest(patient_id=patient),
+                                                                        timeout=TIMEOUT_S)),
+            "/pmlm.v1.AuditService/ListReleases": lambda: audit.ListReleases(audit_pb.ListReleasesRequest(),
+                                                                             timeout=TIMEOUT_S),
+            "/pmlm.v1.AuditService/Verify": lambda: audit.Verify(audit_pb.VerifyRequest(), timeout=TIMEOUT_S),
+        }
+        for call in calls.values():
+            assert_status(call, grpc.StatusCode.PERMISSION_DENIED, f"pmlm-client-{OTHER_SITE}", SITE)
+    lines = new_log_lines(site, before)
+    assert [line["rpc"] for line in lines] == list(calls)
+    assert {line["outcome"] for line in lines} == {"PERMISSION_DENIED"}
+    assert all(f"CN=pmlm-client-{OTHER_SITE}" in line["caller"] for line in lines)
+    assert [line["patient"] for line in lines] == ["", patient, patient, "", ""]  # who was asked for is kept too
+    assert served["prompt"].GetSiteStatus(prompt_pb.GetSiteStatusRequest(), timeout=TIMEOUT_S).site_id == SITE
+
+
+def test_access_log_has_a_line_per_call_with_its_outcome(served, site):
+    before = logged_so_far(site)
+    stub, patient = served["prompt"], site["ids"][4]
+    stub.AssemblePrompt(prompt_pb.AssemblePromptRequest(patient_id=patient), timeout=TIMEOUT_S)
+    assert_status(lambda: stub.AssemblePrompt(prompt_pb.AssemblePromptRequest(patient_id="nobody"),
+                                              timeout=TIMEOUT_S), grpc.StatusCode.NOT_FOUND)
+    events = list(stub.Advise(prompt_pb.AdviseRequest(patient_id=patient), timeout=TIMEOUT_S))
+    assert events[-1].WhichOneof("event") == "done"
+    served["audit"].ListReleases(audit_pb.ListReleasesRequest(), timeout=TIMEOUT_S)
+    lines = new_log_lines(site, before)
+    assert [(line["rpc"].rsplit("/", 1)[1], line["patient"], line["outcome"]) for line in lines] == [
+        ("AssemblePrompt", patient, "OK"), ("AssemblePrompt", "nobody", "NOT_FOUND"), ("Advise", patient, "OK"),
+        ("ListReleases", "", "OK")]
+    own_subject = lines[0]["caller"]
+    assert f"CN=pmlm-client-{SITE}" in own_subject and all(line["caller"] == own_subject for line in lines)
+    assert "nobody" in lines[1]["detail"] and "detail" not in lines[0]
+    times = [datetime.fromisoformat(line["time"]) for line in lines]
+    assert times == sorted(times) and all(t.tzinfo is not None for t in times)
+    assert oct((site["dir"] / "audit" / "access_log.jsonl").stat().st_mode & 0o777) == "0o600"
+
+
+def test_audit_access_prints_and_filters_by_patient(served, site, capsys):
+    patient = site["ids"][5]
+    served["prompt"].AssemblePrompt(prompt_pb.AssemblePromptRequest(patient_id=patient), timeout=TIMEOUT_S)
+    capsys.readouterr()
+    assert main(["audit", "access", str(site["dir"]), "--patient", patient]) == 0
+    table = capsys.readouterr().out
+    assert f"naming patient {patient}" in table and "/pmlm.v1.PromptService/AssemblePrompt" in table
+    assert site["ids"][4] not in table  # other patients' calls are filtered out
+    assert main(["audit", "access", str(site["dir"]), "--patient", patient, "--json"]) == 0
+    calls = json.loads(capsys.readouterr().out)["calls"]
+    assert calls and {c["patient"] for c in calls} == {patient} and calls[-1]["outcome"] == "OK"
+    assert main(["audit", "access", str(site["dir"]), "--json"]) == 0
+    everything = json.loads(capsys.readouterr().out)["calls"]
+    assert len(everything) > len(calls) and {c["patient"] for c in everything} > {patient}
+
+
+def test_audit_access_without_a_log_says_so(tmp_path, capsys):
+    assert main(["audit", "access", str(tmp_path)]) != 0
+    assert "no access log" in capsys.readouterr().err
+
+
+def test_allowed_clients_in_site_json_replace_the_default_rule(site, tmp_path):
+    site_dir = tmp_path / "allow-list"
+    site_dir.mkdir()
+    config = json.loads((site["dir"] / "site.json").read_text())
+    (site_dir / "site.json").write_text(json.dumps(
+        {**config, "allowed_clients": [f"CN=pmlm-client-{OTHER_SITE},O=PMLM consortium"]}))
+    state = SiteState(site_dir)
+    server, port = start_server(state, "127.0.0.1:0", tls_files(site), max_workers=2)
+    request = prompt_pb.GetSiteStatusRequest()
+    try:
+        with client_channel(site, port, as_site=OTHER_SITE) as listed:
+            assert prompt_grpc.PromptServiceStub(listed).GetSiteStatus(request, timeout=TIMEOUT_S).site_id == SITE
+        with client_channel(site, port) as not_listed:
+            assert_status(lambda: prompt_grpc.PromptServiceStub(not_listed).GetSiteStatus(request, timeout=TIMEOUT_S),
+                          grpc.StatusCode.PERMISSION_DENIED)
+    finally:
+        server.stop(None).wait()
+        state.close()
+
+
+def test_service_without_client_authentication_only_on_loopback(site):
+    state = SiteState(site["dir"])
+    keys = site["keys"]
+    server_only_tls = TlsFiles(keys[f"{SITE}/service-cert"], keys[f"{SITE}/service-key"])
+    try:
+        with pytest.raises(InsecureServiceError, match="mutual TLS"):
+            start_server(state, "127.0.0.1:0", server_only_tls)
+        with pytest.raises(InsecureServiceError, match="mutual TLS"):
+            start_server(state, "127.0.0.1:0", None)
+        for address in ("0.0.0.0:0", "[::]:0", "10.1.2.3:0", "example.org:0"):
+            with pytest.raises(InsecureServiceError, match="loopback"):
+                start_server(state, address, None, insecure_loopback=True)
+        before = logged_so_far(site)
+        server, port = start_server(state, "127.0.0.1:0", None, max_workers=2, insecure_loopback=True)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
+                status = prompt_grpc.PromptServiceStub(plain).GetSiteStatus(prompt_pb.GetSiteStatusRequest(),
+                                                                            timeout=TIMEOUT_S)
+            assert status.site_id == SITE
+        finally:
+            server.stop(None).wait()
+        [line] = new_log_lines(site, before)
+        assert (line["caller"], line["outcome"]) == ("", "OK")  # logged even without a caller to name
+    finally:
+        state.close()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--insecure-loopback", "--address", "0.0.0.0:50051"], "loopback"),
+    (["--insecure-loopback", "--address", "192.168.1.20:50051"], "loopback"),
+    (["--cert", "service.pem", "--key", "service.key"], "--client-ca is required"),
+    ([], "--cert and --key are required"),
+])
+def test_pmlm_serve_refuses_an_open_service(site, flags, message, capsys):
+    keys = site["keys"]
+    flags = [str(keys[f"{SITE}/service-cert"]) if f == "service.pem" else
+             str(keys[f"{SITE}/service-key"]) if f == "service.key" else f for f in flags]
+    assert main(["serve", "--site", str(site["dir"]), *flags]) != 0
+    assert message in capsys.readouterr().err
 
 
 def test_pmlm_serve_runs_until_sigterm(site):

@@ -4,6 +4,7 @@
   pmlm audit report LEDGER... --out DIR [--json] [--membership FILE...]
   pmlm audit membership SITE_DIR [--data DIR] [--out FILE]   attack the site's artifacts (runs on-site)
   pmlm audit egress SITE_DIR [--json]         what left the site, message by message (SITE_DIR/egress.jsonl)
+  pmlm audit access SITE_DIR [--patient ID] [--json]   who called `pmlm serve` for which patient
 
 LEDGER is a site's ledger (SITE_DIR/ledger/privacy_ledger.jsonl) or a coordinator's copy
 (STATE_DIR/ledger_copies/SITE.jsonl). Signatures are checked against a key the auditor
@@ -76,6 +77,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     egress.add_argument("--json", action="store_true",
                         help="print {site_dir, log, messages, totals, problems} as JSON instead of a table")
     egress.set_defaults(handler=run_egress)
+
+    access = commands.add_parser("access", help="who called the site's services for which patient (its access log)")
+    access.add_argument("site_dir", type=Path, metavar="SITE_DIR")
+    access.add_argument("--patient", metavar="ID", help="only the calls that named this patient")
+    access.add_argument("--json", action="store_true", help="print {site_dir, log, calls, problems} as JSON")
+    access.set_defaults(handler=run_access)
 
 
 def _key_overrides(pairs: list[str]) -> dict[str, Path]:
@@ -308,3 +315,30 @@ def _summary_line(items: dict) -> str:
         shown.append(f"{key}={text if len(text) <= 60 else text[:57] + '...'}")
     more = len(items) - EGRESS_SHOWN_ITEMS
     return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "")
+
+
+def run_access(args: argparse.Namespace) -> int:
+    """`pmlm audit access`: the site's per-patient access log (`pmlm serve` writes it), as a table or JSON."""
+    from pmlm.client.access_log import access_log_path, read_access_log
+
+    log = access_log_path(args.site_dir)
+    if not log.is_file():
+        raise CliError(f"no access log at {log}: is {args.site_dir} a site directory, and has `pmlm serve` "
+                       f"answered a call there yet?")
+    calls, problems = read_access_log(args.site_dir, args.patient)
+    if args.json:
+        print(json.dumps({"site_dir": str(args.site_dir), "log": str(log), "calls": calls, "problems": problems},
+                         indent=2, sort_keys=True))
+    else:
+        which = f" naming patient {args.patient}" if args.patient is not None else ""
+        print(f"access log {log}: {len(calls)} calls{which}")
+        print(f"{'time (UTC)':<30} {'outcome':<20} {'rpc':<40} {'patient':<24} caller")
+        for call in calls:
+            print(f"{call['time']:<30} {call['outcome']:<20} {call['rpc']:<40} {call['patient'] or '-':<24} "
+                  f"{call['caller'] or '(no certificate, loopback)'}")
+        denied = sum(1 for c in calls if c["outcome"] == "PERMISSION_DENIED")
+        if denied:
+            print(f"{denied} calls were refused: the caller is not authorised for this site")
+    for problem in problems:
+        print(f"warning: unreadable line kept out of the table: {problem}", file=sys.stderr)
+    return 1 if problems else 0
