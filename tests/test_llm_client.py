@@ -118,10 +118,10 @@ def make_client(base_url, sleeps=None, **settings):
 
 def test_config_layers_defaults_toml_env_and_overrides(tmp_path):
     toml = tmp_path / "site.toml"
-    toml.write_text('[llm]\nbase_url = "http://10.0.0.5:8000/v1/"\nmodel = "from-toml"\nmax_tokens = 64\n'
+    toml.write_text('[llm]\nbase_url = "https://10.0.0.5:8000/v1/"\nmodel = "from-toml"\nmax_tokens = 64\n'
                     'timeout_s = 5\ncache_dir = "llm-cache"\n[llm.extra_body]\nrepetition_penalty = 1.1\n')
     config = LLMConfig.load(toml, environ={"PMLM_LLM_MODEL": "from-env"}, max_tokens=None, temperature=0.3)
-    assert config.base_url == "http://10.0.0.5:8000/v1"  # trailing slash dropped
+    assert config.base_url == "https://10.0.0.5:8000/v1"  # trailing slash dropped
     assert config.model == "from-env"  # environment over file
     assert (config.max_tokens, config.timeout_s, config.temperature) == (64, 5.0, 0.3)
     assert config.extra_body == {"repetition_penalty": 1.1}
@@ -140,11 +140,30 @@ def test_config_rejects_unknown_and_malformed_settings(tmp_path):
         LLMClient(LLMConfig(base_url="http://127.0.0.1:1/v1"))
 
 
+def test_plain_http_is_refused_off_loopback(tmp_path):
+    for remote in ("http://10.0.0.5:8000/v1", "http://llm.example.org/v1", "HTTP://[2001:db8::1]:8000/v1",
+                   "http://127.0.0.1.evil.example/v1"):
+        with pytest.raises(LLMConfigError, match="plain http to a host that is not loopback.*https"):
+            LLMConfig(base_url=remote, model="m")
+    toml = tmp_path / "site.toml"
+    toml.write_text('[llm]\nbase_url = "http://10.0.0.5:8000/v1"\n')
+    with pytest.raises(LLMConfigError, match="not loopback"):
+        LLMConfig.load(toml, environ={})
+    with pytest.raises(LLMConfigError, match="not loopback"):
+        LLMConfig.load(environ={"PMLM_LLM_BASE_URL": "http://llm.example.org/v1"})
+    with pytest.raises(LLMConfigError, match="http\\(s\\) URL"):
+        LLMConfig(base_url="ftp://llm.example.org/v1")
+    # the embedded server and other on-machine servers stay on plain http; remote ones use https
+    for allowed in ("http://127.0.0.1:8080/v1", "http://localhost:11434/v1", "http://[::1]:8000/v1",
+                    "http://127.0.0.2:9000/v1", "https://llm.example.org/v1", "https://10.0.0.5:8000/v1"):
+        assert LLMConfig(base_url=allowed, model="m").base_url == allowed
+
+
 def test_api_key_resolution_order():
-    config = LLMConfig(base_url="http://x/v1", model="m")
+    config = LLMConfig(base_url="https://x/v1", model="m")
     assert config.resolve_api_key({"OPENAI_API_KEY": "o"}) == "o"
     assert config.resolve_api_key({"OPENAI_API_KEY": "o", "PMLM_LLM_API_KEY": "p"}) == "p"
-    named = LLMConfig(base_url="http://x/v1", model="m", api_key_env="SITE_KEY")
+    named = LLMConfig(base_url="https://x/v1", model="m", api_key_env="SITE_KEY")
     assert named.resolve_api_key({"SITE_KEY": "s", "PMLM_LLM_API_KEY": "p"}) == "s"
     with pytest.raises(LLMConfigError, match="SITE_KEY is not set"):
         named.resolve_api_key({})

@@ -106,6 +106,7 @@ class LLMConfig:
     def __post_init__(self):
         if self.base_url is not None:
             object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+            check_transport(self.base_url)
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "extra_body", dict(self.extra_body))
@@ -216,6 +217,22 @@ def is_loopback_url(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_transport(url: str) -> None:
+    """Refuse a base_url that would carry patient prompts unencrypted off this machine.
+
+    Plain http is allowed only to a loopback host (the embedded server, a local Ollama or vLLM);
+    anything else must be https, so a prompt never crosses a network in clear text.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise LLMConfigError(f"LLM base_url {url!r} must be an http(s) URL with a host, e.g. https://llm.example/v1")
+    if scheme == "http" and not is_loopback_url(url):
+        raise LLMConfigError(
+            f"LLM base_url {url!r} uses plain http to a host that is not loopback: patient prompts leave this "
+            "machine only over https (plain http is allowed to 127.0.0.1, ::1 or localhost only)")
 
 
 @dataclass(frozen=True)
