@@ -63,27 +63,48 @@ def run_later_phases(grid: Grid, roster: SiteRoster, cfg: PhaseAConfig, run: dic
         run_phase_c(grid, roster, c, cfg.run_name, cfg.dim, on_round=on_round, site_records=records, secure=secure)
         summary["phase_c"] = {"rounds": c.rounds, "per_round": rounds,
                               "seconds": round(time.perf_counter() - started, 1)}
-    summary["ledger_copies"] = copy_site_ledgers(grid, roster, records, workdir)
-    summary["roster"] = roster.summary()
-    out = workdir / f"{cfg.run_name}-phases-bc.json"
-    write_atomic(out, json.dumps(summary, indent=2, default=float))
+    try:
+        summary["ledger_copies"] = copy_site_ledgers(grid, roster, records, workdir)
+    except LedgerCopiesRejected as exc:  # the summary still says what was copied; the run fails
+        summary["ledger_copies"] = exc.result
+        raise
+    finally:
+        summary["roster"] = roster.summary()
+        out = workdir / f"{cfg.run_name}-phases-bc.json"
+        write_atomic(out, json.dumps(summary, indent=2, default=float))
     return summary
+
+
+class LedgerCopiesRejected(RuntimeError):
+    """The coordinator refused to countersign what one or more sites shipped: their external anchor is broken,
+    so the run fails rather than going on with a ledger nobody outside the site can vouch for."""
+
+    def __init__(self, rejected: dict[str, str], result: dict):
+        self.rejected, self.result = rejected, result
+        super().__init__("ledger copy rejected for " + "; ".join(f"site {s!r}: {why}" for s, why in rejected.items()))
+
+
+LEDGER_COPIES_DIR = "ledger-copies"  # under the coordinator's workdir: its CoordinatorLedgerCopy state dir
 
 
 def copy_site_ledgers(grid: Grid, roster: SiteRoster, records: dict, workdir: Path, timeout: float = 600.0) -> dict:
     """Fetch the new ledger entries of every site still in the run and keep the coordinator's countersigned copy.
-    A dropped site's entries are fetched by the next run it takes part in (the copy asks from what it holds)."""
+
+    Each site is asked for its entries from the head the coordinator anchored on: it must send that entry back
+    unchanged, then the new ones chained onto it (server/ledger_copy.py). A shipment the coordinator rejects
+    raises LedgerCopiesRejected naming the site and why, after the other sites' copies are stored. A dropped
+    site's entries are fetched by the next run it takes part in (the copy asks from what it holds)."""
     from flwr.app import Message, RecordDict
 
-    from pmlm.server.ledger_copy import CopyRejected, CoordinatorLedgerCopy, read_copy
+    from pmlm.server.ledger_copy import CopyRejected, CoordinatorLedgerCopy
 
-    copies = CoordinatorLedgerCopy(workdir / "ledger-copies")
-    held = {}
-    for path in (copies.state_dir / "copies").glob("*.jsonl") if (copies.state_dir / "copies").exists() else []:
-        replay, _, _ = read_copy(path, copies.public_key, copies.site_key(path.stem))
-        held[path.stem] = len(replay.entries) - 1
+    copies = CoordinatorLedgerCopy(workdir / LEDGER_COPIES_DIR)
+    heads = {site: copies.head(site) for site in copies.sites()}
+    # `held` is the last seq the site may leave out (ledger_entries sends what follows it): one before the head,
+    # so the head itself comes back and proves the site still holds it.
+    held = {site: head["seq"] - 1 for site, head in heads.items() if head is not None}
     content = RecordDict({"config": ConfigRecord({"held": json.dumps(held)}), **records})
-    result = {}
+    result, rejected = {}, {}
     for reply in grid.send_and_receive([Message(content=content, dst_node_id=n, message_type="query.ledger_entries")
                                         for n in roster.active], timeout=timeout):
         if reply.has_error():
@@ -92,8 +113,11 @@ def copy_site_ledgers(grid: Grid, roster: SiteRoster, records: dict, workdir: Pa
         site_id = str(reply.content["config"]["site_id"])
         roster.names[reply.metadata.src_node_id] = site_id
         try:
-            accepted = copies.accept(site_id, json.loads(str(reply.content["config"]["entries"])))
+            accepted = copies.accept_from_head(site_id, json.loads(str(reply.content["config"]["entries"])))
             result[site_id] = len(accepted)
-        except CopyRejected as exc:  # kept visible: an auditor must see that a site's shipment failed checks
+        except (CopyRejected, ValueError) as exc:  # ValueError: entries that are not JSON
             result[site_id] = f"rejected: {exc}"
+            rejected[site_id] = str(exc)
+    if rejected:
+        raise LedgerCopiesRejected(rejected, result)
     return result

@@ -51,6 +51,14 @@ def ledger_path(root: Path, site: str = "hospital-a") -> Path:
     return root / site / "ledger" / "privacy_ledger.jsonl"
 
 
+def key_path(root: Path, site: str = "hospital-a") -> Path:
+    return root / site / "keys" / "site_ed25519.key.pub"
+
+
+def pinned(root: Path, site: str = "hospital-a") -> list[str]:
+    return ["--public-key", f"{site}={key_path(root, site)}"]
+
+
 @pytest.fixture
 def workdir(consortium, tmp_path):
     target = tmp_path / "consortium"
@@ -67,10 +75,13 @@ def run_cli(argv, capsys):
 def test_verify_passes_on_intact_ledgers_and_copies(consortium, capsys):
     paths = [ledger_path(consortium), ledger_path(consortium, "hospital-b"),
              consortium / "coordinator" / "ledger_copies" / "hospital-a.jsonl"]
-    code, out, _ = run_cli(["audit", "verify", *map(str, paths)], capsys)
+    code, out, _ = run_cli(["audit", "verify", *map(str, paths), "--anchors", str(consortium / "coordinator")],
+                           capsys)
     assert code == 0, out
     assert out.count("OK    ") == 3 and "3 of 3 ledgers verified" in out
-    assert "patient-in-site ε=" in out and "site ε=" in out and "trusted key" in out
+    assert "patient-in-site ε=" in out and "site ε=" in out and "pinned key" in out
+    assert out.count("holds the head the coordinator anchored (entry 6)") == 2
+    assert "(PLD, enforced; RDP bound" in out and "looser, not enforced" in out
 
 
 @pytest.mark.parametrize("tamper, expected", [
@@ -92,26 +103,69 @@ def test_verify_fails_and_names_the_entry(workdir, capsys, tamper, expected):
     if tamper == "torn":
         data += b'{"seq":7,"kind":"rel'
     path.write_bytes(data)
-    code, out, _ = run_cli(["audit", "verify", str(path)], capsys)
+    code, out, _ = run_cli(["audit", "verify", str(path), *pinned(workdir)], capsys)
     assert code == 1
     fail_line = next(line for line in out.splitlines() if line.startswith("FAIL"))
     assert re.search(expected, fail_line), fail_line
     assert "0 of 1 ledgers verified" in out
 
 
-def test_verify_needs_a_trusted_key(workdir, capsys, tmp_path):
+def test_verify_needs_a_pinned_key_not_the_one_beside_the_ledger(workdir, capsys):
     path = ledger_path(workdir)
-    moved = tmp_path / "elsewhere.jsonl"
-    shutil.copy(path, moved)  # away from its site directory, the key is not found
-    code, out, _ = run_cli(["audit", "verify", str(moved)], capsys)
-    assert code == 1 and "--public-key hospital-a=FILE" in out
-    assert run_cli(["audit", "verify", str(moved), "--trust-embedded-key"], capsys)[0] == 0
-    key = workdir / "hospital-a" / "keys" / "site_ed25519.key.pub"
-    assert run_cli(["audit", "verify", str(moved), "--public-key", f"hospital-a={key}"], capsys)[0] == 0
-    other = workdir / "hospital-b" / "keys" / "site_ed25519.key.pub"
-    code, out, _ = run_cli(["audit", "verify", str(moved), "--public-key", f"hospital-a={other}"], capsys)
+    assert key_path(workdir).is_file()  # right beside it, and still not trusted
+    code, out, _ = run_cli(["audit", "verify", str(path)], capsys)
+    assert code == 1 and "only the ledger's internal consistency was checked" in out
+    assert "--public-key hospital-a=FILE" in out and "--anchors" in out and "--fingerprint" in out
+    code, out, _ = run_cli(["audit", "verify", str(path), "--trust-embedded-key"], capsys)
+    assert code == 0 and "only internal consistency checked" in out
+    assert run_cli(["audit", "verify", str(path), "--key", f"hospital-a={key_path(workdir)}"], capsys)[0] == 0
+    other = key_path(workdir, "hospital-b")
+    code, out, _ = run_cli(["audit", "verify", str(path), "--public-key", f"hospital-a={other}"], capsys)
     assert code == 1 and "entry 0 (line 1)" in out and "not the trusted site key" in out
-    assert run_cli(["audit", "verify", str(moved), "--public-key", "nonsense"], capsys)[0] == 2
+    assert run_cli(["audit", "verify", str(path), "--public-key", "nonsense"], capsys)[0] == 2
+    assert run_cli(["audit", "verify", str(path), "--fingerprint", "hospital-a=abc"], capsys)[0] == 2
+
+
+def test_verify_takes_a_site_directory_and_a_pinned_fingerprint(workdir, capsys):
+    from pmlm.common.privacy.signing import key_fingerprint, load_public_key
+
+    fingerprint = key_fingerprint(load_public_key(key_path(workdir)))
+    code, out, _ = run_cli(["audit", "verify", str(workdir / "hospital-a"), "--fingerprint",
+                            f"hospital-a={fingerprint}"], capsys)
+    assert code == 0 and f"OK    {ledger_path(workdir)}" in out and f"--fingerprint {fingerprint[7:]}" in out
+
+
+def test_verify_with_the_anchors_catches_a_truncated_ledger(workdir, capsys):
+    path = ledger_path(workdir)
+    path.write_bytes(b"".join(line + b"\n" for line in path.read_bytes().split(b"\n")[:-3]))  # last two gone
+    # The pinned key alone cannot see it: what is left is consistent, and the hospital-level release is gone.
+    code, out, _ = run_cli(["audit", "verify", str(path), *pinned(workdir)], capsys)
+    assert code == 0 and "patient-in-site ε=" in out and ", site ε=" not in out
+    code, out, _ = run_cli(["audit", "verify", str(path), "--anchors", str(workdir / "coordinator")], capsys)
+    fail_line = next(line for line in out.splitlines() if line.startswith("FAIL"))
+    assert code == 1 and "truncated" in fail_line and "2 entries are missing" in fail_line, out
+
+
+def test_a_rekeyed_resigned_ledger_with_a_bigger_budget_fails_against_the_pin(workdir, capsys, tmp_path):
+    from pmlm.common.privacy.signing import key_fingerprint, load_public_key
+
+    original_key = key_path(workdir)
+    fingerprint = key_fingerprint(load_public_key(original_key))
+    forged_site = tmp_path / "forged" / "hospital-a"
+    forged = SiteLedger(forged_site, "hospital-a", BudgetConfig(100.0, DELTA, BUDGET.shares), settings=FAST)
+    for round_ in range(7):  # past the anchored head (entry 6), so only its content can give it away
+        forged.release("phase_a", GaussianRelease(8.0, 1.0), lambda: None, round=round_, noise_source="test")
+    shutil.rmtree(workdir / "hospital-a" / "ledger")
+    shutil.copytree(forged_site / "ledger", workdir / "hospital-a" / "ledger")
+    shutil.copy(forged.public_key_path, original_key)  # the key beside it replaced too
+    path = ledger_path(workdir)
+    assert run_cli(["audit", "verify", str(path), "--trust-embedded-key"], capsys)[0] == 0  # consistent
+    for pin, expected in ((["--fingerprint", f"hospital-a={fingerprint}"], "does not match the pinned fingerprint"),
+                          (["--public-key", f"hospital-a={workdir / 'coordinator/site_keys/hospital-a.pub'}"],
+                           "not the trusted site key"),
+                          (["--anchors", str(workdir / "coordinator")], "diverges from the anchored head")):
+        code, out, _ = run_cli(["audit", "verify", str(path), *pin], capsys)
+        assert code == 1 and expected in out, (pin, out)
 
 
 def test_verify_catches_an_edited_coordinator_copy(workdir, capsys):
@@ -124,7 +178,8 @@ def test_verify_catches_an_edited_coordinator_copy(workdir, capsys):
 def test_verify_as_a_subprocess(workdir):
     intact, tampered = ledger_path(workdir, "hospital-b"), ledger_path(workdir)
     tampered.write_bytes(tampered.read_bytes().replace(b'"round":0', b'"round":5', 1))
-    result = subprocess.run([sys.executable, "-m", "pmlm", "audit", "verify", str(intact), str(tampered)],
+    result = subprocess.run([sys.executable, "-m", "pmlm", "audit", "verify", str(intact), str(tampered),
+                             "--anchors", str(workdir / "coordinator")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     out = result.stdout.splitlines()
@@ -158,8 +213,10 @@ def test_report_html_and_json(consortium, capsys, tmp_path):
     for phrase in ("All ledgers verified", "adding or removing all records of any one patient",
                    "honest-but-curious", "1/n", "n = 1,200 patients", "privacy-loss-distribution",
                    "dp-accounting 0.6", "Opacus secure mode", "torch.normal (Opacus, secure_mode=False)",
-                   "refusal", "Every release"):
+                   "refusal", "Every release", "ε (PLD, enforced)", "RDP bound (looser, not enforced)",
+                   "an RDP figure\nabove the budget is not an overrun"):
         assert phrase in page, phrase
+    assert "ε (RDP)" not in page and "(RDP)" not in page  # never an unlabelled RDP figure, nor an RDP curve
 
 
 def test_report_of_a_tampered_ledger_says_so(workdir, capsys, tmp_path):

@@ -116,6 +116,46 @@ def test_site_key_is_created_once_with_private_mode(site):
         SiteLedger(site, "hospital-a", BUDGET)
 
 
+def test_a_deleted_ledger_is_not_restarted_while_the_site_key_exists(site):
+    from pmlm.common.privacy.ledger import LedgerMissing
+
+    ledger = SiteLedger(site, "hospital-a", BUDGET)
+    ledger.record("phase_a", GaussianRelease(5.0, 1.0), round=0)
+    fingerprint = ledger.key_fingerprint
+    ledger.path.unlink()
+    for budget in (BUDGET, None):  # a writer and a reader are both refused
+        with pytest.raises(LedgerMissing) as refused:
+            SiteLedger(site, "hospital-a", budget)
+        message = str(refused.value)
+        assert str(ledger.path) in message and str(ledger.key_path) in message and "restore" in message.lower()
+    assert not ledger.path.exists()  # nothing was written with the full budget
+    # The operator's explicit override starts a new ledger under the same key.
+    fresh = SiteLedger(site, "hospital-a", BUDGET, start_over_with_existing_key=True)
+    assert fresh.key_fingerprint == fingerprint and [e["kind"] for e in fresh.entries()] == ["open"]
+
+
+def test_the_key_and_the_open_entry_are_created_together(site, monkeypatch):
+    from pmlm.common.privacy import ledger as ledger_module
+
+    with pytest.raises(Exception, match="BudgetConfig is needed"):  # a reader before the first start
+        SiteLedger(site, "hospital-a")
+    assert not (site / "keys").exists()  # ...leaves no key that would then block the first start
+
+    def crash(*args, **kwargs):
+        raise OSError("power lost after the key was written")
+
+    monkeypatch.setattr(SiteLedger, "_create", crash)
+    with pytest.raises(OSError, match="power lost"):
+        SiteLedger(site, "hospital-a", BUDGET)
+    assert (site / "keys" / "site_ed25519.key").exists() and not (site / ledger_module.LEDGER_PATH).exists()
+    monkeypatch.undo()
+    # The interrupted first start is finished with the key it made, not refused as a deleted ledger.
+    ledger = SiteLedger(site, "hospital-a", BUDGET)
+    assert ledger.open_entry["key_fingerprint"] == key_fingerprint(
+        load_public_key(site / "keys" / "site_ed25519.key.pub"))
+    assert not list((site / "ledger").glob("*.starting"))
+
+
 def test_entries_carry_cumulative_epsilon_equal_to_direct_composition(site):
     ledger = SiteLedger(site, "hospital-a", BUDGET, run_id="run-1")
     plan = [("phase_a", DpSgd(2.0, 0.05, 20, 1.0)), ("phase_a", DpSgd(2.0, 0.05, 20, 1.0)),

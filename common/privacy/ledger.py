@@ -118,6 +118,20 @@ class LedgerConflict(LedgerError):
     """The file changed under us in a way appends cannot explain (truncated or rewritten)."""
 
 
+class LedgerMissing(LedgerError):
+    """The ledger file is gone while the site's key is still there: the site has released before, so a new
+    ledger would silently restart its budget from zero."""
+
+    def __init__(self, path: Path, key_path: Path):
+        self.path, self.key_path = path, key_path
+        super().__init__(
+            f"privacy ledger {path} is missing, but the site key {key_path} exists: this site has signed "
+            f"releases before, and a new ledger would restart its privacy budget from zero. Restore the ledger "
+            f"from a backup (the coordinator's copy, STATE_DIR/ledger_copies/<site>.jsonl, shows what it held). "
+            f"Only if you are sure nothing was ever released under this key, start a new ledger deliberately "
+            f"with SiteLedger(..., start_over_with_existing_key=True).")
+
+
 class AlreadyReleased(LedgerError):
     """This round of this run was already released and charged; it is not charged (or drawn) again."""
 
@@ -381,6 +395,7 @@ class SiteLedger:
         settings: AccountantSettings | None = None,
         run_id: str | None = None,
         recover_torn_tail: bool = False,
+        start_over_with_existing_key: bool = False,
     ):
         if not isinstance(site_id, str) or not SITE_ID_PATTERN.match(site_id):
             raise ValueError(f"site_id must match {SITE_ID_PATTERN.pattern}, got {site_id!r}")
@@ -389,17 +404,16 @@ class SiteLedger:
         self.path = self.site_dir / LEDGER_PATH
         self.key_path = self.site_dir / SITE_KEY_PATH
         self.run_id = run_id or uuid.uuid4().hex
-        self._key = load_or_create_private_key(self.key_path)
         self._thread_lock = threading.Lock()
         self._size = 0
         self._broken: LedgerError | None = None  # once the file fails verification, every call fails
-        self._replay = LedgerReplay(self._key.public_key())
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked():
             if not self.path.exists():
-                if budget is None:
-                    raise LedgerError(f"no privacy ledger at {self.path} yet; a BudgetConfig is needed to start one")
-                self._create(budget, settings or AccountantSettings())
+                self._first_start(budget, settings, start_over_with_existing_key)
+            else:
+                self._key = load_or_create_private_key(self.key_path)
+                self._replay = LedgerReplay(self._key.public_key())
             self._sync(recover_torn_tail)
         stored = self._replay
         if stored.site_id != site_id:
@@ -560,6 +574,24 @@ class SiteLedger:
                     yield
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _first_start(self, budget: BudgetConfig | None, settings: AccountantSettings | None,
+                     start_over_with_existing_key: bool) -> None:
+        """Create the key and the ledger's open entry together; refuse a new ledger under an old key.
+
+        The marker file covers a crash between writing the key and the open entry: the next start
+        finishes that first start instead of taking it for a deleted ledger.
+        """
+        marker = self.path.with_suffix(".starting")
+        if self.key_path.exists() and not marker.exists() and not start_over_with_existing_key:
+            raise LedgerMissing(self.path, self.key_path)
+        if budget is None:  # a reader must not leave a key behind that a first start would then refuse
+            raise LedgerError(f"no privacy ledger at {self.path} yet; a BudgetConfig is needed to start one")
+        write_atomic(marker, b"the site key and the ledger's open entry are being created\n")
+        self._key = load_or_create_private_key(self.key_path)
+        self._replay = LedgerReplay(self._key.public_key())
+        self._create(budget, settings or AccountantSettings())
+        marker.unlink()
 
     def _create(self, budget: BudgetConfig, settings: AccountantSettings) -> None:
         public = self._key.public_key()

@@ -6,10 +6,14 @@
   pmlm audit egress SITE_DIR [--json]         what left the site, message by message (SITE_DIR/egress.jsonl)
   pmlm audit access SITE_DIR [--patient ID] [--json]   who called `pmlm serve` for which patient
 
-LEDGER is a site's ledger (SITE_DIR/ledger/privacy_ledger.jsonl) or a coordinator's copy
-(STATE_DIR/ledger_copies/SITE.jsonl). Signatures are checked against a key the auditor
-trusts: --public-key SITE=FILE, else the key file kept beside the ledger (SITE_DIR/keys/
-site_ed25519.key.pub, or STATE_DIR/site_keys/SITE.pub for a copy).
+LEDGER is a site's ledger (SITE_DIR/ledger/privacy_ledger.jsonl, or just SITE_DIR) or a
+coordinator's copy (STATE_DIR/ledger_copies/SITE.jsonl). A site ledger is checked against what
+the auditor pins, never against the key lying beside it (whoever rewrote the ledger could have
+replaced that too): --public-key SITE=FILE, --fingerprint SITE=HEX, or --anchors STATE_DIR, the
+coordinator's registry (its pinned site keys, and the head it countersigned for each site: a
+ledger shorter than that head, or different at it, fails as truncated or rewritten). Without a
+pin, only internal consistency is checked, and verify fails unless --trust-embedded-key accepts
+that. A copy is checked against its own coordinator's registry (STATE_DIR/site_keys/SITE.pub).
 """
 
 from __future__ import annotations
@@ -39,16 +43,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     def add_common(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("ledgers", nargs="+", type=Path, metavar="LEDGER")
-        parser.add_argument("--public-key", action="append", default=[], metavar="SITE=FILE",
-                            help="trusted Ed25519 public key (PEM) of a site; repeatable")
+        parser.add_argument("--public-key", "--key", action="append", default=[], metavar="SITE=FILE",
+                            help="pinned Ed25519 public key (PEM) of a site; repeatable")
+        parser.add_argument("--fingerprint", action="append", default=[], metavar="SITE=HEX",
+                            help="pinned fingerprint of a site's key (as the ledger's open entry shows it, "
+                                 "sha256:..., at least 32 hex digits); repeatable")
+        parser.add_argument("--anchors", type=Path, metavar="STATE_DIR",
+                            help="the coordinator's ledger-copy state directory (or the coordinator workdir "
+                                 "holding ledger-copies/): its pinned site keys and countersigned heads")
         parser.add_argument("--coordinator-key", type=Path, metavar="FILE",
-                            help="trusted coordinator public key for copies (default: STATE_DIR/keys/...)")
+                            help="trusted coordinator public key for copies and heads (default: STATE_DIR/keys/...)")
 
     verify = commands.add_parser("verify", help="check chains, signatures, monotone ε, and re-compute every ε")
     add_common(verify)
     verify.add_argument("--trust-embedded-key", action="store_true",
-                        help="when no trusted key is found, check signatures against the key inside the "
-                             "ledger (proves consistency only, not authorship)")
+                        help="when no key is pinned, accept a check of signatures against the key inside the "
+                             "ledger (proves consistency only, not authorship or completeness)")
     verify.set_defaults(handler=run_verify)
 
     report = commands.add_parser("report", help="write a self-contained HTML report (and JSON with --json)")
@@ -95,6 +105,58 @@ def _key_overrides(pairs: list[str]) -> dict[str, Path]:
     return keys
 
 
+def _fingerprint_pins(pairs: list[str]) -> dict[str, str]:
+    pins = {}
+    for pair in pairs:
+        site, sep, value = pair.partition("=")
+        digits = value.strip().lower().removeprefix("sha256:").replace(":", "")
+        if not sep or not site or len(digits) < 32 or any(c not in "0123456789abcdef" for c in digits):
+            raise CliError(f"--fingerprint expects SITE=HEX with at least 32 hex digits, got {pair!r}")
+        pins[site] = digits
+    return pins
+
+
+def _fingerprint_matches(key, digits: str) -> bool:
+    import hashlib
+
+    return hashlib.sha256(key.public_bytes_raw()).hexdigest().startswith(digits)
+
+
+def _anchor_dir(path: Path) -> Path:
+    """The coordinator's ledger-copy state dir, also when given the coordinator workdir above it."""
+    from pmlm.server.later_phases import LEDGER_COPIES_DIR
+    from pmlm.server.ledger_copy import SITE_KEYS_DIR
+
+    if not path.is_dir():
+        raise CliError(f"--anchors {path} is not a directory")
+    if not (path / SITE_KEYS_DIR).is_dir() and (path / LEDGER_COPIES_DIR / SITE_KEYS_DIR).is_dir():
+        return path / LEDGER_COPIES_DIR
+    return path
+
+
+def _anchored_head(anchors: Path, site_id: str, coordinator_key: Path | None) -> tuple[dict | None, str | None]:
+    """(head, problem): the head the coordinator countersigned for `site_id`, else the last entry of its copy."""
+    from pmlm.server.ledger_copy import COORDINATOR_KEY_PATH, COPIES_DIR, HEADS_DIR, head_of, read_copy, read_head
+
+    coord_file = coordinator_key or anchors / (str(COORDINATOR_KEY_PATH) + ".pub")
+    if not coord_file.is_file():
+        return None, f"no coordinator public key at {coord_file}: the anchored head cannot be checked"
+    coord_key = _load_key(coord_file)
+    head = read_head(anchors / HEADS_DIR / f"{site_id}.json", coord_key)
+    if isinstance(head, str):
+        return None, f"the anchored head fails verification: {head}"
+    if head is not None:
+        return head, None
+    copy = anchors / COPIES_DIR / f"{site_id}.jsonl"
+    if copy.is_file():  # a copy kept before heads were written
+        replay, problems, _ = read_copy(copy, coord_key, None)
+        if problems:
+            return None, f"the coordinator's copy {copy} fails verification: {problems[0]}"
+        if replay.entries:
+            return head_of(site_id, replay), None
+    return None, f"the anchors {anchors} hold no head for site {site_id!r}: truncation cannot be ruled out"
+
+
 def _first_record(path: Path) -> dict:
     # Only to learn the site id and the file's kind; verification re-reads everything.
     try:
@@ -115,31 +177,56 @@ def _load_key(path: Path):
 
 
 def audit_ledger(path: Path, overrides: dict[str, Path], coordinator_key: Path | None,
-                 trust_embedded_key: bool) -> AuditedLedger:
-    """Verify one ledger or coordinator copy, with the most trustworthy key available."""
-    from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, verify_ledger
+                 trust_embedded_key: bool, fingerprints: dict[str, str] | None = None,
+                 anchors: Path | None = None) -> AuditedLedger:
+    """Verify one ledger or coordinator copy against the key (and head) the auditor pinned."""
+    from pmlm.common.privacy.ledger import LEDGER_PATH, verify_ledger
     from pmlm.common.privacy.report import AuditedLedger
-    from pmlm.common.privacy.signing import key_fingerprint
-    from pmlm.server.ledger_copy import COORDINATOR_KEY_PATH, SITE_KEYS_DIR, read_copy
+    from pmlm.common.privacy.signing import KeyFileError, key_fingerprint, public_key_from_b64
+    from pmlm.server.ledger_copy import COORDINATOR_KEY_PATH, SITE_KEYS_DIR, check_against_head, read_copy
 
+    if path.is_dir() and (path / LEDGER_PATH).is_file():  # a site directory
+        path = path / LEDGER_PATH
     if not path.is_file():
         raise CliError(f"no such ledger file: {path}")
+    fingerprints = fingerprints or {}
     first = _first_record(path)
     is_copy = "countersignature" in first
     site_entry = first.get("site_entry") if is_copy else first
     site_id = site_entry.get("site_id") if isinstance(site_entry, dict) else None
+    # Where a pinned key may come from, most explicit first. A site ledger's own SITE_DIR/keys is never one.
+    candidates = [("--public-key", overrides.get(site_id))]
+    if anchors is not None:
+        candidates.append(("the coordinator's registry", anchors / SITE_KEYS_DIR / f"{site_id}.pub"))
     if is_copy:
-        default_key = path.parent.parent / SITE_KEYS_DIR / f"{site_id}.pub"
-    else:
-        default_key = path.parents[len(LEDGER_PATH.parts) - 1] / (str(SITE_KEY_PATH) + ".pub")
-    key_file = overrides.get(site_id) if site_id in overrides else (default_key if default_key.is_file() else None)
+        candidates.append(("the copy's coordinator registry", path.parent.parent / SITE_KEYS_DIR / f"{site_id}.pub"))
+    source, key_file = next(((s, f) for s, f in candidates if f is not None and (s == "--public-key" or f.is_file())),
+                            (None, None))
     site_key = _load_key(key_file) if key_file else None
-    key_note = (f"signatures checked with trusted key {key_fingerprint(site_key)} from {key_file}" if site_key
-                else "no trusted key found: signatures checked only against the key embedded in the ledger")
     problems: list[str] = []
-    if site_key is None and not trust_embedded_key:
-        problems.append(f"no trusted public key for site {site_id!r} (looked for {default_key}); pass "
-                        f"--public-key {site_id}=FILE, or --trust-embedded-key to check consistency only")
+    pin = fingerprints.get(site_id)
+    if pin is not None:
+        try:
+            embedded = public_key_from_b64((site_entry or {}).get("public_key"))
+        except KeyFileError:
+            embedded = None
+        checked = site_key or embedded
+        if checked is None or not _fingerprint_matches(checked, pin):
+            problems.append(f"the ledger's key {key_fingerprint(checked) if checked else '(none)'} does not match "
+                            f"the pinned fingerprint {pin} of site {site_id!r}")
+        elif site_key is None:
+            site_key, source = embedded, f"--fingerprint {pin}"
+    if site_key is not None:
+        key_note = f"signatures checked with pinned key {key_fingerprint(site_key)} from {source}" + (
+            f" ({key_file})" if key_file else "")
+    else:
+        key_note = ("no pinned key: only internal consistency checked (signatures against the key embedded in "
+                    "the ledger, which whoever rewrote it could replace)")
+        if not trust_embedded_key:
+            problems.append(
+                f"no pinned key for site {site_id!r}: only the ledger's internal consistency was checked, not who "
+                f"wrote it; pin one with --public-key {site_id}=FILE, --fingerprint {site_id}=HEX or --anchors "
+                f"STATE_DIR, or pass --trust-embedded-key to accept a consistency-only check")
     if is_copy:
         coord_file = coordinator_key or path.parent.parent / (str(COORDINATOR_KEY_PATH) + ".pub")
         coord_key = _load_key(coord_file) if coordinator_key or coord_file.is_file() else None
@@ -152,6 +239,13 @@ def audit_ledger(path: Path, overrides: dict[str, Path], coordinator_key: Path |
         replay = verify_ledger(path, site_key)
         problems += [str(p) for p in replay.problems]
         kind = "site ledger"
+        if anchors is not None:
+            head, why = _anchored_head(anchors, site_id, coordinator_key)
+            why = why or check_against_head(replay.entries, head)
+            if why:
+                problems.insert(0, why)  # the headline: a truncated ledger is otherwise internally consistent
+            else:
+                key_note += f"; holds the head the coordinator anchored (entry {head['seq']})"
     if replay.genesis is None and not problems:
         problems.append("the ledger has no open entry")
     return AuditedLedger(path=path, kind=kind, replay=replay, problems=problems, key_note=key_note)
@@ -159,7 +253,10 @@ def audit_ledger(path: Path, overrides: dict[str, Path], coordinator_key: Path |
 
 def _audit_all(args: argparse.Namespace, trust_embedded_key: bool) -> list[AuditedLedger]:
     overrides = _key_overrides(args.public_key)
-    return [audit_ledger(p, overrides, args.coordinator_key, trust_embedded_key) for p in args.ledgers]
+    fingerprints = _fingerprint_pins(args.fingerprint)
+    anchors = _anchor_dir(args.anchors) if args.anchors is not None else None
+    return [audit_ledger(p, overrides, args.coordinator_key, trust_embedded_key, fingerprints, anchors)
+            for p in args.ledgers]
 
 
 def _describe(ledger: AuditedLedger) -> str:
@@ -170,7 +267,8 @@ def _describe(ledger: AuditedLedger) -> str:
     if replay.state is not None:
         for unit in ledger.units():
             spent = replay.state.spent(unit)
-            parts.append(f"{unit} ε={spent.pld:.4g} (RDP {spent.rdp:.4g}) at δ={replay.budget.delta:g}")
+            parts.append(f"{unit} ε={spent.pld:.4g} at δ={replay.budget.delta:g} (PLD, enforced; RDP bound "
+                         f"{spent.rdp:.4g}, looser, not enforced)")
     return ", ".join(parts)
 
 
