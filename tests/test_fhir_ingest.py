@@ -172,3 +172,92 @@ def test_memory_does_not_hold_previous_files(synthea_bundles, tmp_path):
     it = iter(reader)
     next(it)
     assert reader.files_read == 1
+
+
+# -- de-identification of notes: every name the record holds, and the usual patterns ---------------------
+
+PLANTED_NOTE = (
+    "Prenatal visit. Ann Lee seen with her husband Marcus Whitfield (phone 617-555-0143). "
+    "Referred by Dr. Vasquez of Riverside Women's Health Clinic, 200 Harbor Street, Quincy. "
+    "Lives at 41 Maple Avenue, Apt 2, Quincy MA 02169. MRN: QX99812 and SSN 999-12-3456. "
+    "Mother Ruth Okonkwo attended. Email marcus.w@example.net, portal https://ehr.example.org/p/1. "
+    "Seen on March 4, 2024 and 03/18/2024. Fundal height 24 cm, fetal heart tones present, "
+    "blood pressure 118/76, no proteinuria, brown discharge noted. Plan: glucose tolerance test."
+)
+
+
+def _identified_bundle():
+    patient = {"resourceType": "Patient", "id": "p1", "birthDate": "1990-05-01", "gender": "female",
+               "name": [{"given": ["Ann12"], "family": "Lee34"}],
+               "identifier": [{"system": "http://hospital.example/mrn", "value": "QX99812"}],
+               "address": [{"line": ["41 Maple Avenue"], "city": "Quincy", "state": "MA", "postalCode": "02169"}],
+               "telecom": [{"system": "phone", "value": "617-555-0199"}],
+               "contact": [{"relationship": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0131",
+                                                         "code": "N", "display": "Next-of-Kin"}]}],
+                            "name": {"given": ["Marcus"], "family": "Whitfield"},
+                            "telecom": [{"system": "phone", "value": "617-555-0143"}]}]}
+    mother = {"resourceType": "RelatedPerson", "id": "r1", "patient": {"reference": "urn:uuid:p1"},
+              "name": [{"given": ["Ruth"], "family": "Okonkwo"}]}
+    clinician = {"resourceType": "Practitioner", "id": "dr1",
+                 "name": [{"prefix": ["Dr."], "given": ["Eleanor"], "family": "Vasquez"}]}
+    clinic = {"resourceType": "Organization", "id": "org1", "name": "Riverside Women's Health Clinic",
+              "address": [{"line": ["200 Harbor Street"], "city": "Quincy", "state": "MA"}]}
+    encounter = {**ENCOUNTER, "subject": {"reference": "urn:uuid:p1"},
+                 "participant": [{"individual": {"reference": "Practitioner/dr1", "display": "Dr. Eleanor Vasquez"}}],
+                 "serviceProvider": {"reference": "Organization/org1", "display": "Riverside Women's Health Clinic"}}
+    note = {"resourceType": "DocumentReference", "id": "n1", "subject": {"reference": "urn:uuid:p1"},
+            "type": {"coding": [{"system": "http://loinc.org", "code": "34117-2", "display": "History and physical note"}]},
+            "date": "2024-03-18T10:00:00Z",
+            "content": [{"attachment": {"contentType": "text/plain",
+                                        "data": base64.b64encode(PLANTED_NOTE.encode()).decode()}}]}
+    return {"resourceType": "Bundle", "type": "collection",
+            "entry": [{"fullUrl": "urn:uuid:p1", "resource": patient}] +
+                     [{"resource": r} for r in (mother, clinician, clinic, encounter, note)]}
+
+
+def test_notes_lose_relatives_clinicians_organisations_addresses_and_identifiers(tmp_path):
+    from pmlm.common.prompt import PatientContext, PromptParams, render
+
+    (tmp_path / "b.json").write_text(json.dumps(_identified_bundle()))
+    (timeline,), quarantined = _read(tmp_path)
+    assert not quarantined
+    [note] = [e.value for e in timeline.events if e.kind == "note"]
+    prompt = render(PatientContext(notes=[note]), PromptParams(notes=True))
+    text = "\n".join(m["content"] for m in prompt.messages)
+    assert "<<record>>" in text or "Fundal height" in text  # the note is in the prompt
+    for planted in ("Ann", "Lee", "Marcus", "Whitfield", "Ruth", "Okonkwo", "Vasquez", "Riverside", "Women's Health",
+                    "Harbor", "Maple", "Quincy", "02169", "617-555", "QX99812", "999-12-3456", "marcus.w",
+                    "example.net", "ehr.example.org", "March 4", "2024"):
+        assert planted not in note, planted
+        assert planted not in text, planted
+    for kept in ("Prenatal visit", "husband", "Mother", "Fundal height 24 cm", "fetal heart tones present",
+                 "blood pressure 118/76", "no proteinuria", "brown discharge", "glucose tolerance test"):
+        assert kept in note, kept
+    assert "[name]" in note and "[organisation]" in note and "[address]" in note and "[date]" in note
+
+
+def test_pattern_scrubbing_without_a_record_to_name_names():
+    from pmlm.client.ingest.deidentify import scrub
+
+    text = ("Dr. Amara Patel called her daughter, Lucy, at (508) 555-0188 on 12 June 2023; "
+            "visit at 9 Elm Rd, Apt 4; PO Box 77; record number 4411820; see www.example.com. "
+            "Gestational diabetes screen normal; may resume walking; 120/80 at 36 weeks; Hb 11.2.")
+    cleaned = scrub(text)
+    for gone in ("Amara", "Patel", "Lucy", "555-0188", "12 June 2023", "Elm", "Box 77", "4411820", "example.com"):
+        assert gone not in cleaned, gone
+    for kept in ("daughter", "Gestational diabetes screen normal", "may resume walking", "120/80 at 36 weeks",
+                 "Hb 11.2"):
+        assert kept in cleaned, kept
+    assert scrub(cleaned) == cleaned  # scrubbing is stable: the tokens it writes are not scrubbed again
+
+
+def test_reference_displays_of_clinical_resources_stay_in_notes():
+    from pmlm.client.ingest.deidentify import RecordNames
+
+    names = RecordNames()
+    names.collect({"resourceType": "Encounter",
+                   "reasonReference": [{"reference": "urn:uuid:c1", "display": "Normal pregnancy"}],
+                   "participant": [{"individual": {"reference": "urn:uuid:d1", "display": "Priya Raman"}}],
+                   "serviceProvider": {"reference": "urn:uuid:o1", "display": "Lakeside Birth Centre"}})
+    cleaned = names.scrubber()("Normal pregnancy; Priya Raman from Lakeside Birth Centre; Dr. Raman agrees.")
+    assert cleaned == "Normal pregnancy; [name] from [organisation]; Dr. [name] agrees."

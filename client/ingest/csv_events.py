@@ -13,8 +13,13 @@ import io
 import math
 from typing import IO, Iterator
 
+from pmlm.client.ingest.deidentify import Scrubber
 from pmlm.client.ingest.fhir import ResourceError, parse_fhir_datetime
 from pmlm.common.schema import EVENT_KINDS, IDENTIFYING_OBSERVATIONS, Event, Quarantine, Timeline
+
+# An event table names no people: its notes lose what the identifying patterns find (dates, phones,
+# addresses, names after a title or a relation word); names only a FHIR record lists are removed there.
+_SCRUB_NOTE = Scrubber()
 
 REQUIRED_COLUMNS = ("patient_id", "time", "kind", "system", "code", "display", "value", "unit")
 OPTIONAL_COLUMNS = ("end", "encounter_class")
@@ -47,7 +52,7 @@ def _row_event(row: dict) -> Event:
             if not math.isfinite(value):  # "nan", "inf" and "1e999" parse as floats but are no measurement
                 raise ResourceError(f"value {raw!r:.40} is not finite")
         else:
-            value = raw
+            value = _SCRUB_NOTE(raw) if kind == "note" else raw
     return Event(when, kind, row["system"], row["code"], row["display"], value, row["unit"], end,
                  row.get("encounter_class") or "")
 

@@ -13,6 +13,9 @@ import re
 
 import orjson
 from datetime import datetime, timezone
+from typing import Callable
+
+from pmlm.client.ingest.deidentify import RecordNames, Scrubber
 from pmlm.common.schema import IDENTIFYING_OBSERVATIONS, Event, Quarantine, Timeline, concept_id
 
 # Resources we turn into events.
@@ -56,8 +59,8 @@ IGNORED_RESOURCES = frozenset(
 PLAUSIBLE_YEARS = (1800, 2200)
 _PARTIAL_DATE = re.compile(r"^[0-9]{4}(-[0-9]{2})?$")
 
-# Digit lookarounds rather than \b: a date glued to a word ("visit_2024-03-01") is still a date.
-_DATE_IN_TEXT = re.compile(r"(?<!\d)\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)?(?!\d)")
+# Notes scrubbed with what no record names: dates, phone numbers, addresses... (client/ingest/deidentify.py)
+_PATTERNS_ONLY = Scrubber()
 
 
 class ResourceError(ValueError):
@@ -119,15 +122,11 @@ def _first_time(resource: dict, *keys: str) -> datetime:
     raise ResourceError(f"no time ({' / '.join(keys)})")
 
 
-def _scrub_note(text: str, names: re.Pattern | None) -> str:
-    """Remove the patient's own name tokens and absolute dates from note text (kept on-site anyway)."""
-    if names is not None:
-        text = names.sub("[name]", text)
-    return _DATE_IN_TEXT.sub("[date]", text)
+def resource_events(resource: dict, scrub: Callable[[str], str] | None = None) -> list[Event]:
+    """One FHIR resource -> zero or more events. Raises ResourceError with the reason.
 
-
-def resource_events(resource: dict, names: re.Pattern | None = None) -> list[Event]:
-    """One FHIR resource -> zero or more events. Raises ResourceError with the reason."""
+    `scrub` de-identifies note text: the bundle's scrubber, which knows every name the bundle holds.
+    """
     rtype = resource["resourceType"]
     if rtype == "Encounter":
         system, code, display = _coding((resource.get("type") or [None])[0], "Encounter.type")
@@ -166,7 +165,7 @@ def resource_events(resource: dict, names: re.Pattern | None = None) -> list[Eve
     if rtype == "Observation":
         return _observation_events(resource)
     if rtype == "DocumentReference":
-        return [_note_event(resource, names)]
+        return [_note_event(resource, scrub or _PATTERNS_ONLY)]
     raise ResourceError(f"unsupported resource type {rtype}")
 
 
@@ -204,7 +203,7 @@ def _observation_value(holder: dict) -> tuple[float | str | None, str]:
     return None, ""
 
 
-def _note_event(resource: dict, names: re.Pattern | None) -> Event:
+def _note_event(resource: dict, scrub: Callable[[str], str]) -> Event:
     system, code, display = _coding(resource.get("type"), "DocumentReference.type")
     when = _first_time(resource, "date")
     content = resource.get("content")
@@ -216,27 +215,7 @@ def _note_event(resource: dict, names: re.Pattern | None) -> Event:
         raise ResourceError("DocumentReference has no attachment data") from None
     except (binascii.Error, ValueError):
         raise ResourceError("DocumentReference attachment is not base64 UTF-8 text") from None
-    return Event(when, "note", system, code, display, _scrub_note(text, names))
-
-
-def _patient_names(patient: dict) -> re.Pattern | None:
-    names = []
-    listed = patient.get("name")
-    for n in listed if isinstance(listed, list) else []:
-        if not isinstance(n, dict):
-            continue
-        given = n.get("given")
-        parts = (given if isinstance(given, list) else [given]) + [n.get("family")]
-        for part in parts:
-            if isinstance(part, str) and len(part) > 1:
-                names.append(part)
-                stripped = part.rstrip("0123456789")  # Synthea appends digits; notes may not
-                if stripped != part and len(stripped) > 1:
-                    names.append(stripped)
-    if not names:
-        return None
-    alternatives = "|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
-    return re.compile(rf"\b(?:{alternatives})\b", re.IGNORECASE)
+    return Event(when, "note", system, code, display, scrub(text))
 
 
 def bundle_timelines(bundle: object, source: str) -> tuple[list[Timeline], list[Quarantine]]:
@@ -252,7 +231,9 @@ def bundle_timelines(bundle: object, source: str) -> tuple[list[Timeline], list[
     resources = []
     patients: dict[str, Timeline] = {}
     refs: dict[str, str] = {}  # every way a resource may reference its patient -> patient id
-    names: dict[str, re.Pattern | None] = {}
+    # Every person, organisation, place and identifier named anywhere in the bundle, including the
+    # resources no event is made of (Practitioner, Organization, RelatedPerson...): notes mention them.
+    names = RecordNames()
     for i, entry in enumerate(entries):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
@@ -260,6 +241,7 @@ def bundle_timelines(bundle: object, source: str) -> tuple[list[Timeline], list[
             continue
         rtype = resource["resourceType"]
         label = f"{rtype}/{resource.get('id', f'entry {i}')}"
+        names.collect(resource)
         if rtype == "Patient":
             pid = resource.get("id")
             if not isinstance(pid, str) or not pid.strip():
@@ -274,7 +256,6 @@ def bundle_timelines(bundle: object, source: str) -> tuple[list[Timeline], list[
                 quarantined.append(Quarantine(source, f"Patient.birthDate: {exc}", label))
                 birth = None
             patients[pid] = Timeline(pid, birth, str(resource.get("gender", "")), source)
-            names[pid] = _patient_names(resource)
             for ref in (pid, f"Patient/{pid}", entry.get("fullUrl")):
                 if isinstance(ref, str) and ref:
                     refs[ref] = pid
@@ -287,6 +268,7 @@ def bundle_timelines(bundle: object, source: str) -> tuple[list[Timeline], list[
         quarantined.append(Quarantine(source, "Bundle has no Patient resource"))
         return [], quarantined
 
+    scrub = names.scrubber()
     only = next(iter(patients)) if len(patients) == 1 else None
     for label, resource in resources:
         subject = resource.get("subject") or resource.get("patient")
@@ -299,7 +281,7 @@ def bundle_timelines(bundle: object, source: str) -> tuple[list[Timeline], list[
             quarantined.append(Quarantine(source, f"subject {ref!r:.80} is not a Patient in this Bundle", label))
             continue
         try:
-            patients[pid].events.extend(resource_events(resource, names[pid]))
+            patients[pid].events.extend(resource_events(resource, scrub))
         except ResourceError as exc:
             quarantined.append(Quarantine(source, str(exc), label))
         except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:  # wrong JSON types deep inside
