@@ -46,8 +46,8 @@ def register(subparsers) -> None:
 
 def _add_endpoint_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file whose [llm] table configures the endpoint")
-    parser.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1 "
-                                           "(default: PMLM_LLM_BASE_URL, else the embedded server)")
+    parser.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. https://host:8000/v1 "
+                                           "(plain http on loopback only; default: PMLM_LLM_BASE_URL, else the embedded server)")
     parser.add_argument("--model", help="model name at that endpoint (default: PMLM_LLM_MODEL)")
     parser.add_argument("--api-key-env", help="environment variable holding the key "
                                               "(default: PMLM_LLM_API_KEY, then OPENAI_API_KEY)")
