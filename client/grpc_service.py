@@ -276,7 +276,8 @@ class _CallRecord:
 
     def __init__(self, site: SiteState, rpc: str, request, context):
         self.site, self.rpc = site, rpc
-        self.patient = "" if isinstance(request, MalformedRequest) else str(getattr(request, "patient_id", ""))[:MAX_PATIENT_ID]
+        asked_for = "" if isinstance(request, MalformedRequest) else str(getattr(request, "patient_id", ""))
+        self.patient = asked_for[:MAX_PATIENT_ID]
         self.caller = caller_of(context)
         if not site.authorises(self.caller):
             who = self.caller.subject or "a caller without a client certificate"
