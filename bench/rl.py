@@ -50,7 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epsilon", type=float, default=3.0, help="per site, all phases (phase A half; B and C share what composition leaves)")
     p.add_argument("--phase-c-rounds", type=int, default=c.rounds)
     p.add_argument("--phase-c-points", type=int, default=c.points_per_site)
-    p.add_argument("--phase-c-episodes", type=int, default=c.episodes_per_round, help="points per site per round")
+    p.add_argument("--phase-c-rate", type=float, default=c.sampling_rate,
+                   help="each training patient's chance to take part in a phase C round")
     p.add_argument("--max-tokens", type=int, default=c.max_tokens)
     p.add_argument("--rm-points", type=int, default=12, help="training points a round of the local RL comparison")
     p.add_argument("--rm-eval-points", type=int, default=36, help="other training points its refined prompts are scored on")
@@ -81,9 +82,9 @@ def ensure_phases(opts, sites: dict, site_dirs: dict) -> dict:
         timing = run_federation(opts, sites)
         print(f"  phase A {timing['phase_a']:.0f} s, B {timing['phase_b']:.0f} s, C {timing['phase_c']:.0f} s")
         for r, per_site in enumerate(timing["later"].get("phase_c", {}).get("per_round", [])):
-            rewards = ", ".join(f"{m['mean-reward']:.3f}" for m in per_site)
+            # Sites report no training reward any more (an exact per-site figure); the step is public.
             step = per_site[0].get("step-lr") if per_site else None
-            print(f"  phase C round {r + 1}: mean training reward per site {rewards}"
+            print(f"  phase C round {r + 1}: {len(per_site)} sites"
                   + (f", step size {step:.3g}" if step is not None else ""))
     blob = torch.load(next(iter(site_dirs.values())) / POLICY, weights_only=True)
     return blob.get("meta", {})
@@ -139,7 +140,7 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
     from pmlm.common.policy import PromptPolicy, initial_bias
     from pmlm.common.prompt import INITIAL, render
 
-    phase_c = PhaseCConfig(episodes_per_round=args.rm_points, max_tokens=args.max_tokens, lr=args.rm_lr)
+    phase_c = PhaseCConfig(points_per_site=args.rm_points, max_tokens=args.max_tokens, lr=args.rm_lr)
     assembler = PromptAssembler(SiteArtifacts.load(site_dir, profile))
     pool = training_points(assembler, examples, args.rm_points + args.rm_eval_points, seed=1)
     points, held = pool[:args.rm_points], pool[args.rm_points:]
@@ -231,7 +232,7 @@ def main() -> int:
     started = time.perf_counter()
     opts = PipelineOptions(data=args.data, workdir=args.workdir.resolve(), epsilon=args.epsilon,
                            max_test_points=args.points, phase_c_rounds=args.phase_c_rounds,
-                           phase_c_points=args.phase_c_points, phase_c_episodes=args.phase_c_episodes,
+                           phase_c_points=args.phase_c_points, phase_c_rate=args.phase_c_rate,
                            max_tokens=args.max_tokens, llm={"cache_dir": str(args.cache_dir.resolve())},
                            baselines_trained=False, progress=False)
     opts.workdir.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,7 @@ def build_site(workdir: Path) -> Path:
     print(f"building a site directory: reduced pmlm evaluate in {workdir} (a few minutes)", flush=True)
     done = subprocess.run([sys.executable, "-m", "pmlm", "evaluate", "--data", str(data), "--workdir",
                            str(workdir / "work"), "--json-out", str(workdir / "evaluate.json"), "--max-test-points", "4",
-                           "--rounds", "1", "--phase-c-rounds", "1", "--phase-c-episodes", "3", "--no-trained-baselines"],
+                           "--rounds", "1", "--phase-c-rounds", "1", "--phase-c-rate", "0.05", "--no-trained-baselines"],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"pmlm evaluate failed (exit {done.returncode}):\n{done.stderr[-3000:]}")

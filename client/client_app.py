@@ -4,13 +4,18 @@ Which site this node is: in a deployment, the SuperNode's node config names it
 (`--node-config "data-dir=/data/ehr site-dir=/srv/pmlm/site"`); in simulation, the run config's
 `data-root` (a consortium folder) and `workdir` plus the node's `partition-id` pick one hospital.
 
-What leaves the site: the updated weights (ArrayRecord) and site-level aggregates (MetricRecord:
-number of training patients, mean loss, steps, cumulative epsilon). Nothing per patient. Every reply
-of every handler (phases A, B and C) is first recorded in the site's egress log (client/egress.py).
+What leaves the site: the DP-trained weights (ArrayRecord) and public figures (MetricRecord: a FedAvg
+weight of 1, the public step count, the cumulative epsilon and noise multiplier). Nothing per patient,
+no exact count (the README's threat model lists every field). Every reply of every handler (phases A,
+B and C) is first recorded in the site's egress log (client/egress.py).
+
+The site's own policy (client/site_policy.py) decides what it answers: a request outside it raises
+PolicyRefusal, which `policy_guard` records as a signed ledger line before the error reply leaves.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -20,7 +25,9 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 from pmlm.client.phase_a import PhaseAConfig, SitePhaseA, run_config_of
 from pmlm.client.egress import record_egress
-from pmlm.client.sites import site_location
+from pmlm.client.site_policy import PolicyRefusal, SitePolicy
+from pmlm.client.sites import SiteLocation, site_location
+from pmlm.common.privacy.ledger import SiteLedger
 
 PLAN_RECORD = "phase-a-plan"
 _SITES: dict[tuple[str, str], SitePhaseA] = {}  # per node process: (site dir, run) -> loaded site
@@ -37,12 +44,57 @@ def hospital_dp_clipping(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-def site_for(context: Context, cfg: PhaseAConfig) -> SitePhaseA:
+def site_policy(context: Context) -> tuple[SiteLocation, SitePolicy]:
+    """Which hospital this node is, and its own privacy policy (node config and site.json, never the run)."""
     where = site_location(context.node_config, run_config_of(context.run_config))
-    key = (str(where.site_dir), cfg.run_name)
+    return where, SitePolicy.load(where.site_dir, context.node_config)
+
+
+def site_for(context: Context, cfg: PhaseAConfig) -> SitePhaseA:
+    """The site's phase-A state for this run; raises PolicyRefusal for a run outside the site's policy."""
+    where, policy = site_policy(context)
+    key = (str(where.site_dir), policy.check_run_id(cfg.run_name))
     if key not in _SITES:
-        _SITES[key] = SitePhaseA(where.site_id, where.data_dir, where.site_dir, cfg)
+        _SITES[key] = SitePhaseA(where.site_id, where.data_dir, where.site_dir, cfg, policy=policy)
     return _SITES[key]
+
+
+def record_refusal(context: Context, phase: str, request: dict, refusal: PolicyRefusal) -> dict:
+    """The refusal as a signed line in the site's ledger (nothing was computed, nothing else leaves)."""
+    where, policy = site_policy(context)
+    ledger = SiteLedger(where.site_dir, where.site_id, policy.budget())
+    round_ = request.get("server-round", request.get("round"))
+    return ledger.refuse_request(phase, request, refusal.limit, str(refusal),
+                                 round=round_ if isinstance(round_, int) and round_ >= 0 else None)
+
+
+def request_summary(config) -> dict:
+    """What the coordinator asked for, as the ledger keeps it: its scalar settings (long text cut short)."""
+    out = {}
+    for key, value in dict(config or {}).items():
+        if isinstance(value, bool) or isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
+            out[str(key)] = value
+        elif isinstance(value, str):
+            out[str(key)] = value[:200]
+    return out
+
+
+def policy_guard(phase: str):
+    """Wrap a handler: a request the site's policy refuses is recorded in its ledger, then answered with an
+    error that names the limit (Flower turns the exception into the error reply)."""
+    def wrap(handler):
+        @functools.wraps(handler)
+        def guarded(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except PolicyRefusal as refusal:
+                asked = {**request_summary(msg.content.config_records.get("phase_a")),
+                         **request_summary(msg.content.config_records.get("config")),
+                         "message_type": msg.metadata.message_type}
+                record_refusal(context, phase, asked, refusal)
+                raise
+        return guarded
+    return wrap
 
 
 def _weights(msg: Message) -> dict[str, torch.Tensor]:
@@ -50,6 +102,7 @@ def _weights(msg: Message) -> dict[str, torch.Tensor]:
 
 
 @app.train(mods=[hospital_dp_clipping])
+@policy_guard("phase_a")
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = PhaseAConfig.from_record(config)
@@ -63,14 +116,19 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@policy_guard("phase_a")
 def evaluate(msg: Message, context: Context) -> Message:
+    """Exact metrics are a query on the site's records: answered only if its policy says so (off by default)."""
     config = msg.content["config"]
+    split = str(config.get("split", "val"))
+    site_policy(context)[1].check_evaluate(split)
     cfg = PhaseAConfig.from_record(config)
-    metrics = site_for(context, cfg).evaluate(_weights(msg), split=str(config.get("split", "val")))
+    metrics = site_for(context, cfg).evaluate(_weights(msg), split=split)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.query("store_model")
+@policy_guard("phase_a")
 def store_model(msg: Message, context: Context) -> Message:
     """Keep the final global model at the site, next to the ledger entry that released it."""
     config = msg.content["config"]

@@ -129,12 +129,14 @@ class PhaseBSite:
     Without a ledger it computes the exact statistics only (a benchmark's no-DP reference) and releases nothing."""
 
     def __init__(self, ledger: SiteLedger | None, examples: list[Example], embeddings: np.ndarray, concepts: list[str],
-                 config: PhaseBConfig, run_id: str, rng: np.random.Generator | None = None):
+                 config: PhaseBConfig, run_id: str, rng: np.random.Generator | None = None,
+                 phase_cap: float | None = None):
         if len(examples) != len(embeddings):
             raise ValueError("one embedding per example")
         self.ledger = ledger
         self.config = config
         self.run_id = run_id
+        self.phase_cap = phase_cap  # at most what the run asked for (the site's policy caps the phase itself)
         self.rng = rng or np.random.default_rng()
         self.concepts = concepts
         self.embeddings = np.asarray(embeddings, dtype=float)
@@ -148,7 +150,7 @@ class PhaseBSite:
         if self._sigma is None:
             releases = self.config.releases
             self._sigma = self.ledger.calibrate(
-                PHASE, lambda s: [GaussianRelease(s, 1.0, releases=releases)])
+                PHASE, lambda s: [GaussianRelease(s, 1.0, releases=releases)], phase_cap=self.phase_cap)
         return self._sigma
 
     def bound(self, kind: str) -> float:
@@ -165,9 +167,11 @@ class PhaseBSite:
             stats, counts = kmeans_stats(vectors, self.patients, centroids, self.bound(kind))
         return np.concatenate([stats, counts[:, None]], axis=1)
 
-    def release(self, kind: str, centroids: np.ndarray, round: int, centre: np.ndarray | None) -> NoisyRelease:
+    def release(self, kind: str, centroids: np.ndarray, round: int, centre: np.ndarray | None,
+                group: tuple[int, ...] | None = None, other_group_allowed: bool = False) -> NoisyRelease:
         """Check the budget, then draw the noise, then record: a refused release draws nothing. The same
-        round asked for again with the same request (a retried secure sum) gets the same release."""
+        round asked for again with the same request by the same secure-sum `group` (a retried secure sum)
+        gets the same release (common/privacy/kept.py)."""
         mechanism = GaussianRelease(self.noise_multiplier(), self.bound(kind))
         exact = self.stats(kind, centroids, centre)
 
@@ -176,5 +180,6 @@ class PhaseBSite:
 
         request = request_digest(centroids, np.zeros(0) if centre is None else centre)
         noisy, entry = release_once(self.ledger, PHASE, mechanism, draw, round=round, run_id=self.run_id,
-                                    request=request, extra={"release": kind}, noise_source=NOISE_SOURCE)
+                                    request=request, extra={"release": kind}, noise_source=NOISE_SOURCE,
+                                    group=group, other_group_allowed=other_group_allowed)
         return NoisyRelease(noisy, entry)

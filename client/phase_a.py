@@ -3,10 +3,13 @@
 Flower-free on purpose (client_app.py turns messages into these calls), so the same code runs under
 Flower's simulation engine, the in-process test harness and a real deployment.
 
-Privacy: the noise multiplier is calibrated once per run from what is left of the site's phase-A
-budget for the whole planned run (rounds x local steps); each local round is priced before any
-noise is drawn (`SiteLedger.check`, which records a refusal and raises if it does not fit) and,
-after training, recorded with the parameters Opacus actually used, before the weights are returned.
+Privacy: the site's own policy (client/site_policy.py) fixes the ledger's budget; the run config can
+only ask for less, and a run outside the policy (non-private, more epsilon, another delta) is refused
+before anything is trained. The noise multiplier is calibrated once per run from what is left of the
+phase-A cap for the whole planned run (rounds x local steps), with the sampling rate and step count
+from public numbers (never the site's patient count). Each local round is priced, trained and
+recorded under one ledger lock (`SiteLedger.release`): a round that does not fit is refused (and the
+refusal recorded) before any training, and the entry is written before the weights are returned.
 A site killed while training has no entry for that round; one killed after recording keeps an entry
 for weights that never left (over-counted, never under-counted). A round of a run asked for again is
 refused by the ledger (`AlreadyReleased`) before anything is trained: it is never charged twice.
@@ -29,11 +32,11 @@ import torch
 
 from pmlm.client.examples import Example
 from pmlm.client.features import FeatureEncoder, PatientDataset
+from pmlm.client.site_policy import SitePolicy
 from pmlm.client.sites import load_site
 from pmlm.client.train import TrainSettings, dp_plan, model_state, predict, ranking_metrics, train_local
 from pmlm.common.atomic import write_atomic
 from pmlm.common.model import NextEventRecommender, RecommenderConfig, recommender_config
-from pmlm.common.privacy.budget import BudgetConfig, composed_caps
 from pmlm.common.privacy.events import DpSgd
 from pmlm.common.privacy.ledger import SiteLedger
 from pmlm.common.profiles import TaskProfile, load_profile
@@ -42,10 +45,6 @@ from pmlm.common.profiles import TaskProfile, load_profile
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 PHASE = "phase_a"
-# Fractions of a site's total epsilon (phase B: DP prototypes and peer histograms; phase C: the RL policy).
-# Only phase A's is a cap: a run that gives `epsilon` (phase A's cap) but no total has a total of
-# epsilon / 0.5, and B and C get what composition leaves (PhaseAConfig.budget), more than a quarter each.
-DEFAULT_SHARES = {"phase_a": 0.5, "phase_b": 0.25, "phase_c": 0.25}
 NOISE_SOURCE = "torch default generator, seeded from os.urandom (Opacus secure_mode off: torchcsprng unavailable)"
 MODEL_DIR = Path("phase_a") / "models"
 
@@ -56,13 +55,15 @@ class PhaseAConfig:
 
     rounds: int = 5
     local_epochs: int = 2
-    batch_size: int = 50  # expected patients per step: a sampling rate of 1/3 to 1/2 at ~100 patients a site
+    batch_size: int = 50  # patients per step of non-private training
+    sampling_rate: float = 0.5  # DP-SGD's public Poisson rate (about 50 of the sample sites' ~100 training patients)
     lr: float = 0.3  # non-private training (Adam)
     optimizer: str = "adam"  # non-private training; DP-SGD always runs plain SGD at dp_lr (client/train.py says why)
     dp_lr: float = 10.0  # DP-SGD; clipped per-patient gradients are small, so the step is large
-    epsilon: float = 3.0  # phase A's epsilon per site (patient-level); <= 0 means non-private (benchmarks only)
+    # What the run asks of each site; a site's own policy caps all three (client/site_policy.py).
+    epsilon: float = 1.5  # phase A's epsilon per site (patient-level); <= 0 asks for a non-private run
     delta: float = 1e-5
-    epsilon_total: float = 0.0  # the site's whole budget; 0 means epsilon / DEFAULT_SHARES["phase_a"]
+    epsilon_total: float = 0.0  # the whole budget the run asks for; 0 means epsilon / the site's phase-A share
     patient_clip: float = 0.3  # below every patient's gradient norm at the start (~0.5-3 on the sample)
     points_per_patient: int = 32
     profile: str = "obgyn"
@@ -74,16 +75,6 @@ class PhaseAConfig:
     def private(self) -> bool:
         return self.epsilon > 0
 
-    def budget(self) -> BudgetConfig:
-        """Phase A's cap is `epsilon`; phases B and C share equally what is left once composition is counted
-        (`composed_caps`): at a budget of 3 with phase A at 1.5, 1.68 each, and the site can spend 2.95 in
-        all, where splitting epsilon itself (0.75 each) let it spend only 1.9."""
-        total = self.epsilon_total or self.epsilon / DEFAULT_SHARES[PHASE]
-        if self.epsilon >= total * (1 - 1e-9):
-            return BudgetConfig(epsilon_total=total, delta=self.delta, shares={PHASE: 1.0})
-        caps = composed_caps(total, self.delta, {PHASE: self.epsilon}, ("phase_b", "phase_c"))
-        return BudgetConfig(epsilon_total=total, delta=self.delta, shares={p: c / total for p, c in caps.items()})
-
     def model_config(self, profile: TaskProfile) -> RecommenderConfig:
         return recommender_config(profile, dim=self.dim, max_history=self.max_history)
 
@@ -91,7 +82,7 @@ class PhaseAConfig:
         """One local round's settings: DP-SGD (plain SGD, clipped) when private, else the configured optimizer."""
         settings = TrainSettings(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
                                  optimizer=self.optimizer, points_per_patient=self.points_per_patient,
-                                 clipping_norm=self.patient_clip, seed=seed)
+                                 clipping_norm=self.patient_clip, sampling_rate=self.sampling_rate, seed=seed)
         if self.private:
             settings.optimizer, settings.lr = "sgd", self.dp_lr
         return settings
@@ -129,16 +120,23 @@ def site_examples(data_dir: Path, site_id: str, profile: TaskProfile) -> list[Ex
 
 class SitePhaseA:
     def __init__(self, site_id: str, data_dir: Path, site_dir: Path, cfg: PhaseAConfig,
-                 examples: list[Example] | None = None):
+                 examples: list[Example] | None = None, policy: SitePolicy | None = None):
         self.site_id, self.site_dir, self.cfg = site_id, Path(site_dir), cfg
+        self.policy = policy or SitePolicy.load(self.site_dir)
+        # Raises PolicyRefusal for a run that asks for more than the policy allows (before any record is read).
+        self.caps = self.policy.run_caps(cfg.epsilon, cfg.epsilon_total, cfg.delta)
         self.profile = load_profile(cfg.profile)
         self.examples = examples if examples is not None else site_examples(data_dir, site_id, self.profile)
         self.encoder = FeatureEncoder(self.profile, cfg.max_history)
         self.train_set = PatientDataset([e for e in self.examples if e.split == "train"], self.encoder,
                                         cfg.points_per_patient, seed=secrets.randbits(32))
 
+    @property
+    def private(self) -> bool:
+        return bool(self.caps)  # empty only for a non-private run the site's policy allows
+
     def ledger(self, run_id: str) -> SiteLedger:
-        return SiteLedger(self.site_dir, self.site_id, self.cfg.budget(), run_id=run_id)
+        return SiteLedger(self.site_dir, self.site_id, self.policy.budget(), run_id=run_id)
 
     def model_from(self, weights: dict[str, torch.Tensor]) -> NextEventRecommender:
         model = new_model(self.cfg, self.profile)
@@ -149,12 +147,13 @@ class SitePhaseA:
         """The run's DP-SGD plan, calibrated on the first round and kept (in `state`) for the others."""
         if state.get("run") == run_id and "noise_multiplier" in state:
             return state
-        q, steps = dp_plan(len(self.train_set), self.cfg.batch_size, self.cfg.local_epochs)
+        q, steps = dp_plan(self.cfg.sampling_rate, self.cfg.local_epochs)
         ledger = self.ledger(run_id)
-        sigma = ledger.calibrate(PHASE, lambda s: [DpSgd(s, q, steps, self.cfg.patient_clip)] * self.cfg.rounds)
+        sigma = ledger.calibrate(PHASE, lambda s: [DpSgd(s, q, steps, self.cfg.patient_clip)] * self.cfg.rounds,
+                                 phase_cap=self.caps[PHASE])
         plan = {"run": run_id, "noise_multiplier": sigma, "sampling_rate": q, "steps_per_round": steps,
                 "rounds": self.cfg.rounds, "patient_clip": self.cfg.patient_clip,
-                "phase_epsilon_cap": self.cfg.budget().phase_cap(PHASE), "opacus_history": []}
+                "phase_epsilon_cap": self.caps[PHASE], "opacus_history": []}
         write_atomic(self.site_dir / "phase_a" / f"plan-{run_id}.json", json.dumps(plan, indent=2))
         state.clear()
         state.update(plan)
@@ -168,29 +167,39 @@ class SitePhaseA:
         """
         model = self.model_from(weights)
         settings = self.cfg.train_settings(seed=secrets.randbits(63))
-        metrics: dict[str, float] = {"num-examples": float(len(self.train_set))}
-        if not self.cfg.private:
+        # Every site weighs the same in FedAvg: its patient count is not public (see the README's threat model).
+        metrics: dict[str, float] = {"num-examples": 1.0}
+        if not self.private:
             report = train_local(model, self.train_set, settings)
+            metrics["train-loss"] = report.loss  # a non-private run (the site's own benchmark) hides nothing
         else:
             plan = self.plan(run_id, state)
             settings.noise_multiplier = plan["noise_multiplier"]
             planned = DpSgd(plan["noise_multiplier"], plan["sampling_rate"], plan["steps_per_round"],
                             plan["patient_clip"])
-            ledger = self.ledger(run_id)
-            ledger.check(PHASE, planned, round=server_round, population_size=len(self.train_set))
-            report = train_local(model, self.train_set, settings, opacus_history=plan["opacus_history"])
-            used = DpSgd(report.noise_multiplier, report.sample_rate, report.steps, report.clipping_norm)
-            opacus_eps = _opacus_epsilon(report.opacus_history, self.cfg.delta)
-            entry = ledger.record(PHASE, used, round=server_round, population_size=len(self.train_set),
-                                  noise_source=NOISE_SOURCE,
-                                  extra={"opacus_rdp_epsilon": opacus_eps, "local_epochs": self.cfg.local_epochs,
-                                         "expected_batch_size": self.cfg.batch_size})
+            population = self.policy.population_size(len(self.train_set))
+
+            def train_with_noise():  # under the ledger's lock: priced before, recorded right after
+                report = train_local(model, self.train_set, settings, opacus_history=plan["opacus_history"])
+                used = DpSgd(report.noise_multiplier, report.sample_rate, report.steps, report.clipping_norm)
+                if used != planned:  # the ledger must describe exactly what Opacus did
+                    raise RuntimeError(f"DP-SGD ran {used}, the ledger priced {planned}; nothing is released")
+                return report
+
+            # Opacus's own accountant after this round: a cross-check known before training (public numbers only).
+            history = [*plan["opacus_history"], [planned.noise_multiplier, planned.sampling_rate, planned.steps]]
+            report, entry = self.ledger(run_id).release(
+                PHASE, planned, train_with_noise, round=server_round, population_size=population,
+                noise_source=NOISE_SOURCE,
+                extra={"opacus_rdp_epsilon": _opacus_epsilon(history, self.policy.delta),
+                       "local_epochs": self.cfg.local_epochs, "sampling": "poisson at a public rate"})
             state["opacus_history"] = report.opacus_history
             metrics.update({"epsilon": entry["phase_epsilon"], "noise-multiplier": report.noise_multiplier})
-        metrics.update({"train-loss": report.loss, "local-steps": float(report.steps)})
+        metrics["local-steps"] = float(report.steps)
         return model_state(model), metrics
 
     def evaluate(self, weights: dict[str, torch.Tensor], split: str = "val") -> dict[str, float]:
+        """Exact metrics of `weights` on a split: on-site use only; the ClientApp asks the policy first."""
         examples = [e for e in self.examples if e.split == split and e.targets]
         model = self.model_from(weights)
         metrics = ranking_metrics(predict(model, examples, self.encoder), examples, self.encoder)
@@ -205,7 +214,7 @@ class SitePhaseA:
         folder = self.site_dir / MODEL_DIR / f"{run_id}-r{server_round:03d}"
         write_atomic(folder / "model.pt", blob)
         release = None
-        if self.cfg.private:
+        if self.private:
             entries = [e for e in self.ledger(run_id).entries()
                        if e["kind"] == "release" and e["phase"] == PHASE and e["run_id"] == run_id
                        and e["round"] == server_round]
@@ -216,7 +225,7 @@ class SitePhaseA:
         manifest = {
             "phase": PHASE, "run_id": run_id, "round": server_round, "site_id": self.site_id,
             "model_sha256": digest, "profile": self.profile.name, "model_config": self.cfg.model_config(self.profile).to_dict(),
-            "private": self.cfg.private, "ledger_release": release,
+            "private": self.private, "ledger_release": release,
         }
         write_atomic(folder / "manifest.json", json.dumps(manifest, indent=2))
         write_atomic(self.site_dir / "phase_a" / "current.json",

@@ -31,26 +31,29 @@ def embed_examples(model, encoder, examples: list[Example], batch_size: int = 25
 
 class SitePhaseB:
     def __init__(self, site_id: str, site_dir: Path, examples: list[Example], config: PhaseBConfig, run_id: str,
-                 budget: BudgetConfig | None = None):
+                 budget: BudgetConfig | None = None, phase_cap: float | None = None):
         from pmlm.client.phase_a import load_global_model
 
         self.site_id, self.site_dir, self.run_id = site_id, Path(site_dir), run_id
         model, encoder, _ = load_global_model(self.site_dir)
         chosen = [ex for ex in examples if ex.split in PEER_SPLITS]
-        ledger = SiteLedger(self.site_dir, site_id, None if (self.site_dir / "ledger").exists() else budget)
+        ledger = SiteLedger(self.site_dir, site_id, budget)
         concepts = [c.id for c in encoder.profile.concepts]
-        self.site = PhaseBSite(ledger, chosen, embed_examples(model, encoder, chosen), concepts, config, run_id)
+        self.site = PhaseBSite(ledger, chosen, embed_examples(model, encoder, chosen), concepts, config, run_id,
+                               phase_cap=phase_cap)
         # The noise is calibrated once per run; a node that runs each message in a fresh process (the
         # Deployment Engine) must find the same plan, not re-calibrate on what is left after round 1.
         self.plan_path = self.site_dir / "phase_b" / f"plan-{run_id}.json"
         if self.plan_path.exists():
             self.site._sigma = float(json.loads(self.plan_path.read_text())["noise_multiplier"])
 
-    def release(self, kind: str, centroids: np.ndarray, round: int, centre: np.ndarray | None) -> NoisyRelease:
+    def release(self, kind: str, centroids: np.ndarray, round: int, centre: np.ndarray | None,
+                **group) -> NoisyRelease:
+        """`group`: the secure-sum group and whether another may get a kept release (PhaseBSite.release)."""
         if not self.plan_path.exists():
             write_atomic(self.plan_path, json.dumps({"run_id": self.run_id,
                                                      "noise_multiplier": self.site.noise_multiplier()}))
-        return self.site.release(kind, centroids, round, centre)
+        return self.site.release(kind, centroids, round, centre, **group)
 
 
 

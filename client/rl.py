@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,7 +30,8 @@ from pmlm.client.examples import Example
 from pmlm.client.llm.cache import cache_key
 from pmlm.client.reward import ConceptMatcher, RewardWeights, score_answer
 from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, action_onehot, action_tensor, trained_mask
-from pmlm.common.privacy import GaussianRelease, SiteLedger
+from pmlm.common.privacy import SiteLedger
+from pmlm.common.privacy.events import Mechanism
 from pmlm.common.privacy.kept import release_once, request_digest
 from pmlm.common.prompt import PatientContext, PromptParams, render
 
@@ -114,6 +116,9 @@ class LocalRL:
         self.weights = weights
         self.random = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
+        # Released rounds draw each patient's prompts from a generator of her own (phase C sets this), so
+        # her episodes do not depend on who else was visited before her.
+        self.draw_seed: Callable[[Point], int] | None = None
         self.log: list[Episode] = []
         self.requests: set[str] = set()  # keys of the distinct requests this run sent (a cold cache's misses)
         self.reward_model = RewardModel() if config.use_reward_model else None
@@ -135,7 +140,8 @@ class LocalRL:
 
     def _draw(self, point: Point, n: int) -> list[PromptParams]:
         """Up to n distinct prompts from the policy at the exploration temperature (fewer if it is peaked)."""
-        drawn = self.policy.sample(point.state, self.generator, n=n, temperature=self.config.explore_temperature)
+        generator = self.generator if self.draw_seed is None else torch.Generator().manual_seed(self.draw_seed(point))
+        drawn = self.policy.sample(point.state, generator, n=n, temperature=self.config.explore_temperature)
         return list(dict.fromkeys(drawn))
 
     def choose(self, point: Point) -> list[PromptParams]:
@@ -216,11 +222,15 @@ class LocalRL:
             total += (g * min(1.0, self.config.clip / max(float(g.norm()), 1e-12))).numpy()
         return total
 
-    def noisy_update(self, episodes: list[Episode], ledger: SiteLedger, noise_multiplier: float,
-                     rng: np.random.Generator, *, round: int, run_id: str) -> tuple[np.ndarray, dict]:
-        """Clip each patient's gradient, sum, add noise after the ledger allows it; the only thing sent."""
+    def noisy_update(self, episodes: list[Episode], ledger: SiteLedger, mechanism: Mechanism,
+                     rng: np.random.Generator, *, round: int, run_id: str,
+                     **group) -> tuple[np.ndarray, dict]:
+        """Clip each patient's gradient, sum, add noise after the ledger allows it; the only thing sent.
+        `mechanism` describes the release (its noise std is noise multiplier x clip)."""
+        sensitivity = getattr(mechanism, "clipping_norm", getattr(mechanism, "l2_sensitivity", None))
+        if sensitivity != self.config.clip:
+            raise ValueError(f"the release's sensitivity ({sensitivity}) must be the per-patient clip ({self.config.clip})")
         total = self.clipped_sum(episodes)
-        mechanism = GaussianRelease(noise_multiplier, self.config.clip)
 
         def draw() -> np.ndarray:  # weights the update does not move are sent as exact zeros, noise-free
             return total + rng.normal(0.0, mechanism.noise_stddev, size=total.shape) * self.mask.numpy()
@@ -228,7 +238,7 @@ class LocalRL:
         # A round asked for again (a retried secure sum) resends this release: the request is the policy it had.
         policy = torch.nn.utils.parameters_to_vector(self.policy.parameters()).detach().numpy()
         return release_once(ledger, PHASE, mechanism, draw, round=round, run_id=run_id, request=request_digest(policy),
-                            extra={"release": "policy_gradient_sum"}, noise_source=NOISE_SOURCE)
+                            extra={"release": "policy_gradient_sum"}, noise_source=NOISE_SOURCE, **group)
 
 
 def n_parameters(model: nn.Module) -> int:

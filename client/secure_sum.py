@@ -40,6 +40,15 @@ VectorFn = Callable[[dict, Context, dict[str, np.ndarray]], VectorResult]
 _TASKS: dict[str, VectorFn] = {}
 # Set only while Flower's SecAgg+ mod is running, so the FitRes handler can refuse to answer outside it.
 _INSIDE_SECAGG: contextvars.ContextVar[bool] = contextvars.ContextVar("pmlm_inside_secagg", default=False)
+# The node ids of the SecAgg+ group the vector being computed goes to (None: a plain sum).
+_GROUP: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("pmlm_secagg_group", default=None)
+SECAGG_STATE_KEY = "secaggplus_state"  # where Flower's mod keeps its per-node state (context.state)
+
+
+def secure_sum_group() -> tuple[int, ...] | None:
+    """While a vector task runs under SecAgg+: the node ids that exchanged keys for this sum, as this site saw
+    them in the protocol (not the coordinator's word). None for a plain sum."""
+    return _GROUP.get()
 
 
 class SecureSumRangeError(ValueError):
@@ -110,7 +119,14 @@ def answer_secure_sum(msg: Message, context: Context, tasks: dict[str, VectorFn]
     if not _INSIDE_SECAGG.get():
         raise RuntimeError("answer_secure_sum must run under secure_sum_mod; refusing to send an unmasked vector")
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
-    vector, metrics, meta = _compute(tasks, dict(fitins.config), parameters_to_ndarrays(fitins.parameters), context)
+    state = context.state.config_records.get(SECAGG_STATE_KEY)
+    group = tuple(sorted(int(n) for n in state.get("public_keys_dict:K", []))) if state is not None else ()
+    token = _GROUP.set(group)
+    try:
+        vector, metrics, meta = _compute(tasks, dict(fitins.config), parameters_to_ndarrays(fitins.parameters),
+                                         context)
+    finally:
+        _GROUP.reset(token)
     clip = float(meta["clip"])
     if np.max(np.abs(vector), initial=0.0) > clip:
         # Flower's quantiser would clip silently and the total would be wrong without anyone noticing.
@@ -121,10 +137,13 @@ def answer_secure_sum(msg: Message, context: Context, tasks: dict[str, VectorFn]
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def answer_plain_sum(msg: Message, context: Context, tasks: dict[str, VectorFn] = _TASKS) -> Message:
-    """Plain DP sum: the site's noised vector goes to the coordinator as it is."""
+def answer_plain_sum(msg: Message, context: Context, tasks: dict[str, VectorFn] = _TASKS,
+                     check_plain: Callable[[Context], None] | None = None) -> Message:
+    """Plain DP sum: the site's noised vector goes to the coordinator as it is (if the site allows it)."""
     if bool(context.node_config.get(REQUIRE_SECURE_NODE_KEY, False)):
         raise PermissionError("this site only releases vectors under secure aggregation")
+    if check_plain is not None:
+        check_plain(context)  # raises to refuse, before anything is computed
     arrays = msg.content.array_records.get("arrays")
     vector, metrics, _ = _compute(tasks, dict(msg.content["config"]), arrays.to_numpy_ndarrays() if arrays else [],
                                   context)
@@ -132,11 +151,13 @@ def answer_plain_sum(msg: Message, context: Context, tasks: dict[str, VectorFn] 
     return Message(content, reply_to=msg)
 
 
-def attach_secure_sum(app: ClientApp) -> ClientApp:
+def attach_secure_sum(app: ClientApp, check_plain: Callable[[Context], None] | None = None) -> ClientApp:
     """Register both sum handlers on the site's ClientApp (SecAgg+ stages and plain sums).
+
+    `check_plain(context)` raises when the site refuses plain (unmasked) sums, e.g. by its privacy policy.
 
     The handlers hold the registry itself, not a module global, so a ClientApp object pickled into other
     processes (Flower's Ray simulation) still knows every task registered before it was sent."""
     app.train(SECURE_ACTION, mods=[secure_sum_mod])(functools.partial(answer_secure_sum, tasks=_TASKS))
-    app.query(PLAIN_ACTION)(functools.partial(answer_plain_sum, tasks=_TASKS))
+    app.query(PLAIN_ACTION)(functools.partial(answer_plain_sum, tasks=_TASKS, check_plain=check_plain))
     return app

@@ -30,6 +30,8 @@ class SiteConfig:
     llm: dict = field(default_factory=dict)
     # Client certificate subjects (RFC 4514) `pmlm serve` admits; empty: the site's own CN=pmlm-client-SITE.
     allowed_clients: list = field(default_factory=list)
+    # The site's own privacy policy (client/site_policy.py); empty: its defaults (epsilon 3, everything closed).
+    privacy: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, site_dir: Path) -> "SiteConfig":
@@ -41,7 +43,8 @@ class SiteConfig:
             raw = json.loads(path.read_text())
             config = cls(site_id=str(raw["site_id"]), data_dir=str(raw["data_dir"]),
                          profile=str(raw.get("profile", "obgyn")), llm=dict(raw.get("llm") or {}),
-                         allowed_clients=_subjects(raw.get("allowed_clients")))
+                         allowed_clients=_subjects(raw.get("allowed_clients")),
+                         privacy=dict(raw.get("privacy") or {}))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise SiteConfigError(f"{path}: malformed site configuration ({exc})") from None
         data = Path(config.data_dir)

@@ -40,16 +40,19 @@ class SiteLocation:
 def site_location(node_config: dict, run_config: dict) -> SiteLocation:
     """Which hospital a Flower node is, from its node config and the run config.
 
-    In a deployment the SuperNode's node config names it (`data-dir`, optional `site-id` and `site-dir`);
-    in simulation the run config's `data-root` (a consortium folder) and `workdir` plus the node's
-    `partition-id` pick one hospital.
+    In a deployment the SuperNode's node config names it (`data-dir` and `site-dir`, optional `site-id`): the
+    site directory holds its ledger and budget, so it never comes from the coordinator's run config (a
+    `workdir` it picked would be a fresh ledger with a fresh budget). In simulation the run config's
+    `data-root` (a consortium folder) and `workdir` plus the node's `partition-id` pick one hospital.
     """
     workdir = Path(str(run_config.get("workdir", "pmlm-work")))
     if "data-dir" in node_config:
+        if "site-dir" not in node_config:
+            raise ValueError("this node's config names its data-dir but no site-dir: a hospital's ledger, keys and "
+                             "budget live in a directory its own operator names (--node-config \"site-dir=...\")")
         data_dir = Path(str(node_config["data-dir"]))
         site_id = str(node_config.get("site-id", data_dir.name))
-        site_dir = Path(str(node_config.get("site-dir", workdir / "sites" / site_id)))
-        return SiteLocation(site_id, data_dir, site_dir)
+        return SiteLocation(site_id, data_dir, Path(str(node_config["site-dir"])))
     if "data-root" not in run_config or "partition-id" not in node_config:
         raise ValueError("cannot tell which hospital this node is: its node config has no data-dir, and the "
                          "run config no data-root (with a partition-id for the node)")

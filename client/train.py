@@ -20,7 +20,6 @@ What makes DP-SGD work on a few hundred patients (measured in bench/recsys.py):
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from contextlib import contextmanager
@@ -45,7 +44,8 @@ DP_CONCEPT_SCALE = 0.1
 @dataclass
 class TrainSettings:
     epochs: int = 1
-    batch_size: int = 50  # patients per step (the expected size under Poisson sampling)
+    batch_size: int = 50  # patients per step (non-private training)
+    sampling_rate: float = 0.5  # DP-SGD: the public Poisson rate, a patient's chance to be in a step's batch
     lr: float = 0.3
     optimizer: str = "adam"  # or "sgd", the one DP-SGD uses
     momentum: float = 0.0  # sgd only
@@ -67,10 +67,14 @@ class TrainReport:
     opacus_history: list = field(default_factory=list)  # [(sigma, q, steps)] of the site's Opacus RDP accountant
 
 
-def dp_plan(n_patients: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """(sampling rate, steps) of `epochs` local epochs, exactly as Opacus's Poisson DataLoader runs them."""
-    batches = math.ceil(n_patients / batch_size)
-    return 1.0 / batches, epochs * batches
+def dp_plan(sampling_rate: float, epochs: int) -> tuple[float, int]:
+    """(sampling rate, steps) of `epochs` local epochs of Poisson sampling at `sampling_rate`.
+
+    Both come from public numbers only, never from the site's patient count: under add/remove-one
+    adjacency a rate or a step count that depends on N would publish N (and break the stated epsilon).
+    An epoch is 1/rate steps (the rate's inverse is rounded to a whole number of steps)."""
+    per_epoch = max(1, round(1.0 / sampling_rate))
+    return 1.0 / per_epoch, epochs * per_epoch
 
 
 def patient_loss(model, history, point, targets, mask) -> torch.Tensor:
@@ -89,9 +93,16 @@ def train_local(model: NextEventRecommender, dataset: PatientDataset, settings: 
     with scaled_concept_tables(model, DP_CONCEPT_SCALE if private else 1.0):
         optimizer = (torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
                      if settings.optimizer == "sgd" else torch.optim.Adam(model.parameters(), lr=settings.lr))
-        loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(settings.seed))
-        sample_rate, planned_steps = dp_plan(len(dataset), settings.batch_size, settings.epochs)
+        sample_rate, planned_steps = dp_plan(settings.sampling_rate, settings.epochs)
+        if private:  # Poisson batches at the public rate: 1/rate of them an epoch, whatever the site's size
+            from opacus.data_loader import DPDataLoader
+
+            loader = DPDataLoader(dataset, sample_rate=sample_rate,
+                                  generator=torch.Generator().manual_seed(settings.seed))
+        else:
+            loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True,
+                                generator=torch.Generator().manual_seed(settings.seed))
+            sample_rate = settings.batch_size / max(len(dataset), 1)
         engine = None
         net = model
         model.train()  # Opacus validates in training mode; evaluation may have left it in eval mode
@@ -153,7 +164,7 @@ def make_private(model, optimizer, loader, settings: TrainSettings, opacus_histo
         logging.getLogger("opacus").setLevel(logging.ERROR)
         net, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=settings.noise_multiplier,
-            max_grad_norm=settings.clipping_norm, poisson_sampling=True,
+            max_grad_norm=settings.clipping_norm, poisson_sampling=False,  # the loader already samples
         )
     return engine, net, optimizer, loader
 

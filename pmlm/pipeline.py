@@ -43,8 +43,8 @@ class PipelineOptions:
     prototypes: int = 6
     min_count: int = 20
     phase_c_rounds: int = 1  # one release of all its episodes: at a fixed budget, more rounds only add noise
-    phase_c_points: int = 24
-    phase_c_episodes: int = 24
+    phase_c_points: int = 24  # the public nominal points a site, which the coordinator's step is normalised by
+    phase_c_rate: float = 0.25  # each training patient's chance to take part in a phase C round (~22 at the sample's sites)
     max_tokens: int = 120
     profile: str = "obgyn"
     baselines_trained: bool = True  # centralized and local-only models (non-private) for the table
@@ -91,7 +91,7 @@ def run_config(opts: PipelineOptions) -> dict:
         "workdir": str(opts.workdir), "phases": "abc", "evaluate-each-round": False,
         "phase-b-rounds": opts.phase_b_rounds, "phase-b-prototypes": opts.prototypes,
         "phase-b-min-count": opts.min_count, "phase-c-rounds": opts.phase_c_rounds,
-        "phase-c-points": opts.phase_c_points, "phase-c-episodes": opts.phase_c_episodes,
+        "phase-c-points": opts.phase_c_points, "phase-c-rate": opts.phase_c_rate,
         "phase-c-max-tokens": opts.max_tokens,
     }
 
@@ -158,7 +158,9 @@ def run_federation(opts: PipelineOptions, sites: dict[str, Path]) -> dict:
     nodes = []
     for name, path in sorted(sites.items()):
         site_dir = opts.workdir / "sites" / name
-        SiteConfig(name, str(path), opts.profile, dict(opts.llm)).save(site_dir)
+        # The operator of a simulated consortium is every site's operator too: it sets each site's policy.
+        policy = {"epsilon_total": opts.epsilon, "delta": opts.delta}
+        SiteConfig(name, str(path), opts.profile, dict(opts.llm), privacy=policy).save(site_dir)
         nodes.append({"data-dir": str(path), "site-id": name, "site-dir": str(site_dir),
                       "llm": json.dumps(opts.llm)})
     coordinator = opts.workdir / "coordinator"

@@ -21,7 +21,7 @@ from pmlm.server.phase_c import run_phase_c
 from pmlm.server.roster import SiteRoster
 
 PHASE_B_KEYS = {"phase-b-prototypes": "prototypes", "phase-b-rounds": "rounds", "phase-b-min-count": "min_count"}
-PHASE_C_KEYS = {"phase-c-rounds": "rounds", "phase-c-points": "points_per_site", "phase-c-episodes": "episodes_per_round",
+PHASE_C_KEYS = {"phase-c-rounds": "rounds", "phase-c-points": "points_per_site", "phase-c-rate": "sampling_rate",
                 "phase-c-candidates": "candidates", "phase-c-reward-model": "use_reward_model",
                 "phase-c-max-tokens": "max_tokens", "phase-c-trains": "trains"}
 
@@ -58,7 +58,7 @@ def run_later_phases(grid: Grid, roster: SiteRoster, cfg: PhaseAConfig, run: dic
             rounds.append(metrics)
             step = metrics[0].get("step-lr", c.lr) if metrics else c.lr
             log(INFO, "[PMLM phase C] round %s/%d done, step size %.3g%s", r + 1, c.rounds, step,
-                f" (lr {c.lr:g} limited by the DP noise of {sum(float(m['episodes']) for m in metrics):g} episodes)"
+                f" (lr {c.lr:g} limited by the DP noise)"
                 if step < c.lr else "")
         run_phase_c(grid, roster, c, cfg.run_name, cfg.dim, on_round=on_round, site_records=records, secure=secure)
         summary["phase_c"] = {"rounds": c.rounds, "per_round": rounds,

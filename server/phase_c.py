@@ -63,7 +63,8 @@ def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: st
             replies = roster.ask(grid, QUERY_ROUND, content, PHASE, r, timeout=timeout)
             total = sum(m.content["arrays"]["update"].numpy() for m in replies)
             metrics = [dict(m.content["metrics"]) for m in replies]
-        episodes = max(sum(float(m["episodes"]) for m in metrics), 1.0)
+        # The sites' true episode counts are private: the step is normalised by a public nominal count.
+        episodes = float(max(len(metrics), 1) * config.points_per_site * config.prompts_per_point)
         lr = noise_limited_lr(config.lr, episodes, [float(m.get("noise-std", 0.0)) for m in metrics],
                               config.max_step_noise)
         apply_update(policy, total, lr=lr, scale=episodes)

@@ -37,7 +37,7 @@ RUN_CONFIG = {
     "num-server-rounds": 1, "local-epochs": 1, "batch-size": 16, "epsilon": 1.5, "epsilon-total": 3.0,
     "delta": 1e-5, "dim": 16, "points-per-patient": 4, "phases": "abc", "min-nodes": 3,
     "evaluate-each-round": True, "phase-b-rounds": 1, "phase-b-prototypes": 3, "phase-b-min-count": 5,
-    "phase-c-rounds": 1, "phase-c-points": 3, "phase-c-episodes": 2, "phase-c-candidates": 2,
+    "phase-c-rounds": 1, "phase-c-points": 3, "phase-c-rate": 0.3, "phase-c-candidates": 2,
     "phase-c-max-tokens": 16,
 }
 
@@ -154,7 +154,9 @@ def federation(consortium, tmp_path_factory):
     data, _ = consortium
     work = tmp_path_factory.mktemp("canary-work")
     spool = tmp_path_factory.mktemp("canary-spool")
-    nodes = [{"data-dir": str(data / site), "site-id": site, "site-dir": str(work / "sites" / site), "llm": "{}"}
+    # The sites answer the coordinator's evaluation requests (their policy's choice), so that reply is scanned too.
+    nodes = [{"data-dir": str(data / site), "site-id": site, "site-dir": str(work / "sites" / site), "llm": "{}",
+              "policy-answer-evaluate": True}
              for site in SITES]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(SPOOL_ENV, str(spool))

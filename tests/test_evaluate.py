@@ -32,7 +32,7 @@ def evaluated(small_consortium, tmp_path_factory):
     out = tmp_path / "report.json"
     code = main(["evaluate", "--data", str(small_consortium), "--workdir", str(tmp_path / "work"),
                  "--json-out", str(out), "--html-out", str(tmp_path / "report.html"), "--max-test-points", "12",
-                 "--rounds", "2", "--phase-c-rounds", "1", "--phase-c-episodes", "3", "--no-trained-baselines"])
+                 "--rounds", "2", "--phase-c-rounds", "1", "--phase-c-rate", "0.1", "--no-trained-baselines"])
     assert code == 0
     return tmp_path
 

@@ -79,7 +79,10 @@ def federated_run(tmp_path_factory):
     for site in ("hospital_a", "hospital_b", "hospital_c"):
         patient_ids += _write_site(root / "data" / site, site, 12, rng)
     workdir = root / "work"
-    nodes = [{"data-dir": str(root / "data" / s), "site-id": s, "site-dir": str(workdir / "sites" / s)}
+    # Each site's own policy: a budget of twice phase A's epsilon (the run asks for exactly that), and it answers
+    # the coordinator's evaluation requests (closed by default).
+    nodes = [{"data-dir": str(root / "data" / s), "site-id": s, "site-dir": str(workdir / "sites" / s),
+              "policy-epsilon-total": 2 * EPSILON, "policy-answer-evaluate": True}
              for s in ("hospital_a", "hospital_b", "hospital_c")]
     torch.manual_seed(0)
     grid, context = run_in_process(server_app, client_app, nodes, {**RUN_CONFIG, "workdir": str(workdir)})
@@ -102,7 +105,8 @@ def test_training_runs_and_sends_only_weight_updates(federated_run):
     assert summary["sites"] == 3 and summary["sites_stored"] == 3
     model_keys = set(build_model(load_profile("obgyn"), dim=16, max_history=16).state_dict())
     patient_ids = federated_run["patient_ids"]
-    allowed_metrics = {"num-examples", "train-loss", "local-steps", "epsilon", "noise-multiplier", "recall@5",
+    # no train-loss (an exact figure of the site's patients), and the FedAvg weight is 1, not the patient count
+    allowed_metrics = {"num-examples", "local-steps", "epsilon", "noise-multiplier", "recall@5",
                        "ndcg@5", "micro_auroc", "risk_auroc", "stored"}
     kinds = set()
     for node, reply in grid.outbox:
@@ -115,6 +119,7 @@ def test_training_runs_and_sends_only_weight_updates(federated_run):
             assert set(record) <= allowed_metrics
             assert all(isinstance(v, (int, float)) for v in record.values()), "metrics are scalars, not per-patient lists"
         if kind == "train":
+            assert content["metrics"]["num-examples"] == 1.0
             assert list(content.array_records) == ["arrays"]
             arrays = content["arrays"]
             assert set(arrays) == model_keys  # exactly the model's parameters: no `_module.`, no extra arrays
@@ -137,9 +142,9 @@ def test_ledger_holds_one_entry_per_local_round_with_the_parameters_used(federat
         releases = [e for e in replay.entries if e["kind"] == "release" and e["phase"] == PHASE]
         assert [e["round"] for e in releases] == list(range(1, ROUNDS + 1))
         plan = json.loads(next((site_dir / "phase_a").glob("plan-*.json")).read_text())
-        patients = releases[0]["population_size"]
-        batches = math.ceil(patients / RUN_CONFIG["batch-size"])
+        batches = 2  # the public default rate 0.5: two Poisson batches an epoch, whatever the site's size
         for entry in releases:
+            assert entry["population_size"] is None  # the site's patient count is not public by default
             mech = entry["mechanism"]
             assert mech["type"] == "dp-sgd" and mech["privacy_unit"] == "patient-in-site"
             assert mech["noise_multiplier"] == plan["noise_multiplier"]

@@ -138,7 +138,7 @@ def test_composed_caps_compose_to_the_total_where_split_epsilons_left_a_third_un
 def test_phases_calibrated_on_composed_caps_spend_the_budget_and_never_more(tmp_path):
     """Phase A's DP-SGD, phase B's three Gaussian releases and phase C's one, each calibrated by the ledger
     on the pipeline's budget: together they spend nearly all of it, never more, with less noise in B and C."""
-    from pmlm.client.phase_a import PhaseAConfig
+    from pmlm.client.site_policy import SitePolicy
     from pmlm.common.privacy import SiteLedger
 
     def run(budget, name):
@@ -152,7 +152,7 @@ def test_phases_calibrated_on_composed_caps_spend_the_budget_and_never_more(tmp_
         ledger.record("phase_c", GaussianRelease(c, 1.0), round=1)
         return ledger.spent().pld, b, c
 
-    spent, b, c = run(PhaseAConfig(epsilon=1.5, epsilon_total=3.0).budget(), "composed")
+    spent, b, c = run(SitePolicy(epsilon_total=3.0, delta=DELTA).budget(), "composed")
     split = BudgetConfig(3.0, DELTA, {"phase_a": 0.5, "phase_b": 0.25, "phase_c": 0.25})
     spent_split, b_split, c_split = run(split, "split")
     assert 2.85 < spent <= 3.0 and spent_split < 2.0

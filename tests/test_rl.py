@@ -12,7 +12,7 @@ from pmlm.client.examples import Example
 from pmlm.client.reward import ConceptMatcher
 from pmlm.client.rl import LocalRL, Point, RLConfig, apply_update, n_parameters
 from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, initial_bias, trained_mask
-from pmlm.common.privacy import BudgetConfig, BudgetExhausted, SiteLedger
+from pmlm.common.privacy import BudgetConfig, BudgetExhausted, GaussianRelease, SiteLedger
 from pmlm.common.profiles import load_profile
 from pmlm.common.prompt import INITIAL, PatientContext, render
 
@@ -82,7 +82,7 @@ def test_noisy_update_is_clipped_per_patient_and_charged(points, tmp_path):
     assert np.linalg.norm(exact) <= 12 * 0.5 + 1e-6
     grads = rl.patient_gradients(episodes)
     assert max(float(g.norm()) for g in grads) > 0.5  # clipping really bound something
-    vector, entry = rl.noisy_update(episodes, ledger, noise_multiplier=1.0, rng=rng, round=0, run_id="r")
+    vector, entry = rl.noisy_update(episodes, ledger, GaussianRelease(1.0, 0.5), rng=rng, round=0, run_id="r")
     assert vector.shape == (n_parameters(policy),)  # one vector for the whole site, nothing per patient
     noise = vector - exact
     assert 0.3 < np.std(noise) < 0.7  # N(0, (1.0 * 0.5)^2) per coordinate
@@ -91,7 +91,7 @@ def test_noisy_update_is_clipped_per_patient_and_charged(points, tmp_path):
     tight = SiteLedger(tmp_path / "t", "t", BudgetConfig(0.1, 1e-5, {"phase_c": 1.0}))
     state = rng.bit_generator.state
     with pytest.raises(BudgetExhausted):
-        rl.noisy_update(episodes, tight, noise_multiplier=0.3, rng=rng, round=0, run_id="r")
+        rl.noisy_update(episodes, tight, GaussianRelease(0.3, 0.5), rng=rng, round=0, run_id="r")
     assert rng.bit_generator.state == state
 
 
@@ -225,7 +225,8 @@ def test_a_head_bias_update_sends_zeros_elsewhere_and_noise_alone_flips_no_choic
     episodes = rl.run_episodes(12)
     exact = rl.clipped_sum(episodes)
     assert np.all(exact[~mask] == 0) and np.any(exact[mask] != 0)
-    vector, _ = rl.noisy_update(episodes, ledger, noise_multiplier=1.0, rng=np.random.default_rng(0), round=0, run_id="r")
+    vector, _ = rl.noisy_update(episodes, ledger, GaussianRelease(1.0, 0.5), rng=np.random.default_rng(0), round=0,
+                                run_id="r")
     assert np.all(vector[~mask] == 0)
     assert 0.3 < np.std(vector[mask] - exact[mask]) < 0.7  # N(0, 0.5^2) on the biases
 

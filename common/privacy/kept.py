@@ -10,6 +10,11 @@ privacy, and nothing new is drawn.
 
 A repeat must carry the same request (e.g. the same centroids or policy weights, by digest): a different
 request for a round already released is refused, since answering it would need a fresh release.
+
+A release made for a secure-aggregation group is re-sent only to the same group: re-sent to a smaller one, the
+coordinator could subtract the two totals and read the missing sites' vectors. Another group gets
+`GroupChanged` (the round fails and says why) unless the caller allows it (the site's policy accepts per-site
+DP alone for that case).
 """
 
 from __future__ import annotations
@@ -23,9 +28,15 @@ import numpy as np
 
 from pmlm.common.atomic import write_atomic
 from pmlm.common.privacy.events import Mechanism
-from pmlm.common.privacy.ledger import AlreadyReleased, SiteLedger
+from pmlm.common.privacy.ledger import AlreadyReleased, LedgerError, SiteLedger
 
 KEPT_DIR = Path("ledger") / "releases"  # relative to the site directory
+
+
+class GroupChanged(LedgerError):
+    """A kept release was asked for again by another secure-aggregation group than the one it was made for."""
+
+    limit = "smaller_group_retry"
 
 
 def request_digest(*arrays: np.ndarray) -> str:
@@ -44,17 +55,22 @@ def kept_path(ledger: SiteLedger, phase: str, round: int, run_id: str) -> Path:
 
 def release_once(ledger: SiteLedger, phase: str, mechanism: Mechanism, draw_noise: Callable[[], np.ndarray], *,
                  round: int, run_id: str, request: str, population_size: int | None = None,
-                 noise_source: str, extra: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                 noise_source: str, extra: dict[str, Any] | None = None,
+                 group: tuple[int, ...] | None = None,
+                 other_group_allowed: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """`SiteLedger.release` for a round that may be asked for again; returns (noisy array, ledger entry).
 
-    `request`: `request_digest` of what the coordinator sent for this round.
+    `request`: `request_digest` of what the coordinator sent for this round. `group`: the secure-aggregation
+    group it goes to (None: a plain release); a repeat for another group raises GroupChanged unless
+    `other_group_allowed`.
     """
+    group_text = "plain" if group is None else ",".join(str(n) for n in sorted(group))
     path = kept_path(ledger, phase, round, run_id)
 
     def draw_and_keep() -> np.ndarray:
         noisy = np.asarray(draw_noise())
         kept = io.BytesIO()
-        np.savez(kept, values=noisy, request=np.array(request))
+        np.savez(kept, values=noisy, request=np.array(request), group=np.array(group_text))
         write_atomic(path, kept.getvalue())  # kept before the entry is recorded, both before anything is sent
         return noisy
 
@@ -68,4 +84,11 @@ def release_once(ledger: SiteLedger, phase: str, mechanism: Mechanism, draw_nois
             if str(kept["request"]) != request:
                 raise AlreadyReleased(ledger.site_id, already.entry,
                                       "asked again with a different request") from None
+            made_for = str(kept["group"]) if "group" in kept.files else "plain"
+            if made_for != group_text and not other_group_allowed:
+                raise GroupChanged(
+                    f"site {ledger.site_id}: round {round} of {phase} in run {run_id} was released for the "
+                    f"secure-sum group [{made_for}] and is asked for again by [{group_text}]; re-sent to another "
+                    f"group, the totals' difference would reveal sites' vectors (the site's policy can accept "
+                    f"per-site DP alone for this case: smaller_group_retry)") from None
             return kept["values"], already.entry

@@ -6,7 +6,9 @@ One line per event, in canonical JSON:
 * ``release``  a DP release: phase, round, run, the mechanism as data, and the cumulative
                epsilon of its privacy unit (PLD and RDP) and of its phase (PLD) after it;
 * ``refusal``  a release refused for lack of budget, with what it would have cost;
-* ``recovery`` an operator-approved removal of a torn last line left by a crash.
+* ``recovery`` an operator-approved removal of a torn last line left by a crash;
+* ``policy_refusal`` a request outside the site's own privacy policy (client/site_policy.py), refused
+               before anything was computed: what was asked, the rule it broke, why.
 
 Every line carries the SHA-256 of the previous line and an Ed25519 signature by the site's
 key. Releases are written (and fsynced) before the caller may send anything, so a crash can
@@ -69,7 +71,7 @@ LEDGER_FORMAT = "pmlm-privacy-ledger/1"
 LEDGER_PATH = Path("ledger") / "privacy_ledger.jsonl"  # relative to the site directory
 SITE_KEY_PATH = Path("keys") / "site_ed25519.key"  # relative to the site directory; .pub beside it
 SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ENTRY_KINDS = ("open", "release", "refusal", "recovery")
+ENTRY_KINDS = ("open", "release", "refusal", "recovery", "policy_refusal")
 _COMMON_FIELDS = {"seq", "kind", "time", "site_id", "run_id", "prev_hash", "signature"}
 _CHARGE_FIELDS = _COMMON_FIELDS | {"phase", "round", "privacy_unit", "mechanism", "delta", "accountant",
                                    "epsilon", "epsilon_rdp", "phase_epsilon", "population_size", "extra"}
@@ -78,6 +80,7 @@ REQUIRED_FIELDS = {
     "release": _CHARGE_FIELDS | {"noise_source"},
     "refusal": _CHARGE_FIELDS | {"requested", "limit", "cap", "reason"},
     "recovery": _COMMON_FIELDS | {"torn_bytes", "torn_sha256", "torn_saved_as"},
+    "policy_refusal": _COMMON_FIELDS | {"phase", "round", "request", "limit", "reason"},
 }
 UNSPECIFIED_NOISE_SOURCE = "unspecified"
 
@@ -489,13 +492,15 @@ class SiteLedger:
         plan: Callable[[float], Mechanism | Iterable[Mechanism]],
         *,
         tolerance: float = 1e-3,
+        phase_cap: float | None = None,
     ) -> float:
         """The smallest noise multiplier s for which everything in `plan(s)` fits what is left.
 
         `plan` maps a noise multiplier to the releases the phase will make with it, in the
         order they will be recorded, e.g. ``lambda s: [DpSgd(s, q, steps_per_round, C)] * rounds``;
         pricing the same sequence the ledger will later compose avoids refusals at the last
-        round from composing per round instead of all at once.
+        round from composing per round instead of all at once. `phase_cap`: a lower cap on the
+        phase's cumulative epsilon for this plan (a run that asked for less than the budget allows).
         """
         def planned(sigma: float) -> list[Mechanism]:
             releases = plan(sigma)
@@ -512,7 +517,10 @@ class SiteLedger:
             charge = state.price(phase, mechanisms, rdp=False, screen=screen)
             if screen and charge.priced_by_pld:
                 screened_from = sigma
-            return charge.fits
+            return within(charge)
+
+        def within(charge: Charge) -> bool:
+            return charge.fits and (phase_cap is None or charge.phase_after.pld <= phase_cap)
 
         with self._locked():
             self._sync()
@@ -521,7 +529,7 @@ class SiteLedger:
             # of one per round), then confirm on the plan as it will really be composed.
             sigma = smallest_noise_multiplier(fits, tolerance)
             for _ in range(100):
-                if state.price(phase, planned(sigma), rdp=False, screen=False).fits:
+                if within(state.price(phase, planned(sigma), rdp=False, screen=False)):
                     return sigma
                 sigma *= 1 + tolerance
             raise CalibrationError(f"no noise multiplier near {sigma:.4g} fits the plan for phase {phase!r}")
@@ -561,6 +569,15 @@ class SiteLedger:
             charge = self._charge_or_refuse(phase, mechanism, round, run_id, population_size, extra)
             noisy = draw_noise()
             return noisy, self._append_release(charge, round, run_id, population_size, noise_source, extra)
+
+    def refuse_request(self, phase: str | None, request: dict[str, Any], limit: str, reason: str, *,
+                       round: int | None = None, run_id: str | None = None) -> dict[str, Any]:
+        """Record a request refused by the site's policy (nothing was computed or drawn) and return the entry."""
+        _check_fields(round, None, request)
+        with self._locked():
+            self._sync()
+            return self._append({"kind": "policy_refusal", "phase": phase, "round": round, "request": request,
+                                 "limit": limit, "reason": reason}, run_id=run_id, charge=None)
 
     # -- internals -------------------------------------------------------------------------
 

@@ -24,9 +24,9 @@ def register(sub) -> None:
                         "and node authentication, as `pmlm deploy local` starts them) instead of in-process")
     add_pipeline_arguments(p)
     # The demo's defaults fit its 15-minute target on 2 cores with the privacy-utility curve included: three
-    # federated runs (eps 3, then 1 and 8 per site), each LLM-bound in phase C (one round of 8 points a site),
+    # federated runs (eps 3, then 1 and 8 per site), each LLM-bound in phase C (one round of ~9 patients a site),
     # and the guidance scored on 30 test points (869 s with 40 on 2 idle cores; a point costs about 10 s).
-    p.set_defaults(handler=cmd_demo, max_test_points=30, curve="1,8", phase_c_rounds=1, phase_c_episodes=8)
+    p.set_defaults(handler=cmd_demo, max_test_points=30, curve="1,8", phase_c_rounds=1, phase_c_rate=0.1)
 
 
 def cmd_demo(args) -> int:

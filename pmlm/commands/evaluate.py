@@ -16,7 +16,9 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("--max-test-points", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3, help="phase A federated rounds")
     p.add_argument("--phase-c-rounds", type=int, default=1)
-    p.add_argument("--phase-c-episodes", type=int, default=24, help="training points per site per phase C round (2 LLM calls each)")
+    p.add_argument("--phase-c-rate", type=float, default=0.25,
+                   help="each training patient's chance to take part in a phase C round (Poisson sampling; "
+                        "2 LLM calls per patient taken; 0.25 is about 22 of a sample site's patients)")
     p.add_argument("--curve", default="", help="extra epsilons for the privacy-utility curve, e.g. 1,8")
     p.add_argument("--profile", default="obgyn")
     p.add_argument("--llm-base-url", default=None, help="an OpenAI-compatible endpoint instead of the embedded LLM")
@@ -30,6 +32,8 @@ def options_from(args, data: Path, workdir: Path):
 
     if args.epsilon <= 0:
         raise CliError("--epsilon must be > 0")
+    if not 0 < args.phase_c_rate <= 1:
+        raise CliError(f"--phase-c-rate must be in (0, 1], got {args.phase_c_rate}")
     try:
         curve = tuple(float(x) for x in args.curve.split(",") if x.strip())
     except ValueError:
@@ -37,7 +41,7 @@ def options_from(args, data: Path, workdir: Path):
     llm = {k: v for k, v in (("base_url", args.llm_base_url), ("model", args.llm_model)) if v}
     return PipelineOptions(data=data, workdir=workdir, sites=args.sites, epsilon=args.epsilon,
                            max_test_points=args.max_test_points, rounds=args.rounds,
-                           phase_c_rounds=args.phase_c_rounds, phase_c_episodes=args.phase_c_episodes,
+                           phase_c_rounds=args.phase_c_rounds, phase_c_rate=args.phase_c_rate,
                            profile=args.profile, baselines_trained=not args.no_trained_baselines, llm=llm,
                            curve=curve, progress=sys.stderr.isatty())
 

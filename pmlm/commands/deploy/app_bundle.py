@@ -26,7 +26,7 @@ QUICK_RUN_CONFIG: dict[str, Any] = {
     "points-per-patient": 4,
     # all three phases, each as small as still means something
     "phases": "abc", "phase-b-rounds": 1, "phase-b-prototypes": 3, "phase-b-min-count": 5,
-    "phase-c-rounds": 1, "phase-c-points": 4, "phase-c-episodes": 2, "phase-c-max-tokens": 48,
+    "phase-c-rounds": 1, "phase-c-points": 4, "phase-c-rate": 0.1, "phase-c-max-tokens": 48,
 }
 
 
