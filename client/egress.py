@@ -60,6 +60,59 @@ class EgressLogError(RuntimeError):
     """The site could not record a message it was about to send, so it does not send it."""
 
 
+# Every field a reply may carry: message type -> record -> its keys ("*": any name, e.g. the model's weight
+# names), and why it may leave. The README's threat model lists the same table; `pmlm audit egress` flags any
+# field of the log outside it. Exact figures of the site's patients are on no line (no counts, no losses, no
+# rewards); `evaluate` appears only at a site whose policy answers evaluations.
+PUBLIC_FIELDS: dict[str, dict[str, tuple[set[str] | str, str]]] = {
+    "train": {
+        "arrays": ("*", "phase A's DP-SGD weights: clipped per patient, noised, charged in the ledger"),
+        "metrics": ({"num-examples", "local-steps", "epsilon", "noise-multiplier"},
+                    "FedAvg weight 1 (not a count), the public step count, the ledger's epsilon and noise"),
+    },
+    "evaluate": {"metrics": ({"num-examples", "recall@5", "ndcg@5", "micro_auroc", "risk_auroc"},
+                             "exact validation metrics: only where the site's policy answers evaluations")},
+    "query.store_model": {"metrics": ({"stored"}, "a constant acknowledgement")},
+    "query.phase_b_store": {"metrics": ({"stored"}, "a constant acknowledgement")},
+    "query.phase_c_store": {"metrics": ({"stored"}, "a constant acknowledgement")},
+    "query.ledger_entries": {"config": ({"site_id", "entries"},
+                                        "the signed ledger: each release's mechanism and epsilon, no counts")},
+    "query.phase_b_release": {"arrays": ({"values"}, "phase B's noisy per-prototype sums and counts, charged"),
+                              "config": ({"ledger_entry"}, "the signed entry that charged them")},
+    "query.phase_c_round": {"arrays": ({"update"}, "phase C's noisy clipped policy-gradient sum, charged"),
+                            "config": ({"ledger_entry"}, "the signed entry that charged it"),
+                            "metrics": ({"noise-std"}, "the noise's standard deviation, as charged")},
+    "query.pmlm_plain_sum": {"vector": ("*", "a noisy, charged vector (phase B or C), unmasked"),
+                             "metrics": ({"noise_std", "noise-std"}, "the noise's standard deviation, as charged")},
+    "train.pmlm_secure_sum": {
+        "secaggplus_configs": ({"pk1", "pk2", "ctxts", "dsts", "masked_params", "nids", "shares"},
+                               "SecAgg+ protocol: public keys, encrypted key shares, the masked noisy vector"),
+        "fitres.parameters": (set(), "emptied by SecAgg+ before the reply leaves (the vector travels masked)"),
+        "fitres.num_examples": ({"num_examples"}, "SecAgg+'s weight, a constant (every site weighs 1)"),
+        "fitres.status": ({"code", "message"}, "a constant OK status"),
+        "fitres.metrics": ({"noise_std", "noise-std"}, "the noise's standard deviation, as charged"),
+    },
+}
+
+
+def fields_outside_public_list(entries: list[dict[str, Any]]) -> list[str]:
+    """Each field of the logged replies that PUBLIC_FIELDS does not list, as 'line N: type / record / key'."""
+    findings = []
+    for number, entry in enumerate(entries, start=1):
+        kind = str(entry.get("message_type"))
+        allowed = PUBLIC_FIELDS.get(kind)
+        for name, record in (entry.get("records") or {}).items():
+            keys = record.get("keys", list(record.get("arrays", {})))
+            rule = allowed.get(name) if allowed is not None else None
+            if rule is None:
+                findings.append(f"line {number}: {kind} / {name} (no such record on the public list)")
+                continue
+            listed = rule[0]
+            findings += [f"line {number}: {kind} / {name} / {key}" for key in keys
+                         if listed != "*" and key not in listed]
+    return findings
+
+
 def egress_log_path(site_dir: Path) -> Path:
     return Path(site_dir) / EGRESS_LOG
 

@@ -71,7 +71,7 @@ def _b_vector(config: dict, context: Context, arrays: dict):
     cfg = PhaseAConfig.from_record(config)
     site = site_for(context, cfg)
     out = _phase_b_site(site, cfg, config).release(str(config["kind"]), arrays["centroids"], int(config["round"]),
-                                                   arrays["centre"], **_group(site))
+                                                   arrays["centre"], **_group(context))
     mech = out.entry["mechanism"]
     return out.values, {"noise_std": float(mech["noise_multiplier"] * mech["l2_sensitivity"])}
 
@@ -82,14 +82,14 @@ def _c_vector(config: dict, context: Context, arrays: dict):
     cfg = PhaseAConfig.from_record(config)
     site = _phase_c_site(site_for(context, cfg), cfg, config, context)
     policy = policy_from_numpy(arrays, int(config["embedding_dim"]))
-    vector, _, metrics = site.round(policy, int(config["round"]), **_group(site_for(context, cfg)))
+    vector, _, metrics = site.round(policy, int(config["round"]), **_group(context))
     return vector, metrics
 
 
-def _group(site) -> dict:
+def _group(context: Context) -> dict:
     """The secure-sum group this release goes to (seen by the site in SecAgg+'s key exchange), and whether its
-    policy lets a kept release go to another group."""
-    return {"group": secure_sum_group(), "other_group_allowed": site.policy.smaller_group_retry}
+    policy (as it stands now) lets a kept release go to another group."""
+    return {"group": secure_sum_group(), "other_group_allowed": site_policy(context)[1].smaller_group_retry}
 
 
 @app.query("ledger_entries")

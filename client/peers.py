@@ -27,9 +27,9 @@ from pmlm.client.examples import Example
 from pmlm.common.peer_profiles import centred
 from pmlm.common.privacy import GaussianRelease, SiteLedger
 from pmlm.common.privacy.kept import release_once, request_digest
+from pmlm.common.privacy.noise import SecureNormal, noise_source_of
 
 PHASE = "phase_b"
-NOISE_SOURCE = "numpy PCG64 seeded from OS entropy (not a cryptographic RNG)"
 PEER_SPLITS = ("train", "val")  # the splits whose patients may inform peer profiles; test patients never do
 
 
@@ -137,7 +137,7 @@ class PhaseBSite:
         self.config = config
         self.run_id = run_id
         self.phase_cap = phase_cap  # at most what the run asked for (the site's policy caps the phase itself)
-        self.rng = rng or np.random.default_rng()
+        self.rng = rng or SecureNormal()
         self.concepts = concepts
         self.embeddings = np.asarray(embeddings, dtype=float)
         self.examples = examples
@@ -180,6 +180,6 @@ class PhaseBSite:
 
         request = request_digest(centroids, np.zeros(0) if centre is None else centre)
         noisy, entry = release_once(self.ledger, PHASE, mechanism, draw, round=round, run_id=self.run_id,
-                                    request=request, extra={"release": kind}, noise_source=NOISE_SOURCE,
+                                    request=request, extra={"release": kind}, noise_source=noise_source_of(self.rng),
                                     group=group, other_group_allowed=other_group_allowed)
         return NoisyRelease(noisy, entry)

@@ -27,6 +27,7 @@ from pmlm.client.sampling import keyed_seed, site_sampling_key, takes_part
 from pmlm.common.atomic import write_atomic
 from pmlm.common.policy import TRAINED_WEIGHTS, PromptPolicy
 from pmlm.common.privacy import BudgetConfig, DpSgd, SiteLedger
+from pmlm.common.privacy.noise import SecureNormal
 from pmlm.common.profiles import load_profile
 
 _LLMS: dict[str, object] = {}
@@ -154,7 +155,7 @@ class SitePhaseC:
         self.ledger = SiteLedger(self.site_dir, site_id, budget)
         self.phase_cap = phase_cap  # at most what the run asked for (the policy caps the phase itself)
         self.llm = site_llm(llm_settings)
-        self.rng = np.random.default_rng()
+        self.rng = SecureNormal()
         self.sigma: float | None = None
         self.rewards: list[float] = []
         self.rl: LocalRL | None = None

@@ -33,10 +33,10 @@ from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, action_o
 from pmlm.common.privacy import SiteLedger
 from pmlm.common.privacy.events import Mechanism
 from pmlm.common.privacy.kept import release_once, request_digest
+from pmlm.common.privacy.noise import noise_source_of
 from pmlm.common.prompt import PatientContext, PromptParams, render
 
 PHASE = "phase_c"
-NOISE_SOURCE = "numpy PCG64 seeded from OS entropy (not a cryptographic RNG)"
 
 
 @dataclass
@@ -238,7 +238,7 @@ class LocalRL:
         # A round asked for again (a retried secure sum) resends this release: the request is the policy it had.
         policy = torch.nn.utils.parameters_to_vector(self.policy.parameters()).detach().numpy()
         return release_once(ledger, PHASE, mechanism, draw, round=round, run_id=run_id, request=request_digest(policy),
-                            extra={"release": "policy_gradient_sum"}, noise_source=NOISE_SOURCE, **group)
+                            extra={"release": "policy_gradient_sum"}, noise_source=noise_source_of(rng), **group)
 
 
 def n_parameters(model: nn.Module) -> int:

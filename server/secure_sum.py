@@ -231,8 +231,8 @@ def _secure_sum_once(grid: Grid, context: Context | None, task: str, config: dic
             raise SecureSumFailed(f"secure sum of {task!r}: sites {range_errors} have values outside "
                                   f"clipping_range={clipping_range}; raise it for this task",
                                   retryable=False, unresponsive=range_errors, reasons=reasons)
-        raise SecureSumFailed(f"secure sum of {task!r} halted ({channel.summary()}); min_sites={min_sites}, "
-                              f"reconstruction threshold {threshold}",
+        raise SecureSumFailed(with_reasons(f"secure sum of {task!r} halted ({channel.summary()}); min_sites="
+                                           f"{min_sites}, reconstruction threshold {threshold}", reasons),
                               retryable=True, unresponsive=channel.lost(), reasons=reasons)
     dropped = sorted(set(nodes) - set(strategy.sites))
     reasons = {n: r for n, r in channel.reasons.items() if n in dropped}

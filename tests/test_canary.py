@@ -23,7 +23,7 @@ import torch
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from pmlm.client.client_app import app as client_app
-from pmlm.client.egress import SPOOL_ENV, read_egress_log
+from pmlm.client.egress import SPOOL_ENV, fields_outside_public_list, read_egress_log
 from pmlm.client.ingest import RecordReader
 from pmlm.server.in_process import run_in_process
 from pmlm.server.server_app import app as server_app
@@ -261,6 +261,7 @@ def test_every_message_the_coordinator_received_is_in_its_sites_egress_log(feder
     for site in SITES:
         entries, problems = read_egress_log(work / "sites" / site)
         assert problems == [] and entries
+        assert fields_outside_public_list(entries) == []  # only the README's public fields left, all phases
         logged.update((site, e["message_type"]) for e in entries)
         ids |= {e["message_id"] for e in entries}
         secure = [e for e in entries if e["message_type"] == "train.pmlm_secure_sum"]

@@ -119,12 +119,15 @@ def test_audit_egress_table_json_and_errors(tmp_path, capsys):
     with pytest.raises(ValueError):
         app(_request("query.boom", {}), _context(tmp_path))
     site = tmp_path / "site"
-    assert main(["audit", "egress", str(site)]) == 0
+    # This toy app sends a loss and a config record, which no PMLM reply may carry: the audit says so and fails.
+    assert main(["audit", "egress", str(site)]) == 1
     table = capsys.readouterr().out
     assert "train" in table and "query.boom" in table and "does not fit" in table
     assert "w=(3, 4) float32 |x|=" in table and "2 messages" in table
-    assert main(["audit", "egress", str(site), "--json"]) == 0
+    assert "line 1: train / metrics / loss" in table and "line 1: train / config (no such record" in table
+    assert main(["audit", "egress", str(site), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
+    assert "line 1: train / metrics / num-examples" not in report["outside_public_list"]
     assert [m["message_type"] for m in report["messages"]] == ["train", "query.boom"]
     assert report["totals"]["query.boom"] == {"messages": 1, "bytes": report["messages"][1]["size_bytes"], "errors": 1}
     # A torn or foreign line is reported, not dropped silently; the rest is still shown.
@@ -135,3 +138,16 @@ def test_audit_egress_table_json_and_errors(tmp_path, capsys):
     assert "2 messages" in captured.out and "not JSON" in captured.err
     assert main(["audit", "egress", str(tmp_path / "nowhere")]) == 2
     assert "no egress log" in capsys.readouterr().err
+
+
+def test_a_field_off_the_public_list_is_flagged():
+    from pmlm.client.egress import fields_outside_public_list
+
+    honest = {"message_type": "train", "records": {"arrays": {"type": "ArrayRecord", "arrays": {"w": {}}},
+                                                   "metrics": {"type": "MetricRecord", "keys": ["epsilon"]}}}
+    leaky = {"message_type": "train", "records": {"metrics": {"type": "MetricRecord",
+                                                              "keys": ["epsilon", "train-loss"]}}}
+    unknown = {"message_type": "query.phase_c_round", "records": {"debug": {"type": "ConfigRecord", "keys": ["x"]}}}
+    assert fields_outside_public_list([honest]) == []
+    assert fields_outside_public_list([honest, leaky, unknown]) == [
+        "line 2: train / metrics / train-loss", "line 3: query.phase_c_round / debug (no such record on the public list)"]

@@ -87,8 +87,8 @@ def release_once(ledger: SiteLedger, phase: str, mechanism: Mechanism, draw_nois
             made_for = str(kept["group"]) if "group" in kept.files else "plain"
             if made_for != group_text and not other_group_allowed:
                 raise GroupChanged(
-                    f"site {ledger.site_id}: round {round} of {phase} in run {run_id} was released for the "
-                    f"secure-sum group [{made_for}] and is asked for again by [{group_text}]; re-sent to another "
-                    f"group, the totals' difference would reveal sites' vectors (the site's policy can accept "
-                    f"per-site DP alone for this case: smaller_group_retry)") from None
+                    f"smaller_group_retry refused at site {ledger.site_id}: round {round} of {phase} (run {run_id}) "
+                    f"was released for the secure-sum group [{made_for}], asked for again by [{group_text}]; "
+                    f"re-sent to another group, the totals' difference would reveal sites' vectors (a site's "
+                    f"policy can accept per-site DP alone for this case)") from None
             return kept["values"], already.entry

@@ -361,7 +361,7 @@ EGRESS_SHOWN_ITEMS = 4  # per record in the table; --json has everything
 
 
 def run_egress(args: argparse.Namespace) -> int:
-    from pmlm.client.egress import egress_log_path, egress_totals, read_egress_log
+    from pmlm.client.egress import egress_log_path, egress_totals, fields_outside_public_list, read_egress_log
 
     log = egress_log_path(args.site_dir)
     if not log.is_file():
@@ -369,14 +369,23 @@ def run_egress(args: argparse.Namespace) -> int:
                        f"anything yet?")
     entries, problems = read_egress_log(args.site_dir)
     totals = egress_totals(entries)
+    outside = fields_outside_public_list(entries)
     if args.json:
         print(json.dumps({"site_dir": str(args.site_dir), "log": str(log), "messages": entries,
-                          "totals": totals, "problems": problems}, indent=2, sort_keys=True))
+                          "totals": totals, "problems": problems, "outside_public_list": outside},
+                         indent=2, sort_keys=True))
     else:
         _print_egress_table(log, entries, totals)
+        if outside:
+            print(f"\n{len(outside)} field(s) outside the public list (client/egress.py PUBLIC_FIELDS, the README's "
+                  f"threat model):")
+            for finding in outside[:50]:
+                print(f"  {finding}")
+        else:
+            print("\nevery field that left is on the public list (client/egress.py PUBLIC_FIELDS)")
     for problem in problems:
         print(f"warning: unreadable line kept out of the table: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    return 1 if problems or outside else 0
 
 
 def _print_egress_table(log: Path, entries: list[dict], totals: dict[str, dict[str, int]]) -> None:
