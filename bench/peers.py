@@ -36,7 +36,7 @@ from recsys import baseline_scores, federated
 
 from pmlm.client.baselines import GestationalTiming, Popularity
 from pmlm.client.peers import PEER_SPLITS, PhaseBConfig, PhaseBSite, target_columns
-from pmlm.client.phase_a import DEFAULT_SHARES, PhaseAConfig, load_global_model, site_examples
+from pmlm.client.phase_a import PhaseAConfig, load_global_model, site_examples
 from pmlm.client.phase_b import embed_examples
 from pmlm.client.sites import discover_sites
 from pmlm.client.train import ranking_metrics
@@ -45,6 +45,7 @@ from pmlm.common.privacy import BudgetConfig, SiteLedger
 from pmlm.common.profiles import load_profile
 from pmlm.server.prototypes import collect_from, run_prototypes
 
+PHASE_B_SHARE = 0.25  # the bench gives phase B exactly eps: a quarter of a budget of 4 eps
 DELTA = 1e-5
 
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     rows["peer profile, no DP"] = no_dp
     progress("no-DP prototypes")
     for eps in sorted(args.epsilons, reverse=True):
-        budget = BudgetConfig(eps / DEFAULT_SHARES["phase_b"], DELTA, DEFAULT_SHARES)
+        budget = BudgetConfig(eps / PHASE_B_SHARE, DELTA, {"phase_a": 0.5, "phase_b": PHASE_B_SHARE, "phase_c": 0.25})
         draws = []
         for draw in range(args.draws):
             with tempfile.TemporaryDirectory(prefix="pmlm-bench-peers-") as tmp:

@@ -25,6 +25,7 @@ from pmlm.cli import main
 from pmlm.client.phase_a import PhaseAConfig, SitePhaseA, new_model
 from pmlm.client.phase_b import SitePhaseB, store_peer_profiles
 from pmlm.client.peers import PhaseBConfig
+from pmlm.client.site_policy import SitePolicy
 from pmlm.client.train import model_state
 from pmlm.common.privacy.ledger import LEDGER_PATH
 from pmlm.common.privacy.membership import (
@@ -86,7 +87,8 @@ def new_site(root: Path, records: Path) -> Path:
 
 
 def train_and_store(site_dir: Path, records: Path, cfg: PhaseAConfig, run_id: str) -> SitePhaseA:
-    site = SitePhaseA(SITE, records, site_dir, cfg)
+    # The overfit model is the site's own benchmark: its policy allows that non-private run, and only that.
+    site = SitePhaseA(SITE, records, site_dir, cfg, policy=SitePolicy(allow_non_private=not cfg.private))
     weights, _ = site.train_round(model_state(new_model(cfg, site.profile)), 1, run_id, {})
     site.store_global(weights, 1, run_id)
     return site
@@ -106,7 +108,7 @@ def dp_site(records, tmp_path_factory) -> Path:
     site = train_and_store(site_dir, records, cfg, "run-dp")
     # The audit replays phase B's draw with the default seed and per-patient cap; only the shape differs here.
     phase_b = SitePhaseB(SITE, site_dir, site.examples, PhaseBConfig(prototypes=2, rounds=1, min_count=5), "run-dp",
-                         budget=cfg.budget())
+                         budget=SitePolicy().budget())
     profiles = run_prototypes(collect_from([phase_b.site]), phase_b.site.concepts, cfg.dim, 84,
                               PhaseBConfig(prototypes=2, rounds=1, min_count=5))
     store_peer_profiles(site_dir, phase_b.site.ledger, "run-dp", profiles)

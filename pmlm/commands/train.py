@@ -1,7 +1,8 @@
 """`pmlm train`: phase A, the federated DP next-event recommender, on a consortium folder.
 
 Each sub-folder of --data is one hospital; each gets WORKDIR/sites/<hospital>/ (ledger, keys, the
-released global model) and the coordinator writes WORKDIR/coordinator/. --in-process (default) runs
+released global model, and its site.json with the privacy policy this command sets for it: --epsilon is
+the site's whole budget, phase A may spend half) and the coordinator writes WORKDIR/coordinator/. --in-process (default) runs
 Flower's ServerApp and ClientApp in this process without Ray; --simulation uses Flower's simulation
 engine. The Flower way is `flwr run . --run-config "data-root='data/sample' workdir='pmlm-work'"`.
 """
@@ -21,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--workdir", type=Path, default=Path("pmlm-work"))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--epsilon", type=float, default=3.0, help="phase A's epsilon per hospital (patient-level)")
+    p.add_argument("--epsilon", type=float, default=3.0,
+                   help="each hospital's whole patient-level budget, all phases (phase A may spend half)")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--non-private", action="store_true", help="no DP-SGD (benchmarks only: weights are not private)")
     p.add_argument("--hospital-dp-noise", type=float, default=0.0,
@@ -49,9 +51,11 @@ def cmd_train(args) -> int:
     if args.epsilon <= 0 and not args.non_private:
         raise CliError("--epsilon must be > 0 (use --non-private for a non-private benchmark run)")
     workdir = args.workdir.resolve()
+    write_site_policies(sites, workdir, args)
     run_config = {
         "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
-        "epsilon": 0.0 if args.non_private else args.epsilon, "delta": args.delta, "profile": args.profile,
+        "epsilon": 0.0 if args.non_private else args.epsilon * 0.5, "epsilon-total": args.epsilon,
+        "delta": args.delta, "profile": args.profile,
         "data-root": str(args.data.resolve()), "workdir": str(workdir),
         "min-nodes": len(sites), "hospital-dp-noise": args.hospital_dp_noise, "hospital-dp-clip": args.hospital_dp_clip,
     }
@@ -79,3 +83,13 @@ def cmd_train(args) -> int:
         print(f"patient-level epsilon spent in phase A (mean over hospitals): {last['epsilon']:.3f} "
               f"at delta {args.delta:g}; ledgers in {workdir / 'sites'}/*/ledger/")
     return 0
+
+
+def write_site_policies(sites: dict, workdir: Path, args) -> None:
+    """Whoever runs every site of a simulated consortium is each site's operator too: it writes each site.json,
+    whose privacy policy the sites enforce (the run config can only ask for less)."""
+    from pmlm.client.site_config import SiteConfig
+
+    for name, path in sorted(sites.items()):
+        policy = {"epsilon_total": args.epsilon, "delta": args.delta, "allow_non_private": bool(args.non_private)}
+        SiteConfig(name, str(path.resolve()), args.profile, privacy=policy).save(workdir / "sites" / name)
