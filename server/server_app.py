@@ -1,7 +1,9 @@
 """The coordinator's Flower ServerApp for phase A: FedAvg of the sites' DP-trained recommender.
 
 Run config keys (all optional): num-server-rounds, local-epochs, batch-size, lr (non-private), dp-lr
-(DP-SGD), epsilon (phase A's epsilon per site; 0 = non-private, for benchmarks), delta, epsilon-total,
+(DP-SGD), epsilon (the phase-A epsilon asked of each site; 0 asks for a non-private run), delta, epsilon-total
+(the whole budget asked), sampling-rate (DP-SGD's public Poisson rate) — what the run asks; each site's own policy
+(client/site_policy.py) refuses more than it allows,
 patient-clip, points-per-patient, dim, max-history, profile, data-root and workdir (simulation), evaluate-each-round, min-nodes (hospitals to wait for, and the
 fewest a run may go on with; default 2), round-timeout (seconds a round waits for the sites' replies, default 3600),
 hospital-dp-noise and hospital-dp-clip (hospital-level DP with Flower's client-side fixed clipping; off unless the
@@ -34,6 +36,7 @@ app = ServerApp()
 RUN_CONFIG_KEYS = {  # run-config key -> PhaseAConfig field
     "num-server-rounds": "rounds", "local-epochs": "local_epochs", "batch-size": "batch_size", "lr": "lr",
     "dp-lr": "dp_lr", "optimizer": "optimizer", "epsilon": "epsilon", "delta": "delta", "epsilon-total": "epsilon_total",
+    "sampling-rate": "sampling_rate",
     "patient-clip": "patient_clip", "points-per-patient": "points_per_patient", "profile": "profile",
     "dim": "dim", "max-history": "max_history",
 }

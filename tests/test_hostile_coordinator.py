@@ -23,7 +23,7 @@ from pmlm.client.examples import Example
 from pmlm.client.phase_a import PhaseAConfig, new_model
 from pmlm.client.phase_c import sampled_points
 from pmlm.client.reward import ConceptMatcher
-from pmlm.client.rl import LocalRL, Point, RLConfig
+from pmlm.client.rl import LocalRL, RLConfig
 from pmlm.client.sampling import keyed_seed, site_sampling_key
 from pmlm.client.site_policy import PolicyError, SitePolicy
 from pmlm.common.policy import PolicyState, PromptPolicy

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import random
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
