@@ -182,9 +182,12 @@ class PromptServicer:
         yield prompt_pb.AdviseEvent(prompt=assembled)
         # The LLM client answers whole completions; the answer is passed on line by line so a
         # clinician's screen fills as the stream arrives. Calls beyond what the LLM serves at once wait
-        # their turn for as long as this call's deadline allows.
+        # their turn for as long as this call's deadline allows, less a margin: waiting all of it, the caller's
+        # deadline passed before RESOURCE_EXHAUSTED could reach it (it saw DEADLINE_EXCEEDED).
+        remaining = context.time_remaining()
+        wait_s = None if remaining is None else max(0.0, remaining - min(1.0, 0.2 * remaining))
         completion = self.site.llm().chat([{"role": m.role, "content": m.content} for m in assembled.messages],
-                                          wait_s=context.time_remaining())
+                                          wait_s=wait_s)
         for piece in completion.text.splitlines(keepends=True):
             if not context.is_active():
                 return

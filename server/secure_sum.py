@@ -283,6 +283,10 @@ def secure_sum(grid: Grid, context: Context | None, task: str, config: dict, nod
                                       reconstruction_threshold=reconstruction_threshold)
         except SecureSumFailed as failed:
             if not failed.retryable or attempt > retries:
+                # The sites an earlier attempt left out are lost too: name them (and why) with the last failure,
+                # so the roster drops them rather than keeping dead sites and dropping only the last ones asked.
+                failed.unresponsive = sorted(set(failed.unresponsive) | (set(asked) - set(nodes)))
+                failed.reasons = {**reasons, **failed.reasons}
                 raise
             log.warning("%s; retrying without %s", failed, failed.unresponsive)
             nodes = [n for n in nodes if n not in failed.unresponsive]

@@ -166,9 +166,12 @@ def test_coordinator_receives_only_masked_vectors():
             masked_seen += 1
             factor_and_vector = [bytes_to_ndarray(b) for b in masked]
             assert len(factor_and_vector) == 2 and factor_and_vector[1].shape == SHAPE
-            # Read as if unmasked, a single masked vector is uniform noise over the whole range.
+            # Read as if unmasked, a single masked vector is uniform noise over the whole range. Its 30 values are
+            # then uncorrelated with the site's: |r| >= 0.7 by chance has probability 1.7e-5 (t-test of r with
+            # 28 df; a simulation with uniform values agrees), so 5e-5 for the three sites of a run. The masks are
+            # the protocol's own randomness, not seeded. All 30 values within 100 of the site's has odds < 1e-12.
             (alone,) = dequantize([factor_and_vector[1] % 2**24], 256.0, 2**24)
-            assert np.corrcoef(alone.ravel(), vectors[node].ravel())[0, 1] < 0.5
+            assert abs(np.corrcoef(alone.ravel(), vectors[node].ravel())[0, 1]) < 0.7
             assert np.max(np.abs(alone - vectors[node])) > 100
     assert masked_seen == 3
 
