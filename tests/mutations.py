@@ -6,7 +6,8 @@
 
 Each mutation is a one-line change to the product code that weakens what a site really releases (less noise,
 a looser clip, no budget check, a smaller sensitivity on record than the one used, a count sent exact, no
-per-patient bound) while leaving the ledger's bookkeeping intact. The working tree is never touched: the
+per-patient bound, a kept release re-sent to a smaller secure-sum group) while leaving the ledger's bookkeeping
+intact; one more makes the coordinator wait for a hung site without its round-timeout. The working tree is never touched: the
 packages (pmlm, client, common, server) are copied into a temporary folder laid out as the installed
 `pmlm` package, each mutation is written into that copy, and the relevant tests run in a subprocess whose
 working directory is the copy, so `import pmlm` finds it before the editable install (which Python consults
@@ -34,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"pmlm": "pmlm", "client": "pmlm/client", "common": "pmlm/common", "server": "pmlm/server"}
 NOISE_TESTS = "tests/test_noise_mechanism.py"
+FAULT_TESTS = "tests/test_release_faults.py"
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,13 @@ MUTATIONS = [
     Mutation("phase C per-patient bound dropped", "client/rl.py",
              "total += (g * min(1.0, self.config.clip / max(float(g.norm()), 1e-12))).numpy()",
              "total += g.numpy()", noise_tests("phase_c")),
+    # -- faults: a retried secure sum, a site that hangs
+    Mutation("kept release re-sent to a smaller SecAgg+ group without consent", "common/privacy/kept.py",
+             "if made_for != group_text and not other_group_allowed:", "if False:  # mutated",
+             (FAULT_TESTS, "-k", "refused_by_default")),
+    Mutation("round-timeout ignored (waits for a hung site)", "server/server_app.py",
+             'timeout = float(run.get("round-timeout", 3600))', "timeout = None  # mutated",
+             (FAULT_TESTS, "-k", "hangs")),
 ]
 
 

@@ -61,6 +61,11 @@ def test_deploy_local_three_sites_quick(tmp_path):
                 f"{site}: phase_a artifact tied to its ledger release"} <= checks
     link_log = (workdir / "logs" / "superlink.log").read_text()
     assert "No SuperNode found with the given public key" in link_log  # the SuperLink's own words
+    # Phases B and C ran under SecAgg+ on the real deployment, with every site to the end (the run's summary).
+    (later,) = workdir.glob("coordinator/**/*-phases-bc.json")
+    summary = json.loads(later.read_text())
+    assert summary["secure_aggregation"] is True and "phase_b" in summary and "phase_c" in summary
+    assert sorted(summary["roster"]["completed"]) == ["hospital_a", "hospital_b", "hospital_c"], summary["roster"]
 
     # every process it started is gone, with whatever they spawned
     assert len(report["stopped_pids"]) == 1 + 3 + 1  # SuperLink, three SuperNodes, the unregistered one

@@ -167,9 +167,13 @@ class LocalDeployment:
         self.timed("superlink_up", t)
 
     def check_plaintext_refused(self) -> None:
+        # A hang-up is a refusal only from a SuperLink that answers the same request over TLS: a dead or wedged
+        # port hangs up too.
         reply = plaintext_probe(self.link_port)
-        self.check("plain-text connection to the TLS SuperLink refused", not reply.startswith(b"HTTP/"),
-                   f"answer to a plain HTTP request: {reply[:40]!r}")
+        over_tls = plaintext_probe(self.link_port, ca_file=self.keys_dir / "ca.pem")
+        self.check("plain-text connection to the TLS SuperLink refused",
+                   not reply.startswith(b"HTTP/") and over_tls.startswith(b"HTTP/"),
+                   f"answer to a plain HTTP request: {reply[:40]!r}; to the same request over TLS: {over_tls[:40]!r}")
 
     def register_sites(self) -> None:
         t = time.monotonic()
@@ -362,14 +366,17 @@ def port_open(port: int) -> bool:
         return False
 
 
-def plaintext_probe(port: int, timeout_s: float = 5.0) -> bytes:
-    """Send a plain HTTP request to the port and return whatever comes back (b"" if the peer hangs up)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
-        s.sendall(b"POST /v1/fleet/activate-node HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
-        try:
+def plaintext_probe(port: int, timeout_s: float = 5.0, ca_file: Path | None = None) -> bytes:
+    """Send an HTTP request to the port and return whatever comes back (b"" if the peer hangs up or cannot be
+    reached); in plain text, or over TLS verified with `ca_file`."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as raw:
+            s = raw if ca_file is None else ssl.create_default_context(cafile=str(ca_file)).wrap_socket(
+                raw, server_hostname="127.0.0.1")
+            s.sendall(b"POST /v1/fleet/activate-node HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
             return s.recv(256)
-        except (ConnectionResetError, socket.timeout, ssl.SSLError):
-            return b""
+    except (OSError, socket.timeout, ssl.SSLError):  # reset, refused, handshake failed: no answer
+        return b""
 
 
 def quick_slice(sites: dict[str, Path], out: Path, patients: int = QUICK_PATIENTS) -> dict[str, Path]:
