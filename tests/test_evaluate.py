@@ -1,13 +1,21 @@
 """A reduced `pmlm evaluate` on a slice of the sample consortium: every report key, real LLM, real Flower app."""
 
+import contextlib
 import gzip
 import itertools
 import json
 import math
+import random
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 from pmlm.cli import main
+from pmlm.client import phase_a, sampling
+from pmlm.common.privacy.noise import SecureNormal
+from pmlm.server import server_app
 from pmlm.client.ingest import RecordReader
 from pmlm.client.ingest.csv_events import write_csv_timelines
 
@@ -25,14 +33,34 @@ def small_consortium(tmp_path_factory):
     return root
 
 
+@contextlib.contextmanager
+def seeded_run(seed: int = 0):
+    """Every random draw of an in-process `pmlm evaluate` from fixed seeds: DP noise (phases B and C draw from the
+    OS CSPRNG, phase A's DP-SGD from torch seeded by `secrets`), the sampling key, the run names, the global
+    generators (model initialisation, SecAgg+'s stochastic rounding). The embedded LLM answers deterministically,
+    so the run, and every figure the tests below compare, repeat exactly: no assertion here fails by chance."""
+    noise = np.random.default_rng(seed)
+    seeds, names = random.Random(seed), itertools.count()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SecureNormal, "normal", lambda self, loc=0.0, scale=1.0, size=None: noise.normal(loc, scale, size))
+        mp.setattr(phase_a, "secrets", SimpleNamespace(randbits=seeds.getrandbits))
+        mp.setattr(sampling, "secrets", SimpleNamespace(token_bytes=lambda n: bytes(seeds.getrandbits(8) for _ in range(n))))
+        mp.setattr(server_app, "uuid", SimpleNamespace(uuid4=lambda: SimpleNamespace(hex=f"seeded{next(names):06d}")))
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        yield
+
+
 @pytest.fixture(scope="module")
 def evaluated(small_consortium, tmp_path_factory):
-    """One reduced run shared by the tests below (it is the slow part)."""
+    """One reduced run shared by the tests below (it is the slow part), seeded (see seeded_run)."""
     tmp_path = tmp_path_factory.mktemp("evaluate")
     out = tmp_path / "report.json"
-    code = main(["evaluate", "--data", str(small_consortium), "--workdir", str(tmp_path / "work"),
-                 "--json-out", str(out), "--html-out", str(tmp_path / "report.html"), "--max-test-points", "12",
-                 "--rounds", "2", "--phase-c-rounds", "1", "--phase-c-rate", "0.1", "--no-trained-baselines"])
+    with seeded_run():
+        code = main(["evaluate", "--data", str(small_consortium), "--workdir", str(tmp_path / "work"),
+                     "--json-out", str(out), "--html-out", str(tmp_path / "report.html"), "--max-test-points", "12",
+                     "--rounds", "2", "--phase-c-rounds", "1", "--phase-c-rate", "0.1", "--no-trained-baselines"])
     assert code == 0
     return tmp_path
 
@@ -57,6 +85,7 @@ def test_reduced_evaluate_reports_every_key(evaluated):
     assert report["llm"]["calls"] > 0 and "model" in report["llm"] and "cached" in report["llm"]
     assert set(report["runtime_s"]) == {"total", "phase_a", "phase_b", "phase_c", "evaluation"}
     # The ceiling is above the no-data prompt, and PMLM's prompt beats it: her data makes the LLM name her events.
+    # (The run is seeded: these hold or fail for the code and data, not by chance.)
     assert report["guidance"]["oracle"]["f1"] > report["guidance"]["general"]["f1"]
     assert report["guidance"]["pmlm"]["f1"] > report["guidance"]["general"]["f1"]
     html = (tmp_path / "report.html").read_text()

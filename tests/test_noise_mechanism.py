@@ -9,9 +9,10 @@ checks that a test here fails.
 
 Odds of a false failure: every spread check is two tests on standardised noise z = noise / (sigma x
 sensitivity) with the mean known to be 0: sum(z^2) against a two-sided chi-square interval at ALPHA, and
-mean(z) against a two-sided normal interval at ALPHA. With ALPHA = 1e-6 and fewer than 20 such checks in this
-file, a correct implementation fails here by chance with probability below 4e-5 a run. Everything else is
-exact arithmetic (up to float rounding).
+mean(z) against a two-sided normal interval at ALPHA. With ALPHA = 1e-6 and five such checks in this file (ten
+tests), a correct implementation fails here by chance with probability below 1e-5 a run (the noise is the real
+sources': the OS CSPRNG for phases B and C, torch seeded from `secrets` for phase A). Everything else is exact
+arithmetic (up to float rounding).
 """
 
 from __future__ import annotations

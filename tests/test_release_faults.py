@@ -8,8 +8,8 @@
   whose policy sets `smaller_group_retry` re-sends the same noisy vector: the retry's total is the sum of the
   kept releases, one ledger entry each.
 - A site that hangs in phase A: the coordinator waits `round-timeout` seconds, not forever, drops it and goes
-  on with the others. The grid here keeps the contract of a SuperLink's: a reply not there by the timeout is
-  never returned (the in-process grid answers at once for a dead site, which hides a missing timeout).
+  on with the others. The grid here waits for a missing reply as a SuperLink's grid does, until the timeout the
+  coordinator passed (the in-process grid answers at once for a dead site, which hides a missing timeout).
 """
 
 from __future__ import annotations
@@ -229,9 +229,9 @@ def test_a_retry_with_the_sites_consent_resends_the_kept_releases_charged_once(p
 
 @dataclass
 class GridWithAHungSite(InProcessGrid):
-    """Replies as a SuperLink's grid gives them: whatever arrived by `timeout`. The site `hangs_on` picks never
-    answers that message, so the call waits out its timeout (and fails the test if there is none: the real
-    coordinator would wait forever). Every timeout the coordinator passed is kept."""
+    """Waits for replies as a SuperLink's grid does: until every node asked has answered or `timeout` is over.
+    The site `hangs_on` picks never answers (from that message on), so the call waits out its timeout, and fails
+    the test if there is none (the real coordinator would wait forever). Every timeout passed is kept."""
 
     hangs_on: Callable[[str, Message], bool] = lambda site, message: False
     hung: set[int] = field(default_factory=set)
