@@ -76,7 +76,11 @@ def train_pooled(examples, cfg: PhaseAConfig, profile, epochs: int, seed: int = 
 
 def federated(sites: dict[str, Path], run_config: dict):
     workdir = Path(tempfile.mkdtemp(prefix="pmlm-bench-"))
-    nodes = [{"data-dir": str(path), "site-id": name, "site-dir": str(workdir / "sites" / name)}
+    # The bench is the sites' own: each policy gives phase A the epsilon asked for (half its budget) and allows
+    # the non-private reference run.
+    eps = float(run_config["epsilon"])
+    policy = {"policy-epsilon-total": 2 * eps if eps > 0 else 3.0, "policy-allow-non-private": eps <= 0}
+    nodes = [{"data-dir": str(path), "site-id": name, "site-dir": str(workdir / "sites" / name), **policy}
              for name, path in sorted(sites.items())]
     run_in_process(server_app, client_app, nodes, {**run_config, "workdir": str(workdir),
                                                    "evaluate-each-round": False})
@@ -89,10 +93,13 @@ def step_time_ratio(examples, cfg: PhaseAConfig, profile, epochs: int = 3) -> tu
     recipe's plain SGD), with and without Opacus's per-patient clipping and noise, measured here."""
     encoder = FeatureEncoder(profile, cfg.max_history)
     dataset = PatientDataset([e for e in examples if e.split == "train"], encoder, cfg.points_per_patient)
+    # The non-private steps take DP-SGD's expected batch (its public rate times the patients), so both time the
+    # same work per step.
+    batch = max(1, round(cfg.sampling_rate * len(dataset)))
     timings = {}
     for name, sigma in (("plain", None), ("dp", 1.0), ("plain2", None), ("dp2", 1.0)):  # interleaved: shared CPUs
         model = new_model(cfg, profile)
-        settings = replace(cfg.train_settings(seed=0), epochs=epochs, noise_multiplier=sigma)
+        settings = replace(cfg.train_settings(seed=0), epochs=epochs, noise_multiplier=sigma, batch_size=batch)
         report = train_local(model, dataset, settings)
         timings.setdefault(name.rstrip("2"), []).append(report.seconds / report.steps)
     dp, plain = min(timings["dp"]), min(timings["plain"])
@@ -132,7 +139,7 @@ def main(argv=None) -> int:
         print(f"  {name:<28} done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
 
     base = {"num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "lr": args.lr,
-            "dp-lr": args.dp_lr, "batch-size": args.batch_size}
+            "dp-lr": args.dp_lr, "batch-size": args.batch_size, "epsilon-total": 0.0}
     evaluate("centralized (non-private)", *train_pooled(examples, cfg, profile, epochs))
     evaluate("federated (non-private)", *federated(sites, {**base, "epsilon": 0.0}))
     for eps in args.epsilons:
