@@ -310,9 +310,20 @@ def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opt
         return float(np.mean(values)) if values else float("nan")
 
     table = {v: {"precision": mean([s.precision for s in ss]), "recall": mean([s.recall for s in ss]),
-                 "f1": mean([s.f1 for s in ss]), "risk_recall": mean([s.risk_recall for s in ss])}
+                 "f1": mean([s.f1 for s in ss]), "risk_recall": mean([s.risk_recall for s in ss]),
+                 "f1_interval": bootstrap_interval([s.f1 for s in ss]), "points": len(ss)}
              for v, ss in scores.items()}
     return {"table": table, "points": len(points), "examples": examples_out}
+
+
+def bootstrap_interval(values: list[float], resamples: int = 2000, level: float = 0.95) -> list[float]:
+    """A percentile bootstrap interval of the mean over the scored points (one point per test patient, so this
+    resamples patients); fixed seed, so the same scores give the same interval."""
+    values = np.asarray([v for v in values if not np.isnan(v)], dtype=float)
+    if len(values) == 0:
+        return [float("nan"), float("nan")]
+    means = np.random.default_rng(0).choice(values, size=(resamples, len(values))).mean(axis=1)
+    return [float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))]
 
 
 def privacy_summary(site_dirs: dict, opts: PipelineOptions) -> dict:
