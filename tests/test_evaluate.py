@@ -80,8 +80,9 @@ def test_reduced_evaluate_reports_every_key(evaluated):
         assert set(row) == {"recall@5", "ndcg@5", "auroc"} and 0 <= row["recall@5"] <= 1
     assert set(report["guidance"]) == {"general", "summary_only", "self", "peer", "self_peer", "pmlm", "oracle"}
     for row in report["guidance"].values():
-        assert set(row) == {"precision", "recall", "f1", "risk_recall"}
-        assert 0 <= row["f1"] <= 1
+        assert set(row) == {"precision", "recall", "f1", "risk_recall", "f1_interval", "points"}
+        low, high = row["f1_interval"]
+        assert 0 <= low <= row["f1"] + 1e-9 and row["f1"] <= high + 1e-9 and high <= 1 and row["points"] == 12
     assert report["llm"]["calls"] > 0 and "model" in report["llm"] and "cached" in report["llm"]
     assert set(report["runtime_s"]) == {"total", "phase_a", "phase_b", "phase_c", "evaluation"}
     # The ceiling is above the no-data prompt, and PMLM's prompt beats it: her data makes the LLM name her events.
