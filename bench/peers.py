@@ -35,8 +35,10 @@ import torch
 from recsys import baseline_scores, federated
 
 from pmlm.client.baselines import GestationalTiming, Popularity
-from pmlm.client.peers import PEER_SPLITS, PhaseBConfig, PhaseBSite, target_columns
-from pmlm.client.phase_a import PhaseAConfig, load_global_model, site_examples
+from pmlm.client.phase_b import PEER_SPLITS, PhaseBSite, target_columns
+from pmlm.common.phase_b import PhaseBConfig
+from pmlm.client.phase_a import load_global_model, site_examples
+from pmlm.common.phase_a import PhaseAConfig
 from pmlm.client.phase_b import embed_examples
 from pmlm.client.sites import discover_sites
 from pmlm.client.train import ranking_metrics
@@ -54,7 +56,7 @@ def phase_a_model(sites: dict[str, Path], args):
     if args.workdir:
         return load_global_model(Path(args.workdir) / "sites" / sorted(sites)[0])[:2]
     return federated(sites, {"num-server-rounds": args.phase_a_rounds, "local-epochs": 1,
-                             "epsilon": args.phase_a_epsilon, "delta": DELTA})
+                             "phase-a-epsilon": args.phase_a_epsilon, "delta": DELTA})
 
 
 def knn_scores(pool: np.ndarray, pool_targets: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

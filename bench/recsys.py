@@ -32,7 +32,8 @@ import torch
 from pmlm.client.baselines import GestationalTiming, Popularity, timing_key
 from pmlm.client.client_app import app as client_app
 from pmlm.client.features import FeatureEncoder, PatientDataset
-from pmlm.client.phase_a import PhaseAConfig, load_global_model, new_model, site_examples
+from pmlm.client.phase_a import load_global_model, site_examples, train_settings
+from pmlm.common.phase_a import PhaseAConfig, new_model
 from pmlm.client.sites import discover_sites
 from pmlm.client.train import TrainSettings, predict, ranking_metrics, train_local
 from pmlm.common.profiles import load_profile
@@ -78,7 +79,7 @@ def federated(sites: dict[str, Path], run_config: dict):
     workdir = Path(tempfile.mkdtemp(prefix="pmlm-bench-"))
     # The bench is the sites' own: each policy gives phase A the epsilon asked for (half its budget) and allows
     # the non-private reference run.
-    eps = float(run_config["epsilon"])
+    eps = float(run_config["phase-a-epsilon"])
     policy = {"policy-epsilon-total": 2 * eps if eps > 0 else 3.0, "policy-allow-non-private": eps <= 0}
     nodes = [{"data-dir": str(path), "site-id": name, "site-dir": str(workdir / "sites" / name), **policy}
              for name, path in sorted(sites.items())]
@@ -99,7 +100,7 @@ def step_time_ratio(examples, cfg: PhaseAConfig, profile, epochs: int = 3) -> tu
     timings = {}
     for name, sigma in (("plain", None), ("dp", 1.0), ("plain2", None), ("dp2", 1.0)):  # interleaved: shared CPUs
         model = new_model(cfg, profile)
-        settings = replace(cfg.train_settings(seed=0), epochs=epochs, noise_multiplier=sigma, batch_size=batch)
+        settings = replace(train_settings(cfg, seed=0), epochs=epochs, noise_multiplier=sigma, batch_size=batch)
         report = train_local(model, dataset, settings)
         timings.setdefault(name.rstrip("2"), []).append(report.seconds / report.steps)
     dp, plain = min(timings["dp"]), min(timings["plain"])
@@ -139,11 +140,11 @@ def main(argv=None) -> int:
         print(f"  {name:<28} done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
 
     base = {"num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "lr": args.lr,
-            "dp-lr": args.dp_lr, "batch-size": args.batch_size, "epsilon-total": 0.0}
+            "dp-lr": args.dp_lr, "batch-size": args.batch_size}
     evaluate("centralized (non-private)", *train_pooled(examples, cfg, profile, epochs))
-    evaluate("federated (non-private)", *federated(sites, {**base, "epsilon": 0.0}))
+    evaluate("federated (non-private)", *federated(sites, {**base, "phase-a-epsilon": 0.0}))
     for eps in args.epsilons:
-        evaluate(f"federated DP eps={eps:g}", *federated(sites, {**base, "epsilon": eps}))
+        evaluate(f"federated DP eps={eps:g}", *federated(sites, {**base, "phase-a-epsilon": eps}))
     for name, exs in sorted(by_site.items()):
         evaluate(f"{name} alone (non-private)", *train_pooled(exs, cfg, profile, epochs))
     for name, ranker in (("popularity", Popularity(train)), ("gestational timing", GestationalTiming(train))):

@@ -37,7 +37,7 @@ ROWS = (("general", "general"), ("summary_only", "summary only"), ("self", "self
 
 
 def parse_args() -> argparse.Namespace:
-    from pmlm.client.phase_c import PhaseCConfig
+    from pmlm.common.phase_c import PhaseCConfig
     from pmlm.client.rl import RLConfig
     from pmlm.client.sites import SAMPLE_DATA
 
@@ -72,7 +72,7 @@ def parse_args() -> argparse.Namespace:
 
 def ensure_phases(opts, sites: dict, site_dirs: dict) -> dict:
     """The stored refined-prompt policy of every site, after running phases A-C if they are missing."""
-    from pmlm.client.advice import POLICY
+    from pmlm.common.site_layout import POLICY
     from pmlm.pipeline import run_federation
 
     if all((d / POLICY).exists() for d in site_dirs.values()):
@@ -134,9 +134,11 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
     """Local RL with and without pre-screening: training calls until each one's refined (greedy) prompt scores,
     on held-out training points, what the run without the reward model's refined prompt scored at its end."""
     from pmlm.client.advice import PromptAssembler, SiteArtifacts
-    from pmlm.client.phase_c import PhaseCConfig, training_points
+    from pmlm.client.phase_c import rl_config, training_points
+    from pmlm.common.phase_c import PhaseCConfig
     from pmlm.client.reward import matcher_for, score_answer
-    from pmlm.client.rl import LocalRL, apply_update
+    from pmlm.client.rl import LocalRL
+    from pmlm.server.phase_c import apply_update
     from pmlm.common.policy import PromptPolicy, initial_bias
     from pmlm.common.prompt import INITIAL, render
 
@@ -162,7 +164,7 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
             torch.manual_seed(seed)
             policy = PromptPolicy(len(points[0].state.embedding))
             initial_bias(policy, INITIAL, strength=0.0 if args.rm_start == "uniform" else 2.0)
-            config = phase_c.rl_config(use_reward_model=use_rm)
+            config = rl_config(phase_c, use_reward_model=use_rm)
             config = replace(config, warmup_episodes=len(points) * config.prompts_per_point,  # one round of plain sampling
                              calls_every=args.rm_calls_every, trains="all")  # on-site, nothing released: every weight
             rl = LocalRL(policy, llm, matcher, points, config, seed=seed)

@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pmlm.common.atomic import append_durably
+from pmlm.common.site_layout import ACCESS_LOG
 
-ACCESS_LOG = Path("audit") / "access_log.jsonl"
 MAX_DETAIL = 300  # characters of a status message kept; enough to say why, not to copy a record
 FIELDS = ("time", "caller", "rpc", "patient", "outcome")
 

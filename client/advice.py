@@ -23,9 +23,8 @@ from pmlm.common.policy import PolicyState, PromptPolicy
 from pmlm.common.profiles import TaskProfile, load_profile
 from pmlm.common.prompt import INITIAL, Prompt, PromptParams, render
 from pmlm.common.schema import Timeline
+from pmlm.common.site_layout import PEER_PROFILES, POLICY
 
-PEER_PROFILES = Path("phase_b") / "peer_profiles"
-POLICY = Path("phase_c") / "policy.pt"
 
 
 def save_policy(policy: PromptPolicy, site_dir: Path, meta: dict) -> Path:

@@ -47,8 +47,9 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from pmlm.client.sites import site_location
 from pmlm.common.atomic import append_durably, write_atomic
+from pmlm.common.run_config import run_config_of
+from pmlm.common.site_layout import EGRESS_LOG
 
-EGRESS_LOG = "egress.jsonl"
 SPOOL_ENV = "PMLM_EGRESS_SPOOL"
 MAX_TEXT = 2000  # characters of a config string kept verbatim in the summary
 MAX_LIST = 16  # items of a scalar list kept verbatim
@@ -119,8 +120,6 @@ def egress_log_path(site_dir: Path) -> Path:
 
 def record_egress(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Flower mod: run the handler, then record what it sends (or the error text Flower will send)."""
-    from pmlm.client.phase_a import run_config_of  # phase_a pulls in torch; log readers do not need it
-
     try:
         where = site_location(context.node_config, run_config_of(context.run_config))
     except (ValueError, KeyError, OSError) as exc:

@@ -38,15 +38,16 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from pmlm.client.access_log import AccessLog
-from pmlm.client.advice import PEER_PROFILES, POLICY, PromptAssembler, SiteArtifacts
+from pmlm.client.advice import PromptAssembler, SiteArtifacts
 from pmlm.client.examples import build_examples
 from pmlm.client.ingest import RecordReader
 from pmlm.client.llm import LLMBusy, LLMConfig, LLMError, open_llm
 from pmlm.client.site_config import SiteConfig, SiteConfigError
-from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, verify_ledger
+from pmlm.common.privacy.ledger import verify_ledger
 from pmlm.common.privacy.signing import KeyFileError, key_fingerprint, load_public_key, public_path
 from pmlm.common.profiles import load_profile
 from pmlm.common.prompt import PromptParams
+from pmlm.common.site_layout import LEDGER_PATH, PEER_PROFILES, POLICY, SITE_KEY_PATH, current_manifest
 from pmlm.v1 import audit_service_pb2 as audit_pb
 from pmlm.v1 import prompt_service_pb2 as prompt_pb
 
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 MAX_PATIENT_ID = 200
 MAX_QUESTION = 2000
 PRIVACY_UNIT = "patient-in-site"
-PHASE_ARTIFACTS = {"phase_b": PEER_PROFILES.with_suffix(".npz"), "phase_c": POLICY}  # phase A: phase_a/current.json
+PHASE_ARTIFACTS = {"phase_b": PEER_PROFILES.with_suffix(".npz"), "phase_c": POLICY}  # phase A: current_manifest("phase_a")
 CLIENT_CN_PREFIX = "pmlm-client-"  # + site id: the client certificate `pmlm deploy certs` issues per site
 
 
@@ -120,7 +121,7 @@ class SiteState:
 
     def assembler(self) -> PromptAssembler:
         """The site's artifacts, reloaded when a new run stored new ones."""
-        stamp = tuple(_mtime(self.site_dir / p) for p in ("phase_a/current.json", *map(str, PHASE_ARTIFACTS.values())))
+        stamp = tuple(_mtime(self.site_dir / p) for p in (current_manifest("phase_a"), *PHASE_ARTIFACTS.values()))
         with self._lock:
             if self._assembler is None or self._assembler[0] != stamp:
                 self._assembler = (stamp, PromptAssembler(SiteArtifacts.load(self.site_dir, self.profile)))
@@ -378,7 +379,7 @@ def _prompt_params(message) -> PromptParams:
 
 def _artifacts(site_dir: Path) -> list[prompt_pb.Artifact]:
     found = []
-    for manifest_path in sorted(site_dir.glob("*/current.json")):
+    for manifest_path in sorted(site_dir.glob(str(current_manifest("*")))):
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError):

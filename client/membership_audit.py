@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pmlm.client.advice import PEER_PROFILES
 from pmlm.client.examples import Example
-from pmlm.client.peers import PEER_SPLITS, assign, target_columns
+from pmlm.client.phase_b import PEER_SPLITS, assign, target_columns
 from pmlm.client.phase_a import load_global_model
 from pmlm.client.phase_b import embed_examples
 from pmlm.client.site_config import SiteConfig
@@ -35,7 +34,7 @@ from pmlm.client.sites import load_site
 from pmlm.common.atomic import write_atomic
 from pmlm.common.model import NextEventRecommender
 from pmlm.common.peer_profiles import PeerProfiles, centred
-from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, LedgerReplay, verify_ledger
+from pmlm.common.privacy.ledger import LedgerReplay, verify_ledger
 from pmlm.common.privacy.membership import (
     FORMAT,
     MIN_GROUP,
@@ -50,6 +49,7 @@ from pmlm.common.privacy.membership import (
     verdict,
 )
 from pmlm.common.privacy.signing import load_public_key, public_path
+from pmlm.common.site_layout import LEDGER_PATH, PEER_PROFILES, SITE_KEY_PATH, current_manifest
 
 PRIVACY_UNIT = "patient-in-site"
 REFERENCE_SEED = 0  # the untrained reference model is public: any fixed seed will do
@@ -128,7 +128,7 @@ def audit_model(site_dir: Path, replay: LedgerReplay | None, examples: list[Exam
         note = "; ".join(filter(None, [note, "trained without DP: no ledger release, no bound"]))
     elif not releases:
         note = "; ".join(filter(None, [note, "trained with DP, but the site's ledger holds none of its releases"]))
-    folder = site_dir / json.loads((site_dir / "phase_a" / "current.json").read_text())["path"]
+    folder = site_dir / json.loads((site_dir / current_manifest("phase_a")).read_text())["path"]
     return _artifact("phase A global model", folder / "model.pt", site_dir, manifest["model_sha256"],
                      manifest["run_id"], releases, replay, attacks, resamples, note)
 
@@ -136,7 +136,7 @@ def audit_model(site_dir: Path, replay: LedgerReplay | None, examples: list[Exam
 def audit_peer_profiles(site_dir: Path, replay: LedgerReplay | None, examples: list[Example], loaded: tuple,
                         resamples: int) -> dict[str, Any] | None:
     path = site_dir / PEER_PROFILES
-    manifest_path = site_dir / "phase_b" / "current.json"
+    manifest_path = site_dir / current_manifest("phase_b")
     if not path.with_suffix(".npz").is_file() or not manifest_path.is_file():
         return None
     manifest = json.loads(manifest_path.read_text())
@@ -178,7 +178,7 @@ def audit_site(site_dir: Path, data_dir: Path | None = None, *, resamples: int =
     site_dir = Path(site_dir)
     config = SiteConfig.load(site_dir)
     replay = site_ledger(site_dir)
-    if not (site_dir / "phase_a" / "current.json").is_file():
+    if not (site_dir / current_manifest("phase_a")).is_file():
         raise MembershipAuditError(f"{site_dir} holds no phase-A global model (phase_a/current.json) to audit")
     loaded = load_global_model(site_dir)
     site, _ = load_site(config.site_id, Path(data_dir or config.data_dir), loaded[1].profile, progress=False)

@@ -20,13 +20,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
+import logging
 import secrets
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
-
-import logging
 
 import torch
 
@@ -36,74 +33,27 @@ from pmlm.client.site_policy import SitePolicy
 from pmlm.client.sites import load_site
 from pmlm.client.train import TrainSettings, dp_plan, model_state, predict, ranking_metrics, train_local
 from pmlm.common.atomic import write_atomic
-from pmlm.common.model import NextEventRecommender, RecommenderConfig, recommender_config
+from pmlm.common.model import NextEventRecommender, RecommenderConfig
+from pmlm.common.phase_a import PHASE, PhaseAConfig, new_model
 from pmlm.common.privacy.events import DpSgd
 from pmlm.common.privacy.ledger import SiteLedger
 from pmlm.common.profiles import TaskProfile, load_profile
+from pmlm.common.site_layout import MODEL_DIR, current_manifest, plan_file
 
 # dp-accounting's RDP logs a warning for every order it skips at large sampling rates; the result is valid.
 logging.getLogger("absl").setLevel(logging.ERROR)
 
-PHASE = "phase_a"
 NOISE_SOURCE = "torch default generator, seeded from os.urandom (Opacus secure_mode off: torchcsprng unavailable)"
-MODEL_DIR = Path("phase_a") / "models"
 
 
-@dataclass
-class PhaseAConfig:
-    """What the coordinator decides for the run; travels in the train/evaluate ConfigRecord."""
-
-    rounds: int = 5
-    local_epochs: int = 2
-    batch_size: int = 50  # patients per step of non-private training
-    sampling_rate: float = 0.5  # DP-SGD's public Poisson rate (about 50 of the sample sites' ~100 training patients)
-    lr: float = 0.3  # non-private training (Adam)
-    optimizer: str = "adam"  # non-private training; DP-SGD always runs plain SGD at dp_lr (client/train.py says why)
-    dp_lr: float = 10.0  # DP-SGD; clipped per-patient gradients are small, so the step is large
-    # What the run asks of each site; a site's own policy caps all three (client/site_policy.py).
-    epsilon: float = 1.5  # phase A's epsilon per site (patient-level); <= 0 asks for a non-private run
-    delta: float = 1e-5
-    epsilon_total: float = 0.0  # the whole budget the run asks for; 0 means epsilon / the site's phase-A share
-    patient_clip: float = 0.3  # below every patient's gradient norm at the start (~0.5-3 on the sample)
-    points_per_patient: int = 32
-    profile: str = "obgyn"
-    dim: int = 64  # the patient vector's length (phase B's embedding, phase C's state)
-    max_history: int = 64
-    run_name: str = "phase-a"
-
-    @property
-    def private(self) -> bool:
-        return self.epsilon > 0
-
-    def model_config(self, profile: TaskProfile) -> RecommenderConfig:
-        return recommender_config(profile, dim=self.dim, max_history=self.max_history)
-
-    def train_settings(self, seed: int) -> TrainSettings:
-        """One local round's settings: DP-SGD (plain SGD, clipped) when private, else the configured optimizer."""
-        settings = TrainSettings(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
-                                 optimizer=self.optimizer, points_per_patient=self.points_per_patient,
-                                 clipping_norm=self.patient_clip, sampling_rate=self.sampling_rate, seed=seed)
-        if self.private:
-            settings.optimizer, settings.lr = "sgd", self.dp_lr
-        return settings
-
-    def to_record(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_record(cls, record) -> "PhaseAConfig":
-        names = {f.name: f.type for f in fields(cls)}
-        values = {k: record[k] for k in names if k in record}
-        return cls(**values)
-
-
-def run_config_of(context_run_config: dict) -> dict:
-    """The run config, with `PMLM_RUN_CONFIG` (JSON) filling in what Flower's in-code simulation cannot pass."""
-    return {**json.loads(os.environ.get("PMLM_RUN_CONFIG", "{}")), **dict(context_run_config)}
-
-
-def new_model(cfg: PhaseAConfig, profile: TaskProfile) -> NextEventRecommender:
-    return NextEventRecommender(cfg.model_config(profile))
+def train_settings(cfg: PhaseAConfig, seed: int) -> TrainSettings:
+    """One local round's settings: DP-SGD (plain SGD, clipped) when private, else the configured optimizer."""
+    settings = TrainSettings(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                             optimizer=cfg.optimizer, points_per_patient=cfg.points_per_patient,
+                             clipping_norm=cfg.patient_clip, sampling_rate=cfg.sampling_rate, seed=seed)
+    if cfg.private:
+        settings.optimizer, settings.lr = "sgd", cfg.dp_lr
+    return settings
 
 
 # Reading records is the slow part; a site process reads its directory once per profile.
@@ -154,7 +104,7 @@ class SitePhaseA:
         plan = {"run": run_id, "noise_multiplier": sigma, "sampling_rate": q, "steps_per_round": steps,
                 "rounds": self.cfg.rounds, "patient_clip": self.cfg.patient_clip,
                 "phase_epsilon_cap": self.caps[PHASE], "opacus_history": []}
-        write_atomic(self.site_dir / "phase_a" / f"plan-{run_id}.json", json.dumps(plan, indent=2))
+        write_atomic(self.site_dir / plan_file(PHASE, run_id), json.dumps(plan, indent=2))
         state.clear()
         state.update(plan)
         return state
@@ -166,7 +116,7 @@ class SitePhaseA:
         `state` is the node's memory across rounds of this run (the calibrated plan, Opacus history).
         """
         model = self.model_from(weights)
-        settings = self.cfg.train_settings(seed=secrets.randbits(63))
+        settings = train_settings(self.cfg, seed=secrets.randbits(63))
         # Every site weighs the same in FedAvg: its patient count is not public (see the README's threat model).
         metrics: dict[str, float] = {"num-examples": 1.0}
         if not self.private:
@@ -228,7 +178,7 @@ class SitePhaseA:
             "private": self.private, "ledger_release": release,
         }
         write_atomic(folder / "manifest.json", json.dumps(manifest, indent=2))
-        write_atomic(self.site_dir / "phase_a" / "current.json",
+        write_atomic(self.site_dir / current_manifest(PHASE),
                      json.dumps({"path": str(folder.relative_to(self.site_dir)), **manifest}, indent=2))
         return folder
 
@@ -245,7 +195,7 @@ def _opacus_epsilon(history: list, delta: float) -> float:
 def load_global_model(site_dir: Path) -> tuple[NextEventRecommender, FeatureEncoder, dict[str, Any]]:
     """The site's current phase-A global model, its feature encoder and manifest (for phase B, self features)."""
     site_dir = Path(site_dir)
-    current = json.loads((site_dir / "phase_a" / "current.json").read_text())
+    current = json.loads((site_dir / current_manifest(PHASE)).read_text())
     folder = site_dir / current["path"]
     manifest = json.loads((folder / "manifest.json").read_text())
     blob = (folder / "model.pt").read_bytes()

@@ -29,6 +29,7 @@ from torch import nn
 from pmlm.client.examples import Example
 from pmlm.client.llm.cache import cache_key
 from pmlm.client.reward import ConceptMatcher, RewardWeights, score_answer
+from pmlm.common.phase_c import PHASE
 from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, action_onehot, action_tensor, trained_mask
 from pmlm.common.privacy import SiteLedger
 from pmlm.common.privacy.events import Mechanism
@@ -36,7 +37,6 @@ from pmlm.common.privacy.kept import release_once, request_digest
 from pmlm.common.privacy.noise import noise_source_of
 from pmlm.common.prompt import PatientContext, PromptParams, render
 
-PHASE = "phase_c"
 
 
 @dataclass
@@ -245,21 +245,4 @@ def n_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def noise_limited_lr(lr: float, scale: float, noise_stds: list[float], max_step_noise: float) -> float:
-    """The largest step size up to `lr` at which the summed noise (the sites' public standard deviations)
-    moves each weight by at most `max_step_noise` (one standard deviation): with few episodes a full step
-    would be mostly noise and undo the initial prompt. Post-processing of released values only."""
-    noise = float(np.linalg.norm(noise_stds))  # independent Gaussian noises add in variance
-    return lr if noise == 0 else min(lr, max_step_noise * scale / noise)
-
-
-def apply_update(policy: PromptPolicy, total_gradient: np.ndarray, lr: float, scale: float) -> None:
-    """Server side of a FedSGD step: move the global policy against the (summed, noisy) gradient."""
-    with torch.no_grad():
-        vec = torch.nn.utils.parameters_to_vector(policy.parameters())
-        vec -= lr * torch.as_tensor(total_gradient, dtype=vec.dtype) / scale
-        torch.nn.utils.vector_to_parameters(vec, policy.parameters())
-
-
-__all__ = ["Point", "Episode", "RewardModel", "RLConfig", "LocalRL", "apply_update", "noise_limited_lr",
-           "n_parameters", "FACTOR_NAMES", "PHASE"]
+__all__ = ["Point", "Episode", "RewardModel", "RLConfig", "LocalRL", "n_parameters", "FACTOR_NAMES", "PHASE"]

@@ -22,12 +22,13 @@ import os
 import secrets
 from pathlib import Path
 
-KEY_PATH = Path("keys") / "sampling.key"  # relative to the site directory
+from pmlm.common.site_layout import SAMPLING_KEY_PATH
+
 
 
 def site_sampling_key(site_dir: Path) -> bytes:
     """The site's secret sampling key, created on first use (never sent, never logged)."""
-    path = Path(site_dir) / KEY_PATH
+    path = Path(site_dir) / SAMPLING_KEY_PATH
     if path.is_file():
         key = path.read_bytes()
         if len(key) != 32:

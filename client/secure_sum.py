@@ -2,7 +2,7 @@
 or, when the coordinator runs a plain sum, as the site's own DP-noised vector.
 
 Phases register what vector a task means (``register_vector_task``); the ClientApp owner calls
-``attach_secure_sum(app)`` once. The coordinator side is ``pmlm.server.secure_sum``.
+``attach_secure_sum(app)`` once. The coordinator side is ``pmlm.server.secure_sum``; what both agree on, ``pmlm.common.secure_sum``.
 
 The seam with Flower 1.42: SecAgg+ exists only on the legacy path. Its ``secaggplus_mod`` acts only on
 messages of type exactly ``train`` and expects the handler to answer in the legacy FitRes layout
@@ -28,10 +28,8 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
-SECURE_ACTION = "pmlm_secure_sum"  # message type train.pmlm_secure_sum: the SecAgg+ stages
-PLAIN_ACTION = "pmlm_plain_sum"  # message type query.pmlm_plain_sum: one plain DP vector per site
-META_KEY = "pmlm-sum.meta"  # JSON: task, shape, array names, clipping range, SecAgg+ weight
-RANGE_ERROR = "SecureSumRangeError"  # marker the coordinator looks for in a site's error reply
+from pmlm.common.secure_sum import META_KEY, PLAIN_ACTION, RANGE_ERROR, SECURE_ACTION
+
 REQUIRE_SECURE_NODE_KEY = "secure-sum-required"  # node config: this site refuses plain sums
 
 VectorResult = Union[np.ndarray, tuple[np.ndarray, dict]]
@@ -72,12 +70,6 @@ def register_vector_task(name: str, fn: VectorFn) -> VectorFn:
 def vector_task(name: str) -> Callable[[VectorFn], VectorFn]:
     """Decorator form of ``register_vector_task``."""
     return lambda fn: register_vector_task(name, fn)
-
-
-def pack_meta(task: str, shape: tuple[int, ...], array_names: list[str], clipping_range: float | None,
-              weight: int | None) -> str:
-    return json.dumps({"task": task, "shape": list(shape), "arrays": array_names, "clip": clipping_range,
-                       "weight": weight})
 
 
 def _compute(tasks: dict[str, VectorFn], config: dict, arrays: list[np.ndarray],

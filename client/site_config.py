@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pmlm.common.atomic import write_atomic
+from pmlm.common.site_layout import SITE_JSON
 
-FILENAME = "site.json"
 
 
 class SiteConfigError(ValueError):
@@ -35,9 +35,9 @@ class SiteConfig:
 
     @classmethod
     def load(cls, site_dir: Path) -> "SiteConfig":
-        path = Path(site_dir) / FILENAME
+        path = Path(site_dir) / SITE_JSON
         if not path.exists():
-            raise SiteConfigError(f"{site_dir} is not a PMLM site directory (no {FILENAME}); run `pmlm evaluate` "
+            raise SiteConfigError(f"{site_dir} is not a PMLM site directory (no {SITE_JSON}); run `pmlm evaluate` "
                                   f"or `pmlm demo` to create one, or write it as documented in client/site_config.py")
         try:
             raw = json.loads(path.read_text())
@@ -53,7 +53,7 @@ class SiteConfig:
         return config
 
     def save(self, site_dir: Path) -> Path:
-        return write_atomic(Path(site_dir) / FILENAME, json.dumps(asdict(self), indent=2))
+        return write_atomic(Path(site_dir) / SITE_JSON, json.dumps(asdict(self), indent=2))
 
 
 def _subjects(value) -> list:

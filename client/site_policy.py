@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pmlm.common.privacy.budget import BudgetConfig, composed_caps
+from pmlm.common.privacy.budget import PHASE_A_SHARE, BudgetConfig, composed_caps
+from pmlm.common.site_layout import SITE_JSON
 
 NODE_CONFIG_PREFIX = "policy-"
 # Site-level figures a site may declare public (they then appear in ledger entries and reports).
@@ -48,7 +49,7 @@ class PolicyError(ValueError):
 class SitePolicy:
     epsilon_total: float = 3.0  # the site's whole lifetime budget per patient (PLD, enforced by the ledger)
     delta: float = 1e-5
-    phase_a_share: float = 0.5  # phase A's cap as a fraction of the total; B and C share what composition leaves
+    phase_a_share: float = PHASE_A_SHARE  # phase A's cap as a fraction of the total; B and C share what composition leaves
     allow_non_private: bool = False  # only a site's own benchmark turns this on
     secure_sum_only: bool = True  # phase B and C vectors leave only masked under SecAgg+
     answer_evaluate: bool = False  # phase A's evaluate handler: exact metrics on the validation split
@@ -96,7 +97,7 @@ class SitePolicy:
     def load(cls, site_dir: Path | None, node_config: dict | None = None) -> "SitePolicy":
         """The policy of the site at `site_dir`: node config `policy-*` keys over site.json's `privacy`."""
         raw: dict[str, Any] = {}
-        site_json = Path(site_dir) / "site.json" if site_dir is not None else None
+        site_json = Path(site_dir) / SITE_JSON if site_dir is not None else None
         if site_json is not None and site_json.is_file():
             try:
                 section = json.loads(site_json.read_text()).get("privacy") or {}

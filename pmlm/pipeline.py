@@ -86,8 +86,8 @@ def prepare_sites(opts: PipelineOptions) -> dict[str, Path]:
 
 def run_config(opts: PipelineOptions) -> dict:
     return {
-        "num-server-rounds": opts.rounds, "local-epochs": opts.local_epochs, "epsilon": opts.epsilon * 0.5,
-        "epsilon-total": opts.epsilon, "delta": opts.delta, "profile": opts.profile,
+        "num-server-rounds": opts.rounds, "local-epochs": opts.local_epochs, "epsilon": opts.epsilon,
+        "delta": opts.delta, "profile": opts.profile,
         "workdir": str(opts.workdir), "phases": "abc", "evaluate-each-round": False,
         "phase-b-rounds": opts.phase_b_rounds, "phase-b-prototypes": opts.prototypes,
         "phase-b-min-count": opts.min_count, "phase-c-rounds": opts.phase_c_rounds,
@@ -217,7 +217,7 @@ def _baseline_scores(ranker, examples, concepts: list[str]) -> np.ndarray:
 def _trained(examples, opts: PipelineOptions, profile, seed: int):
     """A non-private model trained on `examples` (centralized / local-only rows of the table)."""
     from pmlm.client.features import FeatureEncoder, PatientDataset
-    from pmlm.client.phase_a import PhaseAConfig, new_model
+    from pmlm.common.phase_a import PhaseAConfig, new_model
     from pmlm.client.train import TrainSettings, train_local
 
     cfg = PhaseAConfig(profile=opts.profile)

@@ -53,6 +53,7 @@ from pmlm.common.privacy.signing import (
 )
 
 COPY_FORMAT = "pmlm-ledger-copy/1"
+LEDGER_COPIES_DIR = "ledger-copies"  # under the coordinator's workdir: its CoordinatorLedgerCopy state dir
 COORDINATOR_KEY_PATH = Path("keys") / "coordinator_ed25519.key"
 SITE_KEYS_DIR = Path("site_keys")
 COPIES_DIR = Path("ledger_copies")

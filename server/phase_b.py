@@ -16,16 +16,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from pmlm.client.peers import PhaseBConfig
 from pmlm.common.peer_profiles import PeerProfiles
+from pmlm.common.phase_b import PHASE, QUERY_RELEASE, QUERY_STORE, VECTOR_TASK, PhaseBConfig, profiles_message
 from pmlm.server.prototypes import run_prototypes, summed_noise_std
 from pmlm.server.roster import SiteRoster
 from pmlm.server.secure_sum import secure_sum_over
-
-PHASE = "phase_b"
-QUERY_RELEASE = "query.phase_b_release"
-QUERY_STORE = "query.phase_b_store"
-
 
 def run_phase_b(grid: Grid, roster: SiteRoster, config: PhaseBConfig, run_id: str, concepts: list[str], dim: int,
                 horizon_days: int, on_entries=None, site_records: dict | None = None, secure: bool = False,
@@ -41,7 +36,7 @@ def run_phase_b(grid: Grid, roster: SiteRoster, config: PhaseBConfig, run_id: st
             scalars = {k: v for rec in site_records.values() for k, v in dict(rec).items()}
             width = len(concepts) + 1 if kind == "profile" else dim + 1
             # Counts and sums grow with a site's size: the range must cover its largest cell plus noise.
-            result = secure_sum_over(roster, grid, PHASE, round, "phase_b_release",
+            result = secure_sum_over(roster, grid, PHASE, round, VECTOR_TASK,
                                      {**scalars, **plan, "kind": kind, "round": round},
                                      shape=(len(centroids), width), arrays={"centroids": centroids, "centre": centre},
                                      timeout=timeout, clipping_range=8192.0)
@@ -68,20 +63,6 @@ def run_phase_b(grid: Grid, roster: SiteRoster, config: PhaseBConfig, run_id: st
         return out
 
     profiles = run_prototypes(collect_and_report, concepts, dim, horizon_days, config)
-    arrays = ArrayRecord({"centroids": Array(profiles.centroids), "counts": Array(profiles.counts),
-                          "rates": Array(profiles.rates), "suppressed": Array(profiles.suppressed.astype(np.float64)),
-                          "centre": Array(profiles.centre)})
-    meta = ConfigRecord({"run_id": run_id, "count_noise_std": profiles.count_noise_std,
-                         "concepts": json.dumps(profiles.concepts), "horizon_days": horizon_days,
-                         "min_count": config.min_count})
-    roster.ask(grid, QUERY_STORE, RecordDict({"arrays": arrays, "config": meta, **site_records}), PHASE,
+    roster.ask(grid, QUERY_STORE, RecordDict({**profiles_message(profiles, run_id), **site_records}), PHASE,
                timeout=timeout)
     return profiles
-
-
-def profiles_from_message(content: RecordDict) -> PeerProfiles:
-    a, c = content["arrays"], content["config"]
-    return PeerProfiles(a["centroids"].numpy(), a["counts"].numpy(), a["rates"].numpy(),
-                        a["suppressed"].numpy().astype(bool), float(c["count_noise_std"]),
-                        json.loads(str(c["concepts"])), int(c["horizon_days"]), int(c["min_count"]),
-                        a["centre"].numpy())

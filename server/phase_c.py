@@ -9,34 +9,14 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from pmlm.client.phase_c import PhaseCConfig
-from pmlm.client.rl import apply_update, noise_limited_lr
+from pmlm.common.phase_c import PHASE, QUERY_ROUND, QUERY_STORE, VECTOR_TASK, PhaseCConfig, policy_arrays
 from pmlm.common.policy import PromptPolicy, initial_bias
 from pmlm.common.prompt import INITIAL
 from pmlm.server.roster import SiteRoster
 from pmlm.server.secure_sum import secure_sum_over
-
-PHASE = "phase_c"
-QUERY_ROUND = "query.phase_c_round"
-QUERY_STORE = "query.phase_c_store"
-
-
-def policy_arrays(policy: PromptPolicy) -> ArrayRecord:
-    return ArrayRecord({k: Array(v.detach().numpy().copy()) for k, v in policy.state_dict().items()})
-
-
-def policy_from(record: ArrayRecord, embedding_dim: int) -> PromptPolicy:
-    return policy_from_numpy({k: record[k].numpy() for k in record.keys()}, embedding_dim)
-
-
-def policy_from_numpy(arrays: dict, embedding_dim: int) -> PromptPolicy:
-    policy = PromptPolicy(embedding_dim)
-    policy.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
-    return policy
-
 
 def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: str, embedding_dim: int,
                 on_round=None, site_records: dict | None = None, secure: bool = False,
@@ -54,7 +34,7 @@ def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: st
             scalars = {k: v for rec in site_records.values() for k, v in dict(rec).items()}
             weights = {k: v.detach().numpy().copy() for k, v in policy.state_dict().items()}
             n = sum(v.size for v in weights.values())
-            result = secure_sum_over(roster, grid, PHASE, r, "phase_c_round", {**scalars, **dict(plan), "round": r},
+            result = secure_sum_over(roster, grid, PHASE, r, VECTOR_TASK, {**scalars, **dict(plan), "round": r},
                                      shape=(n,), arrays=weights, timeout=timeout, clipping_range=1024.0)
             total, metrics = result.total, list(result.metrics.values())
         else:
@@ -75,3 +55,19 @@ def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: st
     roster.ask(grid, QUERY_STORE, RecordDict({"arrays": policy_arrays(policy), "config": plan, **site_records}),
                PHASE, timeout=timeout)
     return policy
+
+
+def noise_limited_lr(lr: float, scale: float, noise_stds: list[float], max_step_noise: float) -> float:
+    """The largest step size up to `lr` at which the summed noise (the sites' public standard deviations)
+    moves each weight by at most `max_step_noise` (one standard deviation): with few episodes a full step
+    would be mostly noise and undo the initial prompt. Post-processing of released values only."""
+    noise = float(np.linalg.norm(noise_stds))  # independent Gaussian noises add in variance
+    return lr if noise == 0 else min(lr, max_step_noise * scale / noise)
+
+
+def apply_update(policy: PromptPolicy, total_gradient: np.ndarray, lr: float, scale: float) -> None:
+    """Server side of a FedSGD step: move the global policy against the (summed, noisy) gradient."""
+    with torch.no_grad():
+        vec = torch.nn.utils.parameters_to_vector(policy.parameters())
+        vec -= lr * torch.as_tensor(total_gradient, dtype=vec.dtype) / scale
+        torch.nn.utils.vector_to_parameters(vec, policy.parameters())

@@ -54,7 +54,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from pmlm.client.secure_sum import META_KEY, PLAIN_ACTION, RANGE_ERROR, SECURE_ACTION, pack_meta
+from pmlm.common.secure_sum import META_KEY, PLAIN_ACTION, RANGE_ERROR, SECURE_ACTION, pack_meta
 from pmlm.server.roster import SiteRoster
 
 log = logging.getLogger(__name__)

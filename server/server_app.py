@@ -1,18 +1,21 @@
-"""The coordinator's Flower ServerApp for phase A: FedAvg of the sites' DP-trained recommender.
+"""The coordinator's Flower ServerApp: phase A (FedAvg of the sites' DP-trained recommender, server/phase_a.py),
+then phases B (DP peer prototypes, server/phase_b.py) and C (the RL prompt policy, server/phase_c.py) when the run
+asks for them, then a countersigned copy of every site's new ledger entries (server/ledger_copy.py).
 
 Run config keys (all optional): num-server-rounds, local-epochs, batch-size, lr (non-private), dp-lr
-(DP-SGD), epsilon (the phase-A epsilon asked of each site; 0 asks for a non-private run), delta, epsilon-total
-(the whole budget asked), sampling-rate (DP-SGD's public Poisson rate) — what the run asks; each site's own policy
-(client/site_policy.py) refuses more than it allows,
-patient-clip, points-per-patient, dim, max-history, profile, data-root and workdir (simulation), evaluate-each-round, min-nodes (hospitals to wait for, and the
-fewest a run may go on with; default 2), round-timeout (seconds a round waits for the sites' replies, default 3600),
-hospital-dp-noise and hospital-dp-clip (hospital-level DP with Flower's client-side fixed clipping; off unless the
-noise is > 0).
+(DP-SGD), epsilon (each site's whole patient-level budget, all phases), phase-a-epsilon (phase A's share of it;
+default half, common/privacy/budget.py PHASE_A_SHARE; 0 asks for a non-private run), delta, sampling-rate (DP-SGD's
+public Poisson rate) — what the run asks; each site's own policy (client/site_policy.py) refuses more than it
+allows (the older spelling, epsilon-total for the whole budget with epsilon as phase A's share, still reads the
+same: common/phase_a.py), patient-clip, points-per-patient, dim, max-history, profile, data-root and workdir
+(simulation), evaluate-each-round, min-nodes (hospitals to wait for, and the fewest a run may go on with;
+default 2), round-timeout (seconds a round waits for the sites' replies, default 3600), hospital-dp-noise and
+hospital-dp-clip (hospital-level DP with Flower's client-side fixed clipping; off unless the noise is > 0),
+phases ("a", "ab", "abc"), secure-aggregation, and phase B's and C's keys (common/phase_b.py, common/phase_c.py).
 
-A site that fails or goes silent in a round is dropped for the rest of the run and the round averages the others
-(server/roster.py); with hospital-level DP every site must stay, since Flower scales that noise to the number
-of sites it started with. The run summary (WORKDIR/coordinator/RUN.json) names the dropped sites; a run left
-with too few sites stops with an error that names them, after writing RUN-failed.json.
+A site that fails or goes silent in a round is dropped for the rest of the run (server/roster.py). The run summary
+(WORKDIR/coordinator/RUN.json) names the dropped sites; a run left with too few sites stops with an error that
+names them, after writing RUN-failed.json.
 """
 
 from __future__ import annotations
@@ -20,31 +23,31 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from logging import INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
-from pmlm.client.phase_a import PHASE, PhaseAConfig, new_model, run_config_of
 from pmlm.common.atomic import write_atomic
+from pmlm.common.phase_a import RECORD as PHASE_A_RECORD
+from pmlm.common.phase_a import PhaseAConfig
+from pmlm.common.phase_b import PhaseBConfig
+from pmlm.common.phase_c import PhaseCConfig
 from pmlm.common.profiles import load_profile
+from pmlm.common.run_config import run_config_of
+from pmlm.server.ledger_copy import LEDGER_COPIES_DIR, CoordinatorLedgerCopy, CopyRejected
+from pmlm.server.phase_a import run_phase_a
+from pmlm.server.phase_b import run_phase_b
+from pmlm.server.phase_c import run_phase_c
 from pmlm.server.roster import SiteRoster
 
 app = ServerApp()
 
-RUN_CONFIG_KEYS = {  # run-config key -> PhaseAConfig field
-    "num-server-rounds": "rounds", "local-epochs": "local_epochs", "batch-size": "batch_size", "lr": "lr",
-    "dp-lr": "dp_lr", "optimizer": "optimizer", "epsilon": "epsilon", "delta": "delta", "epsilon-total": "epsilon_total",
-    "sampling-rate": "sampling_rate",
-    "patient-clip": "patient_clip", "points-per-patient": "points_per_patient", "profile": "profile",
-    "dim": "dim", "max-history": "max_history",
-}
-
 
 def phase_a_config(run_config: dict) -> PhaseAConfig:
-    given = {field: run_config[key] for key, field in RUN_CONFIG_KEYS.items() if key in run_config}
-    cfg = PhaseAConfig.from_record(given)
+    cfg = PhaseAConfig.from_run_config(run_config)
     cfg.run_name = f"phase-a-{uuid.uuid4().hex[:12]}"  # names this run in every site's ledger
     return cfg
 
@@ -57,54 +60,6 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 300.0) -> list[i
             raise RuntimeError(f"only {len(nodes)} of {minimum} hospitals connected within {timeout_s:.0f} s")
         time.sleep(1.0)
     return nodes
-
-
-class RosterFedAvg(FedAvg):
-    """FedAvg over the sites still in the run: asks them without waiting for nodes that are gone, averages the
-    models of the sites that answered, and drops the ones that did not (see server/roster.py)."""
-
-    def __init__(self, roster: SiteRoster, evaluate: bool):
-        super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if evaluate else 0.0,
-                         min_train_nodes=roster.min_sites, min_evaluate_nodes=roster.min_sites if evaluate else 0,
-                         min_available_nodes=roster.min_sites)
-        self.roster = roster
-        self.asked: list[int] = []
-
-    def _ask(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, message_type: str) -> list[Message]:
-        self.roster.require(PHASE, server_round)
-        config["server-round"] = server_round
-        self.asked = self.roster.active
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return list(self._construct_messages(content, self.asked, message_type))
-
-    def configure_train(self, server_round, arrays, config, grid):
-        return self._ask(server_round, arrays, config, MessageType.TRAIN)
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        if not self.fraction_evaluate:
-            self.asked = []  # nobody asked, nobody to drop
-            return []
-        return self._ask(server_round, arrays, config, MessageType.EVALUATE)
-
-    def aggregate_train(self, server_round, replies):
-        good = self.roster.settle(self.asked, replies, PHASE, server_round)
-        self.roster.require(PHASE, server_round)
-        return super().aggregate_train(server_round, good)
-
-    def aggregate_evaluate(self, server_round, replies):
-        good = self.roster.settle(self.asked, replies, f"{PHASE} evaluation", server_round)
-        self.roster.require(f"{PHASE} evaluation", server_round)
-        return super().aggregate_evaluate(server_round, good)
-
-
-class HospitalDpOverRoster(DifferentialPrivacyClientSideFixedClipping):
-    """Flower's hospital-level DP around RosterFedAvg. It sees the replies first and skips a round with an error
-    reply; settling them here lets the roster stop the run instead (it requires every site, see main)."""
-
-    def aggregate_train(self, server_round, replies):
-        good = self.strategy.roster.settle(self.strategy.asked, replies, PHASE, server_round)
-        self.strategy.roster.require(PHASE, server_round)
-        return super().aggregate_train(server_round, good)
 
 
 @app.main()
@@ -123,8 +78,6 @@ def main(grid: Grid, context: Context) -> None:
         run_phase_a(grid, context, run, cfg, roster, workdir, hospital_dp)
         # Phases B (DP peer prototypes) and C (the RL prompt refiner) follow when the run asks for them.
         if "b" in str(run.get("phases", "a")) or "c" in str(run.get("phases", "a")):
-            from pmlm.server.later_phases import run_later_phases
-
             phases = str(run.get("phases"))
             later = run_later_phases(grid, roster, cfg, {**run, "skip-phase-b": "b" not in phases,
                                                          "skip-phase-c": "c" not in phases}, workdir)
@@ -135,32 +88,87 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
-def run_phase_a(grid: Grid, context: Context, run: dict, cfg: PhaseAConfig, roster: SiteRoster, workdir: Path,
-                hospital_dp: bool) -> None:
-    model = new_model(cfg, load_profile(cfg.profile))
-    # Off by default: exact metrics are a query on a site's records, which sites answer only if their policy says so.
-    evaluate = bool(run.get("evaluate-each-round", False))
-    timeout = float(run.get("round-timeout", 3600))
-    strategy = RosterFedAvg(roster, evaluate)
-    if hospital_dp:
-        strategy = HospitalDpOverRoster(strategy, noise_multiplier=float(run["hospital-dp-noise"]),
-                                        clipping_norm=float(run.get("hospital-dp-clip", 1.0)),
-                                        num_sampled_clients=len(roster.nodes))
-    config = ConfigRecord(cfg.to_record())
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.rounds,
-                            timeout=timeout, train_config=config,
-                            evaluate_config=ConfigRecord({**cfg.to_record(), "split": "val"}))
-    final = result.arrays
+def run_later_phases(grid: Grid, roster: SiteRoster, cfg: PhaseAConfig, run: dict, workdir: Path) -> dict:
+    """Phase B (DP prototypes and peer profiles), then phase C (the RL prompt policy), over the sites still in
+    the run (`roster`, which drops the ones that fail); returns a summary that names the dropped sites."""
+    summary: dict = {}
+    profile = load_profile(cfg.profile)
+    records = {PHASE_A_RECORD: ConfigRecord(cfg.to_record())}
+    # SecAgg+ needs at least two sites (one site's "sum" would be its own vector).
+    secure = bool(run.get("secure-aggregation", True)) and len(roster.active) >= 2
+    summary["secure_aggregation"] = secure
+    if int(run.get("phase-b-rounds", 1)) >= 0 and not run.get("skip-phase-b"):
+        started = time.perf_counter()
+        b = PhaseBConfig.from_run_config(run)
+        log(INFO, "[PMLM phase B] DP k-means, %d prototypes, %d rounds, then peer profiles", b.prototypes, b.rounds)
+        profiles = run_phase_b(grid, roster, b, cfg.run_name, [c.id for c in profile.concepts], cfg.dim,
+                               profile.horizon_days, site_records=records, secure=secure)
+        summary["phase_b"] = {"prototypes": b.prototypes, "suppressed": int(profiles.suppressed.sum()),
+                              "count_noise_std": profiles.count_noise_std,
+                              "seconds": round(time.perf_counter() - started, 1)}
+    if not run.get("skip-phase-c"):
+        started = time.perf_counter()
+        c = PhaseCConfig.from_run_config(run)
+        rounds: list = []
+        log(INFO, "[PMLM phase C] RL prompt policy, %d rounds", c.rounds)
 
-    # Every site keeps the released global model next to its own ledger (phase B and prompts use it).
-    store = RecordDict({"arrays": final, "config": ConfigRecord({**cfg.to_record(), "server-round": cfg.rounds})})
-    stored = roster.ask(grid, "query.store_model", store, PHASE, timeout=timeout)
-    summary = {
-        "run": cfg.run_name, "rounds": cfg.rounds, "sites": len(roster.nodes), "sites_stored": len(stored),
-        "epsilon_per_site": cfg.epsilon if cfg.private else None, "roster": roster.summary(),
-        "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
-        "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
-    }
-    final.to_torch_state_dict()  # fail loudly here rather than in phase B if the arrays are malformed
-    write_atomic(workdir / f"{cfg.run_name}.json", json.dumps(summary, indent=2, default=float))
-    context.state["phase-a-result"] = ConfigRecord({"json": json.dumps(summary, default=float)})
+        def on_round(r, metrics):
+            rounds.append(metrics)
+            step = metrics[0].get("step-lr", c.lr) if metrics else c.lr
+            log(INFO, "[PMLM phase C] round %s/%d done, step size %.3g%s", r + 1, c.rounds, step,
+                f" (lr {c.lr:g} limited by the DP noise)"
+                if step < c.lr else "")
+        run_phase_c(grid, roster, c, cfg.run_name, cfg.dim, on_round=on_round, site_records=records, secure=secure)
+        summary["phase_c"] = {"rounds": c.rounds, "per_round": rounds,
+                              "seconds": round(time.perf_counter() - started, 1)}
+    try:
+        summary["ledger_copies"] = copy_site_ledgers(grid, roster, records, workdir)
+    except LedgerCopiesRejected as exc:  # the summary still says what was copied; the run fails
+        summary["ledger_copies"] = exc.result
+        raise
+    finally:
+        summary["roster"] = roster.summary()
+        out = workdir / f"{cfg.run_name}-phases-bc.json"
+        write_atomic(out, json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+class LedgerCopiesRejected(RuntimeError):
+    """The coordinator refused to countersign what one or more sites shipped: their external anchor is broken,
+    so the run fails rather than going on with a ledger nobody outside the site can vouch for."""
+
+    def __init__(self, rejected: dict[str, str], result: dict):
+        self.rejected, self.result = rejected, result
+        super().__init__("ledger copy rejected for " + "; ".join(f"site {s!r}: {why}" for s, why in rejected.items()))
+
+
+def copy_site_ledgers(grid: Grid, roster: SiteRoster, records: dict, workdir: Path, timeout: float = 600.0) -> dict:
+    """Fetch the new ledger entries of every site still in the run and keep the coordinator's countersigned copy.
+
+    Each site is asked for its entries from the head the coordinator anchored on: it must send that entry back
+    unchanged, then the new ones chained onto it (server/ledger_copy.py). A shipment the coordinator rejects
+    raises LedgerCopiesRejected naming the site and why, after the other sites' copies are stored. A dropped
+    site's entries are fetched by the next run it takes part in (the copy asks from what it holds)."""
+    copies = CoordinatorLedgerCopy(workdir / LEDGER_COPIES_DIR)
+    heads = {site: copies.head(site) for site in copies.sites()}
+    # `held` is the last seq the site may leave out (ledger_entries sends what follows it): one before the head,
+    # so the head itself comes back and proves the site still holds it.
+    held = {site: head["seq"] - 1 for site, head in heads.items() if head is not None}
+    content = RecordDict({"config": ConfigRecord({"held": json.dumps(held)}), **records})
+    result, rejected = {}, {}
+    for reply in grid.send_and_receive([Message(content=content, dst_node_id=n, message_type="query.ledger_entries")
+                                        for n in roster.active], timeout=timeout):
+        if reply.has_error():
+            result[f"node-{reply.metadata.src_node_id}"] = f"no entries: {reply.error.reason}"
+            continue
+        site_id = str(reply.content["config"]["site_id"])
+        roster.names[reply.metadata.src_node_id] = site_id
+        try:
+            accepted = copies.accept_from_head(site_id, json.loads(str(reply.content["config"]["entries"])))
+            result[site_id] = len(accepted)
+        except (CopyRejected, ValueError) as exc:  # ValueError: entries that are not JSON
+            result[site_id] = f"rejected: {exc}"
+            rejected[site_id] = str(exc)
+    if rejected:
+        raise LedgerCopiesRejected(rejected, result)
+    return result

@@ -74,20 +74,20 @@ MUTATIONS = [
              "            charge = self._charge_or_refuse(phase, mechanism, round, run_id, population_size, extra)\n",
              noise_tests("refuse")),
     # -- phase B
-    Mutation("phase B noise / 10", "client/peers.py",
+    Mutation("phase B noise / 10", "client/phase_b.py",
              "self.rng.normal(0.0, mechanism.noise_stddev, size=exact.shape)",
              "self.rng.normal(0.0, mechanism.noise_stddev / 10, size=exact.shape)", noise_tests("phase_b")),
-    Mutation("phase B patient bound x 100", "client/peers.py",
+    Mutation("phase B patient bound x 100", "client/phase_b.py",
              "np.minimum(bound / np.maximum(norm, 1e-12), 1.0 / np.maximum(most, 1.0))",
              "np.minimum(100 * bound / np.maximum(norm, 1e-12), 1.0 / np.maximum(most, 1.0))", noise_tests("phase_b")),
-    Mutation("phase B sensitivity halved on record", "client/peers.py",
+    Mutation("phase B sensitivity halved on record", "client/phase_b.py",
              "GaussianRelease(self.noise_multiplier(), self.bound(kind))",
              "GaussianRelease(self.noise_multiplier(), self.bound(kind) / 2)", noise_tests("phase_b")),
-    Mutation("phase B counts sent exact", "client/peers.py",
+    Mutation("phase B counts sent exact", "client/phase_b.py",
              "return exact + self.rng.normal(0.0, mechanism.noise_stddev, size=exact.shape)",
              "noisy = exact + self.rng.normal(0.0, mechanism.noise_stddev, size=exact.shape)\n"
              "            noisy[:, -1] = exact[:, -1]\n            return noisy", noise_tests("phase_b")),
-    Mutation("phase B per-patient bound dropped", "client/peers.py",
+    Mutation("phase B per-patient bound dropped", "client/phase_b.py",
              "    return factor[cell_patient]\n", "    return np.ones(len(cell_patient))\n", noise_tests("phase_b")),
     # -- phase C
     Mutation("phase C noise / 10", "client/rl.py",
@@ -131,7 +131,7 @@ def environment(root: Path) -> dict[str, str]:
 
 
 def check_overlay_is_imported(root: Path) -> None:
-    code = "import pmlm, pmlm.client.peers, pmlm.common.privacy.ledger; print(pmlm.client.peers.__file__)"
+    code = "import pmlm, pmlm.client.phase_b, pmlm.common.privacy.ledger; print(pmlm.client.phase_b.__file__)"
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=environment(root), capture_output=True,
                           text=True, timeout=300)
     where = done.stdout.strip()

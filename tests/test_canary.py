@@ -34,7 +34,7 @@ SITES = ("hospital_a", "hospital_b", "hospital_c")
 PATIENTS_PER_SITE = 30
 SYSTOLIC, WEIGHT = "8480-6", "29463-7"  # LOINC: the self features read blood pressure and weight changes
 RUN_CONFIG = {
-    "num-server-rounds": 1, "local-epochs": 1, "batch-size": 16, "epsilon": 1.5, "epsilon-total": 3.0,
+    "num-server-rounds": 1, "local-epochs": 1, "batch-size": 16, "epsilon": 3.0, "phase-a-epsilon": 1.5,
     "delta": 1e-5, "dim": 16, "points-per-patient": 4, "phases": "abc", "min-nodes": 3,
     "evaluate-each-round": True, "phase-b-rounds": 1, "phase-b-prototypes": 3, "phase-b-min-count": 5,
     "phase-c-rounds": 1, "phase-c-points": 3, "phase-c-rate": 0.3, "phase-c-candidates": 2,

@@ -20,7 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from pmlm.client.client_app import app as client_app
 from pmlm.client.examples import Example
-from pmlm.client.phase_a import PhaseAConfig, new_model
+from pmlm.common.phase_a import PhaseAConfig, new_model
 from pmlm.client.phase_c import sampled_points
 from pmlm.client.reward import ConceptMatcher
 from pmlm.client.rl import LocalRL, RLConfig
@@ -36,7 +36,7 @@ from pmlm.server.secure_sum import SecureSumFailed, secure_sum
 from pmlm.server.server_app import app as server_app
 
 SITES = ("hospital_a", "hospital_b", "hospital_c")
-HONEST = {"num-server-rounds": 1, "local-epochs": 1, "epsilon": 1.5, "epsilon-total": 3.0, "delta": 1e-5,
+HONEST = {"num-server-rounds": 1, "local-epochs": 1, "epsilon": 3.0, "phase-a-epsilon": 1.5, "delta": 1e-5,
           "dim": 16, "max-history": 16, "points-per-patient": 4, "evaluate-each-round": False, "min-nodes": 3,
           "phases": "ab", "phase-b-rounds": 1, "phase-b-prototypes": 3, "phase-b-min-count": 5}
 
@@ -322,7 +322,8 @@ def test_adding_one_patient_leaves_every_other_patients_part_in_phase_c_unchange
 
 
 def test_phase_c_is_charged_as_poisson_sampling_at_the_public_rate(tmp_path):
-    from pmlm.client.phase_c import PhaseCConfig, SitePhaseC
+    from pmlm.client.phase_c import SitePhaseC
+    from pmlm.common.phase_c import PhaseCConfig
 
     mechanism = SitePhaseC.mechanism(type("S", (), {"config": PhaseCConfig(sampling_rate=0.2, clip=0.7)})(), 3.0)
     assert (mechanism.kind, mechanism.sampling_rate, mechanism.steps, mechanism.clipping_norm) == ("dp-sgd", 0.2, 1,

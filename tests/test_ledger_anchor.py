@@ -19,7 +19,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from pmlm.common.privacy import AccountantSettings, BudgetConfig, GaussianRelease, SiteLedger
 from pmlm.server.in_process import RUN_ID, InProcessGrid
-from pmlm.server.later_phases import LEDGER_COPIES_DIR, LedgerCopiesRejected, copy_site_ledgers, run_later_phases
+from pmlm.server.ledger_copy import LEDGER_COPIES_DIR
+from pmlm.server.server_app import LedgerCopiesRejected, copy_site_ledgers, run_later_phases
 from pmlm.server.ledger_copy import CoordinatorLedgerCopy, CopyRejected, read_head
 from pmlm.server.roster import SiteRoster
 
@@ -31,7 +32,7 @@ SITES = ("hospital-a", "hospital-b")
 @pytest.fixture
 def consortium(tmp_path, monkeypatch):
     """Two sites with a few releases each, an in-process grid to reach them, and the coordinator's workdir."""
-    from pmlm.client import later_phases
+    from pmlm.client import client_app as handlers
     from pmlm.client.client_app import app as client_app
 
     budgets = {s: BUDGET for s in SITES}  # each site's own configured budget
@@ -43,7 +44,7 @@ def consortium(tmp_path, monkeypatch):
                                policy=SimpleNamespace(budget=lambda: budget))
         return site, SimpleNamespace(budget=lambda: budget)
 
-    monkeypatch.setattr(later_phases, "_site", site_of)
+    monkeypatch.setattr(handlers, "_site", site_of)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
     dirs = {s: tmp_path / "sites" / s for s in SITES}
     for site, site_dir in dirs.items():

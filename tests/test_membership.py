@@ -22,12 +22,13 @@ import pytest
 import torch
 
 from pmlm.cli import main
-from pmlm.client.phase_a import PhaseAConfig, SitePhaseA, new_model
+from pmlm.client.phase_a import SitePhaseA
+from pmlm.common.phase_a import PhaseAConfig, new_model
 from pmlm.client.phase_b import SitePhaseB, store_peer_profiles
-from pmlm.client.peers import PhaseBConfig
+from pmlm.common.phase_b import PhaseBConfig
 from pmlm.client.site_policy import SitePolicy
 from pmlm.client.train import model_state
-from pmlm.common.privacy.ledger import LEDGER_PATH
+from pmlm.common.site_layout import LEDGER_PATH
 from pmlm.common.privacy.membership import (
     advantage_bound,
     epsilon_lower_bound,

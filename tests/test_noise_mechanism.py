@@ -32,9 +32,12 @@ from scipy.stats import chi2, norm
 from pmlm.client import phase_a as phase_a_module
 from pmlm.client import phase_c as phase_c_module
 from pmlm.client.examples import Example
-from pmlm.client.peers import PhaseBConfig, PhaseBSite
-from pmlm.client.phase_a import PhaseAConfig, SitePhaseA, new_model, site_examples
-from pmlm.client.phase_c import PhaseCConfig, SitePhaseC
+from pmlm.client.phase_b import PhaseBSite
+from pmlm.common.phase_b import PhaseBConfig
+from pmlm.client.phase_a import SitePhaseA, site_examples
+from pmlm.common.phase_a import PhaseAConfig, new_model
+from pmlm.client.phase_c import SitePhaseC, rl_config
+from pmlm.common.phase_c import PhaseCConfig
 from pmlm.client.reward import ConceptMatcher
 from pmlm.client.rl import LocalRL, Point, RLConfig
 from pmlm.client.site_policy import SitePolicy
@@ -373,7 +376,7 @@ def test_one_patient_moves_the_phase_c_sum_by_at_most_the_clip():
     """Her episodes added or removed change the clipped sum by at most the per-patient clip the release charges
     (and some patient reaches it: her raw gradient is far above the clip)."""
     profile = load_profile()
-    config = replace(PhaseCConfig(), trains="all").rl_config()  # every weight: the widest sum there is
+    config = rl_config(replace(PhaseCConfig(), trains="all"))  # every weight: the widest sum there is
     config = replace(config, clip=0.05)
     torch.manual_seed(0)
     rl = LocalRL(PromptPolicy(8), ListingLLM(), ConceptMatcher(profile), rl_points(8), config, seed=1)

@@ -24,7 +24,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from pmlm.client.client_app import app as client_app
 from pmlm.client.examples import Example, HistoryItem
 from pmlm.client.features import FeatureEncoder, PatientDataset
-from pmlm.client.phase_a import PHASE, load_global_model
+from pmlm.client.phase_a import load_global_model
+from pmlm.common.phase_a import PHASE
 from pmlm.client.self_features import self_informed_features
 from pmlm.common.model import build_model
 from pmlm.common.privacy.ledger import verify_ledger
@@ -34,7 +35,7 @@ from pmlm.server.server_app import app as server_app
 
 SNOMED, LOINC = "http://snomed.info/sct", "http://loinc.org"
 ROUNDS, EPSILON, DELTA = 2, 3.0, 1e-5
-RUN_CONFIG = {"num-server-rounds": ROUNDS, "local-epochs": 1, "epsilon": EPSILON, "delta": DELTA, "batch-size": 4,
+RUN_CONFIG = {"num-server-rounds": ROUNDS, "local-epochs": 1, "phase-a-epsilon": EPSILON, "delta": DELTA, "batch-size": 4,
               "dim": 16, "max-history": 16, "points-per-patient": 4, "evaluate-each-round": True}
 logging.getLogger("absl").setLevel(logging.ERROR)
 

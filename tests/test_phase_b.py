@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pmlm.client.examples import Example
-from pmlm.client.peers import PhaseBConfig, PhaseBSite, kmeans_sensitivity, profile_sensitivity
+from pmlm.client.phase_b import PhaseBSite, kmeans_sensitivity, profile_sensitivity
+from pmlm.common.phase_b import PhaseBConfig
 from pmlm.common.peer_profiles import PeerProfiles, honest_count, honest_percent, initial_centroids, peer_facts
 from pmlm.common.privacy import BudgetConfig, BudgetExhausted, SiteLedger
 from pmlm.common.profiles import load_profile

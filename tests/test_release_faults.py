@@ -32,9 +32,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from pmlm.client import phase_c as phase_c_module
 from pmlm.client.client_app import app as client_app
-from pmlm.client.peers import PhaseBConfig, PhaseBSite
-from pmlm.client.phase_a import PhaseAConfig, SitePhaseA, new_model
-from pmlm.client.phase_c import PhaseCConfig, SitePhaseC
+from pmlm.client.phase_b import PhaseBSite
+from pmlm.common.phase_b import PhaseBConfig
+from pmlm.client.phase_a import SitePhaseA
+from pmlm.common.phase_a import PhaseAConfig, new_model
+from pmlm.client.phase_c import SitePhaseC
+from pmlm.common.phase_c import PhaseCConfig
 from pmlm.client.site_policy import SitePolicy
 from pmlm.client.train import model_state
 from pmlm.common.privacy import SiteLedger
@@ -266,7 +269,7 @@ def test_a_site_that_hangs_past_round_timeout_is_dropped_and_the_run_goes_on(pre
     nodes = [{"data-dir": str(tmp_path / "c" / "data" / s), "site-id": s,
               "site-dir": str(tmp_path / "fresh" / s)} for s in sites]
     timeout = 4.0
-    run = {"num-server-rounds": 2, "local-epochs": 1, "epsilon": 1.5, "dim": 16, "max-history": 16,
+    run = {"num-server-rounds": 2, "local-epochs": 1, "phase-a-epsilon": 1.5, "dim": 16, "max-history": 16,
            "points-per-patient": 4, "evaluate-each-round": False, "min-nodes": 2, "round-timeout": timeout,
            "workdir": str(tmp_path / "work")}
 

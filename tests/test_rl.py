@@ -10,7 +10,8 @@ import torch
 
 from pmlm.client.examples import Example
 from pmlm.client.reward import ConceptMatcher
-from pmlm.client.rl import LocalRL, Point, RLConfig, apply_update, n_parameters
+from pmlm.client.rl import LocalRL, Point, RLConfig, n_parameters
+from pmlm.server.phase_c import apply_update
 from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, initial_bias, trained_mask
 from pmlm.common.privacy import BudgetConfig, BudgetExhausted, GaussianRelease, SiteLedger
 from pmlm.common.profiles import load_profile
@@ -172,7 +173,8 @@ def test_exploration_temperature_flattens_the_draws_not_the_choice(points):
 
 
 def test_phase_c_refuses_a_reward_model_for_released_updates(tmp_path):
-    from pmlm.client.phase_c import PhaseCConfig, SitePhaseC
+    from pmlm.client.phase_c import SitePhaseC
+    from pmlm.common.phase_c import PhaseCConfig
 
     with pytest.raises(ValueError, match="depend on the others"):
         SitePhaseC("s", tmp_path, [], "obgyn", PhaseCConfig(use_reward_model=True), "run")
@@ -181,8 +183,8 @@ def test_phase_c_refuses_a_reward_model_for_released_updates(tmp_path):
 def test_a_noisy_step_from_few_episodes_keeps_the_initial_prompt():
     """Three sites' noise over 18 episodes: the full step is mostly noise and flips the initial prompt's
     choices; the noise-limited step keeps them, and a step from many episodes is not limited at all."""
-    from pmlm.client.phase_c import PhaseCConfig
-    from pmlm.client.rl import noise_limited_lr
+    from pmlm.common.phase_c import PhaseCConfig
+    from pmlm.server.phase_c import noise_limited_lr
 
     c = PhaseCConfig()
     stds = [2.0, 2.0, 2.0]  # each site's noise multiplier x clip, as its metrics report it
@@ -211,16 +213,17 @@ def test_a_head_bias_update_sends_zeros_elsewhere_and_noise_alone_flips_no_choic
     """Phase C's released update covers the heads' biases only: every other coordinate is an exact zero (no
     noise, nothing of hers), and a round of pure noise at the capped step leaves every state's choices as
     they were, where noise on every weight changed a few percent of them (the test above)."""
-    from pmlm.client.phase_c import PhaseCConfig
-    from pmlm.client.rl import noise_limited_lr
+    from pmlm.client.phase_c import rl_config
+    from pmlm.common.phase_c import PhaseCConfig
+    from pmlm.server.phase_c import noise_limited_lr
 
     profile, pts = points
     c = PhaseCConfig()
-    assert c.rl_config().trains == "head-biases"
+    assert rl_config(c).trains == "head-biases"
     policy = PromptPolicy(8)
     mask = trained_mask(policy, "head-biases")
     assert 0 < mask.sum() < 100 and mask.sum() == sum(h.bias.numel() for h in policy.heads.values())
-    rl = LocalRL(policy, ListingLLM(), ConceptMatcher(profile), pts, replace(c.rl_config(), clip=0.5))
+    rl = LocalRL(policy, ListingLLM(), ConceptMatcher(profile), pts, replace(rl_config(c), clip=0.5))
     ledger = SiteLedger(tmp_path / "s", "s", BudgetConfig(10.0, 1e-5, {"phase_c": 1.0}))
     episodes = rl.run_episodes(12)
     exact = rl.clipped_sum(episodes)

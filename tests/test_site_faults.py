@@ -143,7 +143,7 @@ def in_round(site: str, message_type: str, server_round: int) -> Callable[[str, 
     return dies
 
 
-RUN = {"local-epochs": 1, "epsilon": 1.5, "batch-size": 4, "dim": 16, "max-history": 16,
+RUN = {"local-epochs": 1, "phase-a-epsilon": 1.5, "batch-size": 4, "dim": 16, "max-history": 16,
        "points-per-patient": 4, "evaluate-each-round": False, "min-nodes": 2}
 
 

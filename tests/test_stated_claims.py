@@ -34,7 +34,8 @@ from pmlm.client import phase_a as phase_a_module
 from pmlm.client.grpc_service import SiteState, start_server
 from pmlm.client.ingest import RecordReader
 from pmlm.client.llm import LLMConfig
-from pmlm.client.phase_a import PhaseAConfig, SitePhaseA, new_model
+from pmlm.client.phase_a import SitePhaseA
+from pmlm.common.phase_a import PhaseAConfig, new_model
 from pmlm.client.site_policy import SitePolicy
 from pmlm.client.train import model_state
 from pmlm.commands.deploy.certs import make_deploy_keys

@@ -37,6 +37,11 @@ from pmlm.common.privacy.events import PRIVACY_UNITS, GaussianRelease, Mechanism
 RDP_PREFILTER_FACTOR = 10.0
 
 
+# Phase A's cap as a fraction of a site's whole budget, unless its policy says otherwise; phases B and C share
+# what composition leaves (client/site_policy.py). A run that names only the whole budget asks for this share.
+PHASE_A_SHARE = 0.5
+
+
 @dataclass(frozen=True)
 class BudgetConfig:
     epsilon_total: float

@@ -29,8 +29,8 @@ import numpy as np
 from pmlm.common.atomic import write_atomic
 from pmlm.common.privacy.events import Mechanism
 from pmlm.common.privacy.ledger import AlreadyReleased, LedgerError, SiteLedger
+from pmlm.common.site_layout import KEPT_DIR
 
-KEPT_DIR = Path("ledger") / "releases"  # relative to the site directory
 
 
 class GroupChanged(LedgerError):

@@ -66,10 +66,9 @@ from pmlm.common.privacy.signing import (
     sign,
     signature_valid,
 )
+from pmlm.common.site_layout import LEDGER_PATH, SITE_KEY_PATH
 
 LEDGER_FORMAT = "pmlm-privacy-ledger/1"
-LEDGER_PATH = Path("ledger") / "privacy_ledger.jsonl"  # relative to the site directory
-SITE_KEY_PATH = Path("keys") / "site_ed25519.key"  # relative to the site directory; .pub beside it
 SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENTRY_KINDS = ("open", "release", "refusal", "recovery", "policy_refusal")
 _COMMON_FIELDS = {"seq", "kind", "time", "site_id", "run_id", "prev_hash", "signature"}

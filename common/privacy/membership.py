@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -44,7 +43,6 @@ from pmlm.common.privacy.accountant import AccountantSettings, compose_epsilon, 
 from pmlm.common.privacy.events import mechanism_from_dict
 
 FORMAT = "pmlm-membership-audit/1"
-MEMBERSHIP_JSON = Path("audit") / "membership.json"  # where a site keeps its result, relative to SITE_DIR
 RESAMPLES = 2000
 CONFIDENCE = 0.95
 MIN_GROUP = 5  # fewer members or non-members than this: no attack is measured

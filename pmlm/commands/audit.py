@@ -124,7 +124,7 @@ def _fingerprint_matches(key, digits: str) -> bool:
 
 def _anchor_dir(path: Path) -> Path:
     """The coordinator's ledger-copy state dir, also when given the coordinator workdir above it."""
-    from pmlm.server.later_phases import LEDGER_COPIES_DIR
+    from pmlm.server.ledger_copy import LEDGER_COPIES_DIR
     from pmlm.server.ledger_copy import SITE_KEYS_DIR
 
     if not path.is_dir():
@@ -180,7 +180,8 @@ def audit_ledger(path: Path, overrides: dict[str, Path], coordinator_key: Path |
                  trust_embedded_key: bool, fingerprints: dict[str, str] | None = None,
                  anchors: Path | None = None) -> AuditedLedger:
     """Verify one ledger or coordinator copy against the key (and head) the auditor pinned."""
-    from pmlm.common.privacy.ledger import LEDGER_PATH, verify_ledger
+    from pmlm.common.privacy.ledger import verify_ledger
+    from pmlm.common.site_layout import LEDGER_PATH
     from pmlm.common.privacy.report import AuditedLedger
     from pmlm.common.privacy.signing import KeyFileError, key_fingerprint, public_key_from_b64
     from pmlm.server.ledger_copy import COORDINATOR_KEY_PATH, SITE_KEYS_DIR, check_against_head, read_copy
@@ -313,7 +314,7 @@ def run_report(args: argparse.Namespace) -> int:
 def run_membership(args: argparse.Namespace) -> int:
     from pmlm.client.membership_audit import MembershipAuditError, audit_site, write_audit
     from pmlm.client.site_config import SiteConfigError
-    from pmlm.common.privacy.membership import MEMBERSHIP_JSON
+    from pmlm.common.site_layout import MEMBERSHIP_JSON
 
     try:
         result = audit_site(args.site_dir, args.data)
@@ -338,8 +339,8 @@ def run_membership(args: argparse.Namespace) -> int:
 
 def _membership_results(files: list[Path], ledgers: list[Path]) -> list[dict]:
     """The results named with --membership, plus SITE_DIR/audit/membership.json beside each site ledger."""
-    from pmlm.common.privacy.ledger import LEDGER_PATH
-    from pmlm.common.privacy.membership import FORMAT, MEMBERSHIP_JSON
+    from pmlm.common.privacy.membership import FORMAT
+    from pmlm.common.site_layout import LEDGER_PATH, MEMBERSHIP_JSON
 
     beside = [p.parents[len(LEDGER_PATH.parts) - 1] / MEMBERSHIP_JSON for p in ledgers
               if p.name == LEDGER_PATH.name and len(p.parents) >= len(LEDGER_PATH.parts)]

@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
     write_site_policies(sites, workdir, args)
     run_config = {
         "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
-        "epsilon": 0.0 if args.non_private else args.epsilon * 0.5, "epsilon-total": args.epsilon,
+        "epsilon": args.epsilon, **({"phase-a-epsilon": 0.0} if args.non_private else {}),
         "delta": args.delta, "profile": args.profile,
         "data-root": str(args.data.resolve()), "workdir": str(workdir),
         "min-nodes": len(sites), "hospital-dp-noise": args.hospital_dp_noise, "hospital-dp-clip": args.hospital_dp_clip,

@@ -30,6 +30,7 @@ from pmlm.commands.deploy.app_bundle import QUICK_RUN_CONFIG, find_app_pyproject
 from pmlm.commands.deploy.certs import make_deploy_keys, make_node_auth_key
 from pmlm.commands.deploy.processes import ProcessSet, Started, wait_for
 from pmlm.common.atomic import write_atomic
+from pmlm.common.site_layout import LEDGER_PATH, SITE_KEY_PATH, current_manifest
 
 DEPLOY_DIR = Path(__file__).resolve().parents[3] / "deploy"
 SCRIPTS = DEPLOY_DIR / "scripts"
@@ -44,8 +45,7 @@ STARTUP_TIMEOUT_S = 180
 PROGRESS_LINE = re.compile(r"\[ROUND \d+/\d+\]|\[PMLM phase|Strategy execution finished")
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 # What a site must hold after each phase (relative to its site dir); later phases add their manifests.
-PHASE_ARTIFACTS = {"phase_a": "phase_a/current.json", "phase_b": "phase_b/current.json",
-                   "phase_c": "phase_c/current.json"}
+PHASE_ARTIFACTS = {phase: current_manifest(phase) for phase in ("phase_a", "phase_b", "phase_c")}
 UNREGISTERED = "unregistered"
 
 
@@ -288,7 +288,7 @@ class LocalDeployment:
             raise subprocess.TimeoutExpired(["flwr", "log", run_id], self.timeout_s)
 
     def check_sites(self) -> None:
-        from pmlm.common.privacy.ledger import LEDGER_PATH, SITE_KEY_PATH, verify_ledger
+        from pmlm.common.privacy.ledger import verify_ledger
         from pmlm.common.privacy.signing import load_public_key, public_path
 
         # dp-accounting warns for every RDP order it skips while re-pricing; the result is valid.

@@ -1,0 +1,86 @@
+"""Phase A's contract (what the coordinator and every site agree on): the run's settings, the message names,
+and the recommender both sides build from them. Phase A trains the next-event recommender with DP-SGD at each
+site and averages it (FedAvg): client/phase_a.py is a site's side, server/phase_a.py the coordinator's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from pmlm.common.model import NextEventRecommender, RecommenderConfig, recommender_config
+from pmlm.common.privacy.budget import PHASE_A_SHARE
+from pmlm.common.profiles import TaskProfile
+
+PHASE = "phase_a"
+RECORD = "phase_a"  # phases B and C carry phase A's config under this record name: it names the run
+QUERY_STORE = "query.store_model"  # the final global model, kept at every site
+
+RUN_CONFIG_KEYS = {  # run-config key -> PhaseAConfig field (the budget's keys: PhaseAConfig.from_run_config)
+    "num-server-rounds": "rounds", "local-epochs": "local_epochs", "batch-size": "batch_size", "lr": "lr",
+    "dp-lr": "dp_lr", "optimizer": "optimizer", "delta": "delta", "sampling-rate": "sampling_rate",
+    "patient-clip": "patient_clip", "points-per-patient": "points_per_patient", "profile": "profile",
+    "dim": "dim", "max-history": "max_history",
+}
+
+
+@dataclass
+class PhaseAConfig:
+    """What the coordinator decides for the run; travels in the train/evaluate ConfigRecord."""
+
+    rounds: int = 5
+    local_epochs: int = 2
+    batch_size: int = 50  # patients per step of non-private training
+    sampling_rate: float = 0.5  # DP-SGD's public Poisson rate (about 50 of the sample sites' ~100 training patients)
+    lr: float = 0.3  # non-private training (Adam)
+    optimizer: str = "adam"  # non-private training; DP-SGD always runs plain SGD at dp_lr (client/train.py says why)
+    dp_lr: float = 10.0  # DP-SGD; clipped per-patient gradients are small, so the step is large
+    # What the run asks of each site; a site's own policy caps all three (client/site_policy.py). On the wire
+    # `epsilon` is phase A's share (the run config's `phase-a-epsilon`), `epsilon_total` the whole budget (the
+    # run config's `epsilon`).
+    epsilon: float = 1.5  # phase A's epsilon per site (patient-level); <= 0 asks for a non-private run
+    delta: float = 1e-5
+    epsilon_total: float = 0.0  # the whole budget the run asks for; 0 means epsilon / the site's phase-A share
+    patient_clip: float = 0.3  # below every patient's gradient norm at the start (~0.5-3 on the sample)
+    points_per_patient: int = 32
+    profile: str = "obgyn"
+    dim: int = 64  # the patient vector's length (phase B's embedding, phase C's state)
+    max_history: int = 64
+    run_name: str = "phase-a"
+
+    @property
+    def private(self) -> bool:
+        return self.epsilon > 0
+
+    def model_config(self, profile: TaskProfile) -> RecommenderConfig:
+        return recommender_config(profile, dim=self.dim, max_history=self.max_history)
+
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_run_config(cls, run: dict) -> "PhaseAConfig":
+        """The settings a run config asks for. `epsilon` is each site's whole budget and `phase-a-epsilon` phase
+        A's share of it (default: PHASE_A_SHARE of it; 0 asks for a non-private run). The old spelling still
+        reads as it did: with `epsilon-total` given, that is the whole budget and `epsilon` phase A's share."""
+        given = {field: run[key] for key, field in RUN_CONFIG_KEYS.items() if key in run}
+        if "epsilon-total" in run and "phase-a-epsilon" not in run:
+            whole, phase_a = run["epsilon-total"], run.get("epsilon")
+        else:
+            whole, phase_a = run.get("epsilon"), run.get("phase-a-epsilon")
+        if whole:  # none or 0: the site derives it (phase A's epsilon / its policy's share)
+            given["epsilon_total"] = float(whole)
+            phase_a = float(whole) * PHASE_A_SHARE if phase_a is None else phase_a
+        if phase_a is not None:
+            given["epsilon"] = float(phase_a)
+        return cls.from_record(given)
+
+    @classmethod
+    def from_record(cls, record) -> "PhaseAConfig":
+        names = {f.name: f.type for f in fields(cls)}
+        values = {k: record[k] for k in names if k in record}
+        return cls(**values)
+
+
+def new_model(cfg: PhaseAConfig, profile: TaskProfile) -> NextEventRecommender:
+    return NextEventRecommender(cfg.model_config(profile))
