@@ -245,7 +245,7 @@ def warm_up(port: int, keys, site_id: str, patient: str) -> None:
 
 def main() -> int:
     from pmlm.client.site_config import SiteConfig
-    from pmlm.commands.deploy.certs import make_deploy_keys
+    from pmlm.deploy.certs import make_deploy_keys
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--site", type=Path, default=None, help=f"site directory (default {DEFAULT_SITE}, else built)")

@@ -186,7 +186,7 @@ def run_federation(opts: PipelineOptions, sites: dict[str, Path]) -> dict:
 def _run_on_local_deployment(opts: PipelineOptions, sites: dict[str, Path]) -> None:
     """SuperLink and one SuperNode per site on loopback with TLS and node authentication, the app run by
     `flwr run`; site directories land where the in-process engine puts them (workdir/sites/<site>)."""
-    from pmlm.commands.deploy.local import LocalDeployment
+    from pmlm.deploy.local import LocalDeployment
 
     if opts.llm:  # SuperNodes read their LLM from node config; the launch scripts set only data and site
         raise PipelineError("--deployment runs with the embedded LLM; drop --llm-base-url/--llm-model")

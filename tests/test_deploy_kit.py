@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pmlm.cli import main as pmlm_main
-from pmlm.commands.deploy.app_bundle import QUICK_RUN_CONFIG, find_app_pyproject, write_app_bundle_dir
-from pmlm.commands.deploy.certs import make_deploy_keys
+from pmlm.deploy.app_bundle import QUICK_RUN_CONFIG, find_app_pyproject, write_app_bundle_dir
+from pmlm.deploy.certs import make_deploy_keys
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -204,7 +204,7 @@ def test_stopping_a_process_also_stops_helpers_it_detached(tmp_path):
     import sys
     import time
 
-    from pmlm.commands.deploy.processes import ProcessSet, descendants_of
+    from pmlm.deploy.processes import ProcessSet, descendants_of
 
     spawner = "import subprocess, time; subprocess.Popen(['sleep', '300'], start_new_session=True); time.sleep(300)"
     processes = ProcessSet()

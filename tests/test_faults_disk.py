@@ -25,7 +25,7 @@ from pmlm.common.peer_profiles import PeerProfiles
 from pmlm.common.policy import PromptPolicy
 from pmlm.common.privacy import AccountantSettings, BudgetConfig, GaussianRelease, SiteLedger, verify_ledger
 from pmlm.common.privacy.signing import load_or_create_private_key, load_public_key
-from pmlm.report import write_report
+from pmlm.reports.demo import write_report
 from pmlm.server.ledger_copy import CoordinatorLedgerCopy, read_copy
 
 BUDGET = BudgetConfig(4.0, 1e-5, {"phase_a": 0.5, "phase_b": 0.5})

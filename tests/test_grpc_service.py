@@ -26,7 +26,7 @@ from pmlm.cli import main
 from pmlm.client.access_log import read_access_log
 from pmlm.client.grpc_service import InsecureServiceError, SiteState, TlsFiles, start_server
 from pmlm.client.llm import LLMConfig
-from pmlm.commands.deploy.certs import make_deploy_keys
+from pmlm.deploy.certs import make_deploy_keys
 from pmlm.common.privacy import AccountantSettings, BudgetConfig, BudgetExhausted, DpSgd, GaussianRelease, SiteLedger
 from pmlm.v1 import audit_service_pb2 as audit_pb
 from pmlm.v1 import audit_service_pb2_grpc as audit_grpc

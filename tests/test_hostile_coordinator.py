@@ -43,7 +43,7 @@ HONEST = {"num-server-rounds": 1, "local-epochs": 1, "epsilon": 3.0, "phase-a-ep
 
 @pytest.fixture(scope="module")
 def honest_run(tmp_path_factory):
-    from pmlm.commands.deploy.local import quick_slice
+    from pmlm.deploy.local import quick_slice
 
     sample = Path(__file__).resolve().parents[1] / "data" / "sample"
     root = tmp_path_factory.mktemp("hostile")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pmlm.commands.deploy.local import LocalDeployment
+from pmlm.deploy.local import LocalDeployment
 
 pytestmark = pytest.mark.deployment
 REQUEST = ("POST", "/v1/fleet/activate-node")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pmlm.report import render_html, write_report
+from pmlm.reports.demo import render_html, write_report
 
 VARIANTS = ("general", "summary_only", "self", "peer", "self_peer", "pmlm", "oracle")
 

@@ -149,7 +149,7 @@ RUN = {"local-epochs": 1, "phase-a-epsilon": 1.5, "batch-size": 4, "dim": 16, "m
 
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory) -> dict[str, Path]:
-    from pmlm.commands.deploy.local import quick_slice
+    from pmlm.deploy.local import quick_slice
 
     sample = Path(__file__).resolve().parents[1] / "data" / "sample"
     sites = {p.name: p for p in sorted(sample.iterdir()) if p.is_dir()} if sample.is_dir() else {}

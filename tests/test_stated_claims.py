@@ -38,7 +38,7 @@ from pmlm.client.phase_a import SitePhaseA
 from pmlm.common.phase_a import PhaseAConfig, new_model
 from pmlm.client.site_policy import SitePolicy
 from pmlm.client.train import model_state
-from pmlm.commands.deploy.certs import make_deploy_keys
+from pmlm.deploy.certs import make_deploy_keys
 from pmlm.common.privacy import DpSgd, SiteLedger
 from pmlm.common.profiles import load_profile
 from pmlm.v1 import audit_service_pb2 as audit_pb

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pmlm.commands.deploy.app_bundle import QUICK_RUN_CONFIG, find_app_pyproject, write_app_bundle_dir
-from pmlm.commands.deploy.local import CONNECTION, LocalDeployment, quick_slice
-from pmlm.commands.deploy.processes import wait_for
+from pmlm.deploy.app_bundle import QUICK_RUN_CONFIG, find_app_pyproject, write_app_bundle_dir
+from pmlm.deploy.local import CONNECTION, LocalDeployment, quick_slice
+from pmlm.deploy.processes import wait_for
 from pmlm.common.privacy.ledger import verify_ledger
 from pmlm.common.site_layout import LEDGER_PATH, SITE_KEY_PATH
 from pmlm.common.privacy.signing import load_public_key, public_path

@@ -28,7 +28,7 @@ from pmlm.cli import CliError
 from pmlm.common.atomic import write_atomic
 
 if TYPE_CHECKING:
-    from pmlm.common.privacy.report import AuditedLedger
+    from pmlm.reports.audit import AuditedLedger
 
 # The privacy modules pull in dp-accounting (about 2 s of imports): they are imported inside
 # the handlers so that building the `pmlm` parser stays fast for every other command.
@@ -182,7 +182,7 @@ def audit_ledger(path: Path, overrides: dict[str, Path], coordinator_key: Path |
     """Verify one ledger or coordinator copy against the key (and head) the auditor pinned."""
     from pmlm.common.privacy.ledger import verify_ledger
     from pmlm.common.site_layout import LEDGER_PATH
-    from pmlm.common.privacy.report import AuditedLedger
+    from pmlm.reports.audit import AuditedLedger
     from pmlm.common.privacy.signing import KeyFileError, key_fingerprint, public_key_from_b64
     from pmlm.server.ledger_copy import COORDINATOR_KEY_PATH, SITE_KEYS_DIR, check_against_head, read_copy
 
@@ -290,7 +290,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from pmlm.common.privacy.report import summaries, write_report
+    from pmlm.reports.audit import summaries, write_report
 
     # A report is still written when a check fails (it says so prominently); the exit code tells scripts.
     ledgers = _audit_all(args, trust_embedded_key=True)

@@ -34,7 +34,7 @@ def cmd_demo(args) -> int:
     from pmlm.client.sites import SAMPLE_DATA
     from pmlm.commands.evaluate import options_from
     from pmlm.pipeline import PipelineError, run_pipeline
-    from pmlm.report import write_report
+    from pmlm.reports.demo import write_report
 
     data = args.data or SAMPLE_DATA
     if not data.exists():

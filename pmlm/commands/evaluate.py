@@ -59,7 +59,7 @@ def register(sub) -> None:
 def cmd_evaluate(args) -> int:
     from pmlm.client.llm import LLMError
     from pmlm.pipeline import PipelineError, run_pipeline
-    from pmlm.report import render_html
+    from pmlm.reports.demo import render_html
 
     if not args.data.exists():
         raise CliError(f"no such data directory: {args.data}")

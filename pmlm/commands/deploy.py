@@ -59,7 +59,7 @@ def add_run_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args) -> dict:
-    from pmlm.commands.deploy.app_bundle import QUICK_RUN_CONFIG, parse_run_config
+    from pmlm.deploy.app_bundle import QUICK_RUN_CONFIG, parse_run_config
 
     try:
         given = parse_run_config(args.run_config)
@@ -69,7 +69,7 @@ def _run_config(args) -> dict:
 
 
 def run_certs(args) -> int:
-    from pmlm.commands.deploy.certs import make_deploy_keys
+    from pmlm.deploy.certs import make_deploy_keys
 
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     if not sites:
@@ -89,7 +89,7 @@ def run_certs(args) -> int:
 
 
 def run_app(args) -> int:
-    from pmlm.commands.deploy.app_bundle import find_app_pyproject, write_app_bundle_dir
+    from pmlm.deploy.app_bundle import find_app_pyproject, write_app_bundle_dir
 
     try:
         folder = write_app_bundle_dir(args.out, args.app_pyproject or find_app_pyproject(), _run_config(args))
@@ -101,7 +101,7 @@ def run_app(args) -> int:
 
 def run_local(args) -> int:
     from pmlm.client.sites import SAMPLE_DATA, discover_sites
-    from pmlm.commands.deploy.local import SCRIPTS, LocalDeployment, quick_slice
+    from pmlm.deploy.local import SCRIPTS, LocalDeployment, quick_slice
 
     if not SCRIPTS.is_dir():
         raise CliError(f"pmlm deploy local runs from a source checkout: {SCRIPTS} is missing")

@@ -32,7 +32,7 @@ QUICK_RUN_CONFIG: dict[str, Any] = {
 
 def find_app_pyproject(start: Path | None = None) -> Path:
     """The Flower app's pyproject.toml: the repository the `pmlm` package was installed from."""
-    here = Path(start) if start else Path(__file__).resolve().parents[3]
+    here = Path(start) if start else Path(__file__).resolve().parents[2]
     path = here / "pyproject.toml"
     if not path.is_file():
         raise FileNotFoundError(f"no pyproject.toml with the Flower app at {here}; pass --app-pyproject")

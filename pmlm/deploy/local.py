@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmlm.commands.deploy.app_bundle import QUICK_RUN_CONFIG, find_app_pyproject, write_app_bundle_dir
-from pmlm.commands.deploy.certs import make_deploy_keys, make_node_auth_key
-from pmlm.commands.deploy.processes import ProcessSet, Started, wait_for
+from pmlm.deploy.app_bundle import QUICK_RUN_CONFIG, find_app_pyproject, write_app_bundle_dir
+from pmlm.deploy.certs import make_deploy_keys, make_node_auth_key
+from pmlm.deploy.processes import ProcessSet, Started, wait_for
 from pmlm.common.atomic import write_atomic
 from pmlm.common.site_layout import LEDGER_PATH, SITE_KEY_PATH, current_manifest
 
-DEPLOY_DIR = Path(__file__).resolve().parents[3] / "deploy"
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 SCRIPTS = DEPLOY_DIR / "scripts"
 CONNECTION = "pmlm"  # the [superlink.NAME] entry the operator's Flower CLI uses
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
