@@ -106,7 +106,7 @@ MUTATIONS = [
     Mutation("kept release re-sent to a smaller SecAgg+ group without consent", "common/privacy/kept.py",
              "if made_for != group_text and not other_group_allowed:", "if False:  # mutated",
              (FAULT_TESTS, "-k", "refused_by_default")),
-    Mutation("round-timeout ignored (waits for a hung site)", "server/server_app.py",
+    Mutation("round-timeout ignored (waits for a hung site)", "server/phase_a.py",
              'timeout = float(run.get("round-timeout", 3600))', "timeout = None  # mutated",
              (FAULT_TESTS, "-k", "hangs")),
 ]
