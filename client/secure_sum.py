@@ -2,7 +2,7 @@
 or, when the coordinator runs a plain sum, as the site's own DP-noised vector.
 
 Phases register what vector a task means (``register_vector_task``); the ClientApp owner calls
-``attach_secure_sum(app)`` once. The coordinator side is ``pmlm.server.secure_sum``; what both agree on, ``pmlm.common.secure_sum``.
+``attach_secure_sum(app)`` once. The coordinator side is server/secure_sum.py; what both agree on, common/secure_sum.py.
 
 The seam with Flower 1.42: SecAgg+ exists only on the legacy path. Its ``secaggplus_mod`` acts only on
 messages of type exactly ``train`` and expects the handler to answer in the legacy FitRes layout

@@ -11,7 +11,7 @@ The seam with Flower 1.42 (SecAgg+ exists only on the legacy path):
   ``aggregate_fit`` only keeps the unmasked total and which sites it covers.
 * The workflow sends its four stages as message type ``train``, which is phase A's handler at the sites, and
   it only calls ``send_and_receive`` on the grid; ``_SecAggChannel`` renames them ``train.pmlm_secure_sum``
-  (``pmlm.client.secure_sum`` renames them back for Flower's client mod) and notes which node answered what.
+  (the site's side, client/secure_sum.py, renames them back for Flower's client mod) and notes which node answered what.
 * The workflow returns a weighted *average*: each site sends ``[w, w*x]`` with ``w = num_examples/max_weight``.
   Sites report ``num_examples = max_weight`` so every ``w`` is exactly 1; the average times the number of
   contributing sites is the plain sum (exact: the protocol divides by that integer count).
