@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
-    from pmlm.client.advice import PromptAssembler, SiteArtifacts
+    from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
     from pmlm.client.sites import SAMPLE_DATA, load_site
     from pmlm.common.profiles import load_profile
 

@@ -92,8 +92,8 @@ def ensure_phases(opts, sites: dict, site_dirs: dict) -> dict:
 
 def refined_choices(site_examples: dict, site_dirs: dict, profile, per_site: int = 40) -> Counter:
     """What the stored policy picks on each site's test points (parameters that differ from the initial prompt)."""
-    from pmlm.client.advice import PromptAssembler, SiteArtifacts
-    from pmlm.common.prompt import INITIAL
+    from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
+    from pmlm.common.assemble.render import INITIAL
 
     picks = Counter()
     for site, d in site_dirs.items():
@@ -133,14 +133,14 @@ def print_guidance(table: dict, points: int, llm_usage) -> dict:
 def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm, args) -> dict:
     """Local RL with and without pre-screening: training calls until each one's refined (greedy) prompt scores,
     on held-out training points, what the run without the reward model's refined prompt scored at its end."""
-    from pmlm.client.advice import PromptAssembler, SiteArtifacts
+    from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
     from pmlm.client.phase_c import rl_config, training_points
     from pmlm.common.phase_c import PhaseCConfig
     from pmlm.client.reward import matcher_for, score_answer
     from pmlm.client.rl import LocalRL
     from pmlm.server.phase_c import apply_update
-    from pmlm.common.policy import PromptPolicy, initial_bias
-    from pmlm.common.prompt import INITIAL, render
+    from pmlm.common.assemble.policy import PromptPolicy, initial_bias
+    from pmlm.common.assemble.render import INITIAL, render
 
     phase_c = PhaseCConfig(points_per_site=args.rm_points, max_tokens=args.max_tokens, lr=args.rm_lr)
     assembler = PromptAssembler(SiteArtifacts.load(site_dir, profile))

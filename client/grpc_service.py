@@ -38,7 +38,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from pmlm.client.access_log import AccessLog
-from pmlm.client.advice import PromptAssembler, SiteArtifacts
+from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
 from pmlm.client.examples import build_examples
 from pmlm.client.ingest import RecordReader
 from pmlm.client.llm import LLMBusy, LLMConfig, LLMError, open_llm
@@ -46,7 +46,7 @@ from pmlm.client.site_config import SiteConfig, SiteConfigError
 from pmlm.common.privacy.ledger import verify_ledger
 from pmlm.common.privacy.signing import KeyFileError, key_fingerprint, load_public_key, public_path
 from pmlm.common.profiles import load_profile
-from pmlm.common.prompt import PromptParams
+from pmlm.common.assemble.render import PromptParams
 from pmlm.common.site_layout import LEDGER_PATH, PEER_PROFILES, POLICY, SITE_KEY_PATH, current_manifest
 from pmlm.v1 import audit_service_pb2 as audit_pb
 from pmlm.v1 import prompt_service_pb2 as prompt_pb

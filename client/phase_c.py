@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pmlm.client.advice import PromptAssembler, SiteArtifacts, save_policy
+from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts, save_policy
 from pmlm.client.examples import Example
 from pmlm.client.reward import matcher_for
 from pmlm.client.llm import LLMConfig, open_llm
@@ -27,7 +27,7 @@ from pmlm.client.rl import LocalRL, Point, RLConfig
 from pmlm.client.sampling import keyed_seed, site_sampling_key, takes_part
 from pmlm.common.atomic import write_atomic
 from pmlm.common.phase_c import PHASE, PhaseCConfig
-from pmlm.common.policy import PromptPolicy
+from pmlm.common.assemble.policy import PromptPolicy
 from pmlm.common.privacy import BudgetConfig, DpSgd, SiteLedger
 from pmlm.common.privacy.noise import SecureNormal
 from pmlm.common.profiles import load_profile

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from pmlm.common.policy import TRAINED_WEIGHTS, PromptPolicy
+from pmlm.common.assemble.policy import TRAINED_WEIGHTS, PromptPolicy
 
 PHASE = "phase_c"
 QUERY_ROUND = "query.phase_c_round"  # one round's noisy update of a site (a plain sum)
@@ -49,7 +49,7 @@ class PhaseCConfig:
     clip: float = 1.0
     # Released updates move only the heads' biases: the factors' preferences for every state together. The
     # state-dependent weights would need far more patients than a site has for their noise to leave the
-    # initial prompt's choices alone (common/policy.py, TRAINED_WEIGHTS).
+    # initial prompt's choices alone (common/assemble/policy.py, TRAINED_WEIGHTS).
     trains: str = "head-biases"
     lr: float = 15.0  # the step on the mean clipped gradient; it must move the initial prompt's 2-logit head start
     # ... but never so far that the DP noise alone moves a weight by more than this (standard deviation) in a

@@ -261,10 +261,10 @@ def evaluate_recommenders(site_examples: dict, site_dirs: dict, opts: PipelineOp
 
 def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opts: PipelineOptions, llm) -> dict:
     """Each prompt variant's answer scored against what really happened, on up to K test points."""
-    from pmlm.client.advice import PromptAssembler, SiteArtifacts
+    from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
     from pmlm.client.reward import matcher_for, score_answer
     from pmlm.common.profiles import load_profile
-    from pmlm.common.prompt import render, render_variant
+    from pmlm.common.assemble.render import render, render_variant
 
     profile = load_profile(opts.profile)
     matcher = matcher_for(profile.name)

@@ -13,8 +13,8 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from pmlm.common.phase_c import PHASE, QUERY_ROUND, QUERY_STORE, VECTOR_TASK, PhaseCConfig, policy_arrays
-from pmlm.common.policy import PromptPolicy, initial_bias
-from pmlm.common.prompt import INITIAL
+from pmlm.common.assemble.policy import PromptPolicy, initial_bias
+from pmlm.common.assemble.render import INITIAL
 from pmlm.server.roster import SiteRoster
 from pmlm.server.secure_sum import secure_sum_over
 

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from pmlm.cli import main
-from pmlm.client.advice import load_policy, save_policy
+from pmlm.client.assemble.assembler import load_policy, save_policy
 from pmlm.client.egress import EgressLogError, append_egress, egress_log_path, read_egress_log
 from pmlm.common.atomic import DurableWriteError, write_atomic
 from pmlm.common.peer_profiles import PeerProfiles
-from pmlm.common.policy import PromptPolicy
+from pmlm.common.assemble.policy import PromptPolicy
 from pmlm.common.privacy import AccountantSettings, BudgetConfig, GaussianRelease, SiteLedger, verify_ledger
 from pmlm.common.privacy.signing import load_or_create_private_key, load_public_key
 from pmlm.reports.demo import write_report

@@ -22,9 +22,9 @@ from pmlm.client.llm.cache import ResponseCache
 from pmlm.client.reward import ConceptMatcher
 from pmlm.client.rl import LocalRL, Point, RLConfig
 from pmlm.client.site_config import SiteConfig
-from pmlm.common.policy import PolicyState, PromptPolicy
+from pmlm.common.assemble.policy import PolicyState, PromptPolicy
 from pmlm.common.profiles import load_profile
-from pmlm.common.prompt import PatientContext
+from pmlm.common.assemble.render import PatientContext
 
 FAULTS = {  # name -> (what the endpoint does, error class, words the message must hold)
     "timeout": (Reply(delay_s=1.5), LLMUnavailable, "no answer within 0.3 s (timeout)"),

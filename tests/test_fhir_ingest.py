@@ -216,7 +216,7 @@ def _identified_bundle():
 
 
 def test_notes_lose_relatives_clinicians_organisations_addresses_and_identifiers(tmp_path):
-    from pmlm.common.prompt import PatientContext, PromptParams, render
+    from pmlm.common.assemble.render import PatientContext, PromptParams, render
 
     (tmp_path / "b.json").write_text(json.dumps(_identified_bundle()))
     (timeline,), quarantined = _read(tmp_path)

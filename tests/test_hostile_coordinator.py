@@ -26,11 +26,11 @@ from pmlm.client.reward import ConceptMatcher
 from pmlm.client.rl import LocalRL, RLConfig
 from pmlm.client.sampling import keyed_seed, site_sampling_key
 from pmlm.client.site_policy import PolicyError, SitePolicy
-from pmlm.common.policy import PolicyState, PromptPolicy
+from pmlm.common.assemble.policy import PolicyState, PromptPolicy
 from pmlm.common.privacy import SiteLedger
 from pmlm.common.privacy.ledger import LedgerError, verify_ledger
 from pmlm.common.profiles import load_profile
-from pmlm.common.prompt import PatientContext
+from pmlm.common.assemble.render import PatientContext
 from pmlm.server.in_process import RUN_ID, InProcessGrid, run_in_process
 from pmlm.server.secure_sum import SecureSumFailed, secure_sum
 from pmlm.server.server_app import app as server_app

@@ -43,10 +43,10 @@ from pmlm.client.rl import LocalRL, Point, RLConfig
 from pmlm.client.site_policy import SitePolicy
 from pmlm.client.train import model_state
 from pmlm.common.peer_profiles import initial_centroids
-from pmlm.common.policy import PolicyState, PromptPolicy, trained_mask
+from pmlm.common.assemble.policy import PolicyState, PromptPolicy, trained_mask
 from pmlm.common.privacy import BudgetExhausted, DpSgd, SiteLedger
 from pmlm.common.profiles import load_profile
-from pmlm.common.prompt import PatientContext
+from pmlm.common.assemble.render import PatientContext
 from pmlm.server.prototypes import run_prototypes
 
 ALPHA = 1e-6

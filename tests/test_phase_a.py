@@ -26,7 +26,7 @@ from pmlm.client.examples import Example, HistoryItem
 from pmlm.client.features import FeatureEncoder, PatientDataset
 from pmlm.client.phase_a import load_global_model
 from pmlm.common.phase_a import PHASE
-from pmlm.client.self_features import self_informed_features
+from pmlm.client.assemble.self_informed import self_informed_features
 from pmlm.common.model import build_model
 from pmlm.common.privacy.ledger import verify_ledger
 from pmlm.common.profiles import load_profile

@@ -12,10 +12,10 @@ from pmlm.client.examples import Example
 from pmlm.client.reward import ConceptMatcher
 from pmlm.client.rl import LocalRL, Point, RLConfig, n_parameters
 from pmlm.server.phase_c import apply_update
-from pmlm.common.policy import FACTOR_NAMES, PolicyState, PromptPolicy, initial_bias, trained_mask
+from pmlm.common.assemble.policy import FACTOR_NAMES, PolicyState, PromptPolicy, initial_bias, trained_mask
 from pmlm.common.privacy import BudgetConfig, BudgetExhausted, GaussianRelease, SiteLedger
 from pmlm.common.profiles import load_profile
-from pmlm.common.prompt import INITIAL, PatientContext, render
+from pmlm.common.assemble.render import INITIAL, PatientContext, render
 
 
 @dataclass

@@ -19,7 +19,7 @@ def register(sub) -> None:
 
 
 def cmd_advise(args) -> int:
-    from pmlm.client.advice import describe_sources, find_patient, site_assembler
+    from pmlm.client.assemble.assembler import describe_sources, find_patient, site_assembler
     from pmlm.client.llm import LLMConfig, LLMError, open_llm
     from pmlm.client.site_config import SiteConfigError
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
-from pmlm.common.prompt import FACTORS, PromptParams
+from pmlm.common.assemble.render import FACTORS, PromptParams
 
 FACTOR_NAMES = list(FACTORS)
 STATE_EXTRAS = ("top1_prob", "top5_mean_prob", "peer_agreement", "log_history", "gest_week", "postpartum",

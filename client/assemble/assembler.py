@@ -15,13 +15,16 @@ import torch
 
 from pmlm.client.examples import Example, build_examples
 from pmlm.client.ingest import RecordReader
-from pmlm.client.prompt_context import build_context
+from pmlm.client.phase_a import load_global_model
+from pmlm.client.assemble.context import build_context
+from pmlm.client.assemble.self_informed import self_informed_features
 from pmlm.client.site_config import SiteConfig
+from pmlm.client.train import predict
 from pmlm.common.atomic import write_atomic
 from pmlm.common.peer_profiles import PeerProfiles, peer_facts
-from pmlm.common.policy import PolicyState, PromptPolicy
+from pmlm.common.assemble.policy import PolicyState, PromptPolicy
 from pmlm.common.profiles import TaskProfile, load_profile
-from pmlm.common.prompt import INITIAL, Prompt, PromptParams, render
+from pmlm.common.assemble.render import INITIAL, Prompt, PromptParams, render
 from pmlm.common.schema import Timeline
 from pmlm.common.site_layout import PEER_PROFILES, POLICY
 
@@ -55,7 +58,6 @@ class SiteArtifacts:
 
     @classmethod
     def load(cls, site_dir: Path, profile: TaskProfile) -> "SiteArtifacts":
-        from pmlm.client.phase_a import load_global_model
 
         out = cls(profile)
         try:
@@ -96,8 +98,6 @@ class PromptAssembler:
 
     def features(self, example: Example, timeline: Timeline | None):
         """(predictions, trajectory, peer facts, policy state) for one prediction point."""
-        from pmlm.client.self_features import self_informed_features
-        from pmlm.client.train import predict
 
         a = self.a
         predictions, trajectory, facts, state = [], [], [], None
