@@ -2,7 +2,7 @@
 
 1. Guidance on held-out test points of the sample consortium with the site's LLM (the embedded SmolLM2 by
    default): precision, recall, F1 and risk recall of general / summary only / self / peer / self + peer
-   (the initial prompt) / PMLM refined / oracle, scored by pmlm.pipeline.evaluate_guidance. PMLM refined is
+   (the initial prompt) / PMLM refined / oracle, scored by pmlm.pipeline.evaluation.evaluate_guidance. PMLM refined is
    the policy that federated, DP phase C stored at the sites. Targets: PMLM F1 >= 1.10 x the initial
    prompt's and >= 2 x the general prompt's.
 2. Local RL at one site (no release, so no DP noise), side by side with and without the reward model's
@@ -73,7 +73,7 @@ def parse_args() -> argparse.Namespace:
 def ensure_phases(opts, sites: dict, site_dirs: dict) -> dict:
     """The stored refined-prompt policy of every site, after running phases A-C if they are missing."""
     from pmlm.common.site_layout import POLICY
-    from pmlm.pipeline import run_federation
+    from pmlm.pipeline.federation import run_federation
 
     if all((d / POLICY).exists() for d in site_dirs.values()):
         print(f"evaluating the finished run in {opts.workdir} (phases A-C not rerun)")
@@ -227,7 +227,10 @@ def main() -> int:
         os.environ.setdefault(key, value)
     from pmlm.client.phase_c import site_llm
     from pmlm.common.profiles import load_profile
-    from pmlm.pipeline import PipelineOptions, evaluate_guidance, load_consortium, quiet_flower
+    from pmlm.pipeline.evaluation import evaluate_guidance
+    from pmlm.pipeline.federation import quiet_flower
+    from pmlm.pipeline.options import PipelineOptions
+    from pmlm.pipeline.run import load_consortium
 
     quiet_flower()  # the figures are the output
 

@@ -125,7 +125,8 @@ def test_each_phase_shows_a_progress_bar_from_the_round_markers(tmp_path, capsys
 
     from flwr.common.logger import FLOWER_LOGGER, log
 
-    from pmlm.pipeline import PhaseProgress, PipelineOptions, quiet_flower
+    from pmlm.pipeline.federation import PhaseProgress, quiet_flower
+    from pmlm.pipeline.options import PipelineOptions
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level

@@ -1,0 +1,149 @@
+"""Scoring a finished run on the sites' test splits: the recommender against its baselines, the LLM's guidance for
+each prompt variant against what really happened next, and what each site spent of its privacy budget."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
+from pmlm.client.baselines import GestationalTiming, Popularity, timing_key
+from pmlm.client.features import FeatureEncoder, PatientDataset
+from pmlm.client.phase_a import load_global_model
+from pmlm.client.phase_b import embed_examples
+from pmlm.client.reward import matcher_for, score_answer
+from pmlm.client.train import TrainSettings, predict, ranking_metrics, train_local
+from pmlm.common.assemble.render import render, render_variant
+from pmlm.common.peer_profiles import PeerProfiles
+from pmlm.common.phase_a import PhaseAConfig, new_model
+from pmlm.common.privacy import SiteLedger
+from pmlm.common.profiles import load_profile
+from pmlm.pipeline.options import PipelineOptions, progress_bar
+
+
+def _baseline_scores(ranker, examples, concepts: list[str]) -> np.ndarray:
+    """A baseline's ranking as scores (for AUROC): counts from its table, 0 elsewhere."""
+    col = {c: i for i, c in enumerate(concepts)}
+    out = np.zeros((len(examples), len(concepts)), dtype=np.float32)
+    for i, ex in enumerate(examples):
+        if isinstance(ranker, GestationalTiming):
+            counts = ranker.by_key.get(timing_key(ex)) or ranker.fallback.counts
+        else:
+            counts = ranker.counts
+        for c, n in counts.items():
+            if c in col:
+                out[i, col[c]] = n
+    return out
+
+
+def _trained(examples, opts: PipelineOptions, profile, seed: int):
+    """A non-private model trained on `examples` (centralized / local-only rows of the table)."""
+
+    cfg = PhaseAConfig(profile=opts.profile)
+    model = new_model(cfg, profile)
+    encoder = FeatureEncoder(profile, cfg.max_history)
+    dataset = PatientDataset([e for e in examples if e.split == "train"], encoder, cfg.points_per_patient, seed=seed)
+    train_local(model, dataset, TrainSettings(epochs=max(2, opts.rounds * opts.local_epochs), seed=seed))
+    return model, encoder
+
+
+def evaluate_recommenders(site_examples: dict, site_dirs: dict, opts: PipelineOptions) -> dict:
+
+    train = [e for exs in site_examples.values() for e in exs if e.split == "train"]
+    test_by_site = {s: [e for e in exs if e.split == "test" and e.targets] for s, exs in site_examples.items()}
+    test = [e for exs in test_by_site.values() for e in exs]
+    first = next(iter(site_dirs.values()))
+    model, encoder, _ = load_global_model(first)
+    concepts = [c.id for c in encoder.profile.concepts]
+    pick = lambda m: {"recall@5": m["recall@5"], "ndcg@5": m["ndcg@5"], "auroc": m["micro_auroc"]}  # noqa: E731
+    table = {"federated_dp": pick(ranking_metrics(predict(model, test, encoder), test, encoder))}
+    for name, ranker in (("popularity", Popularity(train)), ("timing", GestationalTiming(train))):
+        table[name] = pick(ranking_metrics(_baseline_scores(ranker, test, concepts), test, encoder))
+    peers = PeerProfiles.load(first / "phase_b" / "peer_profiles")
+    emb = embed_examples(model, encoder, test)
+    peer_scores = np.stack([peers.peer_rates(e)[0] for e in emb]) if len(emb) else np.zeros((0, len(concepts)))
+    table["peer_profile"] = pick(ranking_metrics(peer_scores, test, encoder))
+    if opts.baselines_trained:
+        central, enc = _trained(train, opts, encoder.profile, seed=1)
+        table["centralized"] = pick(ranking_metrics(predict(central, test, enc), test, enc))
+        local = []
+        for i, (site, exs) in enumerate(site_examples.items()):
+            m, e = _trained(exs, opts, encoder.profile, seed=10 + i)
+            local.append(pick(ranking_metrics(predict(m, test_by_site[site], e), test_by_site[site], e)))
+        table["local_only"] = {k: float(np.nanmean([r[k] for r in local])) for k in local[0]}
+    return table
+
+
+def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opts: PipelineOptions, llm) -> dict:
+    """Each prompt variant's answer scored against what really happened, on up to K test points."""
+
+    profile = load_profile(opts.profile)
+    matcher = matcher_for(profile.name)
+    assemblers = {s: PromptAssembler(SiteArtifacts.load(d, profile)) for s, d in site_dirs.items()}
+    # Round-robin over sites, one point per test patient, so every site is represented.
+    queues = {}
+    for s, exs in site_examples.items():
+        seen, q = set(), []
+        for e in sorted((e for e in exs if e.split == "test" and e.targets), key=lambda e: (e.patient_id, e.t)):
+            if e.patient_id not in seen:
+                seen.add(e.patient_id)
+                q.append(e)
+        queues[s] = q
+    points = []
+    while len(points) < opts.max_test_points and any(queues.values()):
+        for s in list(queues):
+            if queues[s] and len(points) < opts.max_test_points:
+                points.append((s, queues[s].pop(0)))
+    scores = {v: [] for v in opts.variants}
+    examples_out = []
+    bar = progress_bar("evaluating guidance", len(points) * len(opts.variants), opts)
+    for i, (site, ex) in enumerate(points):
+        assembler = assemblers[site]
+        ctx, state = assembler.context(ex, timelines.get((site, ex.patient_id)), with_oracle=True)
+        shown = {}
+        for variant in opts.variants:
+            if variant == "pmlm":
+                prompt = render(ctx.__class__(**{**ctx.__dict__, "oracle": []}), assembler.refined_params(state))
+            else:
+                prompt = render_variant(variant, ctx)
+            answer = llm.chat(prompt.messages, max_tokens=opts.max_tokens, temperature=0.0, allow_empty=True)
+            score = score_answer(answer.text, ex, matcher)
+            scores[variant].append(score)
+            shown[variant] = {"prompt": prompt.messages, "answer": answer.text, "f1": score.f1}
+            bar.update(1)
+        if i < 3:
+            examples_out.append({"site": site, "targets": [profile.name_of(c) for c in ex.targets],
+                                 "gestational_week": ex.gestational_week, "variants": shown})
+    bar.close()
+
+    def mean(values):
+        values = [v for v in values if not np.isnan(v)]
+        return float(np.mean(values)) if values else float("nan")
+
+    table = {v: {"precision": mean([s.precision for s in ss]), "recall": mean([s.recall for s in ss]),
+                 "f1": mean([s.f1 for s in ss]), "risk_recall": mean([s.risk_recall for s in ss]),
+                 "f1_interval": bootstrap_interval([s.f1 for s in ss]), "points": len(ss)}
+             for v, ss in scores.items()}
+    return {"table": table, "points": len(points), "examples": examples_out}
+
+
+def bootstrap_interval(values: list[float], resamples: int = 2000, level: float = 0.95) -> list[float]:
+    """A percentile bootstrap interval of the mean over the scored points (one point per test patient, so this
+    resamples patients); fixed seed, so the same scores give the same interval."""
+    values = np.asarray([v for v in values if not np.isnan(v)], dtype=float)
+    if len(values) == 0:
+        return [float("nan"), float("nan")]
+    means = np.random.default_rng(0).choice(values, size=(resamples, len(values))).mean(axis=1)
+    return [float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))]
+
+
+def privacy_summary(site_dirs: dict, opts: PipelineOptions) -> dict:
+
+    out = {}
+    for site, d in site_dirs.items():
+        ledger = SiteLedger(d, site)
+        spent = ledger.spent()
+        phases = {p: round(ledger.spent(phase=p).pld, 4) for p in ledger.budget.shares}
+        out[site] = {"epsilon": round(spent.pld, 4), "epsilon_rdp": round(spent.rdp, 4),
+                     "budget": ledger.budget.epsilon_total, "by_phase": phases,
+                     "releases": sum(1 for e in ledger.entries() if e.get("kind") == "release")}
+    return {"delta": opts.delta, "sites": out}

@@ -1,0 +1,108 @@
+"""The whole pipeline on a directory of records: read the sites once, run the federated phases, evaluate.
+What `pmlm demo` and `pmlm evaluate` run; the privacy-utility curve repeats the federated run at other budgets."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pmlm.client.llm import LLMConfig
+from pmlm.client.phase_c import site_llm
+from pmlm.client.sites import load_site
+from pmlm.common.profiles import load_profile
+from pmlm.pipeline.evaluation import evaluate_guidance, evaluate_recommenders, privacy_summary
+from pmlm.pipeline.federation import prepare_sites, quiet_flower, run_federation
+from pmlm.pipeline.options import PipelineOptions
+
+
+def run_pipeline(opts: PipelineOptions, log=print) -> dict:
+    started = time.perf_counter()
+    opts.workdir = opts.workdir.resolve()
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    records = load_consortium(opts)
+    log(f"[1/4] sites: {', '.join(records.sites)}")
+    report = run_pipeline_core(opts, records, log)
+    return _with_curve(report, opts, log, started, records)
+
+
+@dataclass
+class Consortium:
+    """The sites' records as read once: examples per site and the timelines prompts are assembled from."""
+
+    sites: dict[str, Path]
+    site_examples: dict[str, list]
+    timelines: dict[tuple[str, str], object]
+    patients: int
+
+
+def load_consortium(opts: PipelineOptions) -> Consortium:
+
+    sites = prepare_sites(opts)
+    profile = load_profile(opts.profile)
+    site_examples, timelines, patients = {}, {}, 0
+    for name, path in sites.items():
+        data, kept = load_site(name, path, profile, keep_timelines=True, progress=opts.progress)
+        site_examples[name] = data.examples
+        patients += data.patients
+        timelines.update({(name, t.patient_id): t for t in kept})
+    return Consortium(sites, site_examples, timelines, patients)
+
+
+def run_pipeline_core(opts: PipelineOptions, records: Consortium, log=print) -> dict:
+    """One federated run on the records read once (the curve's runs reuse them) and its evaluation."""
+
+    for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+                       ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
+        os.environ.setdefault(key, value)
+    if opts.progress:  # the progress lines and bars say what happens
+        quiet_flower()
+    opts.workdir = opts.workdir.resolve()
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    sites, site_examples, timelines = records.sites, records.site_examples, records.timelines
+    log(f"[2/4] federated phases A (DP recommender), B (DP peer prototypes), C (RL prompt policy) through Flower"
+        f" ({opts.engine})")
+    timing = run_federation(opts, sites)
+    site_dirs = {name: opts.workdir / "sites" / name for name in sites}
+    log(f"      phase A {timing['phase_a']:.0f} s, phase B {timing['phase_b']:.0f} s, phase C {timing['phase_c']:.0f} s")
+    log("[3/4] evaluating the recommender against its baselines")
+    eval_started = time.perf_counter()
+    recommender = evaluate_recommenders(site_examples, site_dirs, opts)
+    log(f"[4/4] evaluating guidance on up to {opts.max_test_points} test points x {len(opts.variants)} prompts")
+    llm = site_llm(opts.llm)
+    guidance = evaluate_guidance(site_examples, site_dirs, timelines, opts, llm)
+    config = LLMConfig.from_dict(opts.llm) if opts.llm else None
+    usage = llm.usage
+    report = {
+        "data": {"patients": records.patients, "sites": len(sites),
+                 "prediction_points": sum(len(v) for v in site_examples.values()),
+                 "test_points": guidance["points"]},
+        "privacy": privacy_summary(site_dirs, opts),
+        "recommender": recommender,
+        "guidance": guidance["table"],
+        "llm": {"model": (config.model if config and config.model else "smollm2 (embedded SmolLM2-135M-Instruct)"),
+                "calls": usage.calls, "cached": usage.cache_hits, "empty": usage.empty_answers},
+        "runtime_s": {"total": round(time.perf_counter() - started, 1), "phase_a": timing["phase_a"],
+                      "phase_b": timing["phase_b"], "phase_c": timing["phase_c"],
+                      "evaluation": round(time.perf_counter() - eval_started, 1)},
+        "examples": guidance["examples"],
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items() if k != "llm"},
+        "phases": timing["later"],
+    }
+    return report
+
+
+def _with_curve(report: dict, opts: PipelineOptions, log, started: float, records: Consortium) -> dict:
+    report["privacy_utility_curve"] = [{"epsilon": opts.epsilon, "f1": report["guidance"].get("pmlm", {}).get("f1")}]
+    for eps in opts.curve:
+        if eps == opts.epsilon:
+            continue
+        log(f"[curve] epsilon {eps} per site: another federated run, PMLM prompts only")
+        extra = PipelineOptions(**{**opts.__dict__, "epsilon": eps, "workdir": opts.workdir / f"curve-eps-{eps:g}",
+                                   "variants": ("pmlm",), "curve": (), "baselines_trained": False})
+        sub = run_pipeline_core(extra, records, log)
+        report["privacy_utility_curve"].append({"epsilon": eps, "f1": sub["guidance"]["pmlm"]["f1"]})
+    report["runtime_s"]["total"] = round(time.perf_counter() - started, 1)
+    return report
