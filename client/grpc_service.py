@@ -35,6 +35,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.x509.oid import NameOID
 from google.protobuf.message import DecodeError
 
 from pmlm.client.access_log import AccessLog
@@ -43,10 +47,10 @@ from pmlm.client.examples import build_examples
 from pmlm.client.ingest import RecordReader
 from pmlm.client.llm import LLMBusy, LLMConfig, LLMError, open_llm
 from pmlm.client.site_config import SiteConfig, SiteConfigError
+from pmlm.common.assemble.render import PromptParams
 from pmlm.common.privacy.ledger import verify_ledger
 from pmlm.common.privacy.signing import KeyFileError, key_fingerprint, load_public_key, public_path
 from pmlm.common.profiles import load_profile
-from pmlm.common.assemble.render import PromptParams
 from pmlm.common.site_layout import LEDGER_PATH, PEER_PROFILES, POLICY, SITE_KEY_PATH, current_manifest
 from pmlm.v1 import audit_service_pb2 as audit_pb
 from pmlm.v1 import prompt_service_pb2 as prompt_pb
@@ -264,9 +268,6 @@ class Caller:
 
 def caller_of(context) -> Caller:
     """Who is calling, from the client certificate the TLS handshake verified."""
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
     pems = (context.auth_context() or {}).get("x509_pem_cert") or []
     if not pems:
         return Caller(None)
@@ -407,8 +408,6 @@ def _ledger_entry(entry: dict[str, Any]) -> audit_pb.LedgerEntry:
 
 
 def _public_key_from_pem(pem: bytes):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     try:
         key = serialization.load_pem_public_key(pem)
     except ValueError as exc:

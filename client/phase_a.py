@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from opacus.accountants import RDPAccountant
 
 from pmlm.client.examples import Example
 from pmlm.client.features import FeatureEncoder, PatientDataset
@@ -185,8 +186,6 @@ class SitePhaseA:
 
 def _opacus_epsilon(history: list, delta: float) -> float:
     """Opacus's own RDP epsilon for the site's history: a cross-check, the ledger is the authority."""
-    from opacus.accountants import RDPAccountant
-
     accountant = RDPAccountant()
     accountant.history = [tuple(h) for h in history]
     return float(accountant.get_epsilon(delta)) if history else 0.0

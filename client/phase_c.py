@@ -20,14 +20,14 @@ import numpy as np
 
 from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts, save_policy
 from pmlm.client.examples import Example
-from pmlm.client.reward import matcher_for
 from pmlm.client.llm import LLMConfig, open_llm
 from pmlm.client.phase_b import write_phase_manifest
+from pmlm.client.reward import matcher_for
 from pmlm.client.rl import LocalRL, Point, RLConfig
 from pmlm.client.sampling import keyed_seed, site_sampling_key, takes_part
+from pmlm.common.assemble.policy import PromptPolicy
 from pmlm.common.atomic import write_atomic
 from pmlm.common.phase_c import PHASE, PhaseCConfig
-from pmlm.common.assemble.policy import PromptPolicy
 from pmlm.common.privacy import BudgetConfig, DpSgd, SiteLedger
 from pmlm.common.privacy.noise import SecureNormal
 from pmlm.common.profiles import load_profile

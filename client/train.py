@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
 from pmlm.client.examples import Example
 from pmlm.client.features import FeatureEncoder, PatientDataset
 from pmlm.common.metrics import auroc, mean_ignoring_nan, ndcg_at_k, recall_at_k
 from pmlm.common.model import NextEventRecommender
-
 
 # The per-concept weights are trained as weight / DP_CONCEPT_SCALE under DP-SGD: a tenth of the
 # gradient (so of the clipping budget) and a hundredth of the step of an unscaled weight.
@@ -95,8 +96,6 @@ def train_local(model: NextEventRecommender, dataset: PatientDataset, settings: 
                      if settings.optimizer == "sgd" else torch.optim.Adam(model.parameters(), lr=settings.lr))
         sample_rate, planned_steps = dp_plan(settings.sampling_rate, settings.epochs)
         if private:  # Poisson batches at the public rate: 1/rate of them an epoch, whatever the site's size
-            from opacus.data_loader import DPDataLoader
-
             loader = DPDataLoader(dataset, sample_rate=sample_rate,
                                   generator=torch.Generator().manual_seed(settings.seed))
         else:
@@ -154,8 +153,6 @@ def make_private(model, optimizer, loader, settings: TrainSettings, opacus_histo
     A fresh PrivacyEngine per round would restart Opacus's accountant at zero; restoring the
     history keeps its (secondary) epsilon cumulative. The ledger, not Opacus, is the authority.
     """
-    from opacus import PrivacyEngine
-
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = [tuple(h) for h in (opacus_history or [])]
     with warnings.catch_warnings():

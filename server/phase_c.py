@@ -12,11 +12,12 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from pmlm.common.phase_c import PHASE, QUERY_ROUND, QUERY_STORE, VECTOR_TASK, PhaseCConfig, policy_arrays
 from pmlm.common.assemble.policy import PromptPolicy, initial_bias
 from pmlm.common.assemble.render import INITIAL
+from pmlm.common.phase_c import PHASE, QUERY_ROUND, QUERY_STORE, VECTOR_TASK, PhaseCConfig, policy_arrays
 from pmlm.server.roster import SiteRoster
 from pmlm.server.secure_sum import secure_sum_over
+
 
 def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: str, embedding_dim: int,
                 on_round=None, site_records: dict | None = None, secure: bool = False,

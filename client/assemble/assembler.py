@@ -13,21 +13,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pmlm.client.assemble.context import build_context
+from pmlm.client.assemble.self_informed import self_informed_features
 from pmlm.client.examples import Example, build_examples
 from pmlm.client.ingest import RecordReader
 from pmlm.client.phase_a import load_global_model
-from pmlm.client.assemble.context import build_context
-from pmlm.client.assemble.self_informed import self_informed_features
 from pmlm.client.site_config import SiteConfig
-from pmlm.client.train import predict
+from pmlm.common.assemble.policy import PolicyState, PromptPolicy
+from pmlm.common.assemble.render import INITIAL, Prompt, PromptParams, render
 from pmlm.common.atomic import write_atomic
 from pmlm.common.peer_profiles import PeerProfiles, peer_facts
-from pmlm.common.assemble.policy import PolicyState, PromptPolicy
 from pmlm.common.profiles import TaskProfile, load_profile
-from pmlm.common.assemble.render import INITIAL, Prompt, PromptParams, render
 from pmlm.common.schema import Timeline
 from pmlm.common.site_layout import PEER_PROFILES, POLICY
-
 
 
 def save_policy(policy: PromptPolicy, site_dir: Path, meta: dict) -> Path:

@@ -7,8 +7,8 @@ from the record goes in as notes, which the renderer quotes and neutralises.
 from __future__ import annotations
 
 from pmlm.client.examples import Example
-from pmlm.common.profiles import TaskProfile
 from pmlm.common.assemble.render import PatientContext
+from pmlm.common.profiles import TaskProfile
 from pmlm.common.schema import Timeline
 
 VITALS = {"loinc:8480-6": ("systolic blood pressure", "mmHg"), "loinc:8462-4": ("diastolic blood pressure", "mmHg"),

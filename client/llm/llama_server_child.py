@@ -33,7 +33,7 @@ def evaluate_every_prompt_afresh() -> None:
     prompt variants by their answers (the demo's evaluation, phase C's rewards), so each prompt is
     evaluated from the start, the same way every time; a few hundred prompt tokens cost well under a second.
     """
-    from llama_cpp import llama
+    from llama_cpp import llama  # here: the child process alone loads the optional native library
 
     generate = llama.Llama.generate
 

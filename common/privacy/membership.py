@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -137,8 +138,6 @@ def held_out_advantage(member_scores: np.ndarray, non_member_scores: np.ndarray,
 
 
 def _normal_quantile(p: float) -> float:
-    from statistics import NormalDist
-
     return NormalDist().inv_cdf(p)
 
 

@@ -26,11 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmlm.deploy.app_bundle import QUICK_RUN_CONFIG, find_app_pyproject, write_app_bundle_dir
+from pmlm.client.ingest import list_record_files
+from pmlm.common.atomic import write_atomic
+from pmlm.common.privacy.ledger import verify_ledger
+from pmlm.common.privacy.signing import load_public_key, public_path
+from pmlm.common.site_layout import LEDGER_PATH, SITE_KEY_PATH, current_manifest
+from pmlm.deploy.app_bundle import find_app_pyproject, write_app_bundle_dir
 from pmlm.deploy.certs import make_deploy_keys, make_node_auth_key
 from pmlm.deploy.processes import ProcessSet, Started, wait_for
-from pmlm.common.atomic import write_atomic
-from pmlm.common.site_layout import LEDGER_PATH, SITE_KEY_PATH, current_manifest
 
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 SCRIPTS = DEPLOY_DIR / "scripts"
@@ -288,9 +291,6 @@ class LocalDeployment:
             raise subprocess.TimeoutExpired(["flwr", "log", run_id], self.timeout_s)
 
     def check_sites(self) -> None:
-        from pmlm.common.privacy.ledger import verify_ledger
-        from pmlm.common.privacy.signing import load_public_key, public_path
-
         # dp-accounting warns for every RDP order it skips while re-pricing; the result is valid.
         logging.getLogger("absl").setLevel(logging.ERROR)
         for site in self.sites:
@@ -387,7 +387,6 @@ def quick_slice(sites: dict[str, Path], out: Path, patients: int = QUICK_PATIENT
     """
     sliced = {}
     for site, data_dir in sites.items():
-        from pmlm.client.ingest import list_record_files
         target = out / site
         target.mkdir(parents=True, exist_ok=True)
         kept: set[str] = set()
