@@ -17,6 +17,7 @@ from pmlm.common.peer_profiles import PeerProfiles
 from pmlm.common.phase_a import PhaseAConfig, new_model
 from pmlm.common.privacy import SiteLedger
 from pmlm.common.profiles import load_profile
+from pmlm.common.site_layout import PEER_PROFILES
 from pmlm.pipeline.options import PipelineOptions, progress_bar
 
 
@@ -58,7 +59,7 @@ def evaluate_recommenders(site_examples: dict, site_dirs: dict, opts: PipelineOp
     table = {"federated_dp": pick(ranking_metrics(predict(model, test, encoder), test, encoder))}
     for name, ranker in (("popularity", Popularity(train)), ("timing", GestationalTiming(train))):
         table[name] = pick(ranking_metrics(_baseline_scores(ranker, test, concepts), test, encoder))
-    peers = PeerProfiles.load(first / "phase_b" / "peer_profiles")
+    peers = PeerProfiles.load(first / PEER_PROFILES)
     emb = embed_examples(model, encoder, test)
     peer_scores = np.stack([peers.peer_rates(e)[0] for e in emb]) if len(emb) else np.zeros((0, len(concepts)))
     table["peer_profile"] = pick(ranking_metrics(peer_scores, test, encoder))
