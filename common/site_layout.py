@@ -10,7 +10,10 @@
     phase_a/models/RUN-rNNN/         the released global recommender: model.pt, manifest.json
     phase_a/current.json             which phase-A artifact is current (likewise phase_b/, phase_c/)
     phase_b/peer_profiles.npz        the global peer profiles
-    phase_c/policy.pt                the global prompt policy
+    phase_c/policy.pt                the global prompt policy (the consortium's, DP)
+    on_site/prompt_policy.pt         the site-refined prompt policy: local RL from the global one, never sent
+    on_site/prompt_refinement.json   the last refinement's decision and validation figures (client/refine.py)
+    llm_cache/llm_responses.sqlite   the site's LLM answers, keyed by model and request (client/llm/cache.py)
     egress.jsonl                     every message that left the site (client/egress.py)
     audit/access_log.jsonl           every call of the on-site gRPC services (client/access_log.py)
     audit/membership.json            the membership-inference audit (client/membership_audit.py)
@@ -28,6 +31,10 @@ KEPT_DIR = Path("ledger") / "releases"
 MODEL_DIR = Path("phase_a") / "models"
 PEER_PROFILES = Path("phase_b") / "peer_profiles"  # numpy adds .npz
 POLICY = Path("phase_c") / "policy.pt"
+# Site-only artifacts: computed from the site's own records for its own use, never sent, no ledger entry.
+SITE_POLICY = Path("on_site") / "prompt_policy.pt"
+SITE_REFINEMENT = Path("on_site") / "prompt_refinement.json"
+LLM_CACHE_DIR = Path("llm_cache")
 EGRESS_LOG = Path("egress.jsonl")
 ACCESS_LOG = Path("audit") / "access_log.jsonl"
 MEMBERSHIP_JSON = Path("audit") / "membership.json"
