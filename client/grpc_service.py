@@ -45,7 +45,7 @@ from pmlm.client.access_log import AccessLog
 from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
 from pmlm.client.examples import build_examples
 from pmlm.client.ingest import RecordReader
-from pmlm.client.llm import LLMBusy, LLMConfig, LLMError, open_llm
+from pmlm.client.llm import LLMBusy, LLMConfig, LLMError, open_llm, site_llm_config
 from pmlm.client.site_config import SiteConfig, SiteConfigError
 from pmlm.common.assemble.render import PromptParams
 from pmlm.common.privacy.ledger import verify_ledger
@@ -84,7 +84,7 @@ class SiteState:
         self.site_dir = Path(site_dir).resolve()
         self.config = SiteConfig.load(self.site_dir)
         self.profile = load_profile(self.config.profile)
-        self.llm_config = llm_config or (LLMConfig.from_dict(self.config.llm) if self.config.llm else LLMConfig())
+        self.llm_config = llm_config or site_llm_config(self.site_dir, self.config.llm)
         self._lock = threading.Lock()
         self._patients: dict[str, Any] | None = None
         self._assembler: tuple[tuple, PromptAssembler] | None = None

@@ -20,7 +20,7 @@ import numpy as np
 
 from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts, save_policy
 from pmlm.client.examples import Example
-from pmlm.client.llm import LLMConfig, open_llm
+from pmlm.client.llm import LLMConfig, open_llm, site_llm_config
 from pmlm.client.phase_b import write_phase_manifest
 from pmlm.client.reward import matcher_for
 from pmlm.client.rl import LocalRL, Point, RLConfig
@@ -37,11 +37,15 @@ _LLMS: dict[str, object] = {}
 _STACK = contextlib.ExitStack()
 
 
-def site_llm(llm_settings: dict | None = None):
-    """One LLM client per configuration per process (the embedded server starts once)."""
-    key = repr(sorted((llm_settings or {}).items()))
+def site_llm(llm_settings: dict | None = None, site_dir: Path | None = None):
+    """One LLM client per configuration (and site) per process (the embedded server starts once). With a site
+    directory, its answers go through the site's own response cache (SITE_DIR/llm_cache)."""
+    key = repr((sorted((llm_settings or {}).items()), str(site_dir)))
     if key not in _LLMS:
-        config = LLMConfig.from_dict(llm_settings) if llm_settings else LLMConfig()
+        if site_dir is not None:
+            config = site_llm_config(site_dir, llm_settings)
+        else:
+            config = LLMConfig.from_dict(llm_settings) if llm_settings else LLMConfig()
         _LLMS[key] = _STACK.enter_context(open_llm(config))
     return _LLMS[key]
 
@@ -111,7 +115,7 @@ class SitePhaseC:
         self.key = site_sampling_key(self.site_dir)
         self.ledger = SiteLedger(self.site_dir, site_id, budget)
         self.phase_cap = phase_cap  # at most what the run asked for (the policy caps the phase itself)
-        self.llm = site_llm(llm_settings)
+        self.llm = site_llm(llm_settings, self.site_dir)
         self.rng = SecureNormal()
         self.sigma: float | None = None
         self.rewards: list[float] = []

@@ -228,6 +228,75 @@ def test_random_samples_are_not_cached_unless_seeded(fake, tmp_path):
     assert len(fake.requests) == 4
 
 
+
+def test_a_damaged_entry_is_a_miss_and_the_fresh_answer_replaces_it(fake, tmp_path, caplog):
+    import sqlite3
+
+    with make_client(fake.base_url, cache_dir=tmp_path) as client:
+        client.chat("Hi")
+    with sqlite3.connect(tmp_path / CACHE_FILENAME) as db:
+        db.execute("UPDATE responses SET value = '{\"text\": 3'")  # torn JSON
+    with make_client(fake.base_url, cache_dir=tmp_path) as client:
+        again = client.chat("Hi")
+        assert not again.cached and len(fake.requests) == 2 and client._cache.damaged == 1
+        assert client.chat("Hi").cached  # the fresh answer was kept
+    assert "damaged" in caplog.text
+    with sqlite3.connect(tmp_path / CACHE_FILENAME) as db:
+        db.execute("""UPDATE responses SET value = '{"text": ["not", "text"], "prompt_tokens": 1}'""")
+    with make_client(fake.base_url, cache_dir=tmp_path) as client:
+        assert not client.chat("Hi").cached  # well-formed JSON, wrong fields: a miss too
+    assert len(fake.requests) == 3
+
+
+def test_an_unreadable_cache_file_is_set_aside_and_caching_carries_on(fake, tmp_path, caplog):
+    (tmp_path / CACHE_FILENAME).write_bytes(b"this is not an SQLite database" * 100)
+    with make_client(fake.base_url, cache_dir=tmp_path) as client:
+        assert client.chat("Hi").text == "Hello there."  # no error: a miss
+        assert client.chat("Hi").cached  # a fresh database took the answer
+    assert len(fake.requests) == 1 and "unreadable" in caplog.text
+    assert len(list(tmp_path.glob(f"{CACHE_FILENAME}.corrupt-*"))) == 1
+
+
+def test_the_cache_keeps_at_most_max_entries(tmp_path):
+    from pmlm.client.llm.cache import ResponseCache
+
+    cache = ResponseCache(tmp_path, max_entries=100)
+    for i in range(600):
+        cache.put(f"k{i}", {"text": str(i), "prompt_tokens": 1, "completion_tokens": 1, "model": "m"})
+    assert 100 <= len(cache) < 100 + 256  # pruned at every 256th put, oldest first
+    assert cache.get("k599")["text"] == "599" and cache.get("k0") is None
+
+
+def test_a_site_llm_caches_in_its_site_directory(fake, tmp_path):
+    from pmlm.client.llm import site_llm_config
+    from pmlm.common.site_layout import LLM_CACHE_DIR
+
+    site = tmp_path / "site"
+    config = site_llm_config(site, {"base_url": fake.base_url, "model": "fake-model"})
+    assert config.cache_dir == site / LLM_CACHE_DIR
+    with LLMClient(config) as client:
+        client.chat("Hi")
+        assert client.chat("Hi").cached and len(fake.requests) == 1
+    assert (site / LLM_CACHE_DIR / CACHE_FILENAME).is_file()
+    assert site_llm_config(site, {"cache_dir": "elsewhere"}).cache_dir == site / "elsewhere"
+    assert site_llm_config(site, {"cache_dir": ""}).cache_dir is None  # switched off
+
+
+def test_the_embedded_model_is_named_by_its_file_digest(tmp_path):
+    """Two model files of the same name are two models to the cache."""
+    from pmlm.client.llm.local_server import EmbeddedLLMServer
+
+    scopes = []
+    for content in (b"weights one", b"weights two"):
+        folder = tmp_path / content.decode().replace(" ", "_")
+        folder.mkdir()
+        (folder / "model.gguf").write_bytes(content)
+        server = EmbeddedLLMServer(folder / "model.gguf")
+        server.port = 1  # config() only reads it
+        scopes.append(server.config().cache_scope)
+    assert scopes[0] != scopes[1] and all("model.gguf:sha256=" in s for s in scopes)
+
+
 # -- retries and errors --------------------------------------------------------------------------------
 
 def test_retries_with_exponential_backoff_then_succeeds(fake):

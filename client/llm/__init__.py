@@ -16,10 +16,12 @@ from pmlm.client.llm.endpoint import (
     LLMResponseError,
     LLMUnavailable,
     LLMUsage,
+    site_llm_config,
 )
 from pmlm.client.llm.local_server import EmbeddedLLMServer, EmbeddedServerError, find_smollm2_gguf, open_llm
 
 __all__ = [
     "Completion", "EmbeddedLLMServer", "EmbeddedServerError", "LLMBusy", "LLMClient", "LLMConfig",
     "LLMConfigError", "LLMEmptyAnswer", "LLMError", "LLMResponseError", "LLMUnavailable", "LLMUsage", "find_smollm2_gguf", "open_llm",
+    "site_llm_config",
 ]

