@@ -75,7 +75,7 @@ class SitePhaseA:
         self.site_id, self.site_dir, self.cfg = site_id, Path(site_dir), cfg
         self.policy = policy or SitePolicy.load(self.site_dir)
         # Raises PolicyRefusal for a run that asks for more than the policy allows (before any record is read).
-        self.caps = self.policy.run_caps(cfg.epsilon, cfg.epsilon_total, cfg.delta)
+        self.caps = self.policy.run_caps(cfg.phase_a_epsilon, cfg.epsilon_total, cfg.delta)
         self.profile = load_profile(cfg.profile)
         self.examples = examples if examples is not None else site_examples(data_dir, site_id, self.profile)
         self.encoder = FeatureEncoder(self.profile, cfg.max_history)

@@ -35,12 +35,12 @@ class PhaseAConfig:
     lr: float = 0.3  # non-private training (Adam)
     optimizer: str = "adam"  # non-private training; DP-SGD always runs plain SGD at dp_lr (client/train.py says why)
     dp_lr: float = 10.0  # DP-SGD; clipped per-patient gradients are small, so the step is large
-    # What the run asks of each site; a site's own policy caps all three (client/site_policy.py). On the wire
-    # `epsilon` is phase A's share (the run config's `phase-a-epsilon`), `epsilon_total` the whole budget (the
-    # run config's `epsilon`).
-    epsilon: float = 1.5  # phase A's epsilon per site (patient-level); <= 0 asks for a non-private run
+    # What the run asks of each site; a site's own policy caps all three (client/site_policy.py). The names are
+    # the run config's: `phase_a_epsilon` is phase A's share (`phase-a-epsilon`), `epsilon_total` the whole
+    # budget (the run config's `epsilon`).
+    phase_a_epsilon: float = 1.5  # phase A's epsilon per site (patient-level); <= 0 asks for a non-private run
     delta: float = 1e-5
-    epsilon_total: float = 0.0  # the whole budget the run asks for; 0 means epsilon / the site's phase-A share
+    epsilon_total: float = 0.0  # the whole budget the run asks for; 0 means phase_a_epsilon / the site's phase-A share
     patient_clip: float = 0.3  # below every patient's gradient norm at the start (~0.5-3 on the sample)
     points_per_patient: int = 32
     profile: str = "obgyn"
@@ -50,7 +50,7 @@ class PhaseAConfig:
 
     @property
     def private(self) -> bool:
-        return self.epsilon > 0
+        return self.phase_a_epsilon > 0
 
     def model_config(self, profile: TaskProfile) -> RecommenderConfig:
         return recommender_config(profile, dim=self.dim, max_history=self.max_history)
@@ -72,13 +72,15 @@ class PhaseAConfig:
             given["epsilon_total"] = float(whole)
             phase_a = float(whole) * PHASE_A_SHARE if phase_a is None else phase_a
         if phase_a is not None:
-            given["epsilon"] = float(phase_a)
+            given["phase_a_epsilon"] = float(phase_a)
         return cls.from_record(given)
 
     @classmethod
     def from_record(cls, record) -> "PhaseAConfig":
         names = {f.name: f.type for f in fields(cls)}
         values = {k: record[k] for k in names if k in record}
+        if "epsilon" in record and "phase_a_epsilon" not in record:  # a coordinator from before the rename
+            values["phase_a_epsilon"] = record["epsilon"]
         return cls(**values)
 
 

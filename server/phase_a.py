@@ -91,7 +91,7 @@ def run_phase_a(grid: Grid, context: Context, run: dict, cfg: PhaseAConfig, rost
     stored = roster.ask(grid, QUERY_STORE, store, PHASE, timeout=timeout)
     summary = {
         "run": cfg.run_name, "rounds": cfg.rounds, "sites": len(roster.nodes), "sites_stored": len(stored),
-        "epsilon_per_site": cfg.epsilon if cfg.private else None, "roster": roster.summary(),
+        "epsilon_per_site": cfg.phase_a_epsilon if cfg.private else None, "roster": roster.summary(),
         "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
     }

@@ -96,11 +96,11 @@ def refused(node: dict, reply: Message, limit: str) -> dict:
 
 
 @pytest.mark.parametrize("asked, limit", [
-    ({"epsilon": 0.0}, "allow_non_private"),  # DP switched off: once trained with Adam and sent raw weights
-    ({"epsilon": -1.0}, "allow_non_private"),
-    ({"epsilon": 500.0, "epsilon_total": 1000.0}, "epsilon_total"),  # a budget of 1000
-    ({"epsilon": 1.5, "epsilon_total": 3.0, "delta": 0.5}, "delta"),  # delta 0.5
-    ({"epsilon": 2.5, "epsilon_total": 3.0}, "phase_a"),  # more than the site's phase-A cap (1.5 of 3)
+    ({"phase_a_epsilon": 0.0}, "allow_non_private"),  # DP switched off: once trained with Adam and sent raw weights
+    ({"phase_a_epsilon": -1.0}, "allow_non_private"),
+    ({"phase_a_epsilon": 500.0, "epsilon_total": 1000.0}, "epsilon_total"),  # a budget of 1000
+    ({"phase_a_epsilon": 1.5, "epsilon_total": 3.0, "delta": 0.5}, "delta"),  # delta 0.5
+    ({"phase_a_epsilon": 2.5, "epsilon_total": 3.0}, "phase_a"),  # more than the site's phase-A cap (1.5 of 3)
     ({"run_name": "../../../tmp/pmlm-escape"}, "run_id"),  # a run id that would become a path
 ])
 def test_phase_a_requests_outside_the_policy_are_refused_before_training(honest_run, asked, limit, tmp_path):
@@ -122,7 +122,7 @@ def test_phase_a_requests_outside_the_policy_are_refused_before_training(honest_
 def test_asking_for_less_than_the_policy_is_answered_with_less(honest_run, tmp_path):
     """The coordinator can ask for less: a phase-A epsilon of 0.3 is calibrated to 0.3, not to the site's cap."""
     node = {**honest_run["nodes"][1], "site-dir": str(tmp_path / "fresh_b")}
-    config = ConfigRecord({**phase_a_config(epsilon=0.3, epsilon_total=3.0, run_name="phase-a-modest"),
+    config = ConfigRecord({**phase_a_config(phase_a_epsilon=0.3, epsilon_total=3.0, run_name="phase-a-modest"),
                            "server-round": 1})
     reply = ask(node, MessageType.TRAIN, {"arrays": weights(), "config": config})
     assert not reply.has_error(), reply.error

@@ -98,8 +98,18 @@ def test_epsilon_in_the_run_config_is_the_whole_budget():
     """One word per quantity: `epsilon` is a site's whole budget, `phase-a-epsilon` phase A's share (default
     PHASE_A_SHARE of it); the older spelling (`epsilon-total` whole, `epsilon` phase A) still reads the same."""
     new = PhaseAConfig.from_run_config({"epsilon": 3.0})
-    assert (new.epsilon_total, new.epsilon) == (3.0, 3.0 * PHASE_A_SHARE)
-    assert PhaseAConfig.from_run_config({"epsilon": 3.0, "phase-a-epsilon": 1.0}).epsilon == 1.0
+    assert (new.epsilon_total, new.phase_a_epsilon) == (3.0, 3.0 * PHASE_A_SHARE)
+    assert PhaseAConfig.from_run_config({"epsilon": 3.0, "phase-a-epsilon": 1.0}).phase_a_epsilon == 1.0
     old = PhaseAConfig.from_run_config({"epsilon": 1.2, "epsilon-total": 3.0})
-    assert (old.epsilon_total, old.epsilon) == (3.0, 1.2)
+    assert (old.epsilon_total, old.phase_a_epsilon) == (3.0, 1.2)
     assert PhaseAConfig.from_run_config({"epsilon": 3.0, "phase-a-epsilon": 0}).private is False
+
+
+def test_the_phase_a_record_names_its_share_as_the_run_config_does():
+    """On the wire phase A's share is `phase_a_epsilon`, as in the run config; a record from a coordinator of
+    before the rename (`epsilon`) still asks for the same share, and never for the whole budget."""
+    record = PhaseAConfig(phase_a_epsilon=0.7, epsilon_total=3.0).to_record()
+    assert "epsilon" not in record and record["phase_a_epsilon"] == 0.7
+    old = {k: v for k, v in record.items() if k != "phase_a_epsilon"} | {"epsilon": 0.4}
+    assert PhaseAConfig.from_record(old).phase_a_epsilon == 0.4
+    assert PhaseAConfig.from_record({**old, "phase_a_epsilon": 0.2}).phase_a_epsilon == 0.2

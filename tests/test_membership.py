@@ -105,7 +105,7 @@ def run_audit(site_dir: Path) -> tuple[int, dict, str]:
 def dp_site(records, tmp_path_factory) -> Path:
     """Phase A with DP-SGD (ε 1 for the phase), then phase B's DP prototypes and peer profiles."""
     site_dir = new_site(tmp_path_factory.mktemp("dp"), records)
-    cfg = PhaseAConfig(epsilon=1.0, rounds=1, local_epochs=2, lr=1e-2, **SMALL_MODEL)
+    cfg = PhaseAConfig(phase_a_epsilon=1.0, rounds=1, local_epochs=2, lr=1e-2, **SMALL_MODEL)
     site = train_and_store(site_dir, records, cfg, "run-dp")
     # The audit replays phase B's draw with the default seed and per-patient cap; only the shape differs here.
     phase_b = SitePhaseB(SITE, site_dir, site.examples, PhaseBConfig(prototypes=2, rounds=1, min_count=5), "run-dp",
@@ -118,7 +118,7 @@ def dp_site(records, tmp_path_factory) -> Path:
 
 def test_the_attack_finds_a_model_overfit_without_dp(records, tmp_path):
     site_dir = new_site(tmp_path, records)
-    train_and_store(site_dir, records, PhaseAConfig(epsilon=0, rounds=1, local_epochs=100, lr=0.3, **SMALL_MODEL),
+    train_and_store(site_dir, records, PhaseAConfig(phase_a_epsilon=0, rounds=1, local_epochs=100, lr=0.3, **SMALL_MODEL),
                     "run-overfit")
     code, result, out = run_audit(site_dir)
     assert code == 0 and "loss threshold" in out

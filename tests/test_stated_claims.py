@@ -85,7 +85,7 @@ def test_audit_membership_exits_1_when_an_attack_beats_the_ledgers_bound(tmp_pat
     # Trained without DP for many epochs, from fixed seeds (the site's own seeds come from `secrets`).
     seeds = random.Random(1)
     monkeypatch.setattr(phase_a_module, "secrets", SimpleNamespace(randbits=seeds.getrandbits))
-    cfg = PhaseAConfig(epsilon=0, rounds=1, local_epochs=100, lr=0.3, dim=16, max_history=16, points_per_patient=8,
+    cfg = PhaseAConfig(phase_a_epsilon=0, rounds=1, local_epochs=100, lr=0.3, dim=16, max_history=16, points_per_patient=8,
                        batch_size=8)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
