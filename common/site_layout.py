@@ -11,6 +11,8 @@
     phase_a/current.json             which phase-A artifact is current (likewise phase_b/, phase_c/)
     phase_b/peer_profiles.npz        the global peer profiles
     phase_c/policy.pt                the global prompt policy (the consortium's, DP)
+    on_site/recommender/manifest.json  the site-adapted recommender: the choice made on validation and the
+                                     consortium model it adapts (client/adapt.py); model-SHA.pt beside it, never sent
     on_site/prompt_policy.pt         the site-refined prompt policy: local RL from the global one, never sent
     on_site/prompt_refinement.json   the last refinement's decision and validation figures (client/refine.py)
     llm_cache/llm_responses.sqlite   the site's LLM answers, keyed by model and request (client/llm/cache.py)
@@ -32,6 +34,7 @@ MODEL_DIR = Path("phase_a") / "models"
 PEER_PROFILES = Path("phase_b") / "peer_profiles"  # numpy adds .npz
 POLICY = Path("phase_c") / "policy.pt"
 # Site-only artifacts: computed from the site's own records for its own use, never sent, no ledger entry.
+SITE_RECOMMENDER_DIR = Path("on_site") / "recommender"  # manifest.json and the model file it names
 SITE_POLICY = Path("on_site") / "prompt_policy.pt"
 SITE_REFINEMENT = Path("on_site") / "prompt_refinement.json"
 LLM_CACHE_DIR = Path("llm_cache")
