@@ -11,10 +11,12 @@ from pmlm.cli import CliError
 def register(sub) -> None:
     p = sub.add_parser("advise", help="assemble her personalised prompt on-site and ask the site's LLM")
     p.add_argument("--site", type=Path, required=True, help="the site directory (with site.json)")
-    p.add_argument("--patient", required=True)
-    p.add_argument("--question", default=None)
+    p.add_argument("--patient", required=True, metavar="ID",
+                   help="her patient id (`pmlm data inspect DIR --pregnant` lists some)")
+    p.add_argument("--question", default=None,
+                   help="her question, answered with her prompt (default: general guidance for her next weeks)")
     p.add_argument("--show-prompt", action="store_true", help="print the prompt sent to the LLM")
-    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--max-tokens", type=int, default=200, help="longest answer, in tokens")
     p.set_defaults(handler=cmd_advise)
 
 
@@ -31,6 +33,8 @@ def cmd_advise(args) -> int:
     assembled = assembler.assemble(example, timeline, args.question)
     for note in assembled.missing:
         print(f"note: {note}", file=sys.stderr)
+    if assembled.policy:  # which policy chose her prompt's options: the site's own refinement or the consortium's
+        print(f"note: prompt options chosen by the {assembled.policy} policy", file=sys.stderr)
     if args.show_prompt:
         for message in assembled.prompt.messages:
             print(f"--- {message['role']} ---\n{message['content']}\n")

@@ -14,6 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from pmlm import logs
 from pmlm.cli import CliError
 
 
@@ -23,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = deploy.add_subparsers(dest="deploy_command", metavar="SUBCOMMAND", required=True)
 
     certs = commands.add_parser("certs", help="CA, TLS certificates and SuperNode auth keys for a consortium")
-    certs.add_argument("--out", type=Path, required=True, metavar="DIR")
+    certs.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="directory for the CA, the SuperLink's certificate and each site's keys")
     certs.add_argument("--sites", required=True, help="comma-separated site ids, e.g. hospital_a,hospital_b")
     certs.add_argument("--host", action="append", default=[], metavar="NAME",
                        help="extra DNS name or IP of the coordinator (repeatable); localhost is always in")
@@ -32,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     certs.set_defaults(handler=run_certs)
 
     app = commands.add_parser("app", help="write the app folder for `flwr run` (pyproject only, no data)")
-    app.add_argument("--out", type=Path, required=True, metavar="DIR")
+    app.add_argument("--out", type=Path, required=True, metavar="DIR",
+                     help="directory for the app's pyproject.toml (give it to `flwr run`)")
     add_run_config_options(app)
     app.set_defaults(handler=run_app)
 
@@ -115,6 +118,7 @@ def run_local(args) -> int:
         raise CliError(f"--sites {args.sites}: {data} holds {len(available)} hospitals ({', '.join(available)})")
     sites = dict(sorted(available.items())[:args.sites])
     run_dir = Path(args.workdir or tempfile.mkdtemp(prefix="pmlm-deploy-")).resolve()
+    logs.default_log_file(run_dir / "logs" / logs.LOG_FILE_NAME)  # beside the SuperLink's and SuperNodes' logs
     if args.quick:
         sites = quick_slice(sites, run_dir / "data")
     print(f"pmlm deploy local: {len(sites)} sites, TLS {'on' if args.tls else 'OFF'}, workdir {run_dir}", flush=True)

@@ -32,12 +32,15 @@ def register(subparsers) -> None:
 
     ask = commands.add_parser(
         "ask", help="send one prompt; print the answer or write it to a file",
-        description="Send one prompt to the site's LLM and print the answer (or write it to --out, completely "
-                    "or not at all). Uses the response cache when --cache-dir or the config sets one.",
+        description="Send one prompt to the site's LLM and print the answer (or write it to --answer-file, "
+                    "completely or not at all). Uses the response cache when --cache-dir or the config sets one.",
     )
     ask.add_argument("prompt", help="the user message")
     ask.add_argument("--system", help="a system message sent before the prompt")
-    ask.add_argument("--out", type=Path, help="write the answer to this file instead of stdout")
+    ask.add_argument("--answer-file", type=Path, metavar="FILE",
+                     help="write the answer to this file instead of stdout")
+    # The old spelling: --out names a directory everywhere else.
+    ask.add_argument("--out", dest="answer_file", type=Path, help=argparse.SUPPRESS)
     ask.add_argument("--cache-dir", type=Path, help="response cache directory (default: none, or the config's)")
     ask.add_argument("--max-tokens", type=int, help="tokens to generate (default: the config's)")
     _add_endpoint_options(ask)
@@ -108,10 +111,10 @@ def run_ask(args) -> int:
             answer = client.chat(messages)
     except (LLMError, LLMConfigError) as exc:
         raise CliError(str(exc)) from None
-    if args.out is None:
+    if args.answer_file is None:
         print(answer.text)
     else:
-        write_atomic(args.out, answer.text + "\n")
+        write_atomic(args.answer_file, answer.text + "\n")
     source = "cache" if answer.cached else f"{answer.completion_tokens} tokens in {answer.elapsed_s:.2f} s"
     print(f"({answer.model}, {source})", file=sys.stderr)
     return 0

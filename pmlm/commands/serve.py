@@ -9,7 +9,8 @@ SITE/client.pem that `pmlm deploy certs` issues, CN=pmlm-client-SITE, or the sub
 site.json's "allowed_clients"); a certificate of another site of the same CA is answered
 PERMISSION_DENIED. --insecure-loopback drops client authentication (and TLS, without --cert/--key)
 for local tries and is refused on any address but 127.0.0.0/8, ::1 or localhost. Every call, allowed
-or denied, goes to SITE_DIR/audit/access_log.jsonl (`pmlm audit access SITE_DIR`).
+or denied, goes to SITE_DIR/audit/access_log.jsonl (`pmlm audit access SITE_DIR`); library warnings
+and errors go to SITE_DIR/audit/serve.log (and to the console with --verbose).
 Stops cleanly on SIGTERM or Ctrl-C.
 """
 
@@ -20,7 +21,12 @@ import signal
 import sys
 from pathlib import Path
 
+from pmlm import logs
 from pmlm.cli import CliError
+from pmlm.common.site_layout import ACCESS_LOG
+
+# The service's own log (library warnings, errors), beside the access log; common/site_layout.py could name it.
+SERVE_LOG = ACCESS_LOG.with_name("serve.log")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,6 +71,7 @@ def run_serve(args) -> int:
         site = SiteState(args.site)
     except (SiteConfigError, FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
+    log_path = logs.default_log_file(args.site / SERVE_LOG)
     try:
         tls = TlsFiles(args.cert, args.key, args.client_ca) if args.cert is not None else None
         server, port = start_server(site, args.address, tls, args.workers, insecure_loopback=args.insecure_loopback)
@@ -79,7 +86,7 @@ def run_serve(args) -> int:
     if args.insecure_loopback and not args.client_ca:
         mode += ", no client authentication: loopback only"
     print(f"pmlm serve: site {site.config.site_id} on {host}:{port} ({mode}); "
-          f"pmlm.v1.PromptService, pmlm.v1.AuditService", flush=True)
+          f"pmlm.v1.PromptService, pmlm.v1.AuditService" + (f"; log {log_path}" if log_path else ""), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds to the finally below
     try:
         server.wait_for_termination()
