@@ -81,7 +81,7 @@ def test_verify_passes_on_intact_ledgers_and_copies(consortium, capsys):
     assert out.count("OK    ") == 3 and "3 of 3 ledgers verified" in out
     assert "patient-in-site ε=" in out and "site ε=" in out and "pinned key" in out
     assert out.count("holds the head the coordinator anchored (entry 6)") == 2
-    assert "(PLD, enforced; RDP bound" in out and "looser, not enforced" in out
+    assert "of budget 3 at δ=1e-05 (PLD, enforced; RDP bound, looser, not enforced: " in out
 
 
 @pytest.mark.parametrize("tamper, expected", [
@@ -186,6 +186,37 @@ def test_verify_as_a_subprocess(workdir):
     assert out[0].startswith(f"OK    {intact}")
     assert out[1].startswith(f"FAIL  {tampered}") and "entry 1 (line 2): signature does not verify" in out[1]
     assert out[-1] == "1 of 2 ledgers verified"
+
+
+def test_verify_takes_a_folder_of_sites_and_says_what_a_directory_lacks(workdir, capsys, tmp_path):
+    code, out, _ = run_cli(["audit", "verify", str(workdir), "--anchors", str(workdir / "coordinator")], capsys)
+    assert code == 0 and "2 of 2 ledgers verified" in out, out
+    assert f"OK    {ledger_path(workdir)}" in out and f"OK    {ledger_path(workdir, 'hospital-b')}" in out
+    code, _, err = run_cli(["audit", "verify", str(tmp_path)], capsys)
+    assert code == 2 and f"{tmp_path} is a directory but holds no site ledger" in err
+    code, _, err = run_cli(["audit", "verify", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "no such ledger file or site directory" in err
+
+
+def test_verify_prints_only_ledger_lines_unless_verbose(tmp_path):
+    """dp-accounting's RDP accountant logs a warning per order it skips (72 lines for the demo's ledgers, through
+    absl); the console shows them only with --verbose, and --log-file keeps them."""
+    site = tmp_path / "hospital-q"
+    ledger = SiteLedger(site, "hospital-q", BudgetConfig(10.0, DELTA, BUDGET.shares), settings=FAST)
+    ledger.release("phase_a", DpSgd(3.511719, 0.5, 2, 1.0), lambda: None, round=0, population_size=40,
+                   noise_source="test")  # q = 0.5: RDP's series fails to converge at small orders
+    command = [sys.executable, "-m", "pmlm", "audit", "verify", str(site), "--trust-embedded-key"]
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    lines = (quiet.stdout + quiet.stderr).splitlines()
+    assert lines and all(line.startswith(("OK    ", "1 of 1 ledgers verified")) for line in lines), lines
+    assert not any("WARNING" in line or "absl" in line for line in lines)
+    log_file = tmp_path / "verify.log"
+    verbose = subprocess.run([*command, "--verbose", "--log-file", str(log_file)], capture_output=True, text=True,
+                             timeout=120)
+    assert verbose.returncode == 0 and "absl" in verbose.stderr and "failed to converge" in verbose.stderr
+    assert verbose.stdout == quiet.stdout
+    assert "failed to converge" in log_file.read_text()
 
 
 def test_report_html_and_json(consortium, capsys, tmp_path):

@@ -220,3 +220,21 @@ def calibrate_gaussian(
         return Composition(settings, with_rdp=False).with_added(mech).epsilon(delta).pld <= target_epsilon
 
     return smallest_noise_multiplier(fits, tolerance)
+
+
+def describe_spent(epsilon: float, budget: float | None = None, rdp: float | None = None, *,
+                   delta: float | None = None, digits: int = 4) -> str:
+    """ε as people should read it: the enforced PLD figure first, against the budget; the RDP figure only as the
+    labelled looser bound (it can lie above the budget with nothing overspent, so it is never shown bare).
+
+    >>> describe_spent(2.958, 3.0, 3.214)
+    'ε=2.958 of budget 3 (PLD, enforced; RDP bound, looser, not enforced: 3.214)'
+    """
+    text = f"ε={epsilon:.{digits}g}"
+    if budget is not None:
+        text += f" of budget {budget:g}"
+    if delta is not None:
+        text += f" at δ={delta:g}"
+    if rdp is not None and math.isfinite(rdp):
+        return text + f" (PLD, enforced; RDP bound, looser, not enforced: {rdp:.{digits}g})"
+    return text + " (PLD, enforced)"

@@ -2,12 +2,13 @@
 
   pmlm audit verify LEDGER...                 exit 0 only if every ledger verifies
   pmlm audit report LEDGER... --out DIR [--json] [--membership FILE...]
-  pmlm audit membership SITE_DIR [--data DIR] [--out FILE]   attack the site's artifacts (runs on-site)
+  pmlm audit membership SITE_DIR [--data DIR] [--out DIR]   attack the site's artifacts (runs on-site)
   pmlm audit egress SITE_DIR [--json]         what left the site, message by message (SITE_DIR/egress.jsonl)
   pmlm audit access SITE_DIR [--patient ID] [--json]   who called `pmlm serve` for which patient
 
-LEDGER is a site's ledger (SITE_DIR/ledger/privacy_ledger.jsonl, or just SITE_DIR) or a
-coordinator's copy (STATE_DIR/ledger_copies/SITE.jsonl). A site ledger is checked against what
+LEDGER is a site's ledger (SITE_DIR/ledger/privacy_ledger.jsonl, or just SITE_DIR, or a folder of
+site directories such as a run's WORKDIR/sites, or the WORKDIR, or the demo's OUT) or a coordinator's copy
+(STATE_DIR/ledger_copies/SITE.jsonl). A site ledger is checked against what
 the auditor pins, never against the key lying beside it (whoever rewrote the ledger could have
 replaced that too): --public-key SITE=FILE, --fingerprint SITE=HEX, or --anchors STATE_DIR, the
 coordinator's registry (its pinned site keys, and the head it countersigned for each site: a
@@ -42,7 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
 
     def add_common(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("ledgers", nargs="+", type=Path, metavar="LEDGER")
+        parser.add_argument("ledgers", nargs="+", type=Path, metavar="LEDGER",
+                            help="a ledger file (a site's or a coordinator's copy), a site directory, a directory "
+                                 "of site directories (WORKDIR/sites), a run's WORKDIR or the demo's OUT directory; "
+                                 "repeatable")
         parser.add_argument("--public-key", "--key", action="append", default=[], metavar="SITE=FILE",
                             help="pinned Ed25519 public key (PEM) of a site; repeatable")
         parser.add_argument("--fingerprint", action="append", default=[], metavar="SITE=HEX",
@@ -77,19 +81,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Runs at the site (it needs the site's records): attacks the phase-A model and the peer "
                     "profiles with the site's own training and held-out patients and writes aggregate figures "
                     "only (see client/membership_audit.py), for `pmlm audit report`.")
-    membership.add_argument("site_dir", type=Path, metavar="SITE_DIR")
+    membership.add_argument("site_dir", type=Path, metavar="SITE_DIR", help="the site directory (with site.json)")
     membership.add_argument("--data", type=Path, metavar="DIR", help="the site's records (default: site.json's data_dir)")
-    membership.add_argument("--out", type=Path, metavar="FILE", help="default SITE_DIR/audit/membership.json")
+    membership.add_argument("--out", type=Path, metavar="DIR",
+                            help="directory for membership.json (default: SITE_DIR/audit, where `pmlm audit report` "
+                                 "finds it); a path ending in .json names the file itself")
     membership.set_defaults(handler=run_membership)
 
     egress = commands.add_parser("egress", help="show every message the site sent (its egress log)")
-    egress.add_argument("site_dir", type=Path, metavar="SITE_DIR")
+    egress.add_argument("site_dir", type=Path, metavar="SITE_DIR", help="the site directory (with egress.jsonl)")
     egress.add_argument("--json", action="store_true",
                         help="print {site_dir, log, messages, totals, problems} as JSON instead of a table")
     egress.set_defaults(handler=run_egress)
 
     access = commands.add_parser("access", help="who called the site's services for which patient (its access log)")
-    access.add_argument("site_dir", type=Path, metavar="SITE_DIR")
+    access.add_argument("site_dir", type=Path, metavar="SITE_DIR",
+                        help="the site directory (with audit/access_log.jsonl)")
     access.add_argument("--patient", metavar="ID", help="only the calls that named this patient")
     access.add_argument("--json", action="store_true", help="print {site_dir, log, calls, problems} as JSON")
     access.set_defaults(handler=run_access)
@@ -252,7 +259,29 @@ def audit_ledger(path: Path, overrides: dict[str, Path], coordinator_key: Path |
     return AuditedLedger(path=path, kind=kind, replay=replay, problems=problems, key_note=key_note)
 
 
+def ledger_files(path: Path) -> list[Path]:
+    """The ledgers a LEDGER argument names: a file as it is; a site directory's ledger; every site's ledger in a
+    directory of sites (a run's WORKDIR/sites), a run's work directory (WORKDIR, holding sites/) or the demo's
+    out directory (OUT/work/sites)."""
+    from pmlm.common.site_layout import LEDGER_PATH
+
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CliError(f"no such ledger file or site directory: {path}")
+    if (path / LEDGER_PATH).is_file():
+        return [path / LEDGER_PATH]
+    for sites in (path, path / "sites", path / "work" / "sites"):
+        found = sorted(child / LEDGER_PATH for child in sites.glob("*") if (child / LEDGER_PATH).is_file())
+        if found:
+            return found
+    raise CliError(f"{path} is a directory but holds no site ledger (looked for {path / LEDGER_PATH}, "
+                   f"{path / '*' / LEDGER_PATH}, {path / 'sites' / '*' / LEDGER_PATH} and "
+                   f"{path / 'work' / 'sites' / '*' / LEDGER_PATH})")
+
+
 def _audit_all(args: argparse.Namespace, trust_embedded_key: bool) -> list[AuditedLedger]:
+    args.ledgers = [file for path in args.ledgers for file in ledger_files(path)]
     overrides = _key_overrides(args.public_key)
     fingerprints = _fingerprint_pins(args.fingerprint)
     anchors = _anchor_dir(args.anchors) if args.anchors is not None else None
@@ -266,10 +295,12 @@ def _describe(ledger: AuditedLedger) -> str:
     parts = [f"site {ledger.site_id}", f"{len(replay.entries)} entries ({releases} release{'s' * (releases != 1)}, "
                                          f"{refusals} refusal{'s' * (refusals != 1)})"]
     if replay.state is not None:
+        from pmlm.common.privacy.accountant import describe_spent
+
         for unit in ledger.units():
             spent = replay.state.spent(unit)
-            parts.append(f"{unit} ε={spent.pld:.4g} at δ={replay.budget.delta:g} (PLD, enforced; RDP bound "
-                         f"{spent.rdp:.4g}, looser, not enforced)")
+            parts.append(f"{unit} " + describe_spent(spent.pld, replay.budget.epsilon_total, spent.rdp,
+                                                       delta=replay.budget.delta))
     return ", ".join(parts)
 
 
@@ -314,13 +345,12 @@ def run_report(args: argparse.Namespace) -> int:
 def run_membership(args: argparse.Namespace) -> int:
     from pmlm.client.membership_audit import MembershipAuditError, audit_site, write_audit
     from pmlm.client.site_config import SiteConfigError
-    from pmlm.common.site_layout import MEMBERSHIP_JSON
 
     try:
         result = audit_site(args.site_dir, args.data)
     except (MembershipAuditError, SiteConfigError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
-    path = write_audit(result, args.out or args.site_dir / MEMBERSHIP_JSON)
+    path = write_audit(result, membership_out(args.site_dir, args.out))
     print(f"site {result['site_id']}: {result['patients']} patients; wrote {path}")
     print(f"{'artifact':<22} {'attack':<23} {'members/held out':>16} {'ε':>6} {'bound':>6} {'best (chance)':>14} "
           f"{'held out (95% CI)':>24}  verdict")
@@ -335,6 +365,16 @@ def run_membership(args: argparse.Namespace) -> int:
         if artifact["note"]:
             print(f"  note ({artifact['artifact']}): {artifact['note']}")
     return 0 if all(a["consistent"] for art in result["artifacts"] for a in art["attacks"]) else 1
+
+
+def membership_out(site_dir: Path, out: Path | None) -> Path:
+    """Where `audit membership` writes: --out is a directory, as everywhere (a path ending in .json, the old
+    meaning, still names the file); without it SITE_DIR/audit/membership.json, where `audit report` looks."""
+    from pmlm.common.site_layout import MEMBERSHIP_JSON
+
+    if out is None:
+        return site_dir / MEMBERSHIP_JSON
+    return out if out.suffix.lower() == ".json" else out / MEMBERSHIP_JSON.name
 
 
 def _membership_results(files: list[Path], ledgers: list[Path]) -> list[dict]:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from pmlm import logs
 from pmlm.cli import CliError
 
 
@@ -18,7 +19,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("demo", help="run the whole pipeline on the bundled sample consortium and write a report")
     p.add_argument("--data", type=Path, default=None, help="consortium directory (default: the bundled sample)")
-    p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.add_argument("--out", type=Path, default=Path("out/demo"), metavar="DIR",
+                   help="directory for report.html, report.json, pmlm.log and the sites' work/ directory")
     p.add_argument("--deployment", action="store_true",
                    help="run the phases on Flower's Deployment Engine (a local SuperLink and SuperNodes with TLS "
                         "and node authentication, as `pmlm deploy local` starts them) instead of in-process")
@@ -40,6 +42,8 @@ def cmd_demo(args) -> int:
     if not data.exists():
         raise CliError(f"no consortium data at {data}; generate one with `pmlm data generate --out {data}`")
     started = time.perf_counter()
+    log_path = logs.default_log_file(args.out / logs.LOG_FILE_NAME)
+    logs.tame_flower()  # the pipeline imported flwr above
     engine = "a local SuperLink and SuperNodes (TLS)" if args.deployment else "in-process"
     print(f"PMLM demo on {data}: phases A, B, C through Flower ({engine}), the embedded local LLM")
     previous = set_aside_previous(args.out / "work")
@@ -61,11 +65,22 @@ def cmd_demo(args) -> int:
     for variant, m in g.items():
         print(f"  {variant:<13} F1 {m['f1']:.3f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}")
     print("Recommender Recall@5: " + ", ".join(f"{k} {v['recall@5']:.3f}" for k, v in report["recommender"].items()))
-    eps = ", ".join(f"{s} ε={v['epsilon']:.2f}" for s, v in report["privacy"]["sites"].items())
-    print(f"Privacy spent (δ={report['privacy']['delta']:g}): {eps}")
+    print(privacy_lines(report["privacy"]))
     print(f"Site directories (for `pmlm advise --site ...`): {opts.workdir / 'sites'}")
+    if log_path is not None:
+        print(f"Log (library warnings, Flower's messages): {log_path}")
     print(f"Report: {html_path} and {json_path} ({time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def privacy_lines(privacy: dict) -> str:
+    """The enforced ε (PLD) against each site's budget; RDP only as the labelled looser bound beside it."""
+    from pmlm.common.privacy.accountant import describe_spent
+
+    lines = [f"Privacy spent per site (patient level, δ={privacy['delta']:g}, all phases):"]
+    for site, v in privacy["sites"].items():
+        lines.append(f"  {site:<13} {describe_spent(v['epsilon'], v.get('budget'), v.get('epsilon_rdp'))}")
+    return "\n".join(lines)
 
 
 def set_aside_previous(workdir: Path) -> Path | None:

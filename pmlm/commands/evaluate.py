@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from pmlm import logs
 from pmlm.cli import CliError
 from pmlm.common.atomic import write_atomic
 
@@ -13,16 +14,19 @@ from pmlm.common.atomic import write_atomic
 def add_pipeline_arguments(p) -> None:
     p.add_argument("--sites", type=int, default=3, help="sites to split into when DIR has no sub-directories")
     p.add_argument("--epsilon", type=float, default=3.0, help="patient-level epsilon per site, all phases together")
-    p.add_argument("--max-test-points", type=int, default=40)
+    p.add_argument("--max-test-points", type=int, default=40, metavar="N",
+                   help="held-out prediction points the guidance is scored on (each costs LLM calls per prompt)")
     p.add_argument("--rounds", type=int, default=3, help="phase A federated rounds")
-    p.add_argument("--phase-c-rounds", type=int, default=1)
+    p.add_argument("--phase-c-rounds", type=int, default=1, help="phase C (RL prompt policy) federated rounds")
     p.add_argument("--phase-c-rate", type=float, default=0.25,
                    help="each training patient's chance to take part in a phase C round (Poisson sampling; "
                         "2 LLM calls per patient taken; 0.25 is about 22 of a sample site's patients)")
     p.add_argument("--curve", default="", help="extra epsilons for the privacy-utility curve, e.g. 1,8")
-    p.add_argument("--profile", default="obgyn")
-    p.add_argument("--llm-base-url", default=None, help="an OpenAI-compatible endpoint instead of the embedded LLM")
-    p.add_argument("--llm-model", default=None)
+    p.add_argument("--profile", default="obgyn", help="task profile (common/profiles/NAME.json)")
+    p.add_argument("--llm-base-url", default=None, metavar="URL",
+                   help="an OpenAI-compatible endpoint instead of the embedded LLM (default: the embedded LLM)")
+    p.add_argument("--llm-model", default=None, metavar="NAME",
+                   help="model name at --llm-base-url (default: the endpoint's own)")
     p.add_argument("--no-trained-baselines", action="store_true",
                    help="skip the centralized and local-only reference models (faster)")
 
@@ -47,33 +51,56 @@ def options_from(args, data: Path, workdir: Path):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("evaluate", help="run phases A, B, C and the evaluation on a directory of records")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--workdir", type=Path, required=True, help="keeps every site's directory and the coordinator's")
-    p.add_argument("--json-out", type=Path, required=True)
-    p.add_argument("--html-out", type=Path, default=None, help="also write the HTML report here")
+    p = sub.add_parser("evaluate", help="run phases A, B, C and the evaluation on a directory of records",
+                       description="Runs phases A, B, C and the evaluation on DIR (as `pmlm demo` does on the "
+                                   "bundled sample) and writes the report. Give --out DIR (report.json, report.html, "
+                                   "pmlm.log and work/ inside it), or --workdir and --json-out.")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR",
+                   help="FHIR bundles or event tables: one sub-directory per site, or one directory split into "
+                        "--sites sites")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="directory for report.json, report.html, pmlm.log and (without --workdir) work/")
+    p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
+                   help="keeps every site's directory and the coordinator's (default: OUT/work)")
+    p.add_argument("--json-out", type=Path, default=None, metavar="FILE",
+                   help="write the JSON report here (default: OUT/report.json)")
+    p.add_argument("--html-out", type=Path, default=None, metavar="FILE",
+                   help="write the HTML report here (default: OUT/report.html; none without --out)")
     add_pipeline_arguments(p)
     p.set_defaults(handler=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> int:
     from pmlm.client.llm import LLMError
+    from pmlm.commands.demo import privacy_lines
     from pmlm.pipeline import PipelineError, run_pipeline
     from pmlm.reports.demo import render_html
 
+    logs.tame_flower()  # the pipeline imported flwr
+
     if not args.data.exists():
         raise CliError(f"no such data directory: {args.data}")
-    opts = options_from(args, args.data, args.workdir)
+    workdir = args.workdir or (args.out / "work" if args.out else None)
+    json_out = args.json_out or (args.out / "report.json" if args.out else None)
+    html_out = args.html_out or (args.out / "report.html" if args.out else None)
+    if workdir is None or json_out is None:
+        raise CliError("say where the results go: --out DIR (or --workdir DIR and --json-out FILE)")
+    log_path = logs.default_log_file((args.out or workdir) / logs.LOG_FILE_NAME)
+    opts = options_from(args, args.data, workdir)
     try:
         report = run_pipeline(opts)
     except LLMError as exc:
         raise CliError(f"the LLM could not answer: {exc}") from None
     except PipelineError as exc:
         raise CliError(str(exc)) from None
-    write_atomic(args.json_out, json.dumps(report, indent=1, default=float))
-    if args.html_out:
-        write_atomic(args.html_out, render_html(report))
+    write_atomic(json_out, json.dumps(report, indent=1, default=float))
+    if html_out:
+        write_atomic(html_out, render_html(report))
     g = report["guidance"]
     print(f"guidance F1: general {g['general']['f1']:.3f}, self+peer {g['self_peer']['f1']:.3f}, "
-          f"PMLM {g['pmlm']['f1']:.3f}, oracle {g['oracle']['f1']:.3f}; report: {args.json_out}")
+          f"PMLM {g['pmlm']['f1']:.3f}, oracle {g['oracle']['f1']:.3f}; report: {json_out}"
+          + (f" and {html_out}" if html_out else ""))
+    print(privacy_lines(report["privacy"]))
+    if log_path is not None:
+        print(f"log: {log_path}")
     return 0

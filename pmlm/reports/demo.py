@@ -83,6 +83,17 @@ pre{white-space:pre-wrap;background:#f6f6f6;padding:8px;font-size:12px}.note{col
 details{margin:6px 0}"""
 
 
+def _budget(sites: dict) -> float | None:
+    budgets = {v.get("budget") for v in sites.values()}
+    return budgets.pop() if len(budgets) == 1 and isinstance(next(iter(budgets)), (int, float)) else None
+
+
+def _budget_title(sites: dict) -> str:
+    budget = _budget(sites)
+    return ("ε spent per site (PLD, enforced)" if budget is None
+            else f"ε spent per site (PLD, enforced); a full bar is the budget, ε = {budget:g}")
+
+
 def render_html(report: dict) -> str:
     g, r, p = report["guidance"], report["recommender"], report["privacy"]
     d, rt = report["data"], report["runtime_s"]
@@ -108,13 +119,16 @@ def render_html(report: dict) -> str:
              bar_chart({k: v["recall@5"] for k, v in r.items()}, "Recall@5"),
              "<h2>Privacy</h2>",
              f"<p>Patient-level (ε, δ) per site at δ = {p['delta']:g}, composed over every release with the PLD "
-             "accountant: the figure the budget is enforced on. The RDP figure is a second, looser bound on the "
-             "same releases (it can exceed the budget without any overspending; it is not enforced). Every release "
-             "is in the site's signed, hash-chained ledger (<code>pmlm audit verify</code>).</p>",
-             table({s: {"ε (PLD, enforced)": v["epsilon"], "RDP bound (looser, not enforced)": v["epsilon_rdp"],
-                        "budget": v["budget"], "releases": v["releases"]} for s, v in p["sites"].items()},
-                   ["ε (PLD, enforced)", "RDP bound (looser, not enforced)", "budget", "releases"]),
-             bar_chart({s: v["epsilon"] for s, v in p["sites"].items()}, "ε spent per site"),
+             "accountant: the figure the budget is enforced on, and the one to read. The RDP figure is a second, "
+             "looser bound on the same releases (it can exceed the budget without any overspending; it is not "
+             "enforced). Every release is in the site's signed, hash-chained ledger "
+             "(<code>pmlm audit verify</code>).</p>",
+             table({s: {"ε (PLD, enforced)": v["epsilon"], "budget": v["budget"],
+                        "RDP bound (looser, not enforced)": v["epsilon_rdp"], "releases": v["releases"]}
+                    for s, v in p["sites"].items()},
+                   ["ε (PLD, enforced)", "budget", "RDP bound (looser, not enforced)", "releases"]),
+             bar_chart({s: v["epsilon"] for s, v in p["sites"].items()}, _budget_title(p["sites"]),
+                       max_value=_budget(p["sites"])),
              "<h2>Privacy–utility</h2>",
              line_chart([(c["epsilon"], c["f1"]) for c in curve], "PMLM guidance F1 against ε per site",
                         "ε per site", "F1"),
