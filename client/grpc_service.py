@@ -51,7 +51,7 @@ from pmlm.common.assemble.render import PromptParams
 from pmlm.common.privacy.ledger import verify_ledger
 from pmlm.common.privacy.signing import KeyFileError, key_fingerprint, load_public_key, public_path
 from pmlm.common.profiles import load_profile
-from pmlm.common.site_layout import LEDGER_PATH, PEER_PROFILES, POLICY, SITE_KEY_PATH, current_manifest
+from pmlm.common.site_layout import LEDGER_PATH, PEER_PROFILES, POLICY, SITE_KEY_PATH, SITE_POLICY, current_manifest
 from pmlm.v1 import audit_service_pb2 as audit_pb
 from pmlm.v1 import prompt_service_pb2 as prompt_pb
 
@@ -125,7 +125,8 @@ class SiteState:
 
     def assembler(self) -> PromptAssembler:
         """The site's artifacts, reloaded when a new run stored new ones."""
-        stamp = tuple(_mtime(self.site_dir / p) for p in (current_manifest("phase_a"), *PHASE_ARTIFACTS.values()))
+        stamp = tuple(_mtime(self.site_dir / p)
+                      for p in (current_manifest("phase_a"), *PHASE_ARTIFACTS.values(), SITE_POLICY))
         with self._lock:
             if self._assembler is None or self._assembler[0] != stamp:
                 self._assembler = (stamp, PromptAssembler(SiteArtifacts.load(self.site_dir, self.profile)))
@@ -177,7 +178,7 @@ class PromptServicer:
             facts=[prompt_pb.Fact(text=fact, source=source) for fact, source in prompt.sources],
             approx_tokens=prompt.approx_tokens, visit=self.site.profile.name_of(patient.example.point),
             used_global_model=assembler.a.model is not None, missing=assembled.missing,
-            refined_by_policy=params is None and assembler.a.policy is not None)
+            refined_by_policy=assembled.policy is not None, policy=assembled.policy or "")
 
     def AssemblePrompt(self, request, context):
         return self._assemble(request)

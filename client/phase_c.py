@@ -15,6 +15,7 @@ import contextlib
 import json
 import random
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -67,23 +68,25 @@ def _by_patient(examples: list[Example]) -> dict[str, list[Example]]:
     return by_patient
 
 
-def _points(assembler: PromptAssembler, chosen: list[Example]) -> list[Point]:
+def points_for(assembler: PromptAssembler, chosen: list[Example], timelines: Mapping | None = None) -> list[Point]:
+    """`timelines` (patient id -> Timeline): her record's note too, as `pmlm advise` shows it; else none."""
     points = []
     for ex in chosen:
-        ctx, state = assembler.context(ex, None)
+        ctx, state = assembler.context(ex, timelines.get(ex.patient_id) if timelines else None)
         if state is not None:
             points.append(Point(ex, ctx, state))
     return points
 
 
-def training_points(assembler: PromptAssembler, examples: list[Example], n: int, seed: int) -> list[Point]:
+def training_points(assembler: PromptAssembler, examples: list[Example], n: int, seed: int,
+                    timelines: Mapping | None = None) -> list[Point]:
     """A seeded sample of n training prediction points (at most one per patient), with contexts and states:
     for on-site refinement and benchmarks, whose results never leave the site (it depends on every patient)."""
     by_patient = _by_patient(examples)
     rng = random.Random(seed)
     chosen = [rng.choice(by_patient[p]) for p in sorted(by_patient)]
     rng.shuffle(chosen)
-    return _points(assembler, chosen[:n])
+    return points_for(assembler, chosen[:n], timelines)
 
 
 def sampled_points(assembler: PromptAssembler, examples: list[Example], key: bytes, rate: float, run_id: str,
@@ -94,7 +97,7 @@ def sampled_points(assembler: PromptAssembler, examples: list[Example], key: byt
     for patient, exs in sorted(_by_patient(examples).items()):
         if takes_part(key, rate, run_id, round, patient):
             chosen.append(exs[keyed_seed(key, "point", run_id, round, patient) % len(exs)])
-    return _points(assembler, chosen)
+    return points_for(assembler, chosen)
 
 
 class SitePhaseC:

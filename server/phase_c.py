@@ -12,7 +12,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from pmlm.common.assemble.policy import PromptPolicy, initial_bias
+from pmlm.common.assemble.policy import PromptPolicy, apply_update, initial_bias
 from pmlm.common.assemble.render import INITIAL
 from pmlm.common.phase_c import PHASE, QUERY_ROUND, QUERY_STORE, VECTOR_TASK, PhaseCConfig, policy_arrays
 from pmlm.server.roster import SiteRoster
@@ -65,10 +65,3 @@ def noise_limited_lr(lr: float, scale: float, noise_stds: list[float], max_step_
     noise = float(np.linalg.norm(noise_stds))  # independent Gaussian noises add in variance
     return lr if noise == 0 else min(lr, max_step_noise * scale / noise)
 
-
-def apply_update(policy: PromptPolicy, total_gradient: np.ndarray, lr: float, scale: float) -> None:
-    """Server side of a FedSGD step: move the global policy against the (summed, noisy) gradient."""
-    with torch.no_grad():
-        vec = torch.nn.utils.parameters_to_vector(policy.parameters())
-        vec -= lr * torch.as_tensor(total_gradient, dtype=vec.dtype) / scale
-        torch.nn.utils.vector_to_parameters(vec, policy.parameters())

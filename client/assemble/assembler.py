@@ -6,6 +6,7 @@ when one is missing the prompt goes without that section and `missing` says so p
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,24 +26,42 @@ from pmlm.common.atomic import write_atomic
 from pmlm.common.peer_profiles import PeerProfiles, peer_facts
 from pmlm.common.profiles import TaskProfile, load_profile
 from pmlm.common.schema import Timeline
-from pmlm.common.site_layout import PEER_PROFILES, POLICY
+from pmlm.common.site_layout import PEER_PROFILES, POLICY, SITE_POLICY
 
 
-def save_policy(policy: PromptPolicy, site_dir: Path, meta: dict) -> Path:
+def save_policy(policy: PromptPolicy, site_dir: Path, meta: dict, relative: Path = POLICY) -> Path:
+    """Keep a prompt policy in the site directory: the consortium's at POLICY, the site-refined one at SITE_POLICY."""
     buffer = io.BytesIO()
     torch.save({"state_dict": policy.state_dict(), "embedding_dim": policy.embedding_dim, "meta": meta}, buffer)
-    return write_atomic(Path(site_dir) / POLICY, buffer.getvalue())
+    return write_atomic(Path(site_dir) / relative, buffer.getvalue())
 
 
-def load_policy(site_dir: Path) -> PromptPolicy | None:
-    path = Path(site_dir) / POLICY
+def read_policy(site_dir: Path, relative: Path = POLICY) -> tuple[PromptPolicy, dict] | None:
+    """(policy, its meta) stored at SITE_DIR/relative, or None when there is none."""
+    path = Path(site_dir) / relative
     if not path.exists():
         return None
     blob = torch.load(path, weights_only=True)
     policy = PromptPolicy(int(blob["embedding_dim"]))
     policy.load_state_dict(blob["state_dict"])
     policy.eval()
-    return policy
+    return policy, dict(blob.get("meta") or {})
+
+
+def load_policy(site_dir: Path) -> PromptPolicy | None:
+    """The consortium's (phase C's) policy stored at the site."""
+    stored = read_policy(site_dir)
+    return stored[0] if stored else None
+
+
+def policy_file_digest(site_dir: Path) -> str | None:
+    """SHA-256 of the stored consortium policy: a site-refined policy names the one it started from."""
+    path = Path(site_dir) / POLICY
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+CONSORTIUM = "consortium"  # which policy chose her prompt: phase C's DP policy, shared by every site
+SITE_REFINED = "site-refined"  # ... or the site's own refinement of it (client/refine.py), used only here
 
 
 @dataclass
@@ -51,8 +70,11 @@ class SiteArtifacts:
     model: object | None = None
     encoder: object | None = None
     peers: PeerProfiles | None = None
-    policy: PromptPolicy | None = None
+    policy: PromptPolicy | None = None  # the policy the site uses: its refined one when it has one, else the consortium's
     missing: list[str] = field(default_factory=list)
+    consortium_policy: PromptPolicy | None = None
+    policy_source: str | None = None  # SITE_REFINED, CONSORTIUM, or None (the initial prompt)
+    policy_meta: dict = field(default_factory=dict)  # the used policy's stored meta (a refined one's validation figures)
 
     @classmethod
     def load(cls, site_dir: Path, profile: TaskProfile) -> "SiteArtifacts":
@@ -69,15 +91,36 @@ class SiteArtifacts:
         else:
             out.missing.append("no peer profiles at this site yet (phase B not run): the peer section is left out")
         try:
-            out.policy = load_policy(site_dir)
+            stored = read_policy(site_dir)
         except (RuntimeError, KeyError) as exc:  # trained for another version of the prompt parameters
             out.missing.append(f"the stored policy does not fit this version's prompt parameters ({str(exc)[:80]}); "
                                "using the initial personalised prompt")
-        else:
-            if out.policy is None:
-                out.missing.append("no refined-prompt policy yet (phase C not run): using the initial personalised "
-                                   "prompt")
+            return out
+        if stored is None:
+            out.missing.append("no refined-prompt policy yet (phase C not run): using the initial personalised "
+                               "prompt")
+            return out
+        out.consortium_policy = out.policy = stored[0]
+        out.policy_source, out.policy_meta = CONSORTIUM, stored[1]
+        out._use_site_refined(Path(site_dir))
         return out
+
+    def _use_site_refined(self, site_dir: Path) -> None:
+        """The site's own refinement of the consortium policy, if it has one made from the current consortium policy."""
+        try:
+            refined = read_policy(site_dir, SITE_POLICY)
+        except (RuntimeError, KeyError) as exc:
+            self.missing.append(f"the site-refined policy does not fit this version's prompt parameters "
+                                f"({str(exc)[:80]}); using the consortium policy")
+            return
+        if refined is None:
+            return
+        policy, meta = refined
+        if meta.get("consortium_sha256") != policy_file_digest(site_dir):
+            self.missing.append("the site-refined policy was refined from an earlier consortium policy: using the "
+                                "consortium policy until the site refines the new one")
+            return
+        self.policy, self.policy_source, self.policy_meta = policy, SITE_REFINED, meta
 
 
 @dataclass
@@ -85,6 +128,7 @@ class Assembled:
     prompt: Prompt
     state: PolicyState | None
     missing: list[str]
+    policy: str | None = None  # which policy chose the prompt: SITE_REFINED, CONSORTIUM; None: given or initial params
 
 
 class PromptAssembler:
@@ -125,16 +169,20 @@ class PromptAssembler:
                             peer_facts=facts, with_oracle=with_oracle)
         return ctx, state
 
-    def refined_params(self, state: PolicyState | None) -> PromptParams:
-        if self.a.policy is None or state is None:
+    def refined_params(self, state: PolicyState | None, consortium: bool = False) -> PromptParams:
+        """Her prompt's options as the site's policy picks them (its refined one when it has one), or with
+        ``consortium`` as the consortium's policy picks them."""
+        policy = self.a.consortium_policy if consortium else self.a.policy
+        if policy is None or state is None:
             return INITIAL
-        return self.a.policy.best(state)
+        return policy.best(state)
 
     def assemble(self, example: Example, timeline: Timeline | None, question: str | None = None,
                  params: PromptParams | None = None) -> Assembled:
         ctx, state = self.context(example, timeline)
         chosen = params or self.refined_params(state)
-        return Assembled(render(ctx, chosen, question), state, list(self.a.missing))
+        by = self.a.policy_source if params is None and state is not None else None
+        return Assembled(render(ctx, chosen, question), state, list(self.a.missing), by)
 
 
 def find_patient(config: SiteConfig, patient_id: str, profile: TaskProfile) -> tuple[Timeline, Example]:

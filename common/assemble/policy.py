@@ -115,3 +115,12 @@ def initial_bias(policy: PromptPolicy, params: PromptParams, strength: float = 2
         for name, head in policy.heads.items():
             head.bias.zero_()
             head.bias[params.as_indices()[name]] = strength
+
+
+def apply_update(policy: PromptPolicy, total_gradient: np.ndarray, lr: float, scale: float) -> None:
+    """One gradient step: move the policy against a summed gradient divided by `scale`. The coordinator's FedSGD
+    step on the sites' noisy sum (server/phase_c.py), and a site's own step when it refines the policy locally."""
+    with torch.no_grad():
+        vec = torch.nn.utils.parameters_to_vector(policy.parameters())
+        vec -= lr * torch.as_tensor(total_gradient, dtype=vec.dtype) / scale
+        torch.nn.utils.vector_to_parameters(vec, policy.parameters())

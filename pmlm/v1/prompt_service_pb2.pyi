@@ -59,7 +59,7 @@ class Fact(_message.Message):
     def __init__(self, text: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class AssemblePromptResponse(_message.Message):
-    __slots__ = ("messages", "facts", "approx_tokens", "visit", "used_global_model", "missing", "refined_by_policy")
+    __slots__ = ("messages", "facts", "approx_tokens", "visit", "used_global_model", "missing", "refined_by_policy", "policy")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
     APPROX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class AssemblePromptResponse(_message.Message):
     USED_GLOBAL_MODEL_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
     REFINED_BY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     facts: _containers.RepeatedCompositeFieldContainer[Fact]
     approx_tokens: int
@@ -74,7 +75,8 @@ class AssemblePromptResponse(_message.Message):
     used_global_model: bool
     missing: _containers.RepeatedScalarFieldContainer[str]
     refined_by_policy: bool
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., facts: _Optional[_Iterable[_Union[Fact, _Mapping]]] = ..., approx_tokens: _Optional[int] = ..., visit: _Optional[str] = ..., used_global_model: _Optional[bool] = ..., missing: _Optional[_Iterable[str]] = ..., refined_by_policy: _Optional[bool] = ...) -> None: ...
+    policy: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., facts: _Optional[_Iterable[_Union[Fact, _Mapping]]] = ..., approx_tokens: _Optional[int] = ..., visit: _Optional[str] = ..., used_global_model: _Optional[bool] = ..., missing: _Optional[_Iterable[str]] = ..., refined_by_policy: _Optional[bool] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class AdviseRequest(_message.Message):
     __slots__ = ("patient_id", "question", "params")
