@@ -91,6 +91,10 @@ def test_inspect_pregnant_lists_women_pregnant_at_their_last_visit(tmp_path, cap
     rows = [*pregnant_woman_rows("pregnant", born, start), visit("pregnant", 70), visit("pregnant", 126),
             *pregnant_woman_rows("delivered", born, start), visit("delivered", 70),
             visit("delivered", 300, ("169762003", "Postnatal visit")),
+            # the record keeps her pregnancy open after a termination, as the generator's records can
+            *pregnant_woman_rows("terminated", born, start), visit("terminated", 70),
+            ["terminated", (start + timedelta(days=80)).isoformat(), "procedure", SNOMED, "714812005",
+             "Termination of pregnancy", "", "", "", ""], visit("terminated", 120),
             ["never", born.isoformat(), "patient", "", "female", "", "", "", "", ""], visit("never", 70)]
     write_events_csv(tmp_path / "clinic", rows)
     assert main(["data", "inspect", str(tmp_path), "--pregnant"]) == 0
@@ -98,7 +102,7 @@ def test_inspect_pregnant_lists_women_pregnant_at_their_last_visit(tmp_path, cap
     listed = [line.split() for line in out.splitlines() if line.startswith("clinic ")]
     assert [row[:3] for row in listed] == [["clinic", "pregnant", "20"]]  # week 18 after conception + 2
     assert "pmlm advise --site out/demo/work/sites/clinic --patient pregnant" in out
-    write_events_csv(tmp_path / "clinic", rows[:2] + rows[4:])  # nobody pregnant at her last visit
+    write_events_csv(tmp_path / "clinic", rows[4:])  # nobody pregnant at her last visit
     assert main(["data", "inspect", str(tmp_path), "--pregnant"]) == 1
     assert "no patient is pregnant" in capsys.readouterr().out
 
@@ -108,6 +112,7 @@ def test_inspect_pregnant_on_the_sample(capsys):
     advise uses (her last prediction point), checked here against her pregnancy episodes directly."""
     from pmlm.client.examples import pregnancies
     from pmlm.client.ingest import RecordReader
+    from pmlm.commands.data import PREGNANCY_ENDS
     from pmlm.common.profiles import load_profile
 
     site = Path(__file__).resolve().parents[1] / "data" / "sample" / "hospital_a"
@@ -120,7 +125,9 @@ def test_inspect_pregnant_on_the_sample(capsys):
         if timeline.patient_id in listed:
             last = max(e.time for e in timeline.events
                        if e.kind == "encounter" and e.concept in profile.prediction_points)
-            assert any(p.start <= last and (p.end is None or last <= p.end) for p in pregnancies(timeline, profile))
+            episode = next(p for p in pregnancies(timeline, profile)
+                           if p.start <= last and (p.end is None or last <= p.end))
+            assert not [e for e in timeline.events if episode.start <= e.time <= last and e.concept in PREGNANCY_ENDS]
             assert listed[timeline.patient_id] > 0
     assert "--patient " in out.splitlines()[-1] and out.splitlines()[-1].split()[-1] in listed
 
