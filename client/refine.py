@@ -43,6 +43,7 @@ from pmlm.client.assemble.assembler import (
 )
 from pmlm.client.examples import Example, build_examples
 from pmlm.client.ingest import RecordReader
+from pmlm.client.llm import open_llm, site_llm_config
 from pmlm.client.llm.cache import cache_key
 from pmlm.client.phase_c import points_for, training_points
 from pmlm.client.reward import matcher_for, score_answer
@@ -62,7 +63,8 @@ class RefineConfig:
     candidates: int = 8  # prompts the reward model ranks per point once it screens
     calls_every: int = RLConfig.calls_every  # after the warm-up, one point in this many costs LLM calls
     explore_temperature: float = 1.0
-    lr: float = 5.0  # bench/rl.py's noise-free local RL step
+    lr: float = 5.0  # bench/rl.py's noise-free local RL step ...
+    reward_scale: float = 10.0  # ... on advantages scaled as phase C scales them (common/phase_c.py)
     trains: str = "all"  # nothing is released: every weight may move
     max_rounds: int = 40
     val_points: int = 24  # validation points scored per policy (several per patient where patients are few)
@@ -80,7 +82,8 @@ class RefineConfig:
 
     def rl_config(self) -> RLConfig:
         return RLConfig(episodes_per_round=self.points_per_round, prompts_per_point=self.prompts_per_point,
-                        explore_temperature=self.explore_temperature, candidates=self.candidates,
+                        explore_temperature=self.explore_temperature, reward_scale=self.reward_scale,
+                        candidates=self.candidates,
                         use_reward_model=True, warmup_episodes=self.points_per_round * self.prompts_per_point,
                         calls_every=self.calls_every, trains=self.trains, sampling=self.sampling())
 
@@ -101,6 +104,7 @@ class RefineResult:
     llm_calls: int = 0  # of them, the ones that reached the LLM this time (the rest the site's cache answered)
     validation: dict = field(default_factory=dict)  # "consortium" / "refined": mean f1, reward, points
     changes: dict = field(default_factory=dict)  # refined prompt's most frequent changes from the consortium's
+    consortium_sha256: str | None = None  # the consortium policy this decision was about
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -177,8 +181,6 @@ def refine_site_policy(site_dir: Path, llm=None, *, examples: list[Example] | No
     None reads them from the site's data directory. Writes only under SITE_DIR/on_site/."""
     site_dir = Path(site_dir)
     if llm is None:
-        from pmlm.client.llm import open_llm, site_llm_config
-
         site = SiteConfig.load(site_dir)
         with open_llm(site_llm_config(site_dir, site.llm)) as opened:
             return refine_site_policy(site_dir, opened, examples=examples, timelines=timelines, config=config,
@@ -260,8 +262,9 @@ def _record(site_dir: Path, result: RefineResult, policy, started: float,
     """Keep the decision at the site: the refined policy (or none: a refined policy kept earlier goes, so the
     consortium policy is what the site uses) and the decision record with its figures. Nothing is sent."""
     result.seconds = round(time.perf_counter() - started, 1)
+    result.consortium_sha256 = policy_file_digest(site_dir)
     if policy is not None:
-        meta = {"source": SITE_REFINED, "consortium_sha256": policy_file_digest(site_dir),
+        meta = {"source": SITE_REFINED, "consortium_sha256": result.consortium_sha256,
                 "validation": result.validation, "calls": result.calls, "rounds": result.rounds,
                 "config": asdict(config), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         save_policy(policy, site_dir, meta, SITE_POLICY)
