@@ -392,6 +392,8 @@ def _artifacts(site_dir: Path) -> list[prompt_pb.Artifact]:
     for phase, relative in PHASE_ARTIFACTS.items():
         if (site_dir / relative).is_file():
             found.append(prompt_pb.Artifact(phase=phase, path=str(relative)))
+    if (site_dir / SITE_POLICY).is_file():  # the site's own refinement of the phase C policy (client/refine.py)
+        found.append(prompt_pb.Artifact(phase="on_site", path=str(SITE_POLICY)))
     return found
 
 

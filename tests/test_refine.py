@@ -247,7 +247,9 @@ def test_advise_and_serve_use_the_refined_policy_when_present(site, endpoint, ca
     state = SiteState(site["site"])
     try:
         reply = PromptServicer(state)._assemble(prompt_pb.AssemblePromptRequest(patient_id=patient))
+        status = PromptServicer(state).GetSiteStatus(prompt_pb.GetSiteStatusRequest(), None)
     finally:
         state.close()
     assert reply.policy == SITE_REFINED and reply.refined_by_policy
     assert LISTING_FORMAT in "\n".join(m.content for m in reply.messages)
+    assert ("on_site", str(SITE_POLICY)) in [(a.phase, a.path) for a in status.artifacts]
