@@ -11,6 +11,8 @@ What leaves the site: in phase A the DP-trained weights (ArrayRecord) and public
 weight of 1, the public step count, the cumulative epsilon and noise multiplier); in phases B and C one noisy
 array per release and the ledger entry that paid for it (masked under SecAgg+; plain releases only where the
 site's policy allows them). Nothing per patient, no exact count (the README's threat model lists every field).
+Once phase A's model is final, `store_model` also adapts it to the site's own records (client/adapt.py): a
+site-only artifact, never sent, no ledger entry; the reply stays the constant acknowledgement.
 Every reply of every handler is first recorded in the site's egress log (client/egress.py).
 
 The site's own policy (client/site_policy.py) decides what it answers: a request outside it raises
@@ -28,6 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from pmlm.client.adapt import adapt_after_phase_a
 from pmlm.client.egress import record_egress
 from pmlm.client.phase_a import SitePhaseA
 from pmlm.client.phase_b import SitePhaseB, store_peer_profiles
@@ -46,6 +49,7 @@ from pmlm.common.privacy.ledger import SiteLedger
 from pmlm.common.run_config import run_config_of
 
 PLAN_RECORD = "phase-a-plan"
+ADAPT_KEY = "adapt-recommender"  # node config (the site operator's): "false" keeps the consortium model as it is
 _SITES: dict[tuple[str, str], SitePhaseA] = {}  # per node process: (site dir, run) -> loaded site
 _B: dict[tuple[str, str], SitePhaseB] = {}
 _C: dict[tuple[str, str], SitePhaseC] = {}
@@ -148,10 +152,15 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("store_model")
 @policy_guard("phase_a")
 def store_model(msg: Message, context: Context) -> Message:
-    """Keep the final global model at the site, next to the ledger entry that released it."""
+    """Keep the final global model at the site, next to the ledger entry that released it, then adapt it to the
+    site's own records for its own prompts (client/adapt.py: site-only, never sent, no ledger entry). The reply is
+    the same constant acknowledgement whatever the adaptation did; the node config's adapt-recommender=false skips it."""
     config = msg.content["config"]
     cfg = PhaseAConfig.from_record(config)
-    site_for(context, cfg).store_global(_weights(msg), int(config["server-round"]), cfg.run_name)
+    site = site_for(context, cfg)
+    site.store_global(_weights(msg), int(config["server-round"]), cfg.run_name)
+    if str(context.node_config.get(ADAPT_KEY, "true")).lower() not in ("false", "0", "no"):
+        adapt_after_phase_a(site.site_dir, site.examples)
     return Message(content=RecordDict({"metrics": MetricRecord({"stored": 1.0})}), reply_to=msg)
 
 

@@ -196,10 +196,14 @@ def load_global_model(site_dir: Path) -> tuple[NextEventRecommender, FeatureEnco
     site_dir = Path(site_dir)
     current = json.loads((site_dir / current_manifest(PHASE)).read_text())
     folder = site_dir / current["path"]
-    manifest = json.loads((folder / "manifest.json").read_text())
-    blob = (folder / "model.pt").read_bytes()
+    return load_model_file(folder / "model.pt", json.loads((folder / "manifest.json").read_text()))
+
+
+def load_model_file(path: Path, manifest: dict[str, Any]) -> tuple[NextEventRecommender, FeatureEncoder, dict[str, Any]]:
+    """A stored recommender checked against its manifest's sha256, built from the manifest's config and profile."""
+    blob = Path(path).read_bytes()
     if hashlib.sha256(blob).hexdigest() != manifest["model_sha256"]:
-        raise ValueError(f"{folder / 'model.pt'} does not match its manifest's sha256")
+        raise ValueError(f"{path} does not match its manifest's sha256")
     model = NextEventRecommender(RecommenderConfig.from_dict(manifest["model_config"]))
     model.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
     model.eval()

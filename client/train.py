@@ -24,6 +24,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -87,8 +88,12 @@ def patient_loss(model, history, point, targets, mask) -> torch.Tensor:
 
 
 def train_local(model: NextEventRecommender, dataset: PatientDataset, settings: TrainSettings,
-                opacus_history: list | None = None) -> TrainReport:
-    """Train `model` in place for `settings.epochs` local epochs; DP-SGD when a noise multiplier is given."""
+                opacus_history: list | None = None,
+                after_epoch: Callable[[int], None] | None = None) -> TrainReport:
+    """Train `model` in place for `settings.epochs` local epochs; DP-SGD when a noise multiplier is given.
+
+    `after_epoch(epoch)` (1-based) is called after each epoch with `model` in logit units (on-site fine-tuning
+    scores and keeps each epoch's weights there; its optimizer runs on across epochs)."""
     torch.manual_seed(settings.seed)
     private = settings.noise_multiplier is not None
     with scaled_concept_tables(model, DP_CONCEPT_SCALE if private else 1.0):
@@ -109,7 +114,7 @@ def train_local(model: NextEventRecommender, dataset: PatientDataset, settings: 
             engine, net, optimizer, loader = make_private(model, optimizer, loader, settings, opacus_history)
         net.train()
         losses, steps, start = [], 0, time.perf_counter()
-        for _ in range(settings.epochs):
+        for epoch in range(settings.epochs):
             for history, point, targets, mask in loader:
                 optimizer.zero_grad(set_to_none=True)
                 loss = patient_loss(net, history, point, targets, mask)
@@ -118,6 +123,9 @@ def train_local(model: NextEventRecommender, dataset: PatientDataset, settings: 
                 steps += 1
                 if history.shape[0]:
                     losses.append(loss.item())
+            if after_epoch is not None:
+                with logit_units(model):
+                    after_epoch(epoch + 1)
         seconds = time.perf_counter() - start
         if private:
             net.cleanup()  # unhook `model` so the next round can wrap it again
@@ -128,6 +136,28 @@ def train_local(model: NextEventRecommender, dataset: PatientDataset, settings: 
         clipping_norm=settings.clipping_norm if private else None,
         opacus_history=[list(h) for h in engine.accountant.history] if engine else [],
     )
+
+
+@contextmanager
+def logit_units(model: NextEventRecommender):
+    """Inside, the model's per-concept tables are in logit units (as stored and served), whatever training's
+    parametrisation; training resumes where it was."""
+    scale = model.concept_scale
+    if scale == 1.0:
+        yield
+        return
+    tables = (model.popularity.weight, model.recurrence.weight)
+    with torch.no_grad():
+        for weight in tables:
+            weight.mul_(scale)
+    model.concept_scale = 1.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for weight in tables:
+                weight.div_(scale)
+        model.concept_scale = scale
 
 
 @contextmanager
@@ -183,17 +213,26 @@ def predict(model: NextEventRecommender, examples: list[Example], encoder: Featu
     return np.concatenate(out) if out else np.zeros((0, encoder.n_concepts), dtype=np.float32)
 
 
-def ranking_metrics(probs: np.ndarray, examples: list[Example], encoder: FeatureEncoder, k: int = 5) -> dict:
-    """Recall@k, NDCG@k, micro-AUROC over all concepts, and micro-AUROC over the profile's risk concepts."""
+def point_scores(probs: np.ndarray, examples: list[Example], encoder: FeatureEncoder,
+                 k: int = 5) -> tuple[np.ndarray, np.ndarray, list[Example]]:
+    """Recall@k and NDCG@k of each example with targets (the points every ranking figure averages), and those
+    examples (their patient ids are what a bootstrap over patients resamples)."""
     concepts = [c.id for c in encoder.profile.concepts]
-    labels = np.stack([encoder.targets(e) for e in examples]) if examples else np.zeros_like(probs)
-    top = np.argsort(-probs, axis=1)[:, :k]
-    recalls, ndcgs = [], []
+    top = np.argsort(-probs, axis=1)[:, :k] if len(examples) else np.zeros((0, k), dtype=int)
+    recalls, ndcgs, scored = [], [], []
     for row, ex in zip(top, examples):
         if ex.targets:
             ranked = [concepts[j] for j in row]
             recalls.append(recall_at_k(ranked, ex.targets, k))
             ndcgs.append(ndcg_at_k(ranked, ex.targets, k))
+            scored.append(ex)
+    return np.asarray(recalls, dtype=float), np.asarray(ndcgs, dtype=float), scored
+
+
+def ranking_metrics(probs: np.ndarray, examples: list[Example], encoder: FeatureEncoder, k: int = 5) -> dict:
+    """Recall@k, NDCG@k, micro-AUROC over all concepts, and micro-AUROC over the profile's risk concepts."""
+    labels = np.stack([encoder.targets(e) for e in examples]) if examples else np.zeros_like(probs)
+    recalls, ndcgs, _ = point_scores(probs, examples, encoder, k)
     risk_cols = [encoder.profile.index[c] for c in encoder.profile.risk_ids if c in encoder.profile.index]
     return {
         f"recall@{k}": mean_ignoring_nan(recalls),

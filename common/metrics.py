@@ -53,3 +53,31 @@ def mean_ignoring_nan(values: Iterable[float]) -> float:
     arr = np.array([v for v in values], dtype=float)
     arr = arr[~np.isnan(arr)]
     return float(arr.mean()) if arr.size else float("nan")
+
+
+def patient_bootstrap(values: np.ndarray, patients: Sequence, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """Bootstrap replicates (resamples, m) of the mean over points of each column of `values` (points, m),
+    resampling patients: all of a patient's points go in or out together, so a patient with many prediction
+    points counts as one independent draw, and each replicate is point-weighted as the figure itself is.
+    Columns scored on the same points (two models) share every draw, which pairs their differences and ratios.
+    A fixed seed: the same scores give the same replicates."""
+    values = np.asarray(values, dtype=float)
+    values = values[:, None] if values.ndim == 1 else values
+    if len(values) == 0:
+        return np.full((resamples, values.shape[1]), np.nan)
+    _, patient = np.unique(np.asarray([str(p) for p in patients]), return_inverse=True)
+    n = int(patient.max()) + 1
+    sums = np.zeros((n, values.shape[1]))
+    np.add.at(sums, patient, values)
+    points = np.bincount(patient, minlength=n).astype(float)
+    draws = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(float)
+    return (draws @ sums) / (draws @ points)[:, None]
+
+
+def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> list[float]:
+    """The percentile interval of bootstrap replicates (nan where there were no points)."""
+    replicates = np.asarray(replicates, dtype=float)
+    replicates = replicates[np.isfinite(replicates)]
+    if replicates.size == 0:
+        return [float("nan"), float("nan")]
+    return [float(np.quantile(replicates, (1 - level) / 2)), float(np.quantile(replicates, (1 + level) / 2))]
