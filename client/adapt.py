@@ -199,7 +199,11 @@ def site_recommender(site_dir: Path) -> tuple[NextEventRecommender, FeatureEncod
     if manifest.get("adapted_from", {}).get("model_sha256") != consortium[2]["model_sha256"] \
             or not manifest.get("model_file"):
         return (*consortium[:2], {**consortium[2], "site_only": False})
-    return load_model_file(folder / manifest["model_file"], manifest)
+    try:
+        return load_model_file(folder / manifest["model_file"], manifest)
+    except (FileNotFoundError, ValueError) as exc:  # removed or damaged: the consortium model still serves
+        log.warning("the site-adapted recommender cannot be used (%s); using the consortium model", exc)
+        return (*consortium[:2], {**consortium[2], "site_only": False})
 
 
 def read_adaptation(site_dir: Path) -> dict[str, Any] | None:

@@ -101,6 +101,12 @@ def test_validation_that_prefers_the_site_gets_the_adapted_model_and_the_loader_
     assert {CONCEPTS[i] for i in top} == set(SITE_SEES)
     files = sorted(p.name for p in (tmp_path / SITE_RECOMMENDER_DIR).iterdir())
     assert files == ["manifest.json", used["model_file"]]  # no temporary or stale file left beside them
+    # A damaged model file is not used (its hash no longer matches the manifest); the consortium model serves.
+    model_path = tmp_path / SITE_RECOMMENDER_DIR / used["model_file"]
+    blob = model_path.read_bytes()
+    model_path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    assert site_recommender(tmp_path)[2]["site_only"] is False
+    model_path.write_bytes(blob)
     # A new consortium model (the next run): the stored adaptation was made from another one, so it is not used.
     site.store_global(new_model(CFG, PROFILE).state_dict(), 2, "phase-a-next")
     assert site_recommender(tmp_path)[2]["site_only"] is False
