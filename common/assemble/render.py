@@ -107,6 +107,9 @@ class PatientContext:
     peer_facts: list[str] = field(default_factory=list)  # first line is the "Among about N ..." header
     horizon_weeks: int = 12
     oracle: list[str] = field(default_factory=list)  # her true next events: only for the oracle variant
+    # Not rendered: her stage of pregnancy in words, and what was left out as impossible at it (text, source, why).
+    stage: str | None = None
+    left_out: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -115,6 +118,12 @@ class Prompt:
     sources: list[tuple[str, str]]  # (fact, where it came from: record / predictions / peers / truth)
     params: PromptParams | None
     approx_tokens: int
+    # The parts of her sections as the prompt states them (after any shrinking), for the care checklist shown
+    # beside the answer and for checking the answer against its prompt.
+    predictions: list[tuple[str, float]] = field(default_factory=list)  # (readable name, probability)
+    trajectory: list[str] = field(default_factory=list)
+    peer_facts: list[str] = field(default_factory=list)  # the "Among about N ..." header first, as in the context
+    max_items: int | None = None  # how many items the answer format allows; None: it names no number
 
 
 # --- safety ------------------------------------------------------------------------------------------------
@@ -167,7 +176,8 @@ def _summary(ctx: PatientContext) -> list[str]:
     if ctx.gestational_week is not None:
         facts.append(f"Pregnant, gestational week {ctx.gestational_week}")
     elif ctx.weeks_postpartum is not None:
-        facts.append(f"{ctx.weeks_postpartum} weeks after the end of her pregnancy")
+        facts.append(f"{ctx.weeks_postpartum} weeks after the end of her pregnancy" if ctx.weeks_postpartum >= 1
+                     else "Her pregnancy ended within the past week")
     if ctx.visit:
         facts.append(f"Today's visit: {ctx.visit}")
     facts += [f"Recent: {h}" for h in ctx.history]
@@ -218,6 +228,9 @@ def _render_once(ctx: PatientContext, params: PromptParams, question: str | None
         blocks.append(QUOTE_RULE + "\n" + "\n".join(f"<<record>>{q}<</record>>" for q in quoted))
         sources += [(q, "her record (quoted note)") for q in quoted]
     self_block = peer_block = None
+    items: list[tuple[str, float]] = []
+    changes: list[str] = []
+    peers: list[str] = []
     if params.self_items and ctx.predictions:
         items = ctx.predictions[: params.self_items]
         lines = [f"{name} (probability {p:.0%})" if params.show_probs else name for name, p in items]
@@ -234,6 +247,7 @@ def _render_once(ctx: PatientContext, params: PromptParams, question: str | None
         if chosen:
             peer_block = header + "\n" + _bullets(chosen)
             sources += [(f, "similar patients (DP peer profile)") for f in chosen]
+            peers = [header, *chosen]
     ordered = [self_block, peer_block] if params.order == "self_first" else [peer_block, self_block]
     blocks += [b for b in ordered if b]
     if ctx.oracle:
@@ -243,6 +257,7 @@ def _render_once(ctx: PatientContext, params: PromptParams, question: str | None
         blocks.append(REASONING)
     max_items = max(params.self_items, 5)
     blocks.append(FORMATS[params.format].format(weeks=weeks, max_items=max_items))
+    allowed = max_items if "{max_items}" in FORMATS[params.format] else None
     user = neutralise(question or f"What care does this patient need over the next {weeks} weeks?", 400)
     if params.placement != "system":  # role and the quoting rule stay in the system turn; her data and the task move
         system = "\n\n".join(blocks[:1] + ([QUOTE_RULE] if params.notes and ctx.notes else []))
@@ -250,7 +265,8 @@ def _render_once(ctx: PatientContext, params: PromptParams, question: str | None
     else:
         system = "\n\n".join(blocks)
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    return Prompt(messages, sources, params, approx_tokens(system) + approx_tokens(user))
+    return Prompt(messages, sources, params, approx_tokens(system) + approx_tokens(user), list(items), changes,
+                  peers, allowed)
 
 
 # --- the evaluation variants -------------------------------------------------------------------------------
