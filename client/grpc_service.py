@@ -43,9 +43,12 @@ from google.protobuf.message import DecodeError
 
 from pmlm.client.access_log import AccessLog
 from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
+from pmlm.client.assemble.check import (AnswerCheck, CareChecklist, advice_notice, care_checklist, check_advice,
+                                        model_label)
 from pmlm.client.examples import build_examples
 from pmlm.client.ingest import RecordReader
 from pmlm.client.llm import LLMBusy, LLMConfig, LLMError, open_llm, site_llm_config
+from pmlm.client.reward import matcher_for
 from pmlm.client.site_config import SiteConfig, SiteConfigError
 from pmlm.common.assemble.render import PromptParams
 from pmlm.common.privacy.ledger import verify_ledger
@@ -163,6 +166,10 @@ class PromptServicer:
         self.site = site
 
     def _assemble(self, request) -> prompt_pb.AssemblePromptResponse:
+        return self._assembled(request)[0]
+
+    def _assembled(self, request):
+        """(the AssemblePromptResponse, the Assembled prompt it shows, her Patient)."""
         patient_id = request.patient_id.strip()
         if not patient_id or len(patient_id) > MAX_PATIENT_ID:
             raise ValueError(f"patient_id must be 1 to {MAX_PATIENT_ID} characters")
@@ -178,14 +185,15 @@ class PromptServicer:
             facts=[prompt_pb.Fact(text=fact, source=source) for fact, source in prompt.sources],
             approx_tokens=prompt.approx_tokens, visit=self.site.profile.name_of(patient.example.point),
             used_global_model=assembler.a.model is not None, missing=assembled.missing,
-            refined_by_policy=assembled.policy is not None, policy=assembled.policy or "")
+            refined_by_policy=assembled.policy is not None, policy=assembled.policy or "",
+            checklist=_checklist(care_checklist(assembled))), assembled, patient
 
     def AssemblePrompt(self, request, context):
         return self._assemble(request)
 
     def Advise(self, request, context) -> Iterator[prompt_pb.AdviseEvent]:
-        assembled = self._assemble(request)
-        yield prompt_pb.AdviseEvent(prompt=assembled)
+        assembled, built, patient = self._assembled(request)
+        yield prompt_pb.AdviseEvent(prompt=assembled)  # her care checklist comes first, with the prompt
         # The LLM client answers whole completions; the answer is passed on line by line so a
         # clinician's screen fills as the stream arrives. Calls beyond what the LLM serves at once wait
         # their turn for as long as this call's deadline allows, less a margin: waiting all of it, the caller's
@@ -194,13 +202,15 @@ class PromptServicer:
         wait_s = None if remaining is None else max(0.0, remaining - min(1.0, 0.2 * remaining))
         completion = self.site.llm().chat([{"role": m.role, "content": m.content} for m in assembled.messages],
                                           wait_s=wait_s)
-        for piece in completion.text.splitlines(keepends=True):
+        check = check_advice(completion.text, built, patient.example, matcher_for(self.site.config.profile))
+        for piece in check.text.splitlines(keepends=True):  # the answer less the items beyond what her prompt allows
             if not context.is_active():
                 return
             yield prompt_pb.AdviseEvent(text=piece)
         yield prompt_pb.AdviseEvent(done=prompt_pb.AdviseDone(
             model=completion.model or "", prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens, elapsed_s=completion.elapsed_s))
+            completion_tokens=completion.completion_tokens, elapsed_s=completion.elapsed_s,
+            check=_answer_check(check), notice=advice_notice(model_label(self.site.llm_config, completion.model))))
 
     def GetSiteStatus(self, request, context) -> prompt_pb.SiteStatus:
         site_dir = self.site.site_dir
@@ -238,6 +248,19 @@ class AuditServicer:
         return audit_pb.VerifyResponse(ok=replay.ok, entries=len(replay.entries),
                                        problems=[str(p) for p in replay.problems],
                                        key_fingerprint=key_fingerprint(key), epsilon=epsilon)
+
+
+def _checklist(checklist: CareChecklist) -> prompt_pb.CareChecklist:
+    return prompt_pb.CareChecklist(
+        stage=checklist.stage or "", horizon_weeks=checklist.horizon_weeks or 0, peer_group=checklist.peer_group,
+        items=[prompt_pb.ChecklistItem(section=i.section, text=i.text, source=i.source, probability=i.probability)
+               for i in checklist.items],
+        left_out=[prompt_pb.LeftOutItem(text=x.text, source=x.source, reason=x.why) for x in checklist.left_out])
+
+
+def _answer_check(check: AnswerCheck) -> prompt_pb.AnswerCheck:
+    return prompt_pb.AnswerCheck(allowed_items=check.allowed or 0, items=[
+        prompt_pb.CheckedItem(text=i.text, reasons=i.reasons, removed=i.removed) for i in check.items])
 
 
 # -- request checking and error statuses -------------------------------------------------------------

@@ -59,7 +59,7 @@ class Fact(_message.Message):
     def __init__(self, text: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class AssemblePromptResponse(_message.Message):
-    __slots__ = ("messages", "facts", "approx_tokens", "visit", "used_global_model", "missing", "refined_by_policy", "policy")
+    __slots__ = ("messages", "facts", "approx_tokens", "visit", "used_global_model", "missing", "refined_by_policy", "policy", "checklist")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
     APPROX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class AssemblePromptResponse(_message.Message):
     MISSING_FIELD_NUMBER: _ClassVar[int]
     REFINED_BY_POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    CHECKLIST_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     facts: _containers.RepeatedCompositeFieldContainer[Fact]
     approx_tokens: int
@@ -76,7 +77,44 @@ class AssemblePromptResponse(_message.Message):
     missing: _containers.RepeatedScalarFieldContainer[str]
     refined_by_policy: bool
     policy: str
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., facts: _Optional[_Iterable[_Union[Fact, _Mapping]]] = ..., approx_tokens: _Optional[int] = ..., visit: _Optional[str] = ..., used_global_model: _Optional[bool] = ..., missing: _Optional[_Iterable[str]] = ..., refined_by_policy: _Optional[bool] = ..., policy: _Optional[str] = ...) -> None: ...
+    checklist: CareChecklist
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., facts: _Optional[_Iterable[_Union[Fact, _Mapping]]] = ..., approx_tokens: _Optional[int] = ..., visit: _Optional[str] = ..., used_global_model: _Optional[bool] = ..., missing: _Optional[_Iterable[str]] = ..., refined_by_policy: _Optional[bool] = ..., policy: _Optional[str] = ..., checklist: _Optional[_Union[CareChecklist, _Mapping]] = ...) -> None: ...
+
+class CareChecklist(_message.Message):
+    __slots__ = ("stage", "horizon_weeks", "items", "peer_group", "left_out")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_WEEKS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PEER_GROUP_FIELD_NUMBER: _ClassVar[int]
+    LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    horizon_weeks: int
+    items: _containers.RepeatedCompositeFieldContainer[ChecklistItem]
+    peer_group: str
+    left_out: _containers.RepeatedCompositeFieldContainer[LeftOutItem]
+    def __init__(self, stage: _Optional[str] = ..., horizon_weeks: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ChecklistItem, _Mapping]]] = ..., peer_group: _Optional[str] = ..., left_out: _Optional[_Iterable[_Union[LeftOutItem, _Mapping]]] = ...) -> None: ...
+
+class ChecklistItem(_message.Message):
+    __slots__ = ("section", "text", "source", "probability")
+    SECTION_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    section: str
+    text: str
+    source: str
+    probability: float
+    def __init__(self, section: _Optional[str] = ..., text: _Optional[str] = ..., source: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class LeftOutItem(_message.Message):
+    __slots__ = ("text", "source", "reason")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    source: str
+    reason: str
+    def __init__(self, text: _Optional[str] = ..., source: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AdviseRequest(_message.Message):
     __slots__ = ("patient_id", "question", "params")
@@ -99,16 +137,38 @@ class AdviseEvent(_message.Message):
     def __init__(self, prompt: _Optional[_Union[AssemblePromptResponse, _Mapping]] = ..., text: _Optional[str] = ..., done: _Optional[_Union[AdviseDone, _Mapping]] = ...) -> None: ...
 
 class AdviseDone(_message.Message):
-    __slots__ = ("model", "prompt_tokens", "completion_tokens", "elapsed_s")
+    __slots__ = ("model", "prompt_tokens", "completion_tokens", "elapsed_s", "check", "notice")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt_tokens: int
     completion_tokens: int
     elapsed_s: float
-    def __init__(self, model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+    check: AnswerCheck
+    notice: str
+    def __init__(self, model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., check: _Optional[_Union[AnswerCheck, _Mapping]] = ..., notice: _Optional[str] = ...) -> None: ...
+
+class AnswerCheck(_message.Message):
+    __slots__ = ("items", "allowed_items")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[CheckedItem]
+    allowed_items: int
+    def __init__(self, items: _Optional[_Iterable[_Union[CheckedItem, _Mapping]]] = ..., allowed_items: _Optional[int] = ...) -> None: ...
+
+class CheckedItem(_message.Message):
+    __slots__ = ("text", "reasons", "removed")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    removed: bool
+    def __init__(self, text: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., removed: _Optional[bool] = ...) -> None: ...
 
 class GetSiteStatusRequest(_message.Message):
     __slots__ = ()

@@ -62,7 +62,9 @@ class PromptServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Advise(self, request, context):
-        """The prompt first, then the LLM's answer in pieces, then usage; errors end the stream with a status.
+        """The prompt with her care checklist first, then the LLM's answer in pieces (items beyond the number her
+        prompt allows removed), then usage with the answer's check against her prompt and the notice naming the
+        model; errors end the stream with a status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
