@@ -78,11 +78,29 @@ def test_reduced_evaluate_reports_every_key(evaluated):
     assert set(report["recommender"]) >= {"federated_dp", "popularity", "timing", "peer_profile"}
     for row in report["recommender"].values():
         assert set(row) == {"recall@5", "ndcg@5", "auroc"} and 0 <= row["recall@5"] <= 1
-    assert set(report["guidance"]) == {"general", "summary_only", "self", "peer", "self_peer", "pmlm", "oracle"}
+    variants = {"general", "summary_only", "self", "peer", "self_peer", "pmlm_consortium", "pmlm", "oracle"}
+    assert set(report["guidance"]) == variants
     for row in report["guidance"].values():
         assert set(row) == {"precision", "recall", "f1", "risk_recall", "f1_interval", "points"}
         low, high = row["f1_interval"]
         assert 0 <= low <= row["f1"] + 1e-9 and row["f1"] <= high + 1e-9 and high <= 1 and row["points"] == 12
+    # Per site: every site scored on its share of the points (round-robin), the same variants, its own intervals.
+    by_site = report["guidance_by_site"]
+    assert set(by_site) == set(privacy["sites"]) and sum(t["pmlm"]["points"] for t in by_site.values()) == 12
+    assert all(set(t) == variants and t["pmlm"]["points"] >= 2 for t in by_site.values())  # ~4 each, fewer where
+    # a site has fewer test patients (one point per patient)
+    paired = report["guidance_paired"]
+    assert set(paired) == {"pmlm_vs_self_peer", "pmlm_vs_pmlm_consortium", "pmlm_vs_general"}
+    for pair in paired.values():
+        low, high = pair["difference_interval"]
+        assert low <= pair["difference"] + 1e-9 <= high + 2e-9 and pair["points"] == 12
+        assert set(pair["by_site"]) == set(privacy["sites"])
+    # Each site's own step after the federated run is on record, with the reason for what it kept; 40 women a site
+    # is below refinement's minimum, so each keeps the consortium policy and "pmlm" prompts are the consortium's.
+    refined = report["on_site"]["prompt_policy"]
+    assert set(refined) == set(privacy["sites"])
+    assert all(r["policy"] == "consortium" and "too few" in r["reason"] for r in refined.values())
+    assert report["guidance"]["pmlm"]["f1"] == report["guidance"]["pmlm_consortium"]["f1"]
     assert report["llm"]["calls"] > 0 and "model" in report["llm"] and "cached" in report["llm"]
     assert set(report["runtime_s"]) == {"total", "phase_a", "phase_b", "phase_c", "evaluation"}
     # The ceiling is above the no-data prompt, and PMLM's prompt beats it: her data makes the LLM name her events.
@@ -151,3 +169,18 @@ def test_each_phase_shows_a_progress_bar_from_the_round_markers(tmp_path, capsys
         root.setLevel(saved[1])
     printed = capsys.readouterr()
     assert "[ROUND" not in printed.err + printed.out and "PMLM phase" not in printed.err + printed.out
+
+
+def test_paired_interval_resamples_the_points_together():
+    """A constant gain of 0.1 on every point has a difference interval of exactly [0.1, 0.1] when the points are
+    resampled together (unpaired resampling would give a wide one), and a ratio interval around 1.5."""
+    from pmlm.pipeline.evaluation import paired_interval
+
+    base = [0.1, 0.2, 0.3, 0.2, 0.4, 0.0, 0.2, 0.2]
+    out = paired_interval([b + 0.1 for b in base], base)
+    assert out["difference"] == pytest.approx(0.1) and out["points"] == 8
+    assert out["difference_interval"] == pytest.approx([0.1, 0.1])
+    assert out["ratio"] == pytest.approx(0.3 / 0.2) and out["ratio_interval"][0] > 1.0
+    swapped = paired_interval(base, [b + 0.1 for b in base])
+    assert swapped["difference_interval"][1] < 0
+    assert math.isnan(paired_interval([], [])["difference"])

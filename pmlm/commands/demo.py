@@ -6,7 +6,6 @@ local LLM, then advice for test patients; writes out/demo/report.html and out/de
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -51,6 +50,9 @@ def cmd_demo(args) -> int:
         print(f"A previous demo's sites have used their privacy budget; their directory is kept at {previous}")
     opts = options_from(args, data, args.out / "work")
     opts.progress = True
+    # Each site's LLM answers are kept beside the work directory (OUT/llm_cache/<site>), so the curve's runs and a
+    # later demo ask the deterministic embedded model only what it has not answered before.
+    opts.llm_cache = (args.out / "llm_cache").resolve()
     if args.deployment:
         opts.engine = "deployment"
     try:

@@ -29,6 +29,10 @@ def add_pipeline_arguments(p) -> None:
                    help="model name at --llm-base-url (default: the endpoint's own)")
     p.add_argument("--no-trained-baselines", action="store_true",
                    help="skip the centralized and local-only reference models (faster)")
+    p.add_argument("--refine-calls", type=int, default=150, metavar="N",
+                   help="the most LLM requests each site's on-site refinement of the prompt policy may make")
+    p.add_argument("--no-refine", action="store_true",
+                   help="skip the sites' on-site refinement: every site uses the consortium's prompt policy")
 
 
 def options_from(args, data: Path, workdir: Path):
@@ -36,6 +40,8 @@ def options_from(args, data: Path, workdir: Path):
 
     if args.epsilon <= 0:
         raise CliError("--epsilon must be > 0")
+    if args.refine_calls < 0:
+        raise CliError(f"--refine-calls must be >= 0, got {args.refine_calls}")
     if not 0 < args.phase_c_rate <= 1:
         raise CliError(f"--phase-c-rate must be in (0, 1], got {args.phase_c_rate}")
     try:
@@ -47,7 +53,8 @@ def options_from(args, data: Path, workdir: Path):
                            max_test_points=args.max_test_points, rounds=args.rounds,
                            phase_c_rounds=args.phase_c_rounds, phase_c_rate=args.phase_c_rate,
                            profile=args.profile, baselines_trained=not args.no_trained_baselines, llm=llm,
-                           curve=curve, progress=sys.stderr.isatty())
+                           curve=curve, progress=sys.stderr.isatty(), refine=not args.no_refine,
+                           refine_calls=args.refine_calls)
 
 
 def register(sub) -> None:

@@ -13,12 +13,14 @@ from pmlm.client.phase_b import embed_examples
 from pmlm.client.reward import matcher_for, score_answer
 from pmlm.client.train import TrainSettings, predict, ranking_metrics, train_local
 from pmlm.common.assemble.render import render, render_variant
+from pmlm.common.metrics import patient_bootstrap, percentile_interval
 from pmlm.common.peer_profiles import PeerProfiles
 from pmlm.common.phase_a import PhaseAConfig, new_model
 from pmlm.common.privacy import SiteLedger
 from pmlm.common.profiles import load_profile
 from pmlm.common.site_layout import PEER_PROFILES
 from pmlm.pipeline.options import PipelineOptions, progress_bar
+from pmlm.site_recommenders import evaluate_site_recommenders
 
 
 def _baseline_scores(ranker, examples, concepts: list[str]) -> np.ndarray:
@@ -47,7 +49,9 @@ def _trained(examples, opts: PipelineOptions, profile, seed: int):
     return model, encoder
 
 
-def evaluate_recommenders(site_examples: dict, site_dirs: dict, opts: PipelineOptions) -> dict:
+def evaluate_recommenders(site_examples: dict, site_dirs: dict, opts: PipelineOptions) -> tuple[dict, dict | None]:
+    """The pooled table (the consortium's model against its floors and reference models) and, with the trained
+    reference models, the per-site table of what each site could use: local_only, federated_dp, adapted."""
 
     train = [e for exs in site_examples.values() for e in exs if e.split == "train"]
     test_by_site = {s: [e for e in exs if e.split == "test" and e.targets] for s, exs in site_examples.items()}
@@ -66,17 +70,19 @@ def evaluate_recommenders(site_examples: dict, site_dirs: dict, opts: PipelineOp
     if opts.baselines_trained:
         central, enc = _trained(train, opts, encoder.profile, seed=1)
         table["centralized"] = pick(ranking_metrics(predict(central, test, enc), test, enc))
-        local = []
+        local, models = [], {}
         for i, (site, exs) in enumerate(site_examples.items()):
-            m, e = _trained(exs, opts, encoder.profile, seed=10 + i)
+            m, e = models[site] = _trained(exs, opts, encoder.profile, seed=10 + i)
             local.append(pick(ranking_metrics(predict(m, test_by_site[site], e), test_by_site[site], e)))
         table["local_only"] = {k: float(np.nanmean([r[k] for r in local])) for k in local[0]}
-    return table
+        return table, evaluate_site_recommenders(site_examples, site_dirs, models)
+    return table, None
 
 
-def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opts: PipelineOptions, llm) -> dict:
-    """Each prompt variant's answer scored against what really happened, on up to K test points."""
-
+def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opts: PipelineOptions, llms) -> dict:
+    """Each prompt variant's answer scored against what really happened, on up to K test points.
+    llms: each site's LLM client (site -> client), or one client for every site."""
+    llm_of = llms.__getitem__ if isinstance(llms, dict) else (lambda site: llms)
     profile = load_profile(opts.profile)
     matcher = matcher_for(profile.name)
     assemblers = {s: PromptAssembler(SiteArtifacts.load(d, profile)) for s, d in site_dirs.items()}
@@ -100,13 +106,16 @@ def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opt
     for i, (site, ex) in enumerate(points):
         assembler = assemblers[site]
         ctx, state = assembler.context(ex, timelines.get((site, ex.patient_id)), with_oracle=True)
+        blind = ctx.__class__(**{**ctx.__dict__, "oracle": []})  # PMLM's prompts never see what happened next
         shown = {}
         for variant in opts.variants:
-            if variant == "pmlm":
-                prompt = render(ctx.__class__(**{**ctx.__dict__, "oracle": []}), assembler.refined_params(state))
+            if variant == "pmlm":  # what the site really uses: its refined policy when it kept one
+                prompt = render(blind, assembler.refined_params(state))
+            elif variant == "pmlm_consortium":  # the consortium's DP policy, as every site received it
+                prompt = render(blind, assembler.refined_params(state, consortium=True))
             else:
                 prompt = render_variant(variant, ctx)
-            answer = llm.chat(prompt.messages, max_tokens=opts.max_tokens, temperature=0.0, allow_empty=True)
+            answer = llm_of(site).chat(prompt.messages, max_tokens=opts.max_tokens, temperature=0.0, allow_empty=True)
             score = score_answer(answer.text, ex, matcher)
             scores[variant].append(score)
             shown[variant] = {"prompt": prompt.messages, "answer": answer.text, "f1": score.f1}
@@ -115,26 +124,65 @@ def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opt
             examples_out.append({"site": site, "targets": [profile.name_of(c) for c in ex.targets],
                                  "gestational_week": ex.gestational_week, "variants": shown})
     bar.close()
+    sites = [site for site, _ in points]
+    by_site = {site: guidance_table({v: [sc for sc, s in zip(ss, sites) if s == site] for v, ss in scores.items()})
+               for site in site_dirs}
+    return {"table": guidance_table(scores), "by_site": by_site, "paired": paired_guidance(scores, sites),
+            "points": len(points), "examples": examples_out}
 
+
+# The comparisons a site cares about: what it uses against the initial prompt, against the consortium's policy
+# alone, and against asking the LLM with no patient context at all.
+GUIDANCE_PAIRS = (("pmlm", "self_peer"), ("pmlm", "pmlm_consortium"), ("pmlm", "general"))
+
+
+def guidance_table(scores: dict[str, list]) -> dict:
     def mean(values):
         values = [v for v in values if not np.isnan(v)]
         return float(np.mean(values)) if values else float("nan")
 
-    table = {v: {"precision": mean([s.precision for s in ss]), "recall": mean([s.recall for s in ss]),
-                 "f1": mean([s.f1 for s in ss]), "risk_recall": mean([s.risk_recall for s in ss]),
-                 "f1_interval": bootstrap_interval([s.f1 for s in ss]), "points": len(ss)}
-             for v, ss in scores.items()}
-    return {"table": table, "points": len(points), "examples": examples_out}
+    return {v: {"precision": mean([s.precision for s in ss]), "recall": mean([s.recall for s in ss]),
+                "f1": mean([s.f1 for s in ss]), "risk_recall": mean([s.risk_recall for s in ss]),
+                "f1_interval": bootstrap_interval([s.f1 for s in ss]), "points": len(ss)}
+            for v, ss in scores.items()}
+
+
+def paired_guidance(scores: dict[str, list], sites: list[str]) -> dict:
+    """Each pair's F1 difference and ratio with paired bootstrap intervals, pooled and per site."""
+    out = {}
+    for a, b in GUIDANCE_PAIRS:
+        if a not in scores or b not in scores:
+            continue
+        fa, fb = [s.f1 for s in scores[a]], [s.f1 for s in scores[b]]
+        pooled = paired_interval(fa, fb)
+        pooled["by_site"] = {site: paired_interval([x for x, s in zip(fa, sites) if s == site],
+                                                   [y for y, s in zip(fb, sites) if s == site])
+                             for site in dict.fromkeys(sites)}
+        out[f"{a}_vs_{b}"] = pooled
+    return out
+
+
+def paired_interval(a: list[float], b: list[float], resamples: int = 2000, level: float = 0.95) -> dict:
+    """Mean of a − b and mean(a)/mean(b) over the same points, each with a percentile bootstrap interval that
+    draws the points together (one point per test patient: patients are drawn); a resample whose b-mean is 0 is
+    left out of the ratio's interval. Fixed seed: the same scores give the same intervals."""
+    pairs = np.asarray([(x, y) for x, y in zip(a, b) if not (np.isnan(x) or np.isnan(y))], dtype=float)
+    pairs = pairs.reshape(-1, 2)
+    replicates = patient_bootstrap(pairs, range(len(pairs)), resamples=resamples)
+    mean_a, mean_b = pairs.mean(axis=0) if len(pairs) else (float("nan"), float("nan"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {"difference": float(mean_a - mean_b),
+                "difference_interval": percentile_interval(replicates[:, 0] - replicates[:, 1], level),
+                "ratio": float(mean_a / mean_b) if mean_b > 0 else float("nan"),
+                "ratio_interval": percentile_interval(replicates[:, 0] / replicates[:, 1], level),
+                "points": int(len(pairs))}
 
 
 def bootstrap_interval(values: list[float], resamples: int = 2000, level: float = 0.95) -> list[float]:
     """A percentile bootstrap interval of the mean over the scored points (one point per test patient, so this
     resamples patients); fixed seed, so the same scores give the same interval."""
     values = np.asarray([v for v in values if not np.isnan(v)], dtype=float)
-    if len(values) == 0:
-        return [float("nan"), float("nan")]
-    means = np.random.default_rng(0).choice(values, size=(resamples, len(values))).mean(axis=1)
-    return [float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))]
+    return percentile_interval(patient_bootstrap(values, range(len(values)), resamples=resamples)[:, 0], level)
 
 
 def privacy_summary(site_dirs: dict, opts: PipelineOptions) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 from flwr.common import logger as flwr_logger
 from tqdm import tqdm
 
+from pmlm import logs
 from pmlm.client.client_app import app as client_app
 from pmlm.client.ingest import RecordReader
 from pmlm.client.ingest.csv_events import gzipped_event_table
@@ -25,7 +26,7 @@ from pmlm.client.site_config import SiteConfig
 from pmlm.client.sites import discover_sites
 from pmlm.common.atomic import write_atomic
 from pmlm.deploy.local import LocalDeployment
-from pmlm.pipeline.options import PipelineError, PipelineOptions, progress_bar, run_config
+from pmlm.pipeline.options import PipelineError, PipelineOptions, progress_bar, run_config, site_llm_settings
 from pmlm.server.in_process import run_in_process
 from pmlm.server.server_app import app as server_app
 
@@ -110,9 +111,9 @@ def run_federation(opts: PipelineOptions, sites: dict[str, Path]) -> dict:
         site_dir = opts.workdir / "sites" / name
         # The operator of a simulated consortium is every site's operator too: it sets each site's policy.
         policy = {"epsilon_total": opts.epsilon, "delta": opts.delta}
-        SiteConfig(name, str(path), opts.profile, dict(opts.llm), privacy=policy).save(site_dir)
-        nodes.append({"data-dir": str(path), "site-id": name, "site-dir": str(site_dir),
-                      "llm": json.dumps(opts.llm)})
+        llm = site_llm_settings(opts, name)
+        SiteConfig(name, str(path), opts.profile, llm, privacy=policy).save(site_dir)
+        nodes.append({"data-dir": str(path), "site-id": name, "site-dir": str(site_dir), "llm": json.dumps(llm)})
     coordinator = opts.workdir / "coordinator"
     before = set(coordinator.glob("*.json")) if coordinator.exists() else set()
     started = time.perf_counter()
@@ -142,18 +143,17 @@ def _run_on_local_deployment(opts: PipelineOptions, sites: dict[str, Path]) -> N
         raise PipelineError(f"the local deployment failed ({failed}); logs in {deployment.logs}")
 
 
+def _no_evaluate_note(record) -> bool:  # named, so addFilter does not stack copies across the curve's runs
+    # Phase A asks for no federated evaluation on purpose (the pipeline evaluates once, at the end).
+    return "fraction_evaluate is set to 0.0" not in record.getMessage()
+
+
 def quiet_flower() -> None:
     """Flower's per-message log and Opacus' per-round warnings would drown progress lines and figures."""
-
-
-    # Importing flwr's logger sets it to DEBUG; this runs after, so it wins.
-    # The logger stays at INFO so PhaseProgress still hears the round markers; the console shows warnings only,
-    # and nothing reaches the root logger's handlers (a library that configured them would print every line).
-    flwr_logger.FLOWER_LOGGER.setLevel(logging.INFO)
-    flwr_logger.FLOWER_LOGGER.propagate = False
-    flwr_logger.console_handler.setLevel(logging.WARNING)
-    # Phase A asks for no federated evaluation on purpose (the pipeline evaluates once, at the end).
-    flwr_logger.FLOWER_LOGGER.addFilter(lambda record: "fraction_evaluate is set to 0.0" not in record.getMessage())
+    # Flower's console shows errors only unless `pmlm --verbose`; its logger stays at INFO so PhaseProgress hears
+    # the round markers, does not propagate, and writes to the command's pmlm.log (pmlm/logs.py).
+    logs.tame_flower()
+    flwr_logger.FLOWER_LOGGER.addFilter(_no_evaluate_note)
     # Repeated once per local round; the audit report states that Opacus secure mode is unavailable.
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -9,7 +9,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-GUIDANCE_VARIANTS = ("general", "summary_only", "self", "peer", "self_peer", "pmlm", "oracle")
+# The prompts the guidance evaluation scores: no context, her summary, her predictions, her peers, both (the
+# initial prompt), the consortium's DP policy, what the site really uses (its refined policy), and an oracle that
+# is told what happened next (the ceiling).
+GUIDANCE_VARIANTS = ("general", "summary_only", "self", "peer", "self_peer", "pmlm_consortium", "pmlm", "oracle")
 
 
 @dataclass
@@ -35,6 +38,11 @@ class PipelineOptions:
     progress: bool = True
     variants: tuple = GUIDANCE_VARIANTS  # which prompts the guidance evaluation scores
     curve: tuple = ()  # extra epsilons per site for the privacy-utility curve (each a full federated run)
+    refine: bool = True  # each site refines the consortium's prompt policy on its own records (client/refine.py)
+    refine_calls: int = 150  # the most LLM requests a site's refinement may make
+    # Where each site keeps its LLM response cache: DIR/<site> (so the curve's runs and a later demo reuse it), or
+    # None for SITE_DIR/llm_cache. A site's cache holds its own prompts and answers and never leaves it.
+    llm_cache: Path | None = None
     engine: str = "in-process"  # or "deployment": a local SuperLink and SuperNodes (TLS, node auth) on loopback
 
 
@@ -56,3 +64,8 @@ def run_config(opts: PipelineOptions) -> dict:
         "phase-c-points": opts.phase_c_points, "phase-c-rate": opts.phase_c_rate,
         "phase-c-max-tokens": opts.max_tokens,
     }
+
+
+def site_llm_settings(opts: PipelineOptions, site: str) -> dict:
+    """A site's LLM settings as its site.json and node config carry them: the run's LLM, the site's own cache."""
+    return {**opts.llm, "cache_dir": str(opts.llm_cache / site)} if opts.llm_cache else dict(opts.llm)
