@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pmlm.client.adapt import site_recommender
 from pmlm.client.assemble.context import build_context
 from pmlm.client.assemble.self_informed import self_informed_features
 from pmlm.client.assemble.stage import HerStage, LeftOut, her_stage, left_out_note
@@ -76,6 +77,11 @@ class SiteArtifacts:
     consortium_policy: PromptPolicy | None = None
     policy_source: str | None = None  # SITE_REFINED, CONSORTIUM, or None (the initial prompt)
     policy_meta: dict = field(default_factory=dict)  # the used policy's stored meta (a refined one's validation figures)
+    # Her own next events are ranked by the site's adapted recommender (client/adapt.py) when it has one; the
+    # consortium model above still embeds her for peers and the policy, whose spaces were learned with it.
+    recommender: object | None = None
+    recommender_encoder: object | None = None
+    recommender_site_only: bool = False
 
     @classmethod
     def load(cls, site_dir: Path, profile: TaskProfile) -> "SiteArtifacts":
@@ -83,6 +89,8 @@ class SiteArtifacts:
         out = cls(profile)
         try:
             out.model, out.encoder, _ = load_global_model(site_dir)
+            out.recommender, out.recommender_encoder, manifest = site_recommender(site_dir)
+            out.recommender_site_only = bool(manifest.get("site_only"))
         except FileNotFoundError:
             out.missing.append("no global recommender at this site yet (phase A not run): "
                                "the self-informed predictions are left out")
@@ -150,7 +158,8 @@ class PromptAssembler:
         stage = her_stage(a.profile, example)
         impossible = stage.impossible if stage else {}
         if a.model is not None:
-            feats = self_informed_features(a.model, a.encoder, example, timeline, k=self.top_k, impossible=impossible)
+            feats = self_informed_features(a.recommender, a.recommender_encoder, example, timeline, k=self.top_k,
+                                           impossible=impossible)
             predictions = [(p.name, p.probability) for p in feats.predictions]
             trajectory = [c.text for c in feats.changes]
             left_out += [LeftOut(f"{p.name} ({p.probability:.0%})", "her predictions", impossible[p.concept])
