@@ -1,12 +1,20 @@
 """Phase A benchmark: the next-event recommender on the sample consortium's test split.
 
-    python bench/recsys.py [--data data/sample] [--rounds 5] [--local-epochs 2] [--epsilons 1 3 8] [--json FILE]
+    python bench/recsys.py [--data data/sample] [--rounds 5] [--local-epochs 2] [--epsilons 1 3 8]
+                           [--site-table-epsilon 3] [--json FILE]
 
 Rows: centralized non-private (upper bound), federated non-private, federated DP at each epsilon
 (patient-level, per hospital, phase A), each hospital alone (non-private), popularity, gestational
 timing. Columns: Recall@5, NDCG@5, micro-AUROC, risk AUROC on the pooled test split of all hospitals
 (pooling the *evaluation* is a benchmark convenience; training never pools). Federated runs go through
 the real ServerApp/ClientApp on the in-process grid. Also: DP-SGD step time / non-private step time.
+
+Per site and pooled (pmlm/site_recommenders.py), for the DP run at --site-table-epsilon: each site's own model
+(`local_only`, the "alone" row's model scored on the site's own test points), the consortium model
+(`federated_dp`) and the model the site adapted from it after phase A (`adapted`, client/adapt.py: the ClientApp
+adapts it when it stores the final model), beside the gestational-timing floor; every figure with a 95% bootstrap
+interval over patients and its point and patient counts, and adapted - local_only, adapted / local_only with
+paired intervals. Works for any number of sites; a site without test points shows nan and 0 points.
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ from pmlm.client.train import TrainSettings, predict, ranking_metrics, train_loc
 from pmlm.common.profiles import load_profile
 from pmlm.server.in_process import run_in_process
 from pmlm.server.server_app import app as server_app
+from pmlm.site_recommenders import evaluate_site_recommenders
+
+# A site with fewer training patients than this is a small clinic for the issue's target (+0.05 over local_only);
+# the bundled hospitals have about 100 training patients each, the clinics of 30 and 50 women under 25.
+SMALL_SITE_TRAIN_PATIENTS = 60
 
 
 def baseline_scores(ranker, examples, encoder) -> np.ndarray:
@@ -75,18 +88,20 @@ def train_pooled(examples, cfg: PhaseAConfig, profile, epochs: int, seed: int = 
     return model, encoder
 
 
-def federated(sites: dict[str, Path], run_config: dict):
+def federated(sites: dict[str, Path], run_config: dict, adapt: bool = False):
+    """The consortium model of a federated run through the real apps, and the run's site directories (each site
+    adapted the model to its own records when `adapt`)."""
     workdir = Path(tempfile.mkdtemp(prefix="pmlm-bench-"))
     # The bench is the sites' own: each policy gives phase A the epsilon asked for (half its budget) and allows
     # the non-private reference run.
     eps = float(run_config["phase-a-epsilon"])
     policy = {"policy-epsilon-total": 2 * eps if eps > 0 else 3.0, "policy-allow-non-private": eps <= 0}
-    nodes = [{"data-dir": str(path), "site-id": name, "site-dir": str(workdir / "sites" / name), **policy}
-             for name, path in sorted(sites.items())]
+    nodes = [{"data-dir": str(path), "site-id": name, "site-dir": str(workdir / "sites" / name),
+              "adapt-recommender": adapt, **policy} for name, path in sorted(sites.items())]
     run_in_process(server_app, client_app, nodes, {**run_config, "workdir": str(workdir),
                                                    "evaluate-each-round": False})
     model, encoder, _ = load_global_model(workdir / "sites" / sorted(sites)[0])
-    return model, encoder
+    return model, encoder, {name: workdir / "sites" / name for name in sites}
 
 
 def step_time_ratio(examples, cfg: PhaseAConfig, profile, epochs: int = 3) -> tuple[float, float, float]:
@@ -116,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=PhaseAConfig.lr, help="non-private (Adam)")
     parser.add_argument("--dp-lr", type=float, default=PhaseAConfig.dp_lr, help="DP-SGD (plain SGD)")
     parser.add_argument("--batch-size", type=int, default=PhaseAConfig.batch_size)
+    parser.add_argument("--site-table-epsilon", type=float, default=3.0,
+                        help="the DP run whose sites adapt and get the per-site table (one of --epsilons)")
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -142,11 +159,18 @@ def main(argv=None) -> int:
     base = {"num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "lr": args.lr,
             "dp-lr": args.dp_lr, "batch-size": args.batch_size}
     evaluate("centralized (non-private)", *train_pooled(examples, cfg, profile, epochs))
-    evaluate("federated (non-private)", *federated(sites, {**base, "phase-a-epsilon": 0.0}))
+    evaluate("federated (non-private)", *federated(sites, {**base, "phase-a-epsilon": 0.0})[:2])
+    table_eps = args.site_table_epsilon if args.site_table_epsilon in args.epsilons else args.epsilons[0]
+    site_dirs = {}
     for eps in args.epsilons:
-        evaluate(f"federated DP eps={eps:g}", *federated(sites, {**base, "phase-a-epsilon": eps}))
+        model, enc, dirs = federated(sites, {**base, "phase-a-epsilon": eps}, adapt=eps == table_eps)
+        evaluate(f"federated DP eps={eps:g}", model, enc)
+        site_dirs = dirs if eps == table_eps else site_dirs
+    alone = {}
     for name, exs in sorted(by_site.items()):
-        evaluate(f"{name} alone (non-private)", *train_pooled(exs, cfg, profile, epochs))
+        alone[name] = train_pooled(exs, cfg, profile, epochs)
+        evaluate(f"{name} alone (non-private)", *alone[name])
+    per_site = evaluate_site_recommenders(by_site, site_dirs, alone)
     for name, ranker in (("popularity", Popularity(train)), ("gestational timing", GestationalTiming(train))):
         rows[name] = ranking_metrics(baseline_scores(ranker, test, encoder), test, encoder)
     dp_step, plain_step, ratio = step_time_ratio(by_site[min(by_site, key=lambda s: len(by_site[s]))], cfg, profile)
@@ -158,6 +182,7 @@ def main(argv=None) -> int:
     for name, m in rows.items():
         print(f"{name:<30}{m['recall@5']:>9.3f}{m['ndcg@5']:>9.3f}{m['micro_auroc']:>11.3f}{m['risk_auroc']:>10.3f}")
     print(f"\nDP-SGD step time / non-private step time: {dp_step:.3f} s / {plain_step:.3f} s = {ratio:.2f} (target <= 2.5)")
+    print_site_table(per_site, table_eps)
 
     central = rows["centralized (non-private)"]["recall@5"]
     smallest = min(patients, key=patients.get)
@@ -173,12 +198,53 @@ def main(argv=None) -> int:
         if name.startswith("federated"):
             checks.append((f"{name} beats both baselines (Recall@5 {m['recall@5']:.3f} vs {floors:.3f})", m["recall@5"] > floors))
     checks.append((f"DP step-time ratio <= 2.5 ({ratio:.2f})", ratio <= 2.5))
+    checks += site_checks(per_site, patients)
     print()
     for text, ok in checks:
         print(f"  [{'met' if ok else 'MISSED'}] {text}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "dp_step_ratio": ratio, "checks": dict(checks)}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "dp_step_ratio": ratio, "checks": dict(checks),
+                                         "per_site": {"epsilon": table_eps, **per_site}}, indent=2))
     return 0
+
+
+def print_site_table(table: dict, eps: float) -> None:
+    print(f"\nPer site (federated DP eps={eps:g}; adapted = the consortium model adapted at the site), Recall@5 and "
+          f"NDCG@5 with 95% bootstrap intervals over patients")
+    print(f"{'site':<12}{'model':<14}{'Recall@5':>9} {'[95% CI]':<16}{'NDCG@5':>7} {'[95% CI]':<16}{'points':>7}{'patients':>9}")
+    for site, figures in [*sorted(table["sites"].items()), ("pooled", table["pooled"])]:
+        for name in ("local_only", "federated_dp", "adapted", "timing"):
+            m = figures[name]
+            print(f"{site:<12}{name:<14}{m['recall@5']:>9.3f} {_ci(m['recall@5_interval']):<16}{m['ndcg@5']:>7.3f} "
+                  f"{_ci(m['ndcg@5_interval']):<16}{m['points']:>7}{m['patients']:>9}")
+        diff, ratio = figures["adapted_minus_local_only"], figures["adapted_over_local_only"]
+        chosen = figures.get("adaptation") or {}
+        how = f"; kept {chosen.get('choice')} (blend {chosen.get('blend')}, {chosen.get('epochs')} epochs)" if chosen else ""
+        print(f"{site:<12}adapted - local_only {diff['recall@5']:+.3f} {_ci(diff['recall@5_interval'])}, "
+              f"adapted / local_only {ratio['recall@5']:.3f} {_ci(ratio['recall@5_interval'])}{how}")
+
+
+def _ci(interval) -> str:
+    lo, hi = interval
+    return "[  n/a  ]" if lo != lo else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def site_checks(table: dict, train_patients: dict[str, int]) -> list[tuple[str, bool]]:
+    """The issue's targets: adapted >= local_only at every site (+0.05 at a small clinic), pooled >= timing."""
+    checks = []
+    for site, figures in sorted(table["sites"].items()):
+        adapted, local = figures["adapted"]["recall@5"], figures["local_only"]["recall@5"]
+        if figures["adapted"]["points"] == 0:
+            checks.append((f"{site}: no test points, adapted vs local_only not measured", False))
+            continue
+        margin = 0.05 if train_patients[site] < SMALL_SITE_TRAIN_PATIENTS else 0.0
+        checks.append((f"{site}: adapted >= local_only{f' + {margin:g}' if margin else ''} "
+                       f"({adapted:.3f} vs {local:.3f}, {figures['adapted']['points']} points)",
+                       adapted >= local + margin))
+    pooled = table["pooled"]
+    checks.append((f"pooled adapted >= gestational timing ({pooled['adapted']['recall@5']:.3f} vs "
+                   f"{pooled['timing']['recall@5']:.3f})", pooled["adapted"]["recall@5"] >= pooled["timing"]["recall@5"]))
+    return checks
 
 
 if __name__ == "__main__":
