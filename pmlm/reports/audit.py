@@ -141,6 +141,27 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
+def _cap_groups(caps: list[tuple[str, float, str]], py) -> list[list[tuple[str, float, str]]]:
+    """Caps drawn within 2 px of each other, grouped (in ascending order of value)."""
+    groups: list[list[tuple[str, float, str]]] = []
+    for cap in sorted(caps, key=lambda c: c[1]):
+        if groups and abs(py(groups[-1][0][1]) - py(cap[1])) < 2:
+            groups[-1].append(cap)
+        else:
+            groups.append([cap])
+    return groups
+
+
+def _cap_label_positions(groups, py, top: float, gap: float = 12) -> list[tuple[list, float]]:
+    """Each group's in-plot label just above its line, moved up where it would overlap the label below it."""
+    out, floor = [], math.inf
+    for group in groups:  # lowest value first: the lowest line is the furthest down
+        y = min(py(group[0][1]) - 4, floor - gap)
+        out.append((group, max(y, top + 10)))
+        floor = y
+    return out
+
+
 def line_chart(
     title: str,
     series: list[dict[str, Any]],
@@ -170,25 +191,40 @@ def line_chart(
     for i in range(6):
         y = y_max * i / 5
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(y):.1f}" y2="{py(y):.1f}" class="grid"/>')
-        parts.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" class="tick" text-anchor="end">{_fmt(y)}</text>')
+        parts.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" class="tick y" text-anchor="end">{_fmt(y)}</text>')
     x_step = max(1, math.ceil(x_max / 10))
     for x in range(0, int(x_max) + 1, x_step):
-        parts.append(f'<text x="{px(x):.1f}" y="{top + plot_h + 16}" class="tick" text-anchor="middle">{x}</text>')
+        parts.append(f'<text x="{px(x):.1f}" y="{top + plot_h + 16}" class="tick x" text-anchor="middle">{x}</text>')
     parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" class="axis"/>')
     parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" class="axis"/>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" class="axis-label" text-anchor="middle">'
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" class="axis-label x" text-anchor="middle">'
                  f'{html.escape(x_label)}</text>')
-    parts.append(f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" class="axis-label" '
+    parts.append(f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" class="axis-label y" '
                  f'text-anchor="middle">{html.escape(y_label)}</text>')
     legend_y = top + 4
-    for label, y, colour in caps:
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(y):.1f}" y2="{py(y):.1f}" '
-                     f'stroke="{colour}" stroke-width="1.5" stroke-dasharray="2 3"/>')
-        parts.append(f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 30}" y1="{legend_y}" y2="{legend_y}" '
-                     f'stroke="{colour}" stroke-width="1.5" stroke-dasharray="2 3"/>')
-        parts.append(f'<text x="{left + plot_w + 36}" y="{legend_y + 4}" class="legend">'
-                     f'{html.escape(label)} {_fmt(y)}</text>')
-        legend_y += 18
+    for group in _cap_groups(caps, py):
+        # Caps at the same height (phase B's and C's are equal by construction) share one line, drawn in
+        # alternating dashes of each colour, and one label naming them all, so no cap hides another.
+        y = py(group[0][1])
+        dash = 4
+        for i, (_, _, colour) in enumerate(group):
+            parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" class="cap" '
+                         f'stroke="{colour}" stroke-width="2" stroke-dasharray="{dash} {dash * (len(group) - 1) + 2}" '
+                         f'stroke-dashoffset="{-i * dash}"/>')
+        for label, value, colour in group:
+            parts.append(f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 30}" y1="{legend_y}" '
+                         f'y2="{legend_y}" stroke="{colour}" stroke-width="2" stroke-dasharray="2 3"/>')
+            parts.append(f'<text x="{left + plot_w + 36}" y="{legend_y + 4}" class="legend">'
+                         f'{html.escape(label)} {_fmt(value)}</text>')
+            legend_y += 18
+    for group, label_y in _cap_label_positions(_cap_groups(caps, py), py, top):
+        labels = [label for label, _, _ in group]
+        if len(labels) > 1 and all(label.endswith(" cap") for label in labels):
+            names = " and ".join(label[:-4] for label in labels) + " caps"
+        else:
+            names = " and ".join(labels)
+        parts.append(f'<text x="{left + 6}" y="{label_y:.1f}" class="cap-label" text-anchor="start">'
+                     f'{html.escape(names)} {_fmt(group[0][1])}</text>')
     for s in series:
         points = [(0.0, 0.0)] + list(s["points"])
         path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
@@ -208,22 +244,37 @@ def line_chart(
     return "".join(parts)
 
 
-def budget_bars(rows: list[tuple[str, float, float]], width: int = 1000) -> str:
-    """Horizontal bars of spent vs remaining; rows are (label, spent, cap)."""
-    label_w, bar_w, row_h, top = 330, width - 330 - 150, 26, 30
-    height = top + row_h * len(rows) + 12
+def budget_bars(rows: list[tuple[str, float, float]], width: int = 1000, failed: set[str] | None = None) -> str:
+    """Horizontal bars of spent vs remaining; rows are (label, spent, cap). The axis is the share of each bar's own
+    cap (the total budget or a phase's share); a row whose label is in `failed` is marked as not verified."""
+    failed = failed or set()
+    label_w, right, row_h, top = 330, 230, 26, 44
+    bar_w = width - label_w - right
+    bottom = top + row_h * len(rows)
+    height = bottom + 44
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="remaining privacy budget" class="chart">',
              f'<text x="0" y="16" class="chart-title">Budget spent (dark) and remaining (light), PLD ε</text>']
+    for i in range(5):
+        x = label_w + bar_w * i / 4
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{bottom}" class="grid"/>')
+        parts.append(f'<text x="{x:.1f}" y="{bottom + 15}" class="tick x" text-anchor="middle">{25 * i}%</text>')
     for i, (label, spent, cap) in enumerate(rows):
         y = top + i * row_h
         fraction = min(spent / cap, 1.0) if cap > 0 else 1.0
         colour = "#b03a48" if fraction >= 0.95 else "#1f5fa8"
-        parts.append(f'<text x="{label_w - 10}" y="{y + 15}" class="legend" text-anchor="end">{html.escape(label)}</text>')
+        parts.append(f'<text x="{label_w - 10}" y="{y + 15}" class="tick y{" fail-label" if label in failed else ""}" '
+                     f'text-anchor="end">{html.escape(label)}</text>')
         parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{bar_w}" height="16" fill="#dfe7f1"/>')
         parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{bar_w * fraction:.1f}" height="16" fill="{colour}"/>')
         parts.append(f'<text x="{label_w + bar_w + 8}" y="{y + 15}" class="legend">{_fmt(spent)} of {_fmt(cap)} '
-                     f'({_fmt(max(cap - spent, 0))} left)</text>')
+                     f'({_fmt(max(cap - spent, 0))} left)'
+                     + ('<tspan class="fail-label"> FAILED</tspan>' if label in failed else '') + '</text>')
+    parts.append(f'<line x1="{label_w}" x2="{label_w + bar_w}" y1="{bottom}" y2="{bottom}" class="axis"/>')
+    parts.append(f'<text x="{label_w + bar_w / 2}" y="{height - 6}" class="axis-label x" text-anchor="middle">'
+                 f'share of the cap spent (the total budget, or the phase\'s share of it)</text>')
+    parts.append(f'<text x="{label_w - 10}" y="{top - 6}" class="axis-label y" text-anchor="end">'
+                 f'ledger · privacy unit · cap</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -250,6 +301,14 @@ tr.refusal td { background: #fcefef; } tr.recovery td { background: #fff6e0; }
 .chart { background: #fff; border: 1px solid #e1e6ed; }
 .chart-title { font-size: 13px; font-weight: 600; fill: #1d2733; }
 .tick { font-size: 11px; fill: #5b6877; } .axis-label { font-size: 12px; fill: #3b4754; }
+.cap-label { font-size: 10.5px; fill: #3b4754; paint-order: stroke; stroke: #fff; stroke-width: 3px; }
+.fail-label { fill: #b03a48; font-weight: 600; }
+.chart { max-width: 100%; height: auto; }
+.scroll { overflow-x: auto; }
+td.id { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 11.5px; min-width: 7.5em; }
+td.path code, td.path { overflow-wrap: anywhere; word-break: break-word; }
+td.result { min-width: 9em; max-width: 22em; overflow-wrap: anywhere; }
+tr.failed td { background: #fbe3e6; } .nb { white-space: nowrap; }
 .legend { font-size: 11.5px; fill: #1d2733; }
 .grid { stroke: #e6eaf0; stroke-width: 1; } .axis { stroke: #8a96a3; stroke-width: 1; }
 code { font-size: 12px; background: #eef2f7; padding: 0 3px; }
@@ -263,6 +322,16 @@ def _e(value: Any) -> str:
 
 def _time(entry: dict[str, Any]) -> str:
     return _e(str(entry.get("time", ""))[:19].replace("T", " "))
+
+
+def _run_id(run_id: Any) -> str:
+    """The whole run id (a prefix such as "phase-a-" names nothing), breakable after its hyphens."""
+    return "-<wbr>".join(_e(part) for part in str(run_id or "").split("-")) or "—"
+
+
+def _path(path: Any) -> str:
+    """A file path that wraps after its slashes rather than anywhere."""
+    return "/<wbr>".join(_e(part) for part in str(path).split("/"))
 
 
 def _plural(count: int, noun: str) -> str:
@@ -307,14 +376,14 @@ def _delta_statement(delta: float, unit: str, releases: list[dict[str, Any]]) ->
     sizes = [e["population_size"] for e in releases if isinstance(e.get("population_size"), int)]
     noun = "patients" if unit == "patient-in-site" else "participating hospitals"
     if not sizes:
-        return (f"δ = {delta:g}. The releases did not record how many {noun} they covered (n), so δ cannot be "
+        return (f"<span class='nb'>δ = {delta:g}</span>. The releases did not record how many {noun} they covered (n), so δ cannot be "
                 f"compared with 1/n here; δ should be well below 1/n.")
     n = max(sizes)
     ratio = (1 / n) / delta
     if delta < 1 / n:
-        return (f"δ = {delta:g} against 1/n = {1 / n:.3g} (n = {n:,} {noun}, the largest recorded): δ is "
+        return (f"<span class='nb'>δ = {delta:g}</span> against <span class='nb'>1/n = {1 / n:.3g}</span> (n = {n:,} {noun}, the largest recorded): δ is "
                 f"{ratio:,.0f} times smaller than 1/n, as it should be.")
-    return (f"<span class='fail'>δ = {delta:g} is not below 1/n = {1 / n:.3g} (n = {n:,} {noun})</span>: a "
+    return (f"<span class='fail'><span class='nb'>δ = {delta:g}</span> is not below 1/n = {1 / n:.3g} (n = {n:,} {noun})</span>: a "
             f"mechanism could then reveal one {noun[:-1]}'s data outright with non-negligible probability.")
 
 
@@ -377,7 +446,7 @@ def _site_section(ledger: AuditedLedger, colours: dict[str, str]) -> str:
         out.append(
             f"<div class='statement'><p><b>Guarantee.</b> Everything site {_e(ledger.site_id)} released "
             f"under this privacy unit, over all phases and runs in this ledger ({_plural(len(releases), 'release')}), is "
-            f"(<b>ε = {spent.pld:.4g}</b>, δ = {budget.delta:g})-differentially private with respect to "
+            f"(<b>ε = {spent.pld:.4g}</b>, <span class='nb'>δ = {budget.delta:g}</span>)-differentially private with respect to "
             f"{unit_phrase} (PLD accountant: the figure the budget is enforced on; the Rényi-DP accountant's looser "
             f"bound, ε ≤ {spent.rdp:.4g}, is shown for comparison only and is not enforced). Budget: ε ≤ "
             f"{budget.epsilon_total:g} in total, {', '.join(f'{p} ≤ {budget.phase_cap(p):.3g}' for p in budget.shares)}"
@@ -405,17 +474,17 @@ def _entries_table(ledgers: list[AuditedLedger]) -> str:
             rows.append(
                 f"<tr class='{kind}'><td class='nowrap'>{_e(ledger.label)}</td><td class='num'>{_e(e.get('seq'))}</td>"
                 f"<td class='nowrap'>{_time(e)}</td><td>{kind}{note}</td>"
-                f"<td class='nowrap' title='{_e(e.get('run_id', ''))}'>{_e(str(e.get('run_id', ''))[:8])}</td>"
+                f"<td class='id'>{_run_id(e.get('run_id'))}</td>"
                 f"<td>{_e(e.get('phase'))}</td><td class='num'>{_e(e.get('round'))}</td>"
                 f"<td class='nowrap'>{_e(e.get('privacy_unit'))}</td><td>{_mechanism_text(e.get('mechanism'))}</td>"
                 f"<td class='num'>{_num(eps)}</td><td class='num'>{_num(eps_rdp)}</td>"
-                f"<td class='num'>{_num(e.get('delta'), 'g')}</td></tr>"
+                f"<td class='num nowrap'>{_num(e.get('delta'), 'g')}</td></tr>"
             )
     head = ("<tr><th>Site</th><th>#</th><th>Time (UTC)</th><th>Entry</th><th>Run</th><th>Phase</th><th>Round</th>"
             "<th>Unit</th><th>Mechanism</th><th>ε after (PLD, enforced)</th>"
             "<th>RDP bound after (looser, not enforced)</th><th>δ</th></tr>")
     body = "".join(rows) or "<tr><td colspan='12'>no releases</td></tr>"
-    return (f"<table>{head}{body}</table><p class='meta'>For refusals, “ε after” is what the refused release "
+    return (f"<div class='scroll'><table>{head}{body}</table></div><p class='meta'>For refusals, “ε after” is what the refused release "
             f"would have reached; the cumulative ε did not change.</p>")
 
 
@@ -480,7 +549,7 @@ def membership_section(rows: list[dict[str, Any]]) -> str:
         return ""
     body = "".join(
         f"<tr><td>{_e(r['site_id'])}</td><td>{_e(r['artifact'])}</td>"
-        f"<td class='nowrap' title='{_e(r.get('run_id') or '')}'>{_e(str(r.get('run_id') or '')[:8])}</td>"
+        f"<td class='id'>{_run_id(r.get('run_id'))}</td>"
         f"<td class='num'>{_num(r['epsilon'])}</td><td class='num'>{_num(r['bound'], '.3f')}</td>"
         f"<td>{_e(r.get('attack', '—'))}</td>"
         f"<td class='num'>{_e(r.get('members', '—'))} / {_e(r.get('non_members', '—'))}</td>"
@@ -511,43 +580,62 @@ of the held-out interval: what the attack proves about the release, to set besid
 """
 
 
+def _verification_row(ledger: AuditedLedger) -> str:
+    if ledger.verified:
+        result, row = "<span class='ok'>verified</span>", "<tr>"
+    else:
+        more = len(ledger.problems) - 1
+        result = (f"<span class='fail'>FAILED: {_e(ledger.problems[0])}</span>"
+                  + (f" <span class='meta'>(and {_plural(more, 'more problem')}: see its section)</span>" if more else ""))
+        row = "<tr class='failed'>"
+    return (f"{row}<td class='path'><code>{_path(ledger.path)}</code></td><td>{_e(ledger.kind)}</td>"
+            f"<td>{_e(ledger.site_id)}</td><td class='num'>{len(ledger.replay.entries)}</td>"
+            f"<td class='path'>{_e(ledger.key_note)}</td><td class='result'>{result}</td></tr>")
+
+
 def render_html(ledgers: list[AuditedLedger], generated_at: str | None = None,
                 membership: list[dict[str, Any]] | None = None) -> str:
     generated_at = generated_at or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     colours = _phase_colours(ledgers)
     all_ok = all(ledger.verified for ledger in ledgers)
-    verification_rows = "".join(
-        f"<tr><td><code>{_e(l.path)}</code></td><td>{_e(l.kind)}</td><td>{_e(l.site_id)}</td>"
-        f"<td class='num'>{len(l.replay.entries)}</td><td>{_e(l.key_note)}</td>"
-        f"<td>{'<span class=ok>verified</span>' if l.verified else '<span class=fail>FAILED: ' + _e(l.problems[0]) + '</span>'}"
-        f"</td></tr>"
-        for l in ledgers
-    )
+    verification_rows = "".join(_verification_row(l) for l in ledgers)
     summary_rows = []
     bars = []
+    failed_bars: set[str] = set()
     for ledger in ledgers:
         replay, budget = ledger.replay, ledger.replay.budget
+        status = ("<span class='ok'>verified</span>" if ledger.verified else
+                  "<span class='fail'>FAILED: figures as recorded, not to be relied on</span>")
         if budget is None:
+            summary_rows.append(f"<tr class='failed'><td>{_e(ledger.label)}</td><td>—</td>"
+                                f"<td colspan='7'>no valid open entry: the budget is unknown</td><td>{status}</td></tr>")
             continue
         for unit in ledger.units() or ["patient-in-site"]:
             spent = replay.state.spent(unit)
             summary_rows.append(
-                f"<tr><td>{_e(ledger.label)}</td><td>{_e(unit)}</td><td class='num'>{spent.pld:.4g}</td>"
-                f"<td class='num'>{spent.rdp:.4g}</td><td class='num'>{budget.delta:g}</td>"
+                f"<tr{'' if ledger.verified else ' class=failed'}><td>{_e(ledger.label)}</td><td class='nowrap'>{_e(unit)}</td>"
+                f"<td class='num'>{spent.pld:.4g}</td>"
+                f"<td class='num'>{spent.rdp:.4g}</td><td class='num nowrap'>{budget.delta:g}</td>"
                 f"<td class='num'>{budget.epsilon_total:g}</td><td class='num'>{replay.state.remaining(unit):.4g}</td>"
                 f"<td class='num'>{len(ledger.releases(unit))}</td>"
-                f"<td class='num'>{sum(1 for e in ledger.refusals() if e.get('privacy_unit') == unit)}</td></tr>"
+                f"<td class='num'>{sum(1 for e in ledger.refusals() if e.get('privacy_unit') == unit)}</td>"
+                f"<td class='result'>{status}</td></tr>"
             )
             bars.append((f"{ledger.label} · {unit} · total", spent.pld, budget.epsilon_total))
             for phase in budget.shares:
                 bars.append((f"{ledger.label} · {unit} · {phase}", replay.state.spent(unit, phase).pld,
                              budget.phase_cap(phase)))
+            if not ledger.verified:
+                failed_bars.update(label for label, _, _ in bars[-1 - len(budget.shares):])
     settings = sorted({f"{l.replay.settings.pld_value_discretization_interval:g}" for l in ledgers if l.replay.settings})
     versions = sorted({e.get("accountant") for l in ledgers for e in l.replay.entries if e.get("accountant")})
     banner = ("<div class='banner ok'>All ledgers verified: hash chains, signatures and canonical bytes intact, "
               "cumulative ε never decreases, every ε re-computed from the recorded mechanisms matches.</div>"
               if all_ok else
-              "<div class='banner fail'>At least one ledger FAILED verification; see below.</div>")
+              f"<div class='banner fail'>{sum(1 for l in ledgers if not l.verified)} of {len(ledgers)} "
+              f"ledger{'s' if len(ledgers) != 1 else ''} FAILED verification: "
+              + "; ".join(f"{_e(l.label)} ({_e(l.problems[0])})" for l in ledgers if not l.verified)
+              + ". Their figures below are as recorded and must not be relied on.</div>")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>PMLM privacy audit report</title>
 <style>{CSS}</style></head><body><main>
@@ -556,13 +644,13 @@ def render_html(ledgers: list[AuditedLedger], generated_at: str | None = None,
 re-computed with {_e(ACCOUNTANT)}</p>
 {banner}
 <h2>Verification</h2>
-<table><tr><th>Ledger</th><th>Kind</th><th>Site</th><th>Entries</th><th>Signing key</th><th>Result</th></tr>
-{verification_rows}</table>
+<div class="scroll"><table><tr><th>Ledger</th><th>Kind</th><th>Site</th><th>Entries</th><th>Signing key</th>
+<th>Result</th></tr>{verification_rows}</table></div>
 <h2>Summary</h2>
 <table><tr><th>Site</th><th>Privacy unit</th><th>ε (PLD, enforced)</th><th>RDP bound (looser, not enforced)</th>
 <th>δ</th><th>Budget ε</th>
-<th>Remaining ε</th><th>Releases</th><th>Refusals</th></tr>{''.join(summary_rows)}</table>
-{budget_bars(bars) if bars else ''}
+<th>Remaining ε</th><th>Releases</th><th>Refusals</th><th>Verification</th></tr>{''.join(summary_rows)}</table>
+{budget_bars(bars, failed=failed_bars) if bars else ''}
 <h2>What is guaranteed, and under which assumptions</h2>
 <div class="statement">
 <p><b>Privacy units.</b> Record-level guarantees protect one patient (all of her records) within one hospital;
