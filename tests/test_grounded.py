@@ -279,7 +279,8 @@ def test_grounded_answers_pass_and_her_record_counts_as_grounded():
 def test_numbers_beyond_the_prompt_are_flagged():
     prompt = prenatal_prompt()
     check = check_answer("- Glucose screening within the next 6 months\n- Blood pressure 150/95 mmHg: recheck\n"
-                         "- 78% of patients are healthy\n", prompt, MATCHER)
+                         "- 78% of patients are healthy\n- Nothing recorded in 6 months prior to today\n", prompt,
+                         MATCHER)
     assert [r for i in check.items for r in i.reasons] == [
         "looks 6 months ahead, beyond her prompt's 12-week horizon",
         "says blood pressure 150/95, a reading her prompt does not give",

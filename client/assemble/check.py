@@ -31,7 +31,7 @@ _PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
 _UNIT_DAYS = {"day": 1, "week": 7, "month": 30.4, "year": 365.25}
 _AGO = re.compile(r"(\d+(?:\.\d+)?)\s*(day|week|month|year)s?\s+ago\b", re.IGNORECASE)
 _AHEAD = re.compile(r"\b(?:in|within|next|over|after)\s+(?:the\s+)?(?:next\s+)?(\d+(?:\.\d+)?)\s*"
-                    r"(day|week|month|year)s?\b", re.IGNORECASE)
+                    r"(day|week|month|year)s?\b(?!\s+(?:prior|before|ago|earlier|since))", re.IGNORECASE)
 _GEST_WEEK = re.compile(r"(?:gestational\s+week|week\s+of\s+(?:her\s+)?pregnancy)\s+(\d+)|(\d+)\s*weeks?\s+"
                         r"(?:pregnant|of\s+gestation|gestation)", re.IGNORECASE)
 _POSTPARTUM = re.compile(r"(\d+)\s*weeks?\s+(?:after\s+(?:the\s+end\s+of\s+her\s+pregnancy|delivery|birth)"

@@ -122,7 +122,7 @@ def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opt
             bar.update(1)
         if i < 3:
             examples_out.append({"site": site, "targets": [profile.name_of(c) for c in ex.targets],
-                                 "gestational_week": ex.gestational_week, "variants": shown})
+                                 "gestational_week": ex.gestational_week, "stage": ctx.stage, "variants": shown})
     bar.close()
     sites = [site for site, _ in points]
     by_site = {site: guidance_table({v: [sc for sc, s in zip(ss, sites) if s == site] for v, ss in scores.items()})
