@@ -24,7 +24,7 @@ def run_pipeline(opts: PipelineOptions, log=print) -> dict:
     opts.workdir = opts.workdir.resolve()
     opts.workdir.mkdir(parents=True, exist_ok=True)
     records = load_consortium(opts)
-    log(f"[1/4] sites: {', '.join(records.sites)}")
+    log(f"[1/5] sites: {', '.join(records.sites)}")
     report = run_pipeline_core(opts, records, log)
     return _with_curve(report, opts, log, started, records)
 
@@ -58,7 +58,9 @@ def refine_on_site(opts: PipelineOptions, records: Consortium, site_dirs: dict, 
     out = {}
     config = RefineConfig(max_calls=opts.refine_calls)
     for i, (name, site_dir) in enumerate(site_dirs.items(), 1):
-        log(f"      [on-site {i}/{len(site_dirs)}] {name}: refining the consortium's prompt policy on its own records")
+        if i == 1:
+            log("[3/5] on-site: each site refines the consortium's prompt policy on its own records (nothing leaves)")
+        log(f"      {name}: refining ({i}/{len(site_dirs)})")
         timelines = {pid: t for (site, pid), t in records.timelines.items() if site == name}
         result = refine_site_policy(site_dir, site_llm(site_llm_settings(opts, name), site_dir),
                                     examples=records.site_examples[name],
@@ -79,16 +81,16 @@ def run_pipeline_core(opts: PipelineOptions, records: Consortium, log=print) -> 
     opts.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     sites, site_examples, timelines = records.sites, records.site_examples, records.timelines
-    log(f"[2/4] federated phases A (DP recommender), B (DP peer prototypes), C (RL prompt policy) through Flower"
+    log(f"[2/5] federated phases A (DP recommender), B (DP peer prototypes), C (RL prompt policy) through Flower"
         f" ({opts.engine})")
     timing = run_federation(opts, sites)
     site_dirs = {name: opts.workdir / "sites" / name for name in sites}
     log(f"      phase A {timing['phase_a']:.0f} s, phase B {timing['phase_b']:.0f} s, phase C {timing['phase_c']:.0f} s")
     refined = refine_on_site(opts, records, site_dirs, log) if opts.refine else {}
-    log("[3/4] evaluating the recommender against its baselines")
+    log("[4/5] evaluating the recommender against its baselines")
     eval_started = time.perf_counter()
     recommender, recommender_by_site = evaluate_recommenders(site_examples, site_dirs, opts)
-    log(f"[4/4] evaluating guidance on up to {opts.max_test_points} test points x {len(opts.variants)} prompts")
+    log(f"[5/5] evaluating guidance on up to {opts.max_test_points} test points x {len(opts.variants)} prompts")
     # Each site's prompts go to its own LLM client and response cache, as they would at the site.
     llms = {name: site_llm(site_llm_settings(opts, name), d) for name, d in site_dirs.items()}
     guidance = evaluate_guidance(site_examples, site_dirs, timelines, opts, llms)
@@ -130,7 +132,7 @@ def _with_curve(report: dict, opts: PipelineOptions, log, started: float, record
     for eps in opts.curve:
         if eps == opts.epsilon:
             continue
-        log(f"[curve] epsilon {eps} per site: another federated run, PMLM prompts only")
+        log(f"[curve] epsilon {eps} per site: another federated run, the consortium policy's prompts only")
         extra = PipelineOptions(**{**opts.__dict__, "epsilon": eps, "workdir": opts.workdir / f"curve-eps-{eps:g}",
                                    "variants": ("pmlm_consortium",), "curve": (), "baselines_trained": False,
                                    "refine": False})
