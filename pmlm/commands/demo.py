@@ -33,7 +33,7 @@ def register(sub) -> None:
 def cmd_demo(args) -> int:
     from pmlm.client.llm import LLMError
     from pmlm.client.sites import SAMPLE_DATA
-    from pmlm.commands.evaluate import options_from
+    from pmlm.commands.evaluate import options_from, summary_lines
     from pmlm.pipeline import PipelineError, run_pipeline
     from pmlm.reports.demo import write_report
 
@@ -62,27 +62,12 @@ def cmd_demo(args) -> int:
     except PipelineError as exc:
         raise CliError(str(exc)) from None
     json_path, html_path = write_report(report, args.out)
-    g = report["guidance"]
-    print("\nGuidance F1 (LLM answer vs what really happened next):")
-    for variant, m in g.items():
-        print(f"  {variant:<13} F1 {m['f1']:.3f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}")
-    print("Recommender Recall@5: " + ", ".join(f"{k} {v['recall@5']:.3f}" for k, v in report["recommender"].items()))
-    print(privacy_lines(report["privacy"]))
+    print(summary_lines(report))
     print(f"Site directories (for `pmlm advise --site ...`): {opts.workdir / 'sites'}")
     if log_path is not None:
         print(f"Log (library warnings, Flower's messages): {log_path}")
     print(f"Report: {html_path} and {json_path} ({time.perf_counter() - started:.0f} s)")
     return 0
-
-
-def privacy_lines(privacy: dict) -> str:
-    """The enforced ε (PLD) against each site's budget; RDP only as the labelled looser bound beside it."""
-    from pmlm.common.privacy.accountant import describe_spent
-
-    lines = [f"Privacy spent per site (patient level, δ={privacy['delta']:g}, all phases):"]
-    for site, v in privacy["sites"].items():
-        lines.append(f"  {site:<13} {describe_spent(v['epsilon'], v.get('budget'), v.get('epsilon_rdp'))}")
-    return "\n".join(lines)
 
 
 def set_aside_previous(workdir: Path) -> Path | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from pmlm import logs
 from pmlm.cli import CliError
 from pmlm.common.atomic import write_atomic
+from pmlm.common.privacy.accountant import describe_spent
 
 
 def add_pipeline_arguments(p) -> None:
@@ -79,7 +80,6 @@ def register(sub) -> None:
 
 def cmd_evaluate(args) -> int:
     from pmlm.client.llm import LLMError
-    from pmlm.commands.demo import privacy_lines
     from pmlm.pipeline import PipelineError, run_pipeline
     from pmlm.reports.demo import render_html
 
@@ -103,11 +103,53 @@ def cmd_evaluate(args) -> int:
     write_atomic(json_out, json.dumps(report, indent=1, default=float))
     if html_out:
         write_atomic(html_out, render_html(report))
-    g = report["guidance"]
-    print(f"guidance F1: general {g['general']['f1']:.3f}, self+peer {g['self_peer']['f1']:.3f}, "
-          f"PMLM {g['pmlm']['f1']:.3f}, oracle {g['oracle']['f1']:.3f}; report: {json_out}"
-          + (f" and {html_out}" if html_out else ""))
-    print(privacy_lines(report["privacy"]))
+    print(summary_lines(report))
+    print(f"report: {json_out}" + (f" and {html_out}" if html_out else ""))
     if log_path is not None:
         print(f"log: {log_path}")
     return 0
+
+
+def _interval(row: dict, key: str = "f1") -> str:
+    low, high = row.get(f"{key}_interval") or (float("nan"), float("nan"))
+    return f"{row[key]:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _paired(pair: dict) -> str:
+    low, high = pair["difference_interval"]
+    verdict = "no difference" if not (low > 0 or high < 0) else ("gain" if low > 0 else "loss")
+    return f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] on {pair['points']} points: {verdict}"
+
+
+def summary_lines(report: dict) -> str:
+    """What `pmlm demo` and `pmlm evaluate` print: guidance and recommender figures with their 95% intervals (a
+    difference whose interval holds 0 reads "no difference"), what each site kept on-site, and privacy spent."""
+    lines = ["", "Guidance F1 (the LLM's answer against what really happened next; 95% interval over patients):"]
+    for variant, m in report["guidance"].items():
+        lines.append(f"  {variant:<16} {_interval(m)}  (n={m['points']})")
+    for name, pair in report.get("guidance_paired", {}).items():
+        lines.append(f"  {name.replace('_vs_', ' - '):<32} {_paired(pair)}")
+    by_site = report.get("recommender_by_site")
+    if by_site:
+        lines.append("Recommender Recall@5 per site (local only / federated DP / adapted at the site):")
+        for site, t in {**by_site["sites"], "pooled": by_site["pooled"]}.items():
+            cells = " / ".join(_interval(t[m], "recall@5") for m in ("local_only", "federated_dp", "adapted"))
+            lines.append(f"  {site:<16} {cells}  (n={t['adapted']['points']} points, {t['adapted']['patients']} "
+                         "patients)")
+    else:
+        lines.append("Recommender Recall@5: " + ", ".join(f"{k} {v['recall@5']:.3f}"
+                                                       for k, v in report["recommender"].items()))
+    kept = report.get("on_site", {}).get("prompt_policy") or {}
+    if kept:
+        lines.append("Prompt policy each site uses:")
+        lines += [f"  {site:<16} {r['policy']}: {r['reason']}" for site, r in kept.items()]
+    lines.append(privacy_lines(report["privacy"]))
+    return "\n".join(lines)
+
+
+def privacy_lines(privacy: dict) -> str:
+    """The enforced ε (PLD) against each site's budget; RDP only as the labelled looser bound beside it."""
+    lines = [f"Privacy spent per site (patient level, δ={privacy['delta']:g}, all phases):"]
+    for site, v in privacy["sites"].items():
+        lines.append(f"  {site:<16} {describe_spent(v['epsilon'], v.get('budget'), v.get('epsilon_rdp'))}")
+    return "\n".join(lines)
