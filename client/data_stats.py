@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from pmlm.client.baselines import GestationalTiming, Popularity, evaluate_ranker
+from pmlm.client.baselines import Popularity, TimingFloor, evaluate_ranker
 from pmlm.client.examples import Example, horizon_events
 from pmlm.client.sites import SiteData
 from pmlm.common.profiles import TaskProfile
@@ -18,7 +18,7 @@ from pmlm.common.schema import Timeline
 
 def _floors(train: list[Example], test: list[Example]) -> dict[str, dict]:
     return {"popularity": evaluate_ranker(Popularity(train), test),
-            "gestational_timing": evaluate_ranker(GestationalTiming(train), test)}
+            "gestational_timing": evaluate_ranker(TimingFloor(train), test)}
 
 
 def _no_nan(floors: dict[str, dict]) -> dict[str, dict]:
@@ -53,7 +53,7 @@ def data_stats(loaded: list[tuple[SiteData, list[Timeline]]], profile: TaskProfi
             covered += c
     train = [ex for ex in examples if ex.split == "train"]
     test = [ex for ex in examples if ex.split == "test" and ex.targets]
-    consortium = {"popularity": Popularity(train), "gestational_timing": GestationalTiming(train)}
+    consortium = {"popularity": Popularity(train), "gestational_timing": TimingFloor(train)}
     floors = {name: evaluate_ranker(ranker, test) for name, ranker in consortium.items()}
     return {
         "profile": profile.name,

@@ -1,5 +1,8 @@
 """Timelines -> prediction examples: at each prediction point t, her history up to t and what happened in (t, t+h].
 
+Only the points inside the profile's scope (who and when: age, the recent part of the record, encounter class)
+are examples, for training and evaluation alike.
+
 Times inside an example are relative (days before t, gestational week); the absolute time t stays
 in the example only for on-site bookkeeping and never enters a prompt or a message.
 """
@@ -49,6 +52,8 @@ class Example:
     age_years: float | None = None
     site: str = ""
     extras: dict = field(default_factory=dict)
+    gender: str = ""  # as her record spells it; the prompt's pronouns come from it where the profile says so
+    clock: int | None = None  # the timing floor's reading at t, on the profile's clock (client.baselines)
 
 
 @dataclass(slots=True)
@@ -81,16 +86,24 @@ def _open_pregnancy(episodes: list[Pregnancy], t: datetime, slack_days: int = 12
     return None
 
 
+def prediction_points(timeline: Timeline, profile: TaskProfile) -> list[Event]:
+    """Her encounters that are prediction points of the profile and inside its scope, oldest first."""
+    events = timeline.events
+    end = events[-1].time if events else None
+    return [e for e in events if e.kind == "encounter" and e.concept in profile.prediction_points
+            and profile.scope.admits(timeline.age_at(e.time), (end - e.time).days / 365.25, e.encounter_class,
+                                     timeline.gender)]
+
+
 def build_examples(timeline: Timeline, profile: TaskProfile, site: str = "") -> list[Example]:
     events = timeline.events
     horizon = timedelta(days=profile.horizon_days)
     episodes = pregnancies(timeline, profile)
     split = patient_split(timeline.patient_id)
     examples = []
-    for i, point in enumerate(events):
-        if point.kind != "encounter" or point.concept not in profile.prediction_points:
-            continue
+    for point in prediction_points(timeline, profile):
         t = point.time
+        age = timeline.age_at(t)
         history, targets, risks = [], set(), set()
         for e in events:
             if e.time <= t:
@@ -110,9 +123,23 @@ def build_examples(timeline: Timeline, profile: TaskProfile, site: str = "") -> 
         examples.append(Example(
             patient_id=timeline.patient_id, t=t, point=point.concept, history=history,
             targets=sorted(targets), risks=sorted(risks), split=split, gestational_week=gest,
-            weeks_since_first_visit=since_first, weeks_postpartum=postpartum, age_years=timeline.age_at(t), site=site,
+            weeks_since_first_visit=since_first, weeks_postpartum=postpartum, age_years=age, site=site,
+            gender=timeline.gender, clock=_clock(profile, since_first, age, history),
         ))
     return examples
+
+
+def _clock(profile: TaskProfile, weeks_since_first_visit: float | None, age: float | None,
+           history: list[HistoryItem]) -> int | None:
+    """The timing floor's reading on the profile's clock: 4-week steps since her first prenatal visit
+    ("pregnancy"), 5-year age bands ("age"), or years since her first risk condition ("since_diagnosis");
+    None where the clock does not run (outside a pregnancy, no diagnosis yet)."""
+    if profile.clock == "pregnancy":
+        return None if weeks_since_first_visit is None else int(weeks_since_first_visit // 4)
+    if profile.clock == "since_diagnosis":
+        days = [h.days_before for h in history if h.kind == "condition" and h.concept in profile.risks]
+        return int(max(days) // 365.25) if days else None
+    return None if age is None else int(age // 5)
 
 
 def _history_item(e: Event, t: datetime) -> HistoryItem:
@@ -124,7 +151,7 @@ def horizon_events(timeline: Timeline, profile: TaskProfile) -> tuple[int, int]:
     """(care events in the horizons after prediction points, of those the ones the vocabulary covers)."""
     horizon = timedelta(days=profile.horizon_days)
     total = covered = 0
-    points = [e.time for e in timeline.events if e.kind == "encounter" and e.concept in profile.prediction_points]
+    points = [e.time for e in prediction_points(timeline, profile)]
     for t in points:
         for e in timeline.events:
             if t < e.time <= t + horizon and e.kind in profile.target_kinds:

@@ -15,10 +15,6 @@ from functools import lru_cache
 from pmlm.client.examples import Example
 from pmlm.common.profiles import TaskProfile, load_profile
 
-# Words too generic to count as naming a concept on their own (they appear in any pregnancy advice).
-GENERIC_TERMS = {"pregnancy", "delivery", "abortion", "passive immunization", "physical assessment"}
-
-
 @dataclass(frozen=True)
 class RewardWeights:
     risk: float = 0.5  # weight of risk recall when she has a risk event ahead
@@ -47,7 +43,8 @@ class ConceptMatcher:
         self.profile = profile
         self.patterns: list[tuple[str, re.Pattern]] = []
         for c in profile.concepts:
-            terms = {t.lower() for t in (c.name, *c.synonyms)} - GENERIC_TERMS
+            # A name too generic to count on its own (the profile's generic_terms: e.g. any advice names them).
+            terms = {t.lower() for t in (c.name, *c.synonyms)} - profile.generic_terms
             terms = {t for t in terms if len(t) >= 3}
             if terms:
                 alternatives = "|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True))

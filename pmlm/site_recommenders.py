@@ -4,7 +4,7 @@
     federated_dp   the consortium's DP model (phase A), the same at every site
     adapted        the consortium model adapted at the site (client/adapt.py; the consortium model where the
                    site's validation kept it)
-    timing         the gestational-timing floor, fitted on every site's training split (as the pipeline's row)
+    timing         the timing floor (on the profile's clock), fitted on every site's training split (as the pipeline's row)
 
 Every figure (Recall@5, NDCG@5) comes with a 95% bootstrap interval over patients (all of a patient's test
 points are drawn together: common/metrics.patient_bootstrap) and its point and patient counts; adapted − local_only
@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 
 from pmlm.client.adapt import read_adaptation, site_recommender
-from pmlm.client.baselines import GestationalTiming
+from pmlm.client.baselines import TimingFloor
 from pmlm.client.examples import Example
 from pmlm.client.phase_a import load_global_model
 from pmlm.client.train import point_scores, predict
@@ -36,7 +36,7 @@ def evaluate_site_recommenders(site_examples: dict[str, list[Example]], site_dir
                                resamples: int = 2000) -> dict:
     """The per-site and pooled table. `local_only`: site -> (model, encoder) trained on that site's records alone."""
     train = [e for exs in site_examples.values() for e in exs if e.split == "train"]
-    timing = GestationalTiming(train)
+    timing = TimingFloor(train)
     points, patients, adaptation = {}, {}, {}
     for site, exs in site_examples.items():
         test = [e for e in exs if e.split == "test" and e.targets]

@@ -152,6 +152,29 @@ OBGYN_STAGES = {
     ],
 }
 
+# The words each profile's prompts and reports use (common/profiles Wording): nothing in the code assumes a woman
+# or a pregnancy; a profile whose patients are all women says so ("pronouns": "female"), another takes each
+# patient's pronouns from her or his record.
+OBGYN_WORDING = {
+    "role": "You are a clinical decision-support assistant for obstetrics and gynecology. You help a clinician plan "
+            "the care of one patient. Be specific and concise.",
+    "question": "What care does this patient need over the next {weeks} weeks?",
+    "pronouns": "female",
+    "stage_summary": {"during": "Pregnant, gestational week {week}",
+                      "after": "{weeks} weeks after the end of her pregnancy",
+                      "after_recent": "Her pregnancy ended within the past week"},
+    "clock_label": "encounter type and weeks since the first prenatal visit",
+    "stage_label": "gestational week",
+}
+CHRONIC_WORDING = {
+    "role": "You are a clinical decision-support assistant for primary care of chronic conditions. You help a "
+            "clinician plan the care of one patient. Be specific and concise.",
+    "question": "What care does this patient need over the next {weeks} weeks?",
+    "pronouns": "record",
+    "clock_label": "encounter type and 5-year age band",
+    "stage_label": "age",
+}
+
 PROFILES = {
     "obgyn": {
         "title": "Obstetrics and gynecology (pregnancy care)",
@@ -168,6 +191,11 @@ PROFILES = {
                   "snomed:35999006", "snomed:79586000", "snomed:267253006", "snomed:609496007", "snomed:47200007",
                   "snomed:367494004"],
         "stages": OBGYN_STAGES,
+        "scope": {},  # every prenatal, postnatal and obstetric encounter
+        "clock": "pregnancy",
+        "wording": OBGYN_WORDING,
+        # Too generic to count as naming a concept on their own: they appear in any pregnancy advice.
+        "generic_terms": ["pregnancy", "delivery", "abortion", "passive immunization", "physical assessment"],
         "modules": [
             "pregnancy", "female_reproduction", "contraceptives", "contraceptives/*", "contraceptive_maintenance",
             "sexual_activity", "wellness_encounters", "encounter/*", "med_rec", "allergic_rhinitis", "allergies",
@@ -191,6 +219,12 @@ PROFILES = {
         "pregnancy": None,
         "risks": ["snomed:59621000", "snomed:44054006", "snomed:195967001", "snomed:271737000",
                   "snomed:370143000", "snomed:36971009"],
+        # Adults of a primary-care network, in the recent part of the record: the generator simulates every life
+        # from birth, and infancy check-ups are no chronic-care points.
+        "scope": {"min_age": 40, "last_years": 10, "encounter_classes": ["AMB"]},
+        "clock": "age",
+        "wording": CHRONIC_WORDING,
+        "generic_terms": ["physical assessment"],
         "modules": [
             "wellness_encounters", "encounter/*", "med_rec", "hypertension", "metabolic_syndrome_care",
             "metabolic_syndrome_disease", "metabolic_syndrome/*", "asthma", "allergic_rhinitis", "allergies",
@@ -288,6 +322,10 @@ def build(name: str, spec: dict, root) -> dict:
         "pregnancy": spec["pregnancy"],
         "risks": spec["risks"],
         **({"stages": spec["stages"]} if spec.get("stages") else {}),
+        "scope": spec["scope"],
+        "clock": spec["clock"],
+        "wording": spec["wording"],
+        "generic_terms": spec["generic_terms"],
         "target_kinds": sorted(set(STATE_KIND.values()) | {"immunization"}),
         "vocabulary": vocab,
         "provenance": {

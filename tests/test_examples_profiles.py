@@ -4,6 +4,7 @@ from datetime import timedelta
 
 import pytest
 
+from chronic_records import chronic_timeline
 from pmlm.client.examples import build_examples, patient_split, pregnancies
 from pmlm.client.ingest import RecordReader
 from pmlm.common.profiles import available_profiles, load_profile
@@ -76,7 +77,8 @@ def test_splits_are_stable_and_patient_level(timelines):
 def test_switching_profile_needs_no_code_change(timelines):
     chronic = load_profile("chronic")
     obgyn = load_profile("obgyn")
-    ex_chronic = [ex for t in timelines for ex in build_examples(t, chronic)]
+    # The sample's women are 15-40: under the chronic scope (adults 40 and over); an in-memory chronic record too.
+    ex_chronic = [ex for t in [*timelines, chronic_timeline()] for ex in build_examples(t, chronic)]
     ex_obgyn = [ex for t in timelines for ex in build_examples(t, obgyn)]
     assert ex_chronic and ex_obgyn
     assert {ex.point for ex in ex_chronic} <= chronic.prediction_points

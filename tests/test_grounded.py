@@ -225,7 +225,7 @@ MATCHER = ConceptMatcher(OBGYN)
 
 def prenatal_prompt(**params):
     ctx = PatientContext(
-        age_years=30, gestational_week=30, visit="prenatal visit",
+        age_years=30, gestational_week=30, visit="prenatal visit", wording=OBGYN.wording,
         history=["fetal anatomy study (35 days ago)", "glucose screening (today)"],
         observations=["blood pressure 128/84 mmHg"],
         predictions=[("prenatal visit", 0.75), ("group B strep test", 0.4), ("Tdap vaccination", 0.3),
@@ -288,7 +288,7 @@ def test_numbers_beyond_the_prompt_are_flagged():
 
 
 def test_an_answer_naming_what_cannot_follow_her_stage_is_flagged():
-    ctx = PatientContext(age_years=30, weeks_postpartum=6, visit="postnatal visit",
+    ctx = PatientContext(age_years=30, weeks_postpartum=6, visit="postnatal visit", wording=OBGYN.wording,
                          history=["childbirth (6 weeks ago)"], predictions=[("depression screening", 0.7)])
     impossible = OBGYN.impossible_at("postpartum")
     check = check_answer("- Depression screening\n- Induction of labor this week\n- Childbirth 6 weeks ago: recovered\n",

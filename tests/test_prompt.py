@@ -92,7 +92,7 @@ def text(prompt) -> str:
 def test_parameters_control_the_sections():
     from pmlm.common.assemble.render import PatientContext
 
-    ctx = PatientContext(age_years=30, gestational_week=20, visit="prenatal visit",
+    ctx = PatientContext(age_years=30, gestational_week=20, visit="prenatal visit", wording=load_profile("obgyn").wording,
                          predictions=[(f"event {i}", 0.9 - i / 10) for i in range(8)],
                          trajectory=["blood pressure rising"],
                          peer_facts=["Among about 200 similar patients:", "about 50% had X", "about 40% had Y"])
@@ -139,7 +139,7 @@ def test_task_last_placement_asks_first_and_ends_on_the_answer_format():
     system, user = (m["content"] for m in render(ctx, params, question="What next?").messages)
     assert system == ROLE  # her data stays out of the system turn
     assert user.startswith("What next?")
-    assert user.endswith(FORMATS[4].format(weeks=12, max_items=5))  # the last thing the model reads
+    assert user.endswith(FORMATS[4].format(weeks=12, max_items=5, **ctx.wording.for_gender(ctx.gender)))  # the last thing the model reads
     assert SELF_HEADINGS[3].format(weeks=12) in user and "- fetal anatomy study" in user
     before = render(ctx, replace(params, placement="user"), question="What next?").messages[1]["content"]
     assert before.endswith("What next?") and sorted(before.split("\n")) == sorted(user.split("\n"))

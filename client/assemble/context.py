@@ -67,4 +67,6 @@ def build_context(example: Example, profile: TaskProfile, timeline: Timeline | N
         peer_facts=list(peer_facts or []),
         horizon_weeks=round(profile.horizon_days / 7),
         oracle=[profile.name_of(c) for c in example.targets] if with_oracle else [],
+        wording=profile.wording,
+        gender=example.gender or (timeline.gender if timeline is not None else ""),
     )

@@ -36,8 +36,65 @@ class StageRule:
     from_gestational_week: float | None = None
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Who and when is in scope: only prediction points inside it are examples, for training and evaluation alike.
+    Empty: every prediction point of the profile (obgyn's points are all of a pregnancy)."""
+
+    min_age: float | None = None  # her age at the point, in years
+    max_age: float | None = None
+    last_years: float | None = None  # points within this many years before the record's last event
+    encounter_classes: frozenset[str] = frozenset()  # the point's encounter class (AMB, EMER, IMP ...); empty: any
+    genders: frozenset[str] = frozenset()  # as the record spells it (female, male); empty: any
+
+    def admits(self, age: float | None, years_before_end: float, encounter_class: str, gender: str) -> bool:
+        if self.min_age is not None and (age is None or age < self.min_age):
+            return False
+        if self.max_age is not None and (age is None or age > self.max_age):
+            return False
+        if self.last_years is not None and years_before_end > self.last_years:
+            return False
+        if self.encounter_classes and encounter_class not in self.encounter_classes:
+            return False
+        return not self.genders or gender.lower() in self.genders
+
+
+# Pronouns by the record's gender; a record without one (or another value) is called "the patient".
+PRONOUNS = {
+    "female": {"subj": "she", "obj": "her", "poss": "her"},
+    "male": {"subj": "he", "obj": "him", "poss": "his"},
+    "": {"subj": "the patient", "obj": "the patient", "poss": "the patient's"},
+}
+
+
+@dataclass(frozen=True)
+class Wording:
+    """The words a prompt and a report use for this profile's patients: the role, the question, how her stage
+    reads in the summary, what the timing floor's clock is called, and her pronouns. `pronouns` is a gender
+    ("female" for a profile whose patients are all women) or "record": from each patient's record."""
+
+    role: str = ("You are a clinical decision-support assistant. You help a clinician plan the care of one "
+                 "patient. Be specific and concise.")
+    question: str = "What care does this patient need over the next {weeks} weeks?"
+    pronouns: str = "record"
+    # Summary lines for a profile with stages: "during" takes {week}, "after" {weeks}; "after_recent" none.
+    stage_summary: tuple[tuple[str, str], ...] = ()
+    clock_label: str = "age band"  # what the timing floor conditions on, for reports
+    stage_label: str = "stage"  # what a report calls the point's stage or clock reading
+
+    def for_gender(self, gender: str | None) -> dict[str, str]:
+        """{subj, obj, poss} for a patient of `gender` under this profile."""
+        key = self.pronouns if self.pronouns != "record" else (gender or "").lower()
+        return dict(PRONOUNS.get(key, PRONOUNS[""]))
+
+    def summary_line(self, key: str, **values) -> str | None:
+        template = dict(self.stage_summary).get(key)
+        return template.format(**values) if template else None
+
+
 @dataclass
 class TaskProfile:
+
     name: str
     title: str
     horizon_days: int
@@ -52,6 +109,12 @@ class TaskProfile:
     intrapartum_points: frozenset[str] = frozenset()
     stage_enders: dict[str, frozenset[str]] = field(default_factory=dict)  # stage -> events that begin it
     stage_rules: tuple[StageRule, ...] = ()
+    scope: Scope = field(default_factory=Scope)
+    wording: Wording = field(default_factory=Wording)
+    # The timing floor's clock: "pregnancy" (4-week steps since her first prenatal visit), "age" (5-year bands),
+    # "since_diagnosis" (years since her first risk condition).
+    clock: str = "age"
+    generic_terms: frozenset[str] = frozenset()  # names too generic to count as naming a concept in an answer
     index: dict[str, int] = field(init=False)
 
     def __post_init__(self):
@@ -139,4 +202,20 @@ def load_profile(name_or_path: str = DEFAULT_PROFILE) -> TaskProfile:
         intrapartum_points=frozenset(stages.get("intrapartum_points", [])),
         stage_enders={stage: frozenset(concepts) for stage, concepts in stages.get("ended_by", {}).items()},
         stage_rules=rules,
+        scope=_scope(raw.get("scope") or {}),
+        wording=_wording(raw.get("wording") or {}),
+        clock=raw.get("clock", "age"),
+        generic_terms=frozenset(t.lower() for t in raw.get("generic_terms", [])),
     )
+
+
+def _scope(raw: dict) -> Scope:
+    return Scope(raw.get("min_age"), raw.get("max_age"), raw.get("last_years"),
+                 frozenset(raw.get("encounter_classes", [])), frozenset(g.lower() for g in raw.get("genders", [])))
+
+
+def _wording(raw: dict) -> Wording:
+    known = {k: v for k, v in raw.items() if k in Wording.__dataclass_fields__}
+    if "stage_summary" in known:
+        known["stage_summary"] = tuple(sorted(known["stage_summary"].items()))
+    return Wording(**known)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
-from pmlm.client.baselines import GestationalTiming, Popularity, timing_key
+from pmlm.client.baselines import Popularity, TimingFloor, timing_key
 from pmlm.client.features import FeatureEncoder, PatientDataset
 from pmlm.client.phase_a import load_global_model
 from pmlm.client.phase_b import embed_examples
@@ -28,7 +28,7 @@ def _baseline_scores(ranker, examples, concepts: list[str]) -> np.ndarray:
     col = {c: i for i, c in enumerate(concepts)}
     out = np.zeros((len(examples), len(concepts)), dtype=np.float32)
     for i, ex in enumerate(examples):
-        if isinstance(ranker, GestationalTiming):
+        if isinstance(ranker, TimingFloor):
             counts = ranker.by_key.get(timing_key(ex)) or ranker.fallback.counts
         else:
             counts = ranker.counts
@@ -61,7 +61,7 @@ def evaluate_recommenders(site_examples: dict, site_dirs: dict, opts: PipelineOp
     concepts = [c.id for c in encoder.profile.concepts]
     pick = lambda m: {"recall@5": m["recall@5"], "ndcg@5": m["ndcg@5"], "auroc": m["micro_auroc"]}  # noqa: E731
     table = {"federated_dp": pick(ranking_metrics(predict(model, test, encoder), test, encoder))}
-    for name, ranker in (("popularity", Popularity(train)), ("timing", GestationalTiming(train))):
+    for name, ranker in (("popularity", Popularity(train)), ("timing", TimingFloor(train))):
         table[name] = pick(ranking_metrics(_baseline_scores(ranker, test, concepts), test, encoder))
     peers = PeerProfiles.load(first / PEER_PROFILES)
     emb = embed_examples(model, encoder, test)
