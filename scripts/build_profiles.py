@@ -164,7 +164,6 @@ OBGYN_WORDING = {
                       "after": "{weeks} weeks after the end of her pregnancy",
                       "after_recent": "Her pregnancy ended within the past week"},
     "clock_label": "encounter type and weeks since the first prenatal visit",
-    "stage_label": "gestational week",
 }
 CHRONIC_WORDING = {
     "role": "You are a clinical decision-support assistant for primary care of chronic conditions. You help a "

@@ -80,7 +80,7 @@ class Wording:
     # Summary lines for a profile with stages: "during" takes {week}, "after" {weeks}; "after_recent" none.
     stage_summary: tuple[tuple[str, str], ...] = ()
     clock_label: str = "age band"  # what the timing floor conditions on, for reports
-    stage_label: str = "stage"  # what a report calls the point's stage or clock reading
+    stage_label: str = "age"  # a report's heading for a point of a profile without stages: "<stage_label> <age>"
 
     def for_gender(self, gender: str | None) -> dict[str, str]:
         """{subj, obj, poss} for a patient of `gender` under this profile."""

@@ -9,12 +9,13 @@ from pmlm.cli import CliError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("advise", help="assemble her personalised prompt on-site and ask the site's LLM")
+    p = sub.add_parser("advise", help="assemble the patient's personalised prompt on-site and ask the site's LLM")
     p.add_argument("--site", type=Path, required=True, help="the site directory (with site.json)")
     p.add_argument("--patient", required=True, metavar="ID",
-                   help="her patient id (`pmlm data inspect DIR --pregnant` lists some)")
+                   help="the patient id (for obgyn, `pmlm data inspect DIR --pregnant` lists some)")
     p.add_argument("--question", default=None,
-                   help="her question, answered with her prompt (default: general guidance for her next weeks)")
+                   help="the question, answered with the patient's prompt (default: the profile's question, general "
+                        "guidance for the next weeks)")
     p.add_argument("--show-prompt", action="store_true",
                    help="print the prompt sent to the LLM and where each of its facts came from")
     p.add_argument("--max-tokens", type=int, default=200, help="longest answer, in tokens")

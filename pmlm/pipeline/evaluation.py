@@ -79,6 +79,14 @@ def evaluate_recommenders(site_examples: dict, site_dirs: dict, opts: PipelineOp
     return table, None
 
 
+def _reading(profile, ex) -> str:
+    """The point's reading in words for a profile without stages (e.g. "age 62"), for the report's headings;
+    a profile with stages heads each example with her stage (ctx.stage)."""
+    if profile.stage_labels or ex.age_years is None:
+        return ""
+    return f"{profile.wording.stage_label} {ex.age_years:.0f}"
+
+
 def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opts: PipelineOptions, llms) -> dict:
     """Each prompt variant's answer scored against what really happened, on up to K test points.
     llms: each site's LLM client (site -> client), or one client for every site."""
@@ -122,7 +130,8 @@ def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opt
             bar.update(1)
         if i < 3:
             examples_out.append({"site": site, "targets": [profile.name_of(c) for c in ex.targets],
-                                 "gestational_week": ex.gestational_week, "stage": ctx.stage, "variants": shown})
+                                 "gestational_week": ex.gestational_week, "stage": ctx.stage or _reading(profile, ex),
+                                 "variants": shown})
     bar.close()
     sites = [site for site, _ in points]
     by_site = {site: guidance_table({v: [sc for sc, s in zip(ss, sites) if s == site] for v, ss in scores.items()})

@@ -97,7 +97,7 @@ def run_pipeline_core(opts: PipelineOptions, records: Consortium, log=print) -> 
     config = LLMConfig.from_dict(opts.llm) if opts.llm else None
     usages = [llm.usage for llm in llms.values()]  # every call this process made through them: phase C too
     report = {
-        "data": {"patients": records.patients, "sites": len(sites),
+        "data": {"patients": records.patients, "sites": len(sites), "profile": opts.profile,
                  "prediction_points": sum(len(v) for v in site_examples.values()),
                  "test_points": guidance["points"]},
         "privacy": privacy_summary(site_dirs, opts),

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pmlm.common.atomic import write_atomic
+from pmlm.common.profiles import load_profile
 
 COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#9d755d", "#bab0ac"]
 
@@ -35,9 +36,21 @@ RECOMMENDER_LABELS = {"local_only": "local only", "federated_dp": "federated DP"
 PAIR_LABELS = {"pmlm_vs_self_peer": "PMLM − initial (self+peer)",
                "pmlm_vs_pmlm_consortium": "PMLM − consortium DP policy",
                "pmlm_vs_general": "PMLM − general"}
-RISK_NOTE = ("Risk recall (the share of her upcoming risk conditions, such as pre-eclampsia, miscarriage or a "
-             "premature birth, that the answer names) is undefined at a point with no risk condition in its "
-             "horizon (client/reward.py).")
+RISK_NOTE = ("Risk recall (the share of the patient's upcoming risk conditions{examples} that the answer names) is "
+             "undefined at a point with no risk condition in its horizon (client/reward.py).")
+
+
+def risk_note_for(profile_name: str | None) -> str:
+    """RISK_NOTE naming a few of the report's task profile's risk conditions (none when it cannot be loaded)."""
+    try:
+        profile = load_profile(profile_name) if profile_name else None
+    except (ValueError, OSError):
+        profile = None
+    if profile is None or not profile.risks:
+        return RISK_NOTE.format(examples="")
+    names = [profile.name_of(c) for c in profile.risk_ids][:3]
+    return RISK_NOTE.format(examples=f", such as {', '.join(names[:-1])} or {names[-1]}," if len(names) > 1
+                            else f", such as {names[0]},")
 
 
 # -- numbers ---------------------------------------------------------------------------------------------------
@@ -412,7 +425,7 @@ def paired_table(paired: dict) -> str:
             "</th><th>ratio (95% CI)</th><th>points</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
-def guidance_table(g: dict, test_points) -> tuple[str, str]:
+def guidance_table(g: dict, test_points, profile: str | None = None) -> tuple[str, str]:
     """The pooled ablation table and, where risk recall is undefined at every point, the note saying why."""
     has_risk = any(_num_ok(r.get("risk_recall")) for r in g.values() if isinstance(r, dict))
     head = ["precision", "recall", "F1", "F1 95% CI", "points"] + (["risk recall"] if has_risk else [])
@@ -426,7 +439,7 @@ def guidance_table(g: dict, test_points) -> tuple[str, str]:
                     + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>")
     page = ("<table><thead><tr><th>prompt</th>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
             + "".join(body) + "</tbody></table>")
-    note = "" if has_risk else (f"<p class='note'>{RISK_NOTE} No risk targets among the scored points, so it is "
+    note = "" if has_risk else (f"<p class='note'>{html.escape(risk_note_for(profile))} No risk targets among the scored points, so it is "
                                 f"not shown.</p>")
     return page, note
 
@@ -458,9 +471,10 @@ def on_site_table(report: dict) -> str:
 
 def _stage(ex: dict) -> str:
     """Her stage at the example's point, from the example's own fields."""
-    if ex.get("stage"):
+    if ex.get("stage"):  # her stage, or the reading of a profile without stages (e.g. "age 62")
         return str(ex["stage"])
-    if "gestational_week" not in ex:
+    if "gestational_week" not in ex or ("stage" in ex and ex["gestational_week"] is None):
+        return ""  # (an older obgyn report.json has no "stage": its heading comes from the gestational week)
         return ""
     week = ex["gestational_week"]
     return f"gestational week {week:.0f}" if _num_ok(week) else "postpartum"
@@ -499,7 +513,7 @@ def render_html(report: dict) -> str:
     curve = [c for c in report.get("privacy_utility_curve") or [] if isinstance(c, dict)]
     curve_points = [(c.get("epsilon"), c.get("f1"), c.get("f1_interval")) for c in curve]
     curve_has_noise = any(_interval_ok(c.get("f1_interval")) for c in curve)
-    guidance_rows, risk_note = guidance_table(g, d.get("test_points"))
+    guidance_rows, risk_note = guidance_table(g, d.get("test_points"), d.get("profile"))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>PMLM report</title><style>{CSS}</style></head><body>",
              "<h1>PMLM — personalised guidance report</h1>",
              f"<p>{d['patients']} patients at {d['sites']} sites, {d['prediction_points']} prediction points; guidance "
