@@ -185,6 +185,10 @@ PROFILES = {
         "pregnancy": {
             "start": ["snomed:72892002"],
             "first_visit": "snomed:424441002",
+            # Routine prenatal visits (visit, initial visit) on ACOG's schedule: every 4 weeks to week 28, every 2
+            # to week 36, then weekly; a longer gap is a missed visit (client/assemble/self_informed.py).
+            "scheduled_visits": ["snomed:424619006", "snomed:424441002"],
+            "visit_schedule": [[28, 28], [36, 14], [None, 7]],
         },
         "risks": ["snomed:398254007", "snomed:198992004", "snomed:19169002", "snomed:85116003", "snomed:156073000",
                   "snomed:35999006", "snomed:79586000", "snomed:267253006", "snomed:609496007", "snomed:47200007",

@@ -196,7 +196,7 @@ def test_no_care_event_of_the_sample_follows_a_point_where_it_is_called_impossib
 def test_reported_case_at_a_prenatal_visit_she_is_not_told_she_has_had_no_visit():
     at_visit = example("prenatal visit", [visit("initial prenatal visit", 140), visit("prenatal visit", 35),
                                           visit("prenatal visit", 0)], gestational_week=34.0)
-    change = missed_visit(at_visit)
+    change = missed_visit(at_visit, OBGYN)
     assert change is not None and "no prenatal visit" not in change.text
     assert change.text.startswith("5 weeks between her previous prenatal visit and today's")
     assert "about every 2 weeks" in change.text and change.values["visit_today"]
@@ -206,16 +206,16 @@ def test_no_missed_visit_at_the_first_visit_of_a_new_pregnancy():
     """Visits of an earlier pregnancy are no prenatal care for this one (the record gave '170 weeks')."""
     first = example("initial prenatal visit", [visit("prenatal visit", 400), visit("prenatal visit", 380),
                                                visit("initial prenatal visit", 0)], gestational_week=10.0)
-    assert missed_visit(first) is None
+    assert missed_visit(first, OBGYN) is None
 
 
 def test_no_prenatal_visit_is_said_only_when_none_is_today():
     admitted = example("obstetric admission", [visit("prenatal visit", 21), visit("obstetric admission", 0)],
                        gestational_week=40.0)
-    assert missed_visit(admitted).text.startswith("no prenatal visit in the last 3 weeks")
+    assert missed_visit(admitted, OBGYN).text.startswith("no prenatal visit in the last 3 weeks")
     on_schedule = example("prenatal visit", [visit("prenatal visit", 28), visit("prenatal visit", 0)],
                           gestational_week=20.0)
-    assert missed_visit(on_schedule) is None
+    assert missed_visit(on_schedule, OBGYN) is None
 
 
 # -- 3. every answer checked against its prompt ----------------------------------------------------------------

@@ -14,14 +14,14 @@ from pmlm.client.examples import GESTATION_OFFSET_WEEKS, Example
 from pmlm.client.features import FeatureEncoder
 from pmlm.client.train import predict
 from pmlm.common.model import NextEventRecommender
+from pmlm.common.profiles import TaskProfile
 from pmlm.common.schema import Timeline
 
 SYSTOLIC, DIASTOLIC, WEIGHT = "loinc:8480-6", "loinc:8462-4", "loinc:29463-7"
-PRENATAL_VISITS = ("snomed:424619006", "snomed:424441002")  # prenatal visit, prenatal initial visit
-# ACOG's routine schedule: every 4 weeks to week 28, every 2 to week 36, then weekly; a gap longer
-# than the interval plus this slack means an expected visit did not happen.
+# A gap longer than the profile's scheduled interval (its episode's "schedule") plus this slack means an expected
+# visit did not happen.
 MISSED_VISIT_SLACK_DAYS = 10
-RAISED_SYSTOLIC, RAISED_DIASTOLIC = 140.0, 90.0  # hypertension in pregnancy thresholds (mmHg)
+RAISED_SYSTOLIC, RAISED_DIASTOLIC = 140.0, 90.0  # hypertensive range (mmHg), in and outside pregnancy
 BP_RISE_MMHG = 15.0
 WEIGHT_CHANGE_KG = 2.0
 
@@ -112,8 +112,12 @@ def weight_change(example: Example, window_days: float = 280) -> TrajectoryChang
                             f"over {weeks:.0f} weeks (now {last:.1f} kg)", {"kg": change, "weeks": weeks})
 
 
-def expected_interval_days(gestational_week: float) -> float:
-    return 28.0 if gestational_week < 28 else 14.0 if gestational_week < 36 else 7.0
+def expected_interval_days(profile: TaskProfile, week: float) -> float | None:
+    """The scheduled interval between routine visits at `week` of the profile's episode (None: no schedule)."""
+    for until, days in profile.visit_schedule:
+        if until is None or week < until:
+            return days
+    return None
 
 
 def _every(days: float) -> str:
@@ -121,23 +125,24 @@ def _every(days: float) -> str:
     return "every week" if weeks == 1 else f"every {weeks} weeks"
 
 
-def missed_visit(example: Example) -> TrajectoryChange | None:
-    """A routine prenatal visit that the schedule expected before this one but the record does not show.
+def missed_visit(example: Example, profile: TaskProfile) -> TrajectoryChange | None:
+    """A routine visit of the profile's schedule (obgyn: prenatal visits, ACOG's intervals) that it expected
+    before this one but the record does not show; only for a profile with a pregnancy episode and a schedule.
 
     Only this pregnancy's visits count (a visit of an earlier pregnancy is no prenatal care for this one), and
     at a prenatal visit the gap is the one that today's visit ended: she is not "without a visit" today."""
-    if example.gestational_week is None:
+    if example.gestational_week is None or not profile.scheduled_visits:
         return None
     pregnancy_days = (example.gestational_week - GESTATION_OFFSET_WEEKS) * 7  # since its start in her record
-    visits = [h.days_before for h in example.history if h.kind == "encounter" and h.concept in PRENATAL_VISITS
+    visits = [h.days_before for h in example.history if h.kind == "encounter" and h.concept in profile.scheduled_visits
               and h.days_before <= pregnancy_days + 0.5]
     earlier = [d for d in visits if d > 0.5]
     if not earlier:
         return None
     gap = min(earlier)
     week_then = example.gestational_week - gap / 7
-    expected = expected_interval_days(week_then)
-    if gap <= expected + MISSED_VISIT_SLACK_DAYS:
+    expected = expected_interval_days(profile, week_then)
+    if expected is None or gap <= expected + MISSED_VISIT_SLACK_DAYS:
         return None
     schedule = f"routine schedule at gestational week {week_then:.0f}: about {_every(expected)}"
     if len(visits) > len(earlier):  # a prenatal visit today: the gap ended with it
@@ -167,7 +172,7 @@ def self_informed_features(model: NextEventRecommender, encoder: FeatureEncoder,
     `example`'s prediction point."""
     names = {e.concept: e.display for e in timeline.events} if timeline is not None else {}
     names.update({c.id: c.name for c in encoder.profile.concepts})
-    changes = [c for c in (blood_pressure_change(example), weight_change(example), missed_visit(example)) if c]
+    changes = [c for c in (blood_pressure_change(example), weight_change(example), missed_visit(example, encoder.profile)) if c]
     changes += new_conditions(example, names)
     predictions, left_out = possible_predictions(model, encoder, example, k, impossible)
     return SelfFeatures(predictions, changes, example.gestational_week, example.weeks_postpartum, left_out)

@@ -104,6 +104,9 @@ class TaskProfile:
     concepts: list[Concept]
     pregnancy_start: frozenset[str] = frozenset()
     first_visit: str | None = None
+    # Routine visits of a pregnancy and their schedule: ((until week, interval in days), ...), the last until None.
+    scheduled_visits: frozenset[str] = frozenset()
+    visit_schedule: tuple[tuple[float | None, float], ...] = ()
     # Stages of a pregnancy (prenatal, intrapartum, postpartum) and what cannot follow each; empty: no stages.
     stage_labels: dict[str, str] = field(default_factory=dict)
     intrapartum_points: frozenset[str] = frozenset()
@@ -198,6 +201,8 @@ def load_profile(name_or_path: str = DEFAULT_PROFILE) -> TaskProfile:
         concepts=concepts,
         pregnancy_start=frozenset(pregnancy.get("start", [])),
         first_visit=pregnancy.get("first_visit"),
+        scheduled_visits=frozenset(pregnancy.get("scheduled_visits", [])),
+        visit_schedule=tuple((u, float(d)) for u, d in pregnancy.get("visit_schedule", [])),
         stage_labels=dict(stages.get("labels", {})),
         intrapartum_points=frozenset(stages.get("intrapartum_points", [])),
         stage_enders={stage: frozenset(concepts) for stage, concepts in stages.get("ended_by", {}).items()},
