@@ -9,13 +9,21 @@
    pre-screening, from the same starting policy on the same training points: the LLM calls each spends in
    training (distinct requests, i.e. the misses of a cache of its own) until its refined prompt scores, on
    other training points, what the run without the reward model's refined prompt scored at its end.
-   Target: >= 3 x fewer calls with it.
+   Target (#17): >= 5 x fewer calls with it, mean of >= 3 seeds.
+3. Site refinement (#17): each site refines the consortium's DP policy on its own training points
+   (client/refine.py: local RL with the reward model, <= 150 LLM requests, kept only if its validation F1 is
+   higher), then on up to --refine-per-patient held-out test points of every test patient: the initial prompt
+   (self + peer), the consortium's policy, the site-refined policy (what the site uses), general and oracle,
+   per site and pooled, with 95% bootstrap intervals over patients (a patient's points resampled together) and
+   the paired interval of refined - initial. Targets: refined F1 >= 1.15 x initial pooled on >= 120 points with
+   the paired interval above 0, >= 2 x general, <= 150 LLM requests per site.
 
 Phases A-C need a work directory: a finished `pmlm demo` / `pmlm evaluate` / earlier bench run is evaluated
 as it is; otherwise phases A, B and C run there first (through Flower, in-process). Answers are cached on disk
 (--cache-dir, keyed by the messages), so a rerun on the same work directory asks the LLM only for new prompts.
 
     python bench/rl.py [--workdir DIR] [--points N] [--rm-points N --rm-rounds N --rm-seeds N] [--skip-calls]
+                       [--skip-refine] [--refine-per-patient N] [--refine-max-calls N]
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ ROWS = (("general", "general"), ("summary_only", "summary only"), ("self", "self
 
 def parse_args() -> argparse.Namespace:
     from pmlm.common.phase_c import PhaseCConfig
+    from pmlm.client.refine import RefineConfig
     from pmlm.client.rl import RLConfig
     from pmlm.client.sites import SAMPLE_DATA
 
@@ -66,6 +75,15 @@ def parse_args() -> argparse.Namespace:
                    help="the local RL's starting policy: uniform over the prompt options, or the initial prompt's head start")
     p.add_argument("--skip-guidance", action="store_true")
     p.add_argument("--skip-calls", action="store_true")
+    p.add_argument("--skip-refine", action="store_true", help="skip 3, the site refinement and its evaluation")
+    p.add_argument("--refine-max-calls", type=int, default=RefineConfig.max_calls,
+                   help="a site's LLM requests for its refinement, training and validation together")
+    p.add_argument("--refine-val-points", type=int, default=RefineConfig.val_points)
+    p.add_argument("--refine-calls-every", type=int, default=RefineConfig.calls_every)
+    p.add_argument("--refine-per-patient", type=int, default=2,
+                   help="held-out test points of each test patient the three policies are compared on")
+    p.add_argument("--refine-again", action="store_true",
+                   help="refine even where the site already holds a refinement of its current consortium policy")
     p.add_argument("--json-out", type=Path)
     return p.parse_args()
 
@@ -210,14 +228,133 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
         print("the run without the reward model did not improve on its start: nothing to save calls on")
         out["saving"] = None
     elif reached[True] is None:
-        print("with the reward model the run did not reach it: no saving measured (target >= 3x NOT met)")
+        print("with the reward model the run did not reach it: no saving measured (target >= 5x NOT met)")
         out["saving"] = None
     else:
         saving = reached[False] / max(reached[True], 1)
         out["saving"] = saving
         print(f"training calls to reach it: {reached[False]} without, {reached[True]} with the reward model = "
-              f"{saving:.2f}x fewer (target >= 3x: {'met' if saving >= 3 else 'NOT met'})")
+              f"{saving:.2f}x fewer (target >= 5x: {'met' if saving >= 5 else 'NOT met'})")
     return out
+
+
+REFINE_ROWS = (("general", "general"), ("self_peer", "initial (self + peer)"),
+               ("pmlm_consortium", "consortium DP policy"), ("pmlm", "site-refined (used)"), ("oracle", "oracle"))
+
+
+def patient_bootstrap(values: dict[str, list[float]], patients: list[str], resamples: int = 2000,
+                      level: float = 0.95) -> dict:
+    """Mean F1 of each prompt with a percentile bootstrap interval that resamples patients (all of a patient's
+    points together: her points are not independent), and the paired interval of pmlm - self_peer and of the
+    ratio pmlm / self_peer (and / general) over the same resamples. Fixed seed."""
+    ids = sorted(set(patients))
+    index = {p: i for i, p in enumerate(ids)}
+    counts = np.bincount([index[p] for p in patients], minlength=len(ids)).astype(float)
+    weights = np.random.default_rng(0).multinomial(len(ids), [1 / len(ids)] * len(ids), size=resamples)
+    q = ((1 - level) / 2, (1 + level) / 2)
+    means = {}
+    out: dict = {"points": len(patients), "patients": len(ids)}
+    for variant, vals in values.items():
+        sums = np.bincount([index[p] for p in patients], weights=vals, minlength=len(ids))
+        means[variant] = weights @ sums / (weights @ counts)
+        out[variant] = {"f1": float(np.mean(vals)), "interval": [float(x) for x in np.quantile(means[variant], q)]}
+    for a, b in (("pmlm", "self_peer"), ("pmlm", "general"), ("pmlm", "pmlm_consortium")):
+        if a in means and b in means:
+            diff, ok = means[a] - means[b], means[b] > 0  # a ratio over a resample where b scores 0 is left out
+            ratio = float(np.mean(values[a]) / np.mean(values[b])) if np.mean(values[b]) > 0 else float("inf")
+            ratios = means[a][ok] / means[b][ok]
+            out[f"{a}-{b}"] = {"difference": float(np.mean(values[a]) - np.mean(values[b])),
+                               "interval": [float(x) for x in np.quantile(diff, q)], "ratio": ratio,
+                               "ratio_interval": [float(x) for x in np.quantile(ratios, q)] if len(ratios)
+                               else [float("inf"), float("inf")]}
+    return out
+
+
+def site_refinement(site_examples: dict, site_dirs: dict, timelines: dict, profile, opts, args) -> dict:
+    """3. Each site refines the consortium policy on its own records, then initial vs consortium vs site-refined
+    on its held-out test points (see the module's docstring)."""
+    from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts, policy_file_digest
+    from pmlm.client.phase_c import site_llm
+    from pmlm.client.refine import RefineConfig, refine_site_policy
+    from pmlm.client.reward import matcher_for, score_answer
+    from pmlm.common.assemble.render import render, render_variant
+    from pmlm.common.site_layout import SITE_REFINEMENT
+
+    config = RefineConfig(max_calls=args.refine_max_calls, val_points=args.refine_val_points,
+                          calls_every=args.refine_calls_every, max_tokens=args.max_tokens)
+    matcher = matcher_for(profile.name)
+    out: dict = {"config": asdict(config), "sites": {}}
+    values = {v: [] for v, _ in REFINE_ROWS}
+    patients: list[str] = []
+    for site, d in site_dirs.items():
+        llm = site_llm(opts.llm, d)  # the site's own LLM client: its cache, its counters
+        own = {pid: t for (s, pid), t in timelines.items() if s == site}
+        record = d / SITE_REFINEMENT
+        refined = json.loads(record.read_text()) if record.exists() else {}
+        if not args.refine_again and refined.get("consortium_sha256") == policy_file_digest(d):
+            print(f"\n{site}: refined before ({refined['policy']}: {refined['reason']}); --refine-again redoes it")
+        else:
+            print(f"\n{site}: refining the consortium policy on its own records ...", flush=True)
+            refined = refine_site_policy(d, llm, examples=site_examples[site], timelines=own, config=config,
+                                         log=lambda line: print(line, flush=True)).to_json()
+            print(f"  {refined['policy']}: {refined['reason']}")
+        print(f"  {refined['train_patients']} training patients, {refined['val_points']} validation points of "
+              f"{refined['val_patients']} patients; {refined['rounds']} RL rounds, {refined['calls']} LLM requests "
+              f"({refined['llm_calls']} not in the cache); changes on validation points: {refined['changes']}")
+        assembler = PromptAssembler(SiteArtifacts.load(d, profile))
+        rng = np.random.default_rng(0)
+        by_patient: dict[str, list] = {}
+        for e in site_examples[site]:
+            if e.split == "test" and e.targets:
+                by_patient.setdefault(e.patient_id, []).append(e)
+        chosen = [by_patient[pid][i] for pid in sorted(by_patient)
+                  for i in rng.permutation(len(by_patient[pid]))[:args.refine_per_patient]]
+        site_values = {v: [] for v, _ in REFINE_ROWS}
+        for ex in chosen:
+            ctx, state = assembler.context(ex, own.get(ex.patient_id), with_oracle=True)
+            blind = ctx.__class__(**{**ctx.__dict__, "oracle": []})
+            prompts = {"general": render_variant("general", ctx), "self_peer": render_variant("self_peer", ctx),
+                       "pmlm_consortium": render(blind, assembler.refined_params(state, consortium=True)),
+                       "pmlm": render(blind, assembler.refined_params(state)), "oracle": render_variant("oracle", ctx)}
+            for variant, prompt in prompts.items():
+                answer = llm.chat(prompt.messages, max_tokens=args.max_tokens, temperature=0.0, allow_empty=True)
+                site_values[variant].append(score_answer(answer.text, ex, matcher).f1)
+        site_patients = [ex.patient_id for ex in chosen]
+        out["sites"][site] = {"refinement": refined, "test": patient_bootstrap(site_values, site_patients)}
+        for v in values:
+            values[v] += site_values[v]
+        patients += [f"{site}/{p}" for p in site_patients]
+    out["pooled"] = patient_bootstrap(values, patients)
+    print_refinement(out)
+    return out
+
+
+def print_refinement(out: dict) -> None:
+    def cell(m: dict) -> str:
+        return f"{m['f1']:.3f} [{m['interval'][0]:.3f}, {m['interval'][1]:.3f}]"
+
+    print(f"\nsite refinement: guidance F1 on held-out test points (95% bootstrap intervals over patients)")
+    print(f"{'site':14s} {'policy used':13s} {'calls':>5s} {'points':>6s} "
+          + " ".join(f"{label:>23s}" for _, label in REFINE_ROWS) + f" {'refined - initial':>25s}")
+    rows = [(site, s["refinement"], s["test"]) for site, s in out["sites"].items()] + [("pooled", None, out["pooled"])]
+    for site, refined, test in rows:
+        d = test["pmlm-self_peer"]
+        print(f"{site:14s} {(refined or {}).get('policy', ''):13s} {(refined or {}).get('calls', ''):>5} "
+              f"{test['points']:6d} " + " ".join(f"{cell(test[v]):>23s}" for v, _ in REFINE_ROWS)
+              + f" {d['difference']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]")
+    pooled = out["pooled"]
+    for base, factor in (("self_peer", 1.15), ("general", 2.0)):
+        d = pooled[f"pmlm-{base}"]
+        met = d["ratio"] >= factor and (base != "self_peer" or (d["interval"][0] > 0 and pooled["points"] >= 120))
+        print(f"pooled site-refined / {base} F1 = {d['ratio']:.2f} [{d['ratio_interval'][0]:.2f}, "
+              f"{d['ratio_interval'][1]:.2f}] on {pooled['points']} points of {pooled['patients']} patients "
+              f"(target >= {factor:.2f}" + (", paired interval above 0, >= 120 points" if base == "self_peer" else "")
+              + f": {'met' if met else 'NOT met'})")
+    oracle = pooled["oracle"]["f1"]
+    if oracle > 0:
+        print(f"site-refined F1 is {pooled['pmlm']['f1'] / oracle:.0%} of the oracle prompt's ({oracle:.3f})")
+    calls = [s["refinement"]["calls"] for s in out["sites"].values()]
+    print(f"refinement LLM requests per site: {calls} (target <= 150 each)")
 
 
 def main() -> int:
@@ -257,6 +394,8 @@ def main() -> int:
         guidance = evaluate_guidance(site_examples, site_dirs, timelines, opts, llm)
         report["guidance"] = guidance["table"]
         report["targets"] = print_guidance(guidance["table"], guidance["points"], llm.usage)
+    if not args.skip_refine:
+        report["refinement"] = site_refinement(site_examples, site_dirs, timelines, profile, opts, args)
     if not args.skip_calls:
         site = next(iter(sites))
         print(f"\nlocal RL at {site}, with and without the reward model ...", flush=True)
