@@ -277,6 +277,7 @@ def test_a_site_llm_caches_in_its_site_directory(fake, tmp_path):
     with LLMClient(config) as client:
         client.chat("Hi")
         assert client.chat("Hi").cached and len(fake.requests) == 1
+        assert not client.chat("Hi there").cached and len(fake.requests) == 2  # another prompt: a miss
     assert (site / LLM_CACHE_DIR / CACHE_FILENAME).is_file()
     assert site_llm_config(site, {"cache_dir": "elsewhere"}).cache_dir == site / "elsewhere"
     assert site_llm_config(site, {"cache_dir": ""}).cache_dir is None  # switched off
