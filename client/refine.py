@@ -41,14 +41,14 @@ from pmlm.client.assemble.assembler import (
     policy_file_digest,
     save_policy,
 )
-from pmlm.client.examples import Example, build_examples
-from pmlm.client.ingest import RecordReader
+from pmlm.client.examples import Example
 from pmlm.client.llm import open_llm, site_llm_config
 from pmlm.client.llm.cache import cache_key
 from pmlm.client.phase_c import points_for, training_points
 from pmlm.client.reward import matcher_for, score_answer
 from pmlm.client.rl import LocalRL, Point, RLConfig
 from pmlm.client.site_config import SiteConfig
+from pmlm.client.sites import load_site
 from pmlm.common.assemble.policy import apply_update
 from pmlm.common.assemble.render import render
 from pmlm.common.atomic import write_atomic
@@ -112,12 +112,9 @@ class RefineResult:
 
 
 def site_records(config: SiteConfig, profile) -> tuple[list[Example], dict]:
-    """The site's prediction points and timelines, read from its own data directory."""
-    examples, timelines = [], {}
-    for timeline in RecordReader(Path(config.data_dir)):
-        timelines[timeline.patient_id] = timeline
-        examples.extend(build_examples(timeline, profile, site=config.site_id))
-    return examples, timelines
+    """The site's prediction points and timelines (patient id -> Timeline), read from its own data directory."""
+    data, kept = load_site(config.site_id, Path(config.data_dir), profile, keep_timelines=True, progress=False)
+    return data.examples, {t.patient_id: t for t in kept}
 
 
 def validation_points(assembler: PromptAssembler, examples: list[Example], n: int, seed: int,

@@ -253,3 +253,18 @@ def test_advise_and_serve_use_the_refined_policy_when_present(site, endpoint, ca
     assert reply.policy == SITE_REFINED and reply.refined_by_policy
     assert LISTING_FORMAT in "\n".join(m.content for m in reply.messages)
     assert ("on_site", str(SITE_POLICY)) in [(a.phase, a.path) for a in status.artifacts]
+
+
+def test_refinement_opens_the_site_llm_and_reads_the_records_itself(site, endpoint):
+    """`python -m pmlm.client.refine SITE_DIR`: the site's own LLM (through its cache) and records."""
+    from pmlm.client.refine import main as refine_main
+
+    config = SiteConfig.load(site["site"])
+    config.llm = {"base_url": endpoint.base_url, "model": "fake-model", "max_retries": 0}
+    config.save(site["site"])
+    assert refine_main([str(site["site"]), "--min-train-patients", "8", "--min-val-patients", "4",
+                        "--max-calls", "60", "--val-points", "8"]) == 0
+    record = json.loads((site["site"] / SITE_REFINEMENT).read_text())
+    assert record["policy"] == CONSORTIUM and record["train_patients"] == 28  # one answer for every prompt
+    assert record["llm_calls"] == record["calls"] == len(endpoint.requests) > 0
+    assert (site["site"] / "llm_cache").is_dir()
