@@ -18,7 +18,7 @@ from pmlm.common.schema import Timeline
 
 def _floors(train: list[Example], test: list[Example]) -> dict[str, dict]:
     return {"popularity": evaluate_ranker(Popularity(train), test),
-            "gestational_timing": evaluate_ranker(TimingFloor(train), test)}
+            "timing": evaluate_ranker(TimingFloor(train), test)}
 
 
 def _no_nan(floors: dict[str, dict]) -> dict[str, dict]:
@@ -27,13 +27,14 @@ def _no_nan(floors: dict[str, dict]) -> dict[str, dict]:
             for name, m in floors.items()}
 
 
-def site_stats(site: SiteData, consortium: dict[str, object]) -> dict:
+def site_stats(site: SiteData, consortium: dict[str, object], episodes: bool = False) -> dict:
+    """One site's figures; `episodes`: the profile has pregnancies to count (obgyn)."""
     train = [ex for ex in site.examples if ex.split == "train"]
     test = [ex for ex in site.examples if ex.split == "test" and ex.targets]
     return {
         "patients": site.patients,
-        "pregnant_patients": len({ex.patient_id for ex in site.examples}),
-        "pregnancies": site.pregnancies,
+        "patients_with_points": len({ex.patient_id for ex in site.examples}),
+        **({"pregnancies": site.pregnancies} if episodes else {}),
         "prediction_points": len(site.examples),
         "train_points": len(train),
         "test_points": len(test),
@@ -53,14 +54,15 @@ def data_stats(loaded: list[tuple[SiteData, list[Timeline]]], profile: TaskProfi
             covered += c
     train = [ex for ex in examples if ex.split == "train"]
     test = [ex for ex in examples if ex.split == "test" and ex.targets]
-    consortium = {"popularity": Popularity(train), "gestational_timing": TimingFloor(train)}
+    consortium = {"popularity": Popularity(train), "timing": TimingFloor(train)}
     floors = {name: evaluate_ranker(ranker, test) for name, ranker in consortium.items()}
     return {
         "profile": profile.name,
         "vocabulary": len(profile),
         "patients": sum(site.patients for site, _ in loaded),
-        "pregnant_patients": sum(len({ex.patient_id for ex in site.examples}) for site, _ in loaded),
-        "pregnancies": sum(site.pregnancies for site, _ in loaded),
+        "patients_with_points": sum(len({ex.patient_id for ex in site.examples}) for site, _ in loaded),
+        # Pregnancies only where the profile has them (its "pregnancy" section): obgyn.
+        **({"pregnancies": sum(site.pregnancies for site, _ in loaded)} if profile.pregnancy_start else {}),
         "prediction_points": len(examples),
         "test_points": len(test),
         "test_patients": len({(ex.site, ex.patient_id) for ex in test}),
@@ -68,5 +70,5 @@ def data_stats(loaded: list[tuple[SiteData, list[Timeline]]], profile: TaskProfi
         "targets_per_point": sum(len(ex.targets) for ex in examples) / max(len(examples), 1),
         "distinct_targets": len({c for ex in examples for c in ex.targets}),
         "floors": floors,
-        "sites": {site.name: site_stats(site, consortium) for site, _ in loaded},
+        "sites": {site.name: site_stats(site, consortium, bool(profile.pregnancy_start)) for site, _ in loaded},
     }

@@ -53,7 +53,7 @@ def test_stats_reports_coverage_and_floors(synthea_bundles, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert 0.8 < stats["coverage"] <= 1.0
     assert stats["targets_per_point"] > 2
-    for floor in ("popularity", "gestational_timing"):
+    for floor in ("popularity", "timing"):
         assert set(stats["floors"][floor]) >= {"recall@5", "ndcg@5"}
 
 
@@ -144,13 +144,13 @@ def test_stats_shows_each_site_and_the_pool(synthea_bundles, tmp_path, capsys):
     assert main(["data", "stats", str(tmp_path), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert set(stats["sites"]) == {"hospital_x", "small_clinic_y"}
-    for key in ("patients", "pregnant_patients", "pregnancies", "prediction_points", "test_points", "test_patients"):
+    for key in ("patients", "patients_with_points", "pregnancies", "prediction_points", "test_points", "test_patients"):
         assert sum(s[key] for s in stats["sites"].values()) == stats[key], key
     assert stats["sites"]["small_clinic_y"]["patients"] == 1
     for s in stats["sites"].values():
-        assert s["train_points"] <= s["prediction_points"] and s["pregnant_patients"] <= s["patients"]
+        assert s["train_points"] <= s["prediction_points"] and s["patients_with_points"] <= s["patients"]
         for floors in (s["floors"], s["floors_consortium_train"]):
-            assert set(floors) == {"popularity", "gestational_timing"}
+            assert set(floors) == {"popularity", "timing"}
             for m in floors.values():
                 assert m["points"] == s["test_points"]
                 assert (m["recall@5"] is None) == (s["test_points"] == 0)

@@ -88,13 +88,16 @@ def cmd_validate(args) -> int:
     loaded = _load_all(args.dir, profile)
     sites = [s for s, _ in loaded]
     quarantined = [q.as_dict() for s in sites for q in s.quarantined]
+
+    def episodes(n: int) -> dict:  # pregnancies only where the profile has them (its "pregnancy" section: obgyn)
+        return {"pregnancies": n} if profile.pregnancy_start else {}
     summary = {
         "profile": profile.name,
-        "sites": {s.name: {"patients": s.patients, "events": s.events, "pregnancies": s.pregnancies,
+        "sites": {s.name: {"patients": s.patients, "events": s.events, **episodes(s.pregnancies),
                            "prediction_points": len(s.examples), "quarantined": len(s.quarantined)} for s in sites},
         "patients": sum(s.patients for s in sites),
         "events": sum(s.events for s in sites),
-        "pregnancies": sum(s.pregnancies for s in sites),
+        **episodes(sum(s.pregnancies for s in sites)),
         "prediction_points": sum(len(s.examples) for s in sites),
         "quarantined": quarantined,
     }
@@ -149,28 +152,28 @@ def _site_table(stats: dict) -> str:
     """Per site and pooled: size, points, and the floors' Recall@5 (trained on the site's own training split,
     and, for timing, on every site's)."""
     def points(s: dict) -> str:
-        return f"{s['test_points']} ({s['test_patients']} {'woman' if s['test_patients'] == 1 else 'women'})"
+        return f"{s['test_points']} ({s['test_patients']} {'patient' if s['test_patients'] == 1 else 'patients'})"
 
     def r5(m: dict) -> str:
         return "-" if m.get("recall@5") is None or m["recall@5"] != m["recall@5"] else f"{m['recall@5']:.3f}"
 
-    head = ("site", "patients", "pregnant", "points", "test points", "popularity", "timing", "timing (all sites)")
+    head = ("site", "patients", "with points", "points", "test points", "popularity", "timing", "timing (all sites)")
     rows = []
     for name, s in stats["sites"].items():
-        rows.append((name, s["patients"], s["pregnant_patients"], s["prediction_points"],
+        rows.append((name, s["patients"], s["patients_with_points"], s["prediction_points"],
                      points(s), r5(s["floors"]["popularity"]),
-                     r5(s["floors"]["gestational_timing"]), r5(s["floors_consortium_train"]["gestational_timing"])))
+                     r5(s["floors"]["timing"]), r5(s["floors_consortium_train"]["timing"])))
     pooled = stats["floors"]
-    rows.append(("pooled", stats["patients"], stats["pregnant_patients"], stats["prediction_points"],
-                 points(stats), r5(pooled["popularity"]), r5(pooled["gestational_timing"]),
-                 r5(pooled["gestational_timing"])))
+    rows.append(("pooled", stats["patients"], stats["patients_with_points"], stats["prediction_points"],
+                 points(stats), r5(pooled["popularity"]), r5(pooled["timing"]), r5(pooled["timing"])))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
 
     def line(row) -> str:
         return "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
 
-    return "\n".join(["per site: pregnant = women with a prediction point; floors = Recall@5 on the site's test",
-                      "split, trained on its own training split (timing (all sites): on every site's)",
+    return "\n".join(["per site: with points = patients with a prediction point in the profile's scope; floors = "
+                      "Recall@5 on the site's test split, trained on its own training split (timing (all sites): on "
+                      "every site's)",
                       line(head), *(line(r) for r in rows)])
 
 
