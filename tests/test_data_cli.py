@@ -112,7 +112,6 @@ def test_inspect_pregnant_on_the_sample(capsys):
     advise uses (her last prediction point), checked here against her pregnancy episodes directly."""
     from pmlm.client.examples import pregnancies
     from pmlm.client.ingest import RecordReader
-    from pmlm.commands.data import PREGNANCY_ENDS
     from pmlm.common.profiles import load_profile
 
     site = Path(__file__).resolve().parents[1] / "data" / "sample" / "hospital_a"
@@ -127,7 +126,8 @@ def test_inspect_pregnant_on_the_sample(capsys):
                        if e.kind == "encounter" and e.concept in profile.prediction_points)
             episode = next(p for p in pregnancies(timeline, profile)
                            if p.start <= last and (p.end is None or last <= p.end))
-            assert not [e for e in timeline.events if episode.start <= e.time <= last and e.concept in PREGNANCY_ENDS]
+            ends = set().union(*profile.stage_enders.values())  # a delivery or a loss (the profile's stages)
+            assert not [e for e in timeline.events if episode.start <= e.time <= last and e.concept in ends]
             assert listed[timeline.patient_id] > 0
     assert "--patient " in out.splitlines()[-1] and out.splitlines()[-1].split()[-1] in listed
 

@@ -202,24 +202,13 @@ def cmd_inspect(args) -> int:
     raise CliError(f"patient {args.patient!r} not found under {root}")
 
 
-# Events that end a pregnancy (obgyn profile concepts). The generator can keep a pregnancy condition open after
-# one (a termination, then "prenatal visit" weeks later), so a patient with one since her pregnancy began is not
-# listed as pregnant. Belongs in the profile's stage logic once it has one.
-PREGNANCY_ENDS = frozenset({
-    "snomed:714812005", "snomed:386394001",  # termination of pregnancy, pregnancy termination care
-    "snomed:156073000", "snomed:19169002", "snomed:85116003",  # miscarriage: complete, first, second trimester
-    "snomed:386216000", "snomed:11466000", "snomed:177157003", "snomed:236974004", "snomed:367494004",  # births
-    "snomed:445912000",  # salpingectomy for ectopic pregnancy
-})
-
-
 def pregnant_at_last_visit(site_dir: Path, profile):
     """(patient id, gestational week, split) of each patient of one site whose latest prediction point, the one
     `pmlm advise` answers for, falls inside a pregnancy (the profile's pregnancy episodes, client/examples.py)
-    that nothing in her record has ended by then."""
-    from datetime import timedelta
-
-    from pmlm.client.examples import GESTATION_OFFSET_WEEKS, build_examples
+    that nothing in her record has ended by then: her stage there (client/assemble/stage.py, from the profile's
+    stages) is still prenatal. The generator can keep a pregnancy open after a delivery or a loss."""
+    from pmlm.client.assemble.stage import her_stage
+    from pmlm.client.examples import build_examples
     from pmlm.client.ingest import RecordReader
 
     for timeline in RecordReader(site_dir):
@@ -227,8 +216,8 @@ def pregnant_at_last_visit(site_dir: Path, profile):
         last = examples[-1] if examples else None
         if last is None or last.gestational_week is None:  # weeks as the record has them (the sample runs past 40)
             continue
-        began = last.t - timedelta(weeks=last.gestational_week - GESTATION_OFFSET_WEEKS)
-        if any(began <= e.time <= last.t and e.concept in PREGNANCY_ENDS for e in timeline.events):
+        stage = her_stage(profile, last)
+        if stage is not None and stage.name != "prenatal":
             continue
         yield timeline.patient_id, last.gestational_week, last.split
 

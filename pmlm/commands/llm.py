@@ -14,7 +14,7 @@ from pathlib import Path
 from pmlm.cli import CliError
 from pmlm.common.atomic import write_atomic
 
-CHECK_PROMPT = "In one sentence: why do pregnant women get a glucose screening test?"
+CHECK_PROMPT = "In one sentence: why does a clinician check a patient's blood pressure?"
 
 
 def register(subparsers) -> None:
