@@ -115,3 +115,8 @@ def test_obgyn_prompt_is_unchanged():
     assert render_variant("self_peer", ctx).messages == SNAPSHOT
     after = render(PatientContext(weeks_postpartum=6, wording=OBGYN.wording), PromptParams()).messages[1]["content"]
     assert "- 6 weeks after the end of her pregnancy" in after
+
+
+def test_the_scope_reads_in_words():
+    assert CHRONIC.scope.describe() == "aged 40 or more, in the last 10 years of the record, AMB encounters"
+    assert OBGYN.scope.describe() == ""

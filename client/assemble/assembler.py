@@ -222,8 +222,10 @@ def find_patient(config: SiteConfig, patient_id: str, profile: TaskProfile) -> t
         if timeline.patient_id == patient_id:
             examples = build_examples(timeline, profile, site=config.site_id)
             if not examples:
+                scope = profile.scope.describe()
                 raise LookupError(f"patient {patient_id} has no {profile.name} prediction point on record "
-                                  f"(PMLM advises at {', '.join(profile.name_of(p) for p in sorted(profile.prediction_points))})")
+                                  f"(PMLM advises at {', '.join(profile.name_of(p) for p in sorted(profile.prediction_points))}"
+                                  + (f"; {scope})" if scope else ")"))
             return timeline, examples[-1]
     raise LookupError(f"patient {patient_id!r} not found in {config.data_dir}")
 

@@ -58,6 +58,21 @@ class Scope:
             return False
         return not self.genders or gender.lower() in self.genders
 
+    def describe(self) -> str:
+        """The scope in words, e.g. "aged 40 or more, in the last 10 years of the record, AMB encounters"."""
+        parts = []
+        if self.min_age is not None or self.max_age is not None:
+            parts.append(f"aged {self.min_age:g} to {self.max_age:g}" if self.min_age is not None and
+                         self.max_age is not None else f"aged {self.min_age:g} or more" if self.min_age is not None
+                         else f"aged {self.max_age:g} or less")
+        if self.last_years is not None:
+            parts.append(f"in the last {self.last_years:g} years of the record")
+        if self.encounter_classes:
+            parts.append(f"{'/'.join(sorted(self.encounter_classes))} encounters")
+        if self.genders:
+            parts.append("/".join(sorted(self.genders)))
+        return ", ".join(parts)
+
 
 # Pronouns by the record's gender; a record without one (or another value) is called "the patient".
 PRONOUNS = {
