@@ -9,7 +9,7 @@ timing. Columns: Recall@5, NDCG@5, micro-AUROC, risk AUROC on the pooled test sp
 (pooling the *evaluation* is a benchmark convenience; training never pools). Federated runs go through
 the real ServerApp/ClientApp on the in-process grid. Also: DP-SGD step time / non-private step time.
 
-Per site and pooled (pmlm/site_recommenders.py), for the DP run at --site-table-epsilon: each site's own model
+Per site and pooled (pmlm/pipeline/site_recommenders.py), for the DP run at --site-table-epsilon: each site's own model
 (`local_only`, the "alone" row's model scored on the site's own test points), the consortium model
 (`federated_dp`) and the model the site adapted from it after phase A (`adapted`, client/adapt.py: the ClientApp
 adapts it when it stores the final model), beside the gestational-timing floor; every figure with a 95% bootstrap
@@ -47,7 +47,7 @@ from pmlm.client.train import TrainSettings, predict, ranking_metrics, train_loc
 from pmlm.common.profiles import load_profile
 from pmlm.server.in_process import run_in_process
 from pmlm.server.server_app import app as server_app
-from pmlm.site_recommenders import evaluate_site_recommenders
+from pmlm.pipeline.site_recommenders import evaluate_site_recommenders
 
 # A site with fewer training patients than this is a small clinic for the target (+0.05 over local_only);
 # the bundled hospitals have about 100 training patients each, the clinics of 30 and 50 women under 25.

@@ -32,7 +32,7 @@ from pmlm.common.metrics import patient_bootstrap, percentile_interval
 from pmlm.common.phase_a import PhaseAConfig, new_model
 from pmlm.common.profiles import load_profile
 from pmlm.common.site_layout import LEDGER_PATH, SITE_RECOMMENDER_DIR
-from pmlm.site_recommenders import site_table
+from pmlm.pipeline.site_recommenders import site_table
 
 SNOMED = "http://snomed.info/sct"
 PROFILE = load_profile("obgyn")

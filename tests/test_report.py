@@ -15,7 +15,7 @@ from pmlm.cli import main
 from pmlm.common.privacy import AccountantSettings, BudgetConfig, GaussianRelease, SiteLedger
 from pmlm.reports.audit import budget_bars, line_chart as audit_line_chart
 from pmlm.reports.demo import render_html, verdict, write_report
-from pmlm.site_recommenders import site_table
+from pmlm.pipeline.site_recommenders import site_table
 
 VARIANTS = ("general", "summary_only", "self", "peer", "self_peer", "pmlm_consortium", "pmlm", "oracle")
 SITES = ("hospital_a", "hospital_b", "small_clinic_d")
@@ -33,7 +33,7 @@ def _pair(difference: float, interval: list[float], points: int) -> dict:
 
 
 def _recommender_by_site() -> dict:
-    """The pipeline's own table (pmlm/site_recommenders.site_table) on made-up per-point scores: hospital_a's
+    """The pipeline's own table (pmlm/pipeline/site_recommenders.site_table) on made-up per-point scores: hospital_a's
     adapted model is no better than local_only, small_clinic_d's clearly is."""
     rng = np.random.default_rng(0)
     points, patients = {}, {}

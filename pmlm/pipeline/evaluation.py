@@ -20,7 +20,7 @@ from pmlm.common.privacy import SiteLedger
 from pmlm.common.profiles import load_profile
 from pmlm.common.site_layout import PEER_PROFILES
 from pmlm.pipeline.options import PipelineOptions, progress_bar
-from pmlm.site_recommenders import evaluate_site_recommenders
+from pmlm.pipeline.site_recommenders import evaluate_site_recommenders
 
 
 def _baseline_scores(ranker, examples, concepts: list[str]) -> np.ndarray:
