@@ -29,14 +29,20 @@ from torch import nn
 from pmlm.client.examples import Example
 from pmlm.client.llm.cache import cache_key
 from pmlm.client.reward import ConceptMatcher, RewardWeights, score_answer
+from pmlm.common.assemble.policy import (
+    FACTOR_NAMES,
+    PolicyState,
+    PromptPolicy,
+    action_onehot,
+    action_tensor,
+    trained_mask,
+)
+from pmlm.common.assemble.render import PatientContext, PromptParams, render
 from pmlm.common.phase_c import PHASE
-from pmlm.common.assemble.policy import FACTOR_NAMES, PolicyState, PromptPolicy, action_onehot, action_tensor, trained_mask
 from pmlm.common.privacy import SiteLedger
 from pmlm.common.privacy.events import Mechanism
 from pmlm.common.privacy.kept import release_once, request_digest
 from pmlm.common.privacy.noise import noise_source_of
-from pmlm.common.assemble.render import PatientContext, PromptParams, render
-
 
 
 @dataclass
