@@ -59,7 +59,10 @@ def test_verbose_and_log_file_before_or_after_the_command(argv):
 
 def test_quiet_console_keeps_library_warnings_in_the_log_file(tmp_path, capsys):
     log_file = tmp_path / "pmlm.log"
+    absl = logging.getLogger("absl")
+    level = absl.level  # client/phase_a.py raises absl to ERROR on import (its log-file noise); reset for the test
     try:
+        absl.setLevel(logging.NOTSET)
         logs.configure(0, log_file)
         logging.getLogger("absl").warning("_compute_log_a_frac failed to converge")
         logging.getLogger("pmlm.client.grpc_service").warning("own warning")
@@ -75,6 +78,7 @@ def test_quiet_console_keeps_library_warnings_in_the_log_file(tmp_path, capsys):
         logging.getLogger("absl").warning("shown when verbose")
         assert "shown when verbose" in capsys.readouterr().err
     finally:
+        absl.setLevel(level)
         logs.configure(0)
         logs.close_log_file()
 
