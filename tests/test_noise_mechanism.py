@@ -403,7 +403,7 @@ def phase_c_ready(records, tmp_path_factory) -> tuple[Path, list[Example]]:
 
 def phase_c_site(site_dir: Path, examples: list[Example], config: PhaseCConfig, run_id: str,
                  monkeypatch) -> SitePhaseC:
-    monkeypatch.setattr(phase_c_module, "site_llm", lambda settings=None: ListingLLM())
+    monkeypatch.setattr(phase_c_module, "site_llm", lambda settings=None, site_dir=None: ListingLLM())
     caps = POLICY.run_caps(1.5, 0.0, POLICY.delta)
     return SitePhaseC(SITE, site_dir, examples, "obgyn", config, run_id, budget=POLICY.budget(),
                       phase_cap=caps["phase_c"])

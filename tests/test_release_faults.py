@@ -116,7 +116,7 @@ def consortium(prepared: Path, tmp_path: Path, monkeypatch, **policy) -> tuple[D
     """A fresh copy of the prepared sites (fresh ledgers), the real ClientApp, and victims that die while
     computing their phase B or C vector (before it is charged)."""
     shutil.copytree(prepared, tmp_path / "c")
-    monkeypatch.setattr(phase_c_module, "site_llm", lambda settings=None: ListingLLM())
+    monkeypatch.setattr(phase_c_module, "site_llm", lambda settings=None, site_dir=None: ListingLLM())
 
     def die_if_armed(real):
         def wrapped(*args, **kwargs):
