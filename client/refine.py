@@ -87,6 +87,12 @@ class RefineConfig:
                         use_reward_model=True, warmup_episodes=self.points_per_round * self.prompts_per_point,
                         calls_every=self.calls_every, trains=self.trains, sampling=self.sampling())
 
+    def round_calls(self, screening: bool) -> int:
+        """The most LLM requests one RL round makes: every point visited, or once the reward model screens, one in
+        calls_every."""
+        points = math.ceil(self.points_per_round / max(self.calls_every, 1)) if screening else self.points_per_round
+        return points * self.prompts_per_point
+
     def sampling(self) -> dict:
         return {"max_tokens": self.max_tokens, "temperature": 0.0}
 
@@ -216,10 +222,12 @@ def _refine(site_dir: Path, llm, examples, timelines, config: RefineConfig, log)
     rl = LocalRL(policy, llm, matcher_for(profile.name), train, rl_config, seed=config.seed)
     # Both policies' validation prompts are paid for out of the same budget.
     budget = config.max_calls - 2 * len(val)
+    if budget < config.round_calls(False) + config.round_calls(True):
+        result.reason = (f"{config.max_calls} LLM requests cannot pay for both policies' validation ({2 * len(val)}), "
+                         f"the reward model's warm-up and a first screened round: the consortium policy stays")
+        return _record(site_dir, result, None, started)
     while result.rounds < config.max_rounds:
-        calling = math.ceil(config.points_per_round / max(config.calls_every, 1)) if rl.screening \
-            else config.points_per_round
-        if rl.llm_calls + calling * config.prompts_per_point > budget:
+        if rl.llm_calls + config.round_calls(rl.screening) > budget:
             break
         episodes = rl.run_episodes()
         visited = len({e.patient_id for e in episodes})

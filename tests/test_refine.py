@@ -181,6 +181,13 @@ def test_a_site_with_too_few_patients_keeps_the_consortium_policy_without_asking
     assert not (site["site"] / SITE_POLICY).exists()
 
 
+def test_a_budget_too_small_to_train_asks_the_llm_nothing(site):
+    llm = FormatLLM()
+    result = refine_site_policy(site["site"], llm, examples=site["examples"], timelines=site["timelines"],
+                                config=replace(SMALL, max_calls=30, val_points=8))  # 16 to validate, 14 left
+    assert result.policy == CONSORTIUM and "cannot pay" in result.reason and llm.prompts == []
+
+
 def test_refinement_stays_within_its_call_budget(site):
     llm = FormatLLM()
     config = replace(SMALL, max_calls=60, val_points=10)
