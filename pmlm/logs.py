@@ -74,7 +74,11 @@ def configure(verbosity: int = 0, log_file: Path | None = None) -> None:
     root.addHandler(console)  # a root handler also keeps absl from calling logging.basicConfig() on first use
     _State.console = console
     root.setLevel(_level(verbosity))
-    logging.captureWarnings(True)  # Opacus/torch UserWarnings become records: log file, console only if verbose
+    # Opacus/torch UserWarnings become records: log file, console only if verbose. Off then on: captureWarnings(True)
+    # is a no-op once it has been called, even if someone (a warnings.catch_warnings block) has since put
+    # warnings.showwarning back, and the warnings would then bypass logging.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     _State.explicit_file = log_file is not None
     if log_file is not None:
         _open_log_file(Path(log_file))

@@ -66,9 +66,9 @@ def test_quiet_console_keeps_library_warnings_in_the_log_file(tmp_path, capsys):
         logs.configure(0, log_file)
         logging.getLogger("absl").warning("_compute_log_a_frac failed to converge")
         logging.getLogger("pmlm.client.grpc_service").warning("own warning")
-        with warnings.catch_warnings():
-            logging.captureWarnings(True)
+        with warnings.catch_warnings():  # pytest records warnings per test: configure again inside this block
             warnings.simplefilter("always")
+            logs.configure(0, log_file)
             warnings.warn("Secure RNG turned off", UserWarning)
         err = capsys.readouterr().err
         assert "absl" not in err and "Secure RNG" not in err and "own warning" in err
