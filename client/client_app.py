@@ -8,7 +8,8 @@ Every message of phases B and C names the run through phase A's config record, s
 exactly as phase A did, and the site's policy checks it as it checks phase A.
 
 What leaves the site: in phase A the DP-trained weights (ArrayRecord) and public figures (MetricRecord: a FedAvg
-weight of 1, the public step count, the cumulative epsilon and noise multiplier); in phases B and C one noisy
+weight of 1, the public step count, the cumulative epsilon and noise multiplier), or, where the site's policy
+receives phase A without training (`phase_a_train: false`), a reply with no weights at all; in phases B and C one noisy
 array per release and the ledger entry that paid for it (masked under SecAgg+; plain releases only where the
 site's policy allows them). Nothing per patient, no exact count (the README's threat model lists every field).
 Once phase A's model is final, `store_model` also adapts it to the site's own records (client/adapt.py): a
@@ -38,6 +39,7 @@ from pmlm.client.phase_c import SitePhaseC, store_policy
 from pmlm.client.secure_sum import attach_secure_sum, register_vector_task, secure_sum_group
 from pmlm.client.site_policy import PolicyRefusal, SitePolicy
 from pmlm.client.sites import SiteLocation, site_location
+from pmlm.common.phase_a import RECEIVE_ONLY
 from pmlm.common.phase_a import RECORD as PHASE_A_RECORD
 from pmlm.common.phase_a import PhaseAConfig
 from pmlm.common.phase_b import VECTOR_TASK as PHASE_B_TASK
@@ -129,6 +131,11 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = PhaseAConfig.from_record(config)
     site = site_for(context, cfg)
+    if not site.policy.phase_a_train:  # the site's own choice: it receives the consortium model, sends nothing
+        if "clipping_norm" in config:  # hospital-level DP scales its noise to every site's update
+            raise PolicyRefusal("phase_a_train", "the run asks for hospital-level DP, which needs an update from "
+                                "every site; this site receives phase A without training it")
+        return Message(content=RecordDict({"metrics": MetricRecord({RECEIVE_ONLY: 1.0})}), reply_to=msg)
     held = context.state.config_records.get(PLAN_RECORD)
     state = json.loads(str(held["json"])) if held is not None else {}
     weights, metrics = site.train_round(_weights(msg), int(config["server-round"]), cfg.run_name, state)

@@ -177,6 +177,7 @@ class SitePhaseA:
             "phase": PHASE, "run_id": run_id, "round": server_round, "site_id": self.site_id,
             "model_sha256": digest, "profile": self.profile.name, "model_config": self.cfg.model_config(self.profile).to_dict(),
             "private": self.private, "ledger_release": release,
+            "trained_here": self.policy.phase_a_train,  # false: received from the consortium, never trained here
         }
         write_atomic(folder / "manifest.json", json.dumps(manifest, indent=2))
         write_atomic(self.site_dir / current_manifest(PHASE),

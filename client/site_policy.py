@@ -10,7 +10,14 @@ e.g. `--node-config "policy-epsilon-total=3 policy-delta=1e-5"`), then the `priv
 `SITE_DIR/site.json` (client/site_config.py), then the defaults below. Never the run config.
 
     {"epsilon_total": 3.0, "delta": 1e-5, "phase_a_share": 0.5, "allow_non_private": false,
-     "secure_sum_only": true, "answer_evaluate": false, "smaller_group_retry": false, "public": []}
+     "secure_sum_only": true, "answer_evaluate": false, "smaller_group_retry": false, "public": [],
+     "phase_a_train": true}
+
+`phase_a_train: false` makes the site a receiver of phase A: it answers each training round with a reply that
+carries no weights (and is charged nothing), and still keeps and adapts the consortium's final model. A small clinic's
+DP-SGD update is mostly noise (a dozen training patients against a hospital's ~150) and every site weighs the same in
+FedAvg, so its update pulls the shared model down for everyone, itself included. The operator sets it, not the data
+size: a rule on the patient count would make taking part reveal it.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class SitePolicy:
     answer_evaluate: bool = False  # phase A's evaluate handler: exact metrics on the validation split
     smaller_group_retry: bool = False  # re-send a kept release to a smaller SecAgg+ group (per-site DP alone)
     public: tuple[str, ...] = ()  # site-level figures declared public (PUBLIC_FIGURES)
+    phase_a_train: bool = True  # false: receive the consortium's recommender without training it (see above)
 
     def __post_init__(self) -> None:
         for name in ("epsilon_total", "delta", "phase_a_share"):
@@ -67,7 +75,7 @@ class SitePolicy:
             raise PolicyError(f"policy delta must be in (0, 1), got {self.delta!r}")
         if not 0 < self.phase_a_share < 1:
             raise PolicyError(f"policy phase_a_share must be in (0, 1), got {self.phase_a_share!r}")
-        for name in ("allow_non_private", "secure_sum_only", "answer_evaluate", "smaller_group_retry"):
+        for name in ("allow_non_private", "secure_sum_only", "answer_evaluate", "smaller_group_retry", "phase_a_train"):
             if not isinstance(getattr(self, name), bool):
                 raise PolicyError(f"policy {name} must be true or false, got {getattr(self, name)!r}")
         unknown = set(self.public) - set(PUBLIC_FIGURES)

@@ -19,6 +19,9 @@ from pmlm.common.schema import Quarantine, Timeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO_ROOT / "data" / "sample"
+# The sample's small clinics (30 and 50 women) receive phase A without training it: their operators' setting in the
+# demo, since a dozen training patients' DP update would mostly add noise to the consortium model (README, #17).
+SAMPLE_RECEIVE_ONLY = ("small_clinic_d", "small_clinic_e")
 
 
 def discover_sites(root: Path) -> dict[str, Path]:

@@ -15,6 +15,8 @@ from pmlm.common.profiles import TaskProfile
 PHASE = "phase_a"
 RECORD = "phase_a"  # phases B and C carry phase A's config under this record name: it names the run
 QUERY_STORE = "query.store_model"  # the final global model, kept at every site
+# A train reply's metric from a site whose policy receives phase A without training it: the reply has no weights.
+RECEIVE_ONLY = "receive-only"
 
 RUN_CONFIG_KEYS = {  # run-config key -> PhaseAConfig field (the budget's keys: PhaseAConfig.from_run_config)
     "num-server-rounds": "rounds", "local-epochs": "local_epochs", "batch-size": "batch_size", "lr": "lr",

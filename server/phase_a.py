@@ -1,6 +1,8 @@
 """Phase A on the coordinator: FedAvg of the sites' DP-trained recommender, over the sites still in the run, then
 the final global model sent to every site to keep.
 
+A site whose own policy receives phase A without training it (client/site_policy.py, `phase_a_train`) answers each
+round without weights: it stays in the run and gets the final model, and the round averages the sites that trained.
 A site that fails or goes silent in a round is dropped for the rest of the run and the round averages the others
 (server/roster.py); with hospital-level DP every site must stay, since Flower scales that noise to the number
 of sites it started with.
@@ -16,9 +18,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
 from pmlm.common.atomic import write_atomic
-from pmlm.common.phase_a import PHASE, QUERY_STORE, PhaseAConfig, new_model
+from pmlm.common.phase_a import PHASE, QUERY_STORE, RECEIVE_ONLY, PhaseAConfig, new_model
 from pmlm.common.profiles import load_profile
 from pmlm.server.roster import SiteRoster
+
+
+class NoSiteTrained(RuntimeError):
+    pass
+
+
+def receives_only(reply: Message) -> bool:
+    """A site whose own policy receives phase A without training it: its reply has no weights, and counts as an
+    answer (it stays in the run) but not in the average."""
+    metrics = reply.content.metric_records
+    return any(RECEIVE_ONLY in m for m in metrics.values())
 
 
 class RosterFedAvg(FedAvg):
@@ -31,6 +44,7 @@ class RosterFedAvg(FedAvg):
                          min_available_nodes=roster.min_sites)
         self.roster = roster
         self.asked: list[int] = []
+        self.trained: list[str] = []  # the sites whose updates the last round averaged
 
     def _ask(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, message_type: str) -> list[Message]:
         self.roster.require(PHASE, server_round)
@@ -51,7 +65,12 @@ class RosterFedAvg(FedAvg):
     def aggregate_train(self, server_round, replies):
         good = self.roster.settle(self.asked, replies, PHASE, server_round)
         self.roster.require(PHASE, server_round)
-        return super().aggregate_train(server_round, good)
+        trained = [r for r in good if not receives_only(r)]
+        self.trained = sorted({self.roster.name(r.metadata.src_node_id) for r in trained})
+        if not trained:
+            raise NoSiteTrained(f"{PHASE} round {server_round}: every site that answered receives phase A without "
+                                f"training it (its policy's phase_a_train is false); there is no model to average")
+        return super().aggregate_train(server_round, trained)
 
     def aggregate_evaluate(self, server_round, replies):
         good = self.roster.settle(self.asked, replies, f"{PHASE} evaluation", server_round)
@@ -91,6 +110,7 @@ def run_phase_a(grid: Grid, context: Context, run: dict, cfg: PhaseAConfig, rost
     stored = roster.ask(grid, QUERY_STORE, store, PHASE, timeout=timeout)
     summary = {
         "run": cfg.run_name, "rounds": cfg.rounds, "sites": len(roster.nodes), "sites_stored": len(stored),
+        "sites_trained": (strategy.strategy if hospital_dp else strategy).trained,
         "epsilon_per_site": cfg.phase_a_epsilon if cfg.private else None, "roster": roster.summary(),
         "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},

@@ -224,3 +224,63 @@ def test_one_dataset_item_is_one_patient():
     history, point, targets, mask = dataset[0]
     assert history.shape == (4, 16, 4) and point.shape == (4, 5) and mask.sum() == 4
     assert np.isclose(targets.sum().item(), 4.0)
+
+
+@pytest.fixture(scope="module")
+def receive_only_run(tmp_path_factory):
+    """hospital_c's operator receives phase A without training it (policy phase_a_train false)."""
+    root = tmp_path_factory.mktemp("phase_a_receive_only")
+    rng = random.Random(11)
+    for site in ("hospital_a", "hospital_b", "hospital_c"):
+        _write_site(root / "data" / site, site, 12, rng)
+    workdir = root / "work"
+    nodes = [{"data-dir": str(root / "data" / s), "site-id": s, "site-dir": str(workdir / "sites" / s),
+              "policy-epsilon-total": 2 * EPSILON, **({"policy-phase-a-train": "false"} if s == "hospital_c" else {})}
+             for s in ("hospital_a", "hospital_b", "hospital_c")]
+    run = {**RUN_CONFIG, "evaluate-each-round": False, "workdir": str(workdir)}
+    grid, context = run_in_process(server_app, client_app, nodes, run)
+    return {"grid": grid, "summary": json.loads(context.state["phase-a-result"]["json"]), "nodes": nodes}
+
+
+def test_a_receive_only_site_sends_no_weights_pays_nothing_and_keeps_the_average_of_the_others(receive_only_run):
+    grid, summary, nodes = receive_only_run["grid"], receive_only_run["summary"], receive_only_run["nodes"]
+    assert summary["sites_trained"] == ["hospital_a", "hospital_b"] and summary["sites_stored"] == 3
+    site_of = {n["site-dir"]: n["site-id"] for n in nodes}
+    train = [(node, reply) for node, reply in grid.outbox if reply.metadata.message_type == "train"]
+    assert len(train) == 3 * ROUNDS
+    last_round: dict[str, dict] = {}
+    receipts = 0
+    for node, reply in train:
+        assert not reply.has_error(), reply.error
+        metrics = dict(reply.content["metrics"])
+        if "receive-only" in metrics:
+            assert metrics == {"receive-only": 1.0} and not reply.content.array_records  # nothing of its records
+            receipts += 1
+        else:
+            last_round[node] = reply.content["arrays"].to_torch_state_dict()
+    assert len(last_round) == 2
+    # The final model every site keeps is the plain mean of the two trained updates of the last round.
+    updates = list(last_round.values())
+    for node in nodes:
+        site_dir = Path(node["site-dir"])
+        model, _, manifest = load_global_model(site_dir)
+        assert manifest["trained_here"] is (node["site-id"] != "hospital_c")
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                assert torch.allclose(value, (updates[0][key] + updates[1][key]) / 2, atol=1e-6), key
+    # The receiver's ledger holds no phase-A release; the others' hold one per round.
+    for site_dir, site in site_of.items():
+        path = Path(site_dir) / "ledger" / "privacy_ledger.jsonl"
+        releases = [e for e in verify_ledger(path).entries if e.get("phase") == PHASE and e["kind"] == "release"] \
+            if path.exists() else []
+        assert len(releases) == (0 if site == "hospital_c" else ROUNDS), site
+    assert receipts == ROUNDS
+
+
+def test_phase_a_train_is_a_yes_or_no_in_the_sites_policy():
+    from pmlm.client.site_policy import PolicyError, SitePolicy
+
+    assert SitePolicy.from_dict({"phase_a_train": False}).phase_a_train is False
+    assert SitePolicy().phase_a_train is True
+    with pytest.raises(PolicyError, match="phase_a_train"):
+        SitePolicy.from_dict({"phase_a_train": "sometimes"})

@@ -32,7 +32,7 @@ def register(sub) -> None:
 
 def cmd_demo(args) -> int:
     from pmlm.client.llm import LLMError
-    from pmlm.client.sites import SAMPLE_DATA
+    from pmlm.client.sites import SAMPLE_DATA, SAMPLE_RECEIVE_ONLY
     from pmlm.commands.evaluate import options_from, summary_lines
     from pmlm.pipeline import PipelineError, run_pipeline
     from pmlm.reports.demo import write_report
@@ -48,6 +48,8 @@ def cmd_demo(args) -> int:
     previous = set_aside_previous(args.out / "work")
     if previous is not None:
         print(f"A previous demo's sites have used their privacy budget; their directory is kept at {previous}")
+    if args.receive_only is None and data.resolve() == SAMPLE_DATA.resolve():
+        args.receive_only = ",".join(SAMPLE_RECEIVE_ONLY)
     opts = options_from(args, data, args.out / "work")
     opts.progress = True
     # Each site's LLM answers are kept beside the work directory (OUT/llm_cache/<site>), so the curve's runs and a

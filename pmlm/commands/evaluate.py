@@ -34,6 +34,10 @@ def add_pipeline_arguments(p) -> None:
                    help="the most LLM requests each site's on-site refinement of the prompt policy may make")
     p.add_argument("--no-refine", action="store_true",
                    help="skip the sites' on-site refinement: every site uses the consortium's prompt policy")
+    p.add_argument("--receive-only", default=None, metavar="SITES",
+                   help="comma-separated sites whose policy receives phase A's model without training it "
+                        "(phase_a_train false; e.g. small clinics whose DP update is mostly noise) "
+                        "(default: none; `pmlm demo` on the bundled sample: its two small clinics)")
 
 
 def options_from(args, data: Path, workdir: Path):
@@ -50,12 +54,13 @@ def options_from(args, data: Path, workdir: Path):
     except ValueError:
         raise CliError(f"--curve takes comma-separated numbers, got {args.curve!r}") from None
     llm = {k: v for k, v in (("base_url", args.llm_base_url), ("model", args.llm_model)) if v}
+    receive_only = tuple(s.strip() for s in (args.receive_only or "").split(",") if s.strip())
     return PipelineOptions(data=data, workdir=workdir, sites=args.sites, epsilon=args.epsilon,
                            max_test_points=args.max_test_points, rounds=args.rounds,
                            phase_c_rounds=args.phase_c_rounds, phase_c_rate=args.phase_c_rate,
                            profile=args.profile, baselines_trained=not args.no_trained_baselines, llm=llm,
                            curve=curve, progress=sys.stderr.isatty(), refine=not args.no_refine,
-                           refine_calls=args.refine_calls)
+                           refine_calls=args.refine_calls, receive_only=receive_only)
 
 
 def register(sub) -> None:

@@ -107,10 +107,17 @@ def run_federation(opts: PipelineOptions, sites: dict[str, Path]) -> dict:
     """Phases A, B, C through the Flower app: in this process (Ray-free grid) or on a local deployment."""
 
     nodes = []
+    unknown = sorted(set(opts.receive_only) - set(sites))
+    if unknown:
+        raise PipelineError(f"receive-only sites {unknown} are not in the consortium (its sites: {sorted(sites)})")
+    if len(set(sites) - set(opts.receive_only)) < 1:
+        raise PipelineError("every site receives phase A without training it: at least one site must train")
     for name, path in sorted(sites.items()):
         site_dir = opts.workdir / "sites" / name
         # The operator of a simulated consortium is every site's operator too: it sets each site's policy.
         policy = {"epsilon_total": opts.epsilon, "delta": opts.delta}
+        if name in opts.receive_only:
+            policy["phase_a_train"] = False
         llm = site_llm_settings(opts, name)
         SiteConfig(name, str(path), opts.profile, llm, privacy=policy).save(site_dir)
         nodes.append({"data-dir": str(path), "site-id": name, "site-dir": str(site_dir), "llm": json.dumps(llm)})

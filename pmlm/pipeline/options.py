@@ -43,6 +43,8 @@ class PipelineOptions:
     # Where each site keeps its LLM response cache: DIR/<site> (so the curve's runs and a later demo reuse it), or
     # None for SITE_DIR/llm_cache. A site's cache holds its own prompts and answers and never leaves it.
     llm_cache: Path | None = None
+    # Sites whose policy receives phase A without training it (their operators' choice: client/site_policy.py).
+    receive_only: tuple = ()
     engine: str = "in-process"  # or "deployment": a local SuperLink and SuperNodes (TLS, node auth) on loopback
 
 
