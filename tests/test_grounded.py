@@ -10,16 +10,14 @@ invented items, and "20%" where the prompt says 75%.
 
 from __future__ import annotations
 
-import json
-import threading
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import SAMPLE
+from fake_llm import FakeOpenAIServer, serving
 from pmlm.cli import main
 from pmlm.client.assemble import self_informed
 from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
@@ -334,33 +332,8 @@ def test_the_notice_names_the_model_and_where_it_runs():
 SEVEN_BULLETS = "\n".join(f"- Prenatal visit {i}" for i in range(1, 8)) + "\n"
 
 
-class OneAnswerLLM(ThreadingHTTPServer):
-    """An OpenAI-compatible endpoint on loopback that answers SEVEN_BULLETS."""
-
-    def __init__(self):
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "fake-model",
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": SEVEN_BULLETS}}],
-                                   "usage": {"prompt_tokens": 10, "completion_tokens": 10}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
 @pytest.fixture()
 def advise_site(tmp_path):
-    llm = OneAnswerLLM()
     rows = ["patient_id,time,kind,system,code,display,value,unit,end,encounter_class",
             "p1,1995-02-03,patient,,female,,,,,",
             "p1,2024-01-02T10:00:00Z,condition,http://snomed.info/sct,72892002,Normal pregnancy,,,,",
@@ -368,12 +341,10 @@ def advise_site(tmp_path):
             "p1,2024-03-01T10:00:00Z,encounter,http://snomed.info/sct,424619006,Prenatal visit,,,,AMB"]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "events.csv").write_text("\n".join(rows) + "\n")
-    SiteConfig("site-a", str(tmp_path / "data"), "obgyn",
-               {"base_url": f"http://127.0.0.1:{llm.server_address[1]}/v1", "model": "fake-model",
-                "max_retries": 0}).save(tmp_path / "site")
-    yield tmp_path / "site"
-    llm.shutdown()
-    llm.server_close()
+    with serving(FakeOpenAIServer(text=SEVEN_BULLETS)) as llm:
+        SiteConfig("site-a", str(tmp_path / "data"), "obgyn",
+                   {"base_url": llm.base_url, "model": "fake-model", "max_retries": 0}).save(tmp_path / "site")
+        yield tmp_path / "site"
 
 
 def test_advise_prints_the_checklist_then_the_checked_answer_then_the_notice(advise_site, capsys):

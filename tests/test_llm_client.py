@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fake_llm import FakeOpenAIServer, Reply, chat_body, serving
 
 from pmlm.cli import main
 from pmlm.client.llm import (
@@ -26,75 +24,6 @@ from pmlm.client.llm import (
 )
 from pmlm.client.llm.cache import CACHE_FILENAME
 from pmlm.client.llm.local_server import free_loopback_port
-
-
-def chat_body(text="Hello there.", prompt_tokens=7, completion_tokens=3, model="fake-model"):
-    return {
-        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-    }
-
-
-class Reply:
-    """hang_up: "before_response" closes the connection without a word, "mid_body" after half the body."""
-
-    def __init__(self, status=200, body=None, headers=None, delay_s=0.0, content_type="application/json",
-                 hang_up=None):
-        self.status, self.headers, self.delay_s = status, headers or {}, delay_s
-        self.content_type, self.hang_up = content_type, hang_up
-        self.body = chat_body() if body is None else body
-
-
-class FakeOpenAIServer(ThreadingHTTPServer):
-    """Answers POST /v1/chat/completions with the next scripted Reply (then ``default``); records requests."""
-
-    daemon_threads = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _FakeHandler)
-        self.script: list[Reply] = []
-        self.default = Reply()
-        self.requests: list[dict] = []
-        self.base_url = f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class _FakeHandler(BaseHTTPRequestHandler):
-    def do_POST(self):
-        server: FakeOpenAIServer = self.server
-        body = self.rfile.read(int(self.headers.get("content-length", 0)))
-        server.requests.append({"path": self.path, "json": json.loads(body)})
-        reply = server.script.pop(0) if server.script else server.default
-        time.sleep(reply.delay_s)
-        if reply.hang_up == "before_response":
-            return  # HTTP/1.0: the connection closes with nothing sent
-        payload = reply.body if isinstance(reply.body, (bytes, str)) else json.dumps(reply.body)
-        payload = payload.encode() if isinstance(payload, str) else payload
-        try:
-            self.send_response(reply.status)
-            self.send_header("content-type", reply.content_type)
-            self.send_header("content-length", str(len(payload)))
-            for name, value in reply.headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(payload[: len(payload) // 2] if reply.hang_up == "mid_body" else payload)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (timeout test)
-
-    def log_message(self, *args):
-        pass
-
-
-@contextmanager
-def serving(server: FakeOpenAIServer):
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

@@ -19,9 +19,7 @@ import gzip
 import io
 import json
 import random
-import threading
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,6 +45,7 @@ from pmlm.v1 import prompt_service_pb2 as prompt_pb
 from pmlm.v1 import prompt_service_pb2_grpc as prompt_grpc
 
 from conftest import EVENT_COLUMNS, SNOMED, pregnant_woman_rows, write_events_csv
+from fake_llm import FakeOpenAIServer, serving as serving_llm  # serving() here starts a gRPC site
 from test_grpc_service import OTHER_SITE, SITE, client_channel, tls_files, write_ledger, write_records
 
 
@@ -116,39 +115,6 @@ def test_audit_membership_exits_1_when_an_attack_beats_the_ledgers_bound(tmp_pat
 
 # -- gRPC statuses ----------------------------------------------------------------------------------------------
 
-class HeldLLM(ThreadingHTTPServer):
-    """An OpenAI-compatible endpoint that holds every request until `release` is set."""
-
-    def __init__(self):
-        self.arrived, self.release = threading.Event(), threading.Event()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                outer.arrived.set()
-                outer.release.wait(60)
-                body = json.dumps({"id": "held", "object": "chat.completion", "created": 0, "model": "held",
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": "- Prenatal visit\n"}}],
-                                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
 @contextlib.contextmanager
 def serving(site: dict, llm_config: LLMConfig | None = None):
     state = SiteState(site["dir"], llm_config=llm_config)
@@ -180,9 +146,8 @@ def rpc_error(call) -> grpc.RpcError:
 
 
 def test_advise_without_a_turn_at_the_llm_before_its_deadline_is_resource_exhausted(grpc_site):
-    llm = HeldLLM()
-    config = LLMConfig(base_url=llm.url, model="held", max_retries=0, timeout_s=60, max_concurrent=1)
-    try:
+    with serving_llm(FakeOpenAIServer(held=True, text="- Prenatal visit\n", model="held")) as llm:
+        config = LLMConfig(base_url=llm.base_url, model="held", max_retries=0, timeout_s=60, max_concurrent=1)
         with serving(grpc_site, config) as channel:
             stub = prompt_grpc.PromptServiceStub(channel)
             holder = stub.Advise(prompt_pb.AdviseRequest(patient_id=grpc_site["ids"][0]), timeout=60)
@@ -196,10 +161,6 @@ def test_advise_without_a_turn_at_the_llm_before_its_deadline_is_resource_exhaus
             llm.release.set()
             events = list(holder)
             assert events[-1].WhichOneof("event") == "done"  # the holder was served all along
-    finally:
-        llm.release.set()
-        llm.shutdown()
-        llm.server_close()
 
 
 def test_a_site_without_records_or_ledger_is_failed_precondition(grpc_site, tmp_path):
