@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 import pytest
-from test_llm_client import FakeOpenAIServer, Reply, chat_body, make_client, serving
+from fake_llm import FakeOpenAIServer, Reply, chat_body, serving
+from test_llm_client import make_client
 
 from pmlm.cli import main
 from pmlm.client.examples import Example

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_llm_client import FakeOpenAIServer, Reply, chat_body, serving
+from fake_llm import FakeOpenAIServer, Reply, chat_body, serving
 
 from pmlm.cli import main
 from pmlm.client.assemble.assembler import (
