@@ -36,7 +36,7 @@ from pmlm.client.egress import record_egress
 from pmlm.client.phase_a import SitePhaseA
 from pmlm.client.phase_b import SitePhaseB, store_peer_profiles
 from pmlm.client.phase_c import SitePhaseC, store_policy
-from pmlm.client.secure_sum import attach_secure_sum, register_vector_task, secure_sum_group
+from pmlm.client.secure_sum import attach_secure_sum, register_vector_task, secure_sum_key_exchange
 from pmlm.client.site_policy import PolicyRefusal, SitePolicy
 from pmlm.client.sites import SiteLocation, site_location
 from pmlm.common.phase_a import RECEIVE_ONLY
@@ -213,26 +213,31 @@ def _vector_guard(phase: str, task):
 # Under secure aggregation the same releases travel as SecAgg+ vector tasks: the config carries phase A's
 # fields (naming the run) as scalars, the arrays carry the centroids or the policy weights.
 def _b_vector(config: dict, context: Context, arrays: dict):
+    group = _group(context)  # a refusal comes before anything is computed
     cfg = PhaseAConfig.from_record(config)
     site = site_for(context, cfg)
     out = _phase_b_site(site, cfg, config).release(str(config["kind"]), arrays["centroids"], int(config["round"]),
-                                                   arrays["centre"], **_group(context))
-    mech = out.entry["mechanism"]
-    return out.values, {"noise_std": float(mech["noise_multiplier"] * mech["l2_sensitivity"])}
+                                                   arrays["centre"], **group)
+    return out.values, {"noise_std": out.noise_std}
 
 
 def _c_vector(config: dict, context: Context, arrays: dict):
+    group = _group(context)  # a refusal comes before anything is computed
     cfg = PhaseAConfig.from_record(config)
     site = _phase_c_site(site_for(context, cfg), cfg, config, context)
     policy = policy_from_numpy(arrays, int(config["embedding_dim"]))
-    vector, _, metrics = site.round(policy, int(config["round"]), **_group(context))
+    vector, _, metrics = site.round(policy, int(config["round"]), **group)
     return vector, metrics
 
 
 def _group(context: Context) -> dict:
-    """The secure-sum group this release goes to (seen by the site in SecAgg+'s key exchange), and whether its
-    policy (as it stands now) lets a kept release go to another group."""
-    return {"group": secure_sum_group(), "other_group_allowed": site_policy(context)[1].smaller_group_retry}
+    """The secure-sum group this release goes to (seen by the site in SecAgg+'s key exchange), whether its
+    policy (as it stands now) lets a kept release go to another group, and how much of the noise it may leave
+    to the group (its policy refuses here, before anything is computed, a group that cannot carry it)."""
+    keys = secure_sum_key_exchange()
+    policy = site_policy(context)[1]
+    return {"group": None if keys is None else keys.nodes, "other_group_allowed": policy.smaller_group_retry,
+            "noise": policy.noise_sharing(keys)}
 
 
 @app.query("ledger_entries")

@@ -36,6 +36,7 @@ from pmlm.common.phase_b import PHASE, PhaseBConfig
 from pmlm.common.privacy import BudgetConfig, GaussianRelease, SiteLedger
 from pmlm.common.privacy.kept import release_once, request_digest
 from pmlm.common.privacy.noise import SecureNormal, noise_source_of
+from pmlm.common.privacy.shared_noise import SITE_NOISE, NoiseSharing
 from pmlm.common.site_layout import PEER_PROFILES, current_manifest, plan_file
 
 PEER_SPLITS = ("train", "val")  # the splits whose patients may inform peer profiles; test patients never do
@@ -117,6 +118,7 @@ class NoisyRelease:
 
     values: np.ndarray  # stacked [per-prototype statistics | counts]
     entry: dict
+    noise_std: float  # of the noise this site added (public: the coordinator adds the sites' variances)
 
 
 class PhaseBSite:
@@ -163,21 +165,24 @@ class PhaseBSite:
         return np.concatenate([stats, counts[:, None]], axis=1)
 
     def release(self, kind: str, centroids: np.ndarray, round: int, centre: np.ndarray | None,
-                group: tuple[int, ...] | None = None, other_group_allowed: bool = False) -> NoisyRelease:
+                group: tuple[int, ...] | None = None, other_group_allowed: bool = False,
+                noise: NoiseSharing = SITE_NOISE) -> NoisyRelease:
         """Check the budget, then draw the noise, then record: a refused release draws nothing. The same
         round asked for again with the same request by the same secure-sum `group` (a retried secure sum)
-        gets the same release (common/privacy/kept.py)."""
+        gets the same release (common/privacy/kept.py). `noise`: the site's share of the noise the ledger
+        prices (all of it unless the site checked a secure sum it may share it with)."""
         mechanism = GaussianRelease(self.noise_multiplier(), self.bound(kind))
         exact = self.stats(kind, centroids, centre)
+        noise_std = noise.own_stddev(mechanism)
 
         def draw() -> np.ndarray:
-            return exact + self.rng.normal(0.0, mechanism.noise_stddev, size=exact.shape)
+            return exact + self.rng.normal(0.0, noise_std, size=exact.shape)
 
         request = request_digest(centroids, np.zeros(0) if centre is None else centre)
         noisy, entry = release_once(self.ledger, PHASE, mechanism, draw, round=round, run_id=self.run_id,
                                     request=request, extra={"release": kind}, noise_source=noise_source_of(self.rng),
-                                    group=group, other_group_allowed=other_group_allowed)
-        return NoisyRelease(noisy, entry)
+                                    group=group, other_group_allowed=other_group_allowed, noise=noise)
+        return NoisyRelease(noisy, entry, noise_std)
 
 
 @torch.no_grad()

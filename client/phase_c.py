@@ -31,6 +31,7 @@ from pmlm.common.atomic import write_atomic
 from pmlm.common.phase_c import PHASE, PhaseCConfig
 from pmlm.common.privacy import BudgetConfig, DpSgd, SiteLedger
 from pmlm.common.privacy.noise import SecureNormal
+from pmlm.common.privacy.shared_noise import SITE_NOISE, NoiseSharing
 from pmlm.common.profiles import load_profile
 from pmlm.common.site_layout import plan_file
 
@@ -139,9 +140,10 @@ class SitePhaseC:
         """One round's release: the clipped sum over a Poisson sample at the public rate, plus Gaussian noise."""
         return DpSgd(noise_multiplier, self.config.sampling_rate, 1, self.config.clip)
 
-    def round(self, policy: PromptPolicy, round: int, **group) -> tuple[np.ndarray, dict, dict]:
+    def round(self, policy: PromptPolicy, round: int, noise: NoiseSharing = SITE_NOISE,
+              **group) -> tuple[np.ndarray, dict, dict]:
         """Episodes with the global policy on this round's sampled patients, then the noisy update; returns
-        (vector, ledger entry, public figures). `group`: see PhaseBSite.release."""
+        (vector, ledger entry, public figures). `noise`, `group`: see PhaseBSite.release."""
         c = self.config
         points = sampled_points(self.assembler, self.examples, self.key, c.sampling_rate, self.run_id, round)
         if self.rl is None:
@@ -153,10 +155,10 @@ class SitePhaseC:
         episodes = self.rl.run_episodes(len(points)) if points else []
         mechanism = self.mechanism(self.noise_multiplier())
         vector, entry = self.rl.noisy_update(episodes, self.ledger, mechanism, self.rng, round=round,
-                                             run_id=self.run_id, **group)
+                                             run_id=self.run_id, noise=noise, **group)
         self.rewards.append(float(np.mean([e.reward for e in episodes])) if episodes else 0.0)  # on-site only
-        # The noise's standard deviation is public (the ledger entry's); the coordinator sizes its step by it.
-        return vector, entry, {"noise-std": float(mechanism.noise_stddev)}
+        # The site's noise's standard deviation is public (the ledger entry's); the coordinator sizes its step by it.
+        return vector, entry, {"noise-std": float(noise.own_stddev(mechanism))}
 
 
 

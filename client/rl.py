@@ -43,6 +43,7 @@ from pmlm.common.privacy import SiteLedger
 from pmlm.common.privacy.events import Mechanism
 from pmlm.common.privacy.kept import release_once, request_digest
 from pmlm.common.privacy.noise import noise_source_of
+from pmlm.common.privacy.shared_noise import SITE_NOISE, NoiseSharing
 
 
 @dataclass
@@ -229,22 +230,25 @@ class LocalRL:
         return total
 
     def noisy_update(self, episodes: list[Episode], ledger: SiteLedger, mechanism: Mechanism,
-                     rng: np.random.Generator, *, round: int, run_id: str,
+                     rng: np.random.Generator, *, round: int, run_id: str, noise: NoiseSharing = SITE_NOISE,
                      **group) -> tuple[np.ndarray, dict]:
         """Clip each patient's gradient, sum, add noise after the ledger allows it; the only thing sent.
-        `mechanism` describes the release (its noise std is noise multiplier x clip)."""
+        `mechanism` describes the release (its noise std is noise multiplier x clip); `noise` is the site's
+        share of that noise (common/privacy/shared_noise.py), which is what is drawn here."""
         sensitivity = getattr(mechanism, "clipping_norm", getattr(mechanism, "l2_sensitivity", None))
         if sensitivity != self.config.clip:
             raise ValueError(f"the release's sensitivity ({sensitivity}) must be the per-patient clip ({self.config.clip})")
         total = self.clipped_sum(episodes)
+        noise_std = noise.own_stddev(mechanism)
 
         def draw() -> np.ndarray:  # weights the update does not move are sent as exact zeros, noise-free
-            return total + rng.normal(0.0, mechanism.noise_stddev, size=total.shape) * self.mask.numpy()
+            return total + rng.normal(0.0, noise_std, size=total.shape) * self.mask.numpy()
 
         # A round asked for again (a retried secure sum) resends this release: the request is the policy it had.
         policy = torch.nn.utils.parameters_to_vector(self.policy.parameters()).detach().numpy()
         return release_once(ledger, PHASE, mechanism, draw, round=round, run_id=run_id, request=request_digest(policy),
-                            extra={"release": "policy_gradient_sum"}, noise_source=noise_source_of(rng), **group)
+                            extra={"release": "policy_gradient_sum"}, noise_source=noise_source_of(rng), noise=noise,
+                            **group)
 
 
 def n_parameters(model: nn.Module) -> int:

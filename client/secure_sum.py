@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
+from pmlm.common.privacy.shared_noise import KeyExchange
 from pmlm.common.secure_sum import META_KEY, PLAIN_ACTION, RANGE_ERROR, SECURE_ACTION
 
 REQUIRE_SECURE_NODE_KEY = "secure-sum-required"  # node config: this site refuses plain sums
@@ -38,15 +39,16 @@ VectorFn = Callable[[dict, Context, dict[str, np.ndarray]], VectorResult]
 _TASKS: dict[str, VectorFn] = {}
 # Set only while Flower's SecAgg+ mod is running, so the FitRes handler can refuse to answer outside it.
 _INSIDE_SECAGG: contextvars.ContextVar[bool] = contextvars.ContextVar("pmlm_inside_secagg", default=False)
-# The node ids of the SecAgg+ group the vector being computed goes to (None: a plain sum).
-_GROUP: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("pmlm_secagg_group", default=None)
+# The SecAgg+ key exchange of the sum the vector being computed goes to (None: a plain sum).
+_KEYS: contextvars.ContextVar[KeyExchange | None] = contextvars.ContextVar("pmlm_secagg_keys", default=None)
 SECAGG_STATE_KEY = "secaggplus_state"  # where Flower's mod keeps its per-node state (context.state)
 
 
-def secure_sum_group() -> tuple[int, ...] | None:
-    """While a vector task runs under SecAgg+: the node ids that exchanged keys for this sum, as this site saw
-    them in the protocol (not the coordinator's word). None for a plain sum."""
-    return _GROUP.get()
+def secure_sum_key_exchange() -> KeyExchange | None:
+    """While a vector task runs under SecAgg+: the node ids that exchanged keys for this sum and the threshold
+    this site's own secrets were shared with, as it saw them in the protocol's state (not the coordinator's
+    word: those are the keys and the threshold its masks depend on). None for a plain sum."""
+    return _KEYS.get()
 
 
 class SecureSumRangeError(ValueError):
@@ -111,14 +113,16 @@ def answer_secure_sum(msg: Message, context: Context, tasks: dict[str, VectorFn]
     if not _INSIDE_SECAGG.get():
         raise RuntimeError("answer_secure_sum must run under secure_sum_mod; refusing to send an unmasked vector")
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
-    state = context.state.config_records.get(SECAGG_STATE_KEY)
-    group = tuple(sorted(int(n) for n in state.get("public_keys_dict:K", []))) if state is not None else ()
-    token = _GROUP.set(group)
+    # Flower's mod saved this after the key-sharing stage: the keys and threshold this site's shares were made with.
+    state = context.state.config_records.get(SECAGG_STATE_KEY) or {}
+    keys = KeyExchange(tuple(sorted(int(n) for n in state.get("public_keys_dict:K", []))),
+                       int(state.get("threshold", 0)))
+    token = _KEYS.set(keys)
     try:
         vector, metrics, meta = _compute(tasks, dict(fitins.config), parameters_to_ndarrays(fitins.parameters),
                                          context)
     finally:
-        _GROUP.reset(token)
+        _KEYS.reset(token)
     clip = float(meta["clip"])
     if np.max(np.abs(vector), initial=0.0) > clip:
         # Flower's quantiser would clip silently and the total would be wrong without anyone noticing.

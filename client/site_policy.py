@@ -18,6 +18,11 @@ carries no weights (and is charged nothing), and still keeps and adapts the cons
 DP-SGD update is mostly noise (a dozen training patients against a hospital's ~150) and every site weighs the same in
 FedAvg, so its update pulls the shared model down for everyone, itself included. The operator sets it, not the data
 size: a rule on the patient count would make taking part reveal it.
+
+`noise: "distributed"` with `min_sites: k` (an integer >= 2) shares the noise of phase B and C releases across
+the secure sum: the site adds σ/√k, so a SecAgg+ sum of at least k sites carries the σ its ledger prices
+(common/privacy/shared_noise.py). Before each such release the site checks what the key exchange showed it
+(`noise_sharing`); plain releases are refused (it needs `secure_sum_only`). The default `"site"` adds σ itself.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pmlm.common.privacy.budget import PHASE_A_SHARE, BudgetConfig, composed_caps
+from pmlm.common.privacy.shared_noise import NOISE_MODES, SITE_NOISE, KeyExchange, NoiseSharing
 from pmlm.common.site_layout import SITE_JSON
 
 NODE_CONFIG_PREFIX = "policy-"
@@ -63,6 +69,8 @@ class SitePolicy:
     smaller_group_retry: bool = False  # re-send a kept release to a smaller SecAgg+ group (per-site DP alone)
     public: tuple[str, ...] = ()  # site-level figures declared public (PUBLIC_FIGURES)
     phase_a_train: bool = True  # false: receive the consortium's recommender without training it (see above)
+    noise: str = "site"  # "distributed": share phase B/C noise across secure sums of >= min_sites sites (see above)
+    min_sites: int | None = None  # k for noise "distributed"
 
     def __post_init__(self) -> None:
         for name in ("epsilon_total", "delta", "phase_a_share"):
@@ -78,6 +86,16 @@ class SitePolicy:
         for name in ("allow_non_private", "secure_sum_only", "answer_evaluate", "smaller_group_retry", "phase_a_train"):
             if not isinstance(getattr(self, name), bool):
                 raise PolicyError(f"policy {name} must be true or false, got {getattr(self, name)!r}")
+        if self.noise not in NOISE_MODES:
+            raise PolicyError(f"policy noise must be one of {list(NOISE_MODES)}, got {self.noise!r}")
+        if self.noise == "distributed":
+            if isinstance(self.min_sites, bool) or not isinstance(self.min_sites, int) or self.min_sites < 2:
+                raise PolicyError(f"policy noise 'distributed' needs min_sites, an integer >= 2, got {self.min_sites!r}")
+            if not self.secure_sum_only:
+                raise PolicyError("policy noise 'distributed' needs secure_sum_only true: a plain release would "
+                                  "carry only this site's share of the noise")
+        elif self.min_sites is not None:
+            raise PolicyError(f"policy min_sites ({self.min_sites!r}) applies only to noise 'distributed'")
         unknown = set(self.public) - set(PUBLIC_FIGURES)
         if unknown:
             raise PolicyError(f"policy public lists unknown figures {sorted(unknown)}; known: {list(PUBLIC_FIGURES)}")
@@ -174,6 +192,29 @@ class SitePolicy:
         if self.secure_sum_only:
             raise PolicyRefusal("secure_sum_only", f"{what} asked for as a plain (unmasked) release; this site "
                                 f"releases phase B and C vectors only under secure aggregation")
+
+    def noise_sharing(self, keys: KeyExchange | None) -> NoiseSharing:
+        """The share of the noise this release may add itself, checked against the SecAgg+ key exchange `keys`
+        the site saw (None: a plain release). With noise "distributed" it refuses unless at least min_sites
+        sites (this one included) exchanged keys, and unless its secrets were shared with a threshold of at
+        least min_sites: fewer than min_sites colluding parties (the coordinator and others) then hold fewer
+        shares than unmasking its vector needs, and a protocol-following unmasking of any total that includes
+        it needs that many of its group to have sent theirs, so the total carries their noise."""
+        if self.noise == "site":
+            return SITE_NOISE
+        k = self.min_sites
+        if keys is None:
+            raise PolicyRefusal("noise", f"a plain (unmasked) release asked for; with noise 'distributed' this site "
+                                f"adds only σ/√{k} and releases phase B and C vectors only inside a secure sum")
+        if len(keys.nodes) < k:
+            raise PolicyRefusal("min_sites", f"only {len(keys.nodes)} sites (this one included) exchanged keys "
+                                f"for this secure sum; this site shares its noise only with at least {k}")
+        if keys.threshold < k:
+            raise PolicyRefusal("min_sites", f"this secure sum's reconstruction threshold is {keys.threshold}: the "
+                                f"coordinator could unmask a total of only {keys.threshold} sites' vectors, or this "
+                                f"site's own with {keys.threshold} colluding sites' shares, while it carries only "
+                                f"σ/√{k}; this site shares its noise only under a threshold of at least {k}")
+        return NoiseSharing(k, len(keys.nodes), keys.threshold)
 
     def check_evaluate(self, split: str) -> None:
         if not self.answer_evaluate:

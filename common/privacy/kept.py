@@ -29,6 +29,7 @@ import numpy as np
 from pmlm.common.atomic import write_atomic
 from pmlm.common.privacy.events import Mechanism
 from pmlm.common.privacy.ledger import AlreadyReleased, LedgerError, SiteLedger
+from pmlm.common.privacy.shared_noise import SITE_NOISE, NoiseSharing
 from pmlm.common.site_layout import KEPT_DIR
 
 
@@ -56,13 +57,14 @@ def kept_path(ledger: SiteLedger, phase: str, round: int, run_id: str) -> Path:
 def release_once(ledger: SiteLedger, phase: str, mechanism: Mechanism, draw_noise: Callable[[], np.ndarray], *,
                  round: int, run_id: str, request: str, population_size: int | None = None,
                  noise_source: str, extra: dict[str, Any] | None = None,
-                 group: tuple[int, ...] | None = None,
-                 other_group_allowed: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+                 group: tuple[int, ...] | None = None, other_group_allowed: bool = False,
+                 noise: NoiseSharing = SITE_NOISE) -> tuple[np.ndarray, dict[str, Any]]:
     """`SiteLedger.release` for a round that may be asked for again; returns (noisy array, ledger entry).
 
     `request`: `request_digest` of what the coordinator sent for this round. `group`: the secure-aggregation
     group it goes to (None: a plain release); a repeat for another group raises GroupChanged unless
-    `other_group_allowed`.
+    `other_group_allowed`. `noise`: how the release shares its noise (SiteLedger.release); a kept release
+    re-sent keeps the entry it was made with.
     """
     group_text = "plain" if group is None else ",".join(str(n) for n in sorted(group))
     path = kept_path(ledger, phase, round, run_id)
@@ -76,7 +78,8 @@ def release_once(ledger: SiteLedger, phase: str, mechanism: Mechanism, draw_nois
 
     try:
         return ledger.release(phase, mechanism, draw_and_keep, round=round, run_id=run_id,
-                              population_size=population_size, noise_source=noise_source, extra=extra)
+                              population_size=population_size, noise_source=noise_source, extra=extra,
+                              noise=noise)
     except AlreadyReleased as already:
         if not path.is_file():  # released before releases were kept, or the file was removed
             raise
@@ -85,6 +88,10 @@ def release_once(ledger: SiteLedger, phase: str, mechanism: Mechanism, draw_nois
                 raise AlreadyReleased(ledger.site_id, already.entry,
                                       "asked again with a different request") from None
             made_for = str(kept["group"]) if "group" in kept.files else "plain"
+            if group is None and "noise" in already.entry:  # whatever the policy says now
+                raise GroupChanged(
+                    f"round {round} of {phase} (run {run_id}) was released at site {ledger.site_id} with its noise "
+                    f"shared across a secure sum (the site added only σ/√k); it is never re-sent unmasked") from None
             if made_for != group_text and not other_group_allowed:
                 raise GroupChanged(
                     f"smaller_group_retry refused at site {ledger.site_id}: round {round} of {phase} (run {run_id}) "

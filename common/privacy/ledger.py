@@ -4,7 +4,9 @@ One line per event, in canonical JSON:
 
 * ``open``     (first line only) the site's public key, budget and accountant settings;
 * ``release``  a DP release: phase, round, run, the mechanism as data, and the cumulative
-               epsilon of its privacy unit (PLD and RDP) and of its phase (PLD) after it;
+               epsilon of its privacy unit (PLD and RDP) and of its phase (PLD) after it; a release
+               whose noise is shared across a secure sum adds a ``noise`` block with the worst-case
+               epsilon of the site's own noise alone (common/privacy/shared_noise.py);
 * ``refusal``  a release refused for lack of budget, with what it would have cost;
 * ``recovery`` an operator-approved removal of a torn last line left by a crash;
 * ``policy_refusal`` a request outside the site's own privacy policy (client/site_policy.py), refused
@@ -53,6 +55,7 @@ from pmlm.common.privacy.accountant import (
 )
 from pmlm.common.privacy.budget import BudgetConfig, BudgetExhausted, BudgetState, Charge, UnknownPhase
 from pmlm.common.privacy.events import Mechanism, MechanismError, mechanism_from_dict
+from pmlm.common.privacy.shared_noise import SITE_NOISE, NoiseMismatch, NoiseSharing, OwnCharge, OwnNoise, sharing_of
 from pmlm.common.privacy.signing import (
     GENESIS_PREV_HASH,
     SITE_ENTRY_DOMAIN,
@@ -196,6 +199,7 @@ class LedgerReplay:
         self.budget: BudgetConfig | None = None
         self.settings: AccountantSettings | None = None
         self.state: BudgetState | None = None
+        self.own_noise: OwnNoise | None = None  # the worst-case compositions of releases with shared noise
         self.entries: list[dict[str, Any]] = []
         self.problems: list[Problem] = []
         self.lines = 0
@@ -211,6 +215,11 @@ class LedgerReplay:
     @property
     def site_id(self) -> str | None:
         return self.genesis.get("site_id") if self.genesis else None
+
+    def worst_case_epsilon(self, unit: str) -> float | None:
+        """`unit`'s cumulative ε with every release at the noise the site added itself (its worst case);
+        None when none of its releases shared noise across a secure sum (then it is the enforced ε)."""
+        return None if self.own_noise is None else self.own_noise.epsilon(unit, self.budget.delta)
 
     def feed_bytes(self, data: bytes, *, stop_at_first: bool = False) -> None:
         *complete, tail = data.split(b"\n")
@@ -305,6 +314,7 @@ class LedgerReplay:
         self.key = self.trusted_key or embedded
         self.genesis, self.budget, self.settings = entry, budget, settings
         self.state = BudgetState(budget, settings)
+        self.own_noise = OwnNoise(settings)
 
     def _reprice(self, entry: dict[str, Any], problem: Callable[[str], None]) -> None:
         if self.state is None:
@@ -337,11 +347,14 @@ class LedgerReplay:
             if isinstance(value, (int, float)):
                 table[key] = max(value, table.get(key, value))
         if entry["kind"] == "release":
+            own = self._price_own_noise(entry, charge.mechanism, problem)
             if not charge.fits:
                 problem(f"release exceeded the {charge.exceeded} budget (epsilon {charge.after.pld:.6g}, "
                         f"phase epsilon {charge.phase_after.pld:.6g})")
             if charge.priced_by_pld:  # keep re-pricing what follows as the site would have
                 self.state.commit(charge)
+                if own is not None:
+                    self.own_noise.commit(own)
         else:
             requested = entry.get("requested") or {}
             for name, value in (("epsilon", charge.after.pld), ("epsilon_rdp", charge.after.rdp),
@@ -351,7 +364,25 @@ class LedgerReplay:
             if charge.fits:
                 problem("refusal of a release that fits the budget")
 
-    def accept_own(self, entry: dict[str, Any], line: bytes, charge: Charge | None) -> None:
+    def _price_own_noise(self, entry: dict[str, Any], mechanism: Mechanism,
+                         problem: Callable[[str], None]) -> OwnCharge | None:
+        """The release's own noise priced into its unit's worst case; a noise block that does not follow from
+        the mechanism under its stated mode, or whose worst-case epsilon does not re-compute, is a problem."""
+        try:
+            sharing = sharing_of(entry.get("noise"), mechanism)
+        except NoiseMismatch as exc:
+            problem(f"noise: {exc}")
+            return None
+        own = self.own_noise.price(mechanism, sharing)
+        if sharing.shared:
+            worst = own.composition.epsilon(self.budget.delta).pld
+            if not _close(worst, entry["noise"]["worst_case_epsilon"]):
+                problem(f"noise worst_case_epsilon is {entry['noise']['worst_case_epsilon']!r} but re-computing "
+                        f"the site's own noise alone gives {worst!r}")
+        return own
+
+    def accept_own(self, entry: dict[str, Any], line: bytes, charge: Charge | None,
+                   own: OwnCharge | None = None) -> None:
         """Take an entry this process just wrote, without re-pricing what it priced a moment ago."""
         self.lines += 1
         self.last_seq = entry["seq"]
@@ -359,6 +390,8 @@ class LedgerReplay:
         self.entries.append(entry)
         if charge is not None and entry["kind"] == "release":
             self.state.commit(charge)
+            if own is not None:
+                self.own_noise.commit(own)
             self._unit_epsilon[charge.privacy_unit] = entry["epsilon"]
             self._phase_epsilon[(charge.privacy_unit, charge.phase)] = entry["phase_epsilon"]
 
@@ -544,30 +577,32 @@ class SiteLedger:
 
     def record(self, phase: str, mechanism: Mechanism, *, round: int | None = None, run_id: str | None = None,
                population_size: int | None = None, noise_source: str = UNSPECIFIED_NOISE_SOURCE,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+               extra: dict[str, Any] | None = None, noise: NoiseSharing = SITE_NOISE) -> dict[str, Any]:
         """Append the signed release entry (re-checking the budget) and return it, ready to ship.
 
         Call it after the noise is drawn and before anything is sent; if it raises, send nothing.
+        `noise`: how the release shares its noise (the site drew `noise.own_stddev(mechanism)`).
         """
         with self._locked():
             self._sync()
             charge = self._charge_or_refuse(phase, mechanism, round, run_id, population_size, extra)
-            return self._append_release(charge, round, run_id, population_size, noise_source, extra)
+            return self._append_release(charge, round, run_id, population_size, noise_source, extra, noise)
 
     def release(self, phase: str, mechanism: Mechanism, draw_noise: Callable[[], T], *, round: int | None = None,
                 run_id: str | None = None, population_size: int | None = None,
-                noise_source: str = UNSPECIFIED_NOISE_SOURCE,
-                extra: dict[str, Any] | None = None) -> tuple[T, dict[str, Any]]:
+                noise_source: str = UNSPECIFIED_NOISE_SOURCE, extra: dict[str, Any] | None = None,
+                noise: NoiseSharing = SITE_NOISE) -> tuple[T, dict[str, Any]]:
         """check -> draw_noise() -> record, under one lock; returns (draw_noise's result, entry).
 
         If the budget does not allow it, draw_noise is never called. If draw_noise raises,
-        nothing is recorded (nothing was released).
+        nothing is recorded (nothing was released). `noise`: as in `record`; the budget is enforced on
+        `mechanism` (the relied-on noise), the entry also states the worst case of the site's own noise.
         """
         with self._locked():
             self._sync()
             charge = self._charge_or_refuse(phase, mechanism, round, run_id, population_size, extra)
             noisy = draw_noise()
-            return noisy, self._append_release(charge, round, run_id, population_size, noise_source, extra)
+            return noisy, self._append_release(charge, round, run_id, population_size, noise_source, extra, noise)
 
     def refuse_request(self, phase: str | None, request: dict[str, Any], limit: str, reason: str, *,
                        round: int | None = None, run_id: str | None = None) -> dict[str, Any]:
@@ -692,16 +727,20 @@ class SiteLedger:
                 return entry
         return None
 
-    def _append_release(self, charge, round, run_id, population_size, noise_source, extra) -> dict[str, Any]:
+    def _append_release(self, charge, round, run_id, population_size, noise_source, extra,
+                        noise: NoiseSharing) -> dict[str, Any]:
         if not isinstance(noise_source, str) or not noise_source:
             raise ValueError("noise_source must be a non-empty description of the random-number source")
+        own = self._replay.own_noise.price(charge.mechanism, noise)
+        shared = {"noise": noise.entry_block(charge.mechanism, own.composition.epsilon(charge.delta).pld)
+                  } if noise.shared else {}
         return self._append({
             **self._release_fields(charge, round, population_size, extra),
             "kind": "release",
             "epsilon": charge.after.pld, "epsilon_rdp": charge.after.rdp,
             "phase_epsilon": charge.phase_after.pld,
-            "noise_source": noise_source,
-        }, run_id=run_id, charge=charge)
+            "noise_source": noise_source, **shared,
+        }, run_id=run_id, charge=charge, own=own)
 
     @staticmethod
     def _release_fields(charge: Charge, round, population_size, extra) -> dict[str, Any]:
@@ -715,7 +754,8 @@ class SiteLedger:
         entry["signature"] = sign(self._key, SITE_ENTRY_DOMAIN, canonical_json(entry))
         return canonical_json(entry)
 
-    def _append(self, fields: dict[str, Any], run_id: str | None, charge: Charge | None) -> dict[str, Any]:
+    def _append(self, fields: dict[str, Any], run_id: str | None, charge: Charge | None,
+                own: OwnCharge | None = None) -> dict[str, Any]:
         entry = {
             **fields, "seq": self._replay.lines, "time": _utc_now(), "site_id": self.site_id,
             "run_id": run_id or self.run_id, "prev_hash": self._replay.last_hash,
@@ -724,7 +764,7 @@ class SiteLedger:
         # One fsynced append; on a full disk the partial line is cut off again and the error raised,
         # so the caller sends nothing and the ledger still verifies.
         self._size = append_durably(self.path, line + b"\n")
-        self._replay.accept_own(entry, line, charge)
+        self._replay.accept_own(entry, line, charge, own)
         return json.loads(line)
 
 

@@ -301,6 +301,9 @@ def _describe(ledger: AuditedLedger) -> str:
             spent = replay.state.spent(unit)
             parts.append(f"{unit} " + describe_spent(spent.pld, replay.budget.epsilon_total, spent.rdp,
                                                        delta=replay.budget.delta))
+            shared = ledger.shared_noise(unit)
+            if shared is not None:
+                parts.append(shared)
     return ", ".join(parts)
 
 

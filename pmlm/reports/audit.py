@@ -18,6 +18,7 @@ from pmlm.common.atomic import write_atomic
 from pmlm.common.privacy.accountant import ACCOUNTANT
 from pmlm.common.privacy.events import PRIVACY_UNITS
 from pmlm.common.privacy.ledger import UNSPECIFIED_NOISE_SOURCE, LedgerReplay
+from pmlm.common.privacy.shared_noise import TRUST_ASSUMPTION
 from pmlm.common.privacy.membership import (
     CONFIDENCE,
     advantage_bound,
@@ -67,6 +68,17 @@ class AuditedLedger:
         seen = {e.get("privacy_unit") for e in self.releases()}
         return [u for u in PRIVACY_UNITS if u in seen]
 
+    def shared_noise(self, unit: str) -> str | None:
+        """The two ε figures of a unit whose releases shared noise across secure sums, in words; else None."""
+        worst = self.replay.worst_case_epsilon(unit)
+        shared = [e["noise"] for e in self.releases(unit) if isinstance(e.get("noise"), dict)]
+        if worst is None or not shared:
+            return None
+        sites = sorted({n.get("min_sites") for n in shared if isinstance(n.get("min_sites"), int)})
+        return (f"{_plural(len(shared), 'release')} with noise shared across secure sums of at least "
+                f"{'/'.join(map(str, sites))} sites (each site adding σ/√k): the ε the site relies on (enforced) "
+                f"assumes the sums carried the full σ; worst case, its own noise alone, ε = {worst:.4g}")
+
 
 def summary(ledger: AuditedLedger) -> dict[str, Any]:
     """Per-site JSON: epsilon/epsilon_rdp/delta/budget/releases for the record-level unit, and every unit."""
@@ -88,11 +100,13 @@ def summary(ledger: AuditedLedger) -> dict[str, Any]:
             "remaining": replay.state.remaining(unit) if replay.state else None,
             "releases": len(ledger.releases(unit)),
             "phases": phases,
+            "worst_case_epsilon": replay.worst_case_epsilon(unit) if replay.state else None,
         }
     primary = by_unit["patient-in-site"]
     return {
         "epsilon": primary["epsilon"],
         "epsilon_rdp": primary["epsilon_rdp"],
+        "worst_case_epsilon": primary["worst_case_epsilon"],  # own noise alone; None: no noise was shared
         "delta": budget.delta if budget else None,
         "budget": {
             **(budget.to_dict() if budget else {}),
@@ -372,6 +386,14 @@ def _mechanism_text(mechanism: dict[str, Any]) -> str:
     return _e(mechanism)
 
 
+def _shared_text(entry: dict[str, Any]) -> str:
+    noise = entry.get("noise")
+    if not isinstance(noise, dict):
+        return ""
+    return (f"<br>shared across ≥ {_e(noise.get('min_sites'))} sites: own σ={_num(noise.get('site_noise_multiplier'))}, "
+            f"worst-case ε after {_num(noise.get('worst_case_epsilon'))}")
+
+
 def _delta_statement(delta: float, unit: str, releases: list[dict[str, Any]]) -> str:
     sizes = [e["population_size"] for e in releases if isinstance(e.get("population_size"), int)]
     noun = "patients" if unit == "patient-in-site" else "participating hospitals"
@@ -451,9 +473,16 @@ def _site_section(ledger: AuditedLedger, colours: dict[str, str]) -> str:
             f"bound, ε ≤ {spent.rdp:.4g}, is shown for comparison only and is not enforced). Budget: ε ≤ "
             f"{budget.epsilon_total:g} in total, {', '.join(f'{p} ≤ {budget.phase_cap(p):.3g}' for p in budget.shares)}"
             f"; {replay.state.remaining(unit):.4g} remains.</p>"
-            f"<p>{_delta_statement(budget.delta, unit, releases)}</p></div>"
+            f"<p>{_delta_statement(budget.delta, unit, releases)}</p>{_shared_noise_statement(ledger, unit)}</div>"
         )
     return "".join(out)
+
+
+def _shared_noise_statement(ledger: AuditedLedger, unit: str) -> str:
+    text = ledger.shared_noise(unit)
+    if text is None:
+        return ""
+    return (f"<p><b>Shared noise.</b> {_e(text)}. Trust assumption: {_e(TRUST_ASSUMPTION)}</p>")
 
 
 def _entries_table(ledgers: list[AuditedLedger]) -> str:
@@ -476,7 +505,7 @@ def _entries_table(ledgers: list[AuditedLedger]) -> str:
                 f"<td class='nowrap'>{_time(e)}</td><td>{kind}{note}</td>"
                 f"<td class='id'>{_run_id(e.get('run_id'))}</td>"
                 f"<td>{_e(e.get('phase'))}</td><td class='num'>{_e(e.get('round'))}</td>"
-                f"<td class='nowrap'>{_e(e.get('privacy_unit'))}</td><td>{_mechanism_text(e.get('mechanism'))}</td>"
+                f"<td class='nowrap'>{_e(e.get('privacy_unit'))}</td><td>{_mechanism_text(e.get('mechanism'))}{_shared_text(e)}</td>"
                 f"<td class='num'>{_num(eps)}</td><td class='num'>{_num(eps_rdp)}</td>"
                 f"<td class='num nowrap'>{_num(e.get('delta'), 'g')}</td></tr>"
             )
