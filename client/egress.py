@@ -91,7 +91,8 @@ PUBLIC_FIELDS: dict[str, dict[str, tuple[set[str] | str, str]]] = {
         "fitres.parameters": (set(), "emptied by SecAgg+ before the reply leaves (the vector travels masked)"),
         "fitres.num_examples": ({"num_examples"}, "SecAgg+'s weight, a constant (every site weighs 1)"),
         "fitres.status": ({"code", "message"}, "a constant OK status"),
-        "fitres.metrics": ({"noise_std", "noise-std"}, "the noise's standard deviation, as charged"),
+        "fitres.metrics": ({"noise_std", "noise-std"}, "the standard deviation of the noise the site added "
+                                                       "(as charged, or σ/√k when it shares the noise)"),
     },
 }
 

@@ -96,6 +96,20 @@ def test_noisy_update_is_clipped_per_patient_and_charged(points, tmp_path):
     assert rng.bit_generator.state == state
 
 
+def test_a_noisy_update_with_shared_noise_draws_sigma_over_root_k(points, tmp_path):
+    """Under a site's noise "distributed" policy the update carries σ/√k; its entry still prices σ."""
+    from pmlm.common.privacy.shared_noise import NoiseSharing
+
+    profile, pts = points
+    rl = LocalRL(PromptPolicy(8), ListingLLM(), ConceptMatcher(profile), pts, RLConfig(use_reward_model=False, clip=0.5))
+    ledger = SiteLedger(tmp_path / "s", "s", BudgetConfig(50.0, 1e-5, {"phase_c": 1.0}))
+    vector, entry = rl.noisy_update([], ledger, GaussianRelease(1.0, 0.5), rng=np.random.default_rng(0), round=0,
+                                    run_id="r", noise=NoiseSharing(4, 4, 4))
+    moved = rl.mask.numpy() > 0
+    assert np.std(vector[moved]) == pytest.approx(0.25, rel=0.15) and not vector[~moved].any()
+    assert entry["mechanism"]["noise_multiplier"] == 1.0 and entry["noise"]["site_noise_multiplier"] == 0.5
+
+
 def test_reward_model_screens_candidates(points):
     profile, pts = points
     policy = PromptPolicy(8)
