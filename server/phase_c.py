@@ -21,7 +21,7 @@ from pmlm.server.secure_sum import secure_sum_over
 
 def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: str, embedding_dim: int,
                 on_round=None, site_records: dict | None = None, secure: bool = False,
-                timeout: float = 1800.0) -> PromptPolicy:
+                timeout: float = 1800.0, threshold: int | None = None) -> PromptPolicy:
     """`roster`: the sites still in the run; one that fails a round is dropped and the round sums the others.
     `site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run).
     `secure`: the sites' noisy updates are summed under SecAgg+ (the coordinator sees only the total)."""
@@ -36,7 +36,8 @@ def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: st
             weights = {k: v.detach().numpy().copy() for k, v in policy.state_dict().items()}
             n = sum(v.size for v in weights.values())
             result = secure_sum_over(roster, grid, PHASE, r, VECTOR_TASK, {**scalars, **dict(plan), "round": r},
-                                     shape=(n,), arrays=weights, timeout=timeout, clipping_range=1024.0)
+                                     shape=(n,), arrays=weights, timeout=timeout, clipping_range=1024.0,
+                                     threshold=threshold)
             total, metrics = result.total, list(result.metrics.values())
         else:
             content = RecordDict({"arrays": policy_arrays(policy),

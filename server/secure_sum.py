@@ -345,8 +345,10 @@ def plain_sum(grid: Grid, context: Context | None, task: str, config: dict, node
 
 def secure_sum_over(roster: SiteRoster, grid: Grid, phase: str, round: int, task: str, config: dict, *,
                     shape: tuple[int, ...], timeout: float | None, arrays: dict[str, np.ndarray] | None = None,
-                    clipping_range: float = DEFAULT_CLIPPING_RANGE) -> SecureSumResult:
+                    clipping_range: float = DEFAULT_CLIPPING_RANGE, threshold: int | None = None) -> SecureSumResult:
     """``secure_sum`` of one phase round over ``roster.active`` (server/roster.py), with one retry.
+    ``threshold``: SecAgg+'s reconstruction threshold (None: a majority of the sites asked); a site whose policy
+    shares its noise with at least k sites refuses a threshold below k (client/site_policy.py).
 
     Sites the total leaves out, or that made the protocol halt, are dropped from the roster with their reason;
     too few left raises ``TooFewSites``. A retry resends the round: the sites that already released it send the
@@ -355,7 +357,8 @@ def secure_sum_over(roster: SiteRoster, grid: Grid, phase: str, round: int, task
     roster.require(phase, round)
     try:
         result = secure_sum(grid, None, task, config, roster.active, shape=shape, arrays=arrays, timeout=timeout,
-                            min_sites=roster.min_sites, retries=1, clipping_range=clipping_range)
+                            min_sites=roster.min_sites, retries=1, clipping_range=clipping_range,
+                            reconstruction_threshold=threshold)
     except SecureSumFailed as failed:
         for node in failed.unresponsive:
             roster.drop(node, phase, round, failed.reasons.get(node, f"silent during secure aggregation: {failed}"))

@@ -27,7 +27,8 @@ from pmlm.common.privacy.kept import GroupChanged
 from pmlm.common.privacy.shared_noise import SITE_NOISE, KeyExchange, NoiseSharing
 from pmlm.common.privacy.signing import SITE_ENTRY_DOMAIN, canonical_json, line_hash, load_or_create_private_key, sign
 from pmlm.server.in_process import RUN_ID, InProcessGrid
-from pmlm.server.secure_sum import SecureSumFailed, secure_sum
+from pmlm.server.roster import SiteRoster
+from pmlm.server.secure_sum import SecureSumFailed, secure_sum, secure_sum_over
 
 DELTA = 1e-5
 FAST = AccountantSettings(pld_value_discretization_interval=1e-2)
@@ -194,6 +195,16 @@ def test_secagg_sum_of_sites_sharing_noise_carries_the_full_sigma():
                         clipping_range=16.0)  # default threshold for 4 sites: 3
     assert result.metrics == {n: {"sites": 4, "threshold": 3} for n in nodes}
     assert np.std(result.total) == pytest.approx(SIGMA * math.sqrt(4 / 3), rel=0.05)  # >= σ, far below 2σ
+
+
+def test_a_coordinator_that_asks_for_a_threshold_of_k_gets_the_sum_of_sites_sharing_with_k():
+    """Three sites sharing their noise with 3 (the default threshold, 2 of 3, is refused: the next test): the run config's
+    secure-sum-threshold reaches SecAgg+ through the phases' sum (secure_sum_over) and 3 is accepted."""
+    grid, _ = _grid(probe_app, [{"policy-noise": "distributed", "policy-min-sites": 3}] * 3)
+    nodes = sorted(grid.get_node_ids())
+    result = secure_sum_over(SiteRoster(nodes), grid, "phase_b", 0, "test_shared_noise_probe", {}, shape=(LENGTH,),
+                             timeout=30, clipping_range=16.0, threshold=3)
+    assert result.metrics == {n: {"sites": 3, "threshold": 3} for n in nodes}
 
 
 def test_sites_refuse_a_threshold_below_min_sites_and_record_it(tmp_path):
