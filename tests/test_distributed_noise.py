@@ -198,8 +198,8 @@ def test_secagg_sum_of_sites_sharing_noise_carries_the_full_sigma():
 
 
 def test_a_coordinator_that_asks_for_a_threshold_of_k_gets_the_sum_of_sites_sharing_with_k():
-    """Three sites sharing their noise with 3 (the default threshold, 2 of 3, is refused: the next test): the run config's
-    secure-sum-threshold reaches SecAgg+ through the phases' sum (secure_sum_over) and 3 is accepted."""
+    """Three sites sharing their noise with 3 (the default threshold, 2 of 3, is refused: the next test): the run
+    config's secure-sum-threshold reaches SecAgg+ through the phases' sum (secure_sum_over) and 3 is accepted."""
     grid, _ = _grid(probe_app, [{"policy-noise": "distributed", "policy-min-sites": 3}] * 3)
     nodes = sorted(grid.get_node_ids())
     result = secure_sum_over(SiteRoster(nodes), grid, "phase_b", 0, "test_shared_noise_probe", {}, shape=(LENGTH,),
