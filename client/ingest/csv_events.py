@@ -137,13 +137,13 @@ def write_csv_timelines(timelines, stream: IO[str]) -> int:
     rows = 0
     for t in timelines:
         birth = t.birth_date.date().isoformat() if t.birth_date else ""
-        writer.writerow(_newlines_as_lf([t.patient_id, birth, "patient", "", t.gender, "", "", "", "", ""]))
+        writer.writerow(newlines_as_lf([t.patient_id, birth, "patient", "", t.gender, "", "", "", "", ""]))
         for e in t.events:
             value = "" if e.value is None else (repr(e.value) if isinstance(e.value, float) else e.value)
             if isinstance(e.value, float) and e.value.is_integer():
                 value = str(int(e.value))
-            writer.writerow(_newlines_as_lf([t.patient_id, _iso(e.time), e.kind, e.system, e.code, e.display, value,
-                                             e.unit, _iso(e.end) if e.end else "", e.encounter_class]))
+            writer.writerow(newlines_as_lf([t.patient_id, _iso(e.time), e.kind, e.system, e.code, e.display, value,
+                                            e.unit, _iso(e.end) if e.end else "", e.encounter_class]))
             rows += 1
     return rows
 
@@ -158,7 +158,7 @@ def gzipped_event_table(timelines) -> tuple[bytes, int]:
     return packed.getvalue(), rows
 
 
-def _newlines_as_lf(row: list[str]) -> list[str]:
+def newlines_as_lf(row: list[str]) -> list[str]:
     return [v.replace("\r\n", "\n").replace("\r", "\n") for v in row]
 
 

@@ -1,9 +1,10 @@
-"""`pmlm data ...`: validate, describe, inspect and generate patient records."""
+"""`pmlm data ...`: validate, describe, inspect, generate and resample patient records."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -60,6 +61,29 @@ def register(sub) -> None:
     p.add_argument("--format", choices=["csv", "fhir"], default="csv",
                    help="csv: compact gzipped event tables (the sample's format); fhir: the generator's bundles")
     p.set_defaults(handler=cmd_generate)
+
+    p = dsub.add_parser("synth-consortium",
+                        help="a RESAMPLED consortium for scale tests: whole source timelines, fresh ids (not new "
+                             "patients)",
+                        description="Writes N site folders of M patients each by resampling whole patient timelines "
+                                    "of a source cohort, with fresh ids, shifted dates and per-site care patterns. "
+                                    "For load and scale tests only: nobody new is described, and quality figures on "
+                                    "it are not results on real-looking data.")
+    p.add_argument("--sites", type=int, default=3, metavar="N", help="number of sites")
+    p.add_argument("--patients", type=int, default=1000, metavar="M", help="patients per site")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="new or empty directory for the consortium: one sub-directory per site, and PROVENANCE.md")
+    p.add_argument("--source", type=Path, metavar="DIR",
+                   help="event tables to resample (a consortium or one site; default: the bundled sample, "
+                        "data/sample)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every draw: the same arguments give the same bytes")
+    p.add_argument("--profile", default="obgyn",
+                   help="task profile whose prediction points and pregnancy events no site's pattern drops")
+    p.add_argument("--force", action="store_true",
+                   help="replace DIR if it holds an earlier synth-consortium (any other non-empty DIR is refused)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), metavar="J",
+                   help="sites written side by side (the output does not depend on it)")
+    p.set_defaults(handler=cmd_synth_consortium)
 
 
 def _profile(name: str):
@@ -263,6 +287,28 @@ def cmd_generate(args) -> int:
                             fmt=args.format, sites=sites or None, profile=args.profile)
     except (GeneratorMissing, ValueError) as exc:
         raise CliError(str(exc)) from None
+    return 0
+
+
+def cmd_synth_consortium(args) -> int:
+    from pmlm.client.synth_consortium import synthesize_consortium
+    from pmlm.client.synth_provenance import NOTICE
+
+    if args.jobs < 1:
+        raise CliError(f"--jobs {args.jobs}: must be at least 1")
+    print(NOTICE, file=sys.stderr)
+    try:
+        result = synthesize_consortium(args.out, args.sites, args.patients, _profile(args.profile), args.source,
+                                       seed=args.seed, force=args.force, jobs=args.jobs, progress=True)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    rows = sum(s["rows"] for s in result["sites"])
+    size = sum(s["bytes"] for s in result["sites"])
+    print(f"{args.out}: {len(result['sites'])} sites x {args.patients} patients, {rows:,} rows, "
+          f"{size / 2**20:.1f} MiB, resampled from {result['source_patients']} patients of "
+          f"{args.source or 'the bundled sample'}")
+    print(NOTICE)
+    print(f"what each site's care pattern changed, and the command that makes it again: {args.out / 'PROVENANCE.md'}")
     return 0
 
 
