@@ -250,3 +250,21 @@ def test_the_audit_report_shows_full_run_ids_unbroken_deltas_and_the_failure_in_
     assert "1 of 2 ledgers FAILED verification: hospital-b" in page
     assert "phase_b and phase_c caps" in page
     assert "<div class='scroll'>" in page  # wide tables scroll inside the page, never past it
+
+
+def test_example_answers_show_what_the_answer_check_flagged():
+    report = _report([(3.0, 0.2)])
+    pmlm = report["examples"][0]["variants"]["pmlm"]
+    pmlm["check"] = [{"item": "- Augmentation of labor", "removed": False,
+                      "reasons": ["names Augmentation of labor, which cannot happen at her stage: she delivered"]},
+                     {"item": "- <i>Sixth item</i>", "removed": True,
+                      "reasons": ["beyond the 5 items her prompt allows: removed"]}]
+    report["examples"][1]["variants"] = {"general": {"prompt": [], "answer": "- Rest", "f1": 0.0, "check": []}}
+    page = render_html(report)
+    assert "F1 0.50 — 2 items flagged" in page
+    assert "<s>- &lt;i&gt;Sixth item&lt;/i&gt;</s> — beyond the 5 items" in page  # escaped, struck through
+    assert "cannot happen at her stage: she delivered" in page
+    assert "Checked against her prompt, record and stage: nothing flagged." in page
+    del pmlm["check"]  # a report.json written before the check: no claim either way
+    examples = render_html(report).split("Example prompts and answers")[1]
+    assert "items flagged" not in examples and examples.count("Checked against her prompt") == 1

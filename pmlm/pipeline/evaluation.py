@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
+from pmlm.client.assemble.check import check_answer, record_concepts
+from pmlm.client.assemble.stage import her_stage
 from pmlm.client.baselines import Popularity, TimingFloor, timing_key
 from pmlm.client.features import FeatureEncoder, PatientDataset
 from pmlm.client.phase_a import load_global_model
@@ -94,20 +96,7 @@ def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opt
     profile = load_profile(opts.profile)
     matcher = matcher_for(profile.name)
     assemblers = {s: PromptAssembler(SiteArtifacts.load(d, profile)) for s, d in site_dirs.items()}
-    # Round-robin over sites, one point per test patient, so every site is represented.
-    queues = {}
-    for s, exs in site_examples.items():
-        seen, q = set(), []
-        for e in sorted((e for e in exs if e.split == "test" and e.targets), key=lambda e: (e.patient_id, e.t)):
-            if e.patient_id not in seen:
-                seen.add(e.patient_id)
-                q.append(e)
-        queues[s] = q
-    points = []
-    while len(points) < opts.max_test_points and any(queues.values()):
-        for s in list(queues):
-            if queues[s] and len(points) < opts.max_test_points:
-                points.append((s, queues[s].pop(0)))
+    points = _test_points(site_examples, opts.max_test_points, opts.points_per_patient)
     scores = {v: [] for v in opts.variants}
     examples_out = []
     bar = progress_bar("evaluating guidance", len(points) * len(opts.variants), opts)
@@ -115,7 +104,7 @@ def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opt
         assembler = assemblers[site]
         ctx, state = assembler.context(ex, timelines.get((site, ex.patient_id)), with_oracle=True)
         blind = ctx.__class__(**{**ctx.__dict__, "oracle": []})  # PMLM's prompts never see what happened next
-        shown = {}
+        shown, prompts = {}, {}
         for variant in opts.variants:
             if variant == "pmlm":  # what the site really uses: its refined policy when it kept one
                 prompt = render(blind, assembler.refined_params(state))
@@ -127,17 +116,58 @@ def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opt
             score = score_answer(answer.text, ex, matcher)
             scores[variant].append(score)
             shown[variant] = {"prompt": prompt.messages, "answer": answer.text, "f1": score.f1}
+            prompts[variant] = prompt
             bar.update(1)
         if i < 3:
-            examples_out.append({"site": site, "targets": [profile.name_of(c) for c in ex.targets],
-                                 "gestational_week": ex.gestational_week, "stage": ctx.stage or _reading(profile, ex),
-                                 "variants": shown})
+            # The report's examples show each answer as `pmlm advise` would: its items checked against her prompt,
+            # her record and her stage (the F1 above scores the answer as the LLM wrote it).
+            stage = her_stage(profile, ex)
+            for variant, v in shown.items():
+                check = check_answer(v["answer"], prompts[variant], matcher, record_concepts(ex),
+                                     stage.impossible if stage else {})
+                v["check"] = [{"item": c.text, "reasons": c.reasons, "removed": c.removed} for c in check.flagged]
+            # A gestational week only where the profile has pregnancies: a chronic report says nothing of one.
+            week = {"gestational_week": ex.gestational_week} if profile.pregnancy_start else {}
+            examples_out.append({"site": site, "targets": [profile.name_of(c) for c in ex.targets], **week,
+                                 "stage": ctx.stage or _reading(profile, ex), "variants": shown})
     bar.close()
     sites = [site for site, _ in points]
-    by_site = {site: guidance_table({v: [sc for sc, s in zip(ss, sites) if s == site] for v, ss in scores.items()})
+    patients = [(site, ex.patient_id) for site, ex in points]  # the bootstrap's unit: a patient, not a point
+    by_site = {site: guidance_table({v: [sc for sc, s in zip(ss, sites) if s == site] for v, ss in scores.items()},
+                                    [p for p in patients if p[0] == site])
                for site in site_dirs}
-    return {"table": guidance_table(scores), "by_site": by_site, "paired": paired_guidance(scores, sites),
-            "points": len(points), "examples": examples_out}
+    return {"table": guidance_table(scores, patients), "by_site": by_site,
+            "paired": paired_guidance(scores, sites, patients), "points": len(points),
+            "patients": len(set(patients)), "examples": examples_out}
+
+
+def _test_points(site_examples: dict, limit: int, per_patient: int) -> list:
+    """Up to `limit` (site, example) test points with targets: up to `per_patient` a patient, spread over her
+    record, taken round-robin over sites and then over patients (every test patient's first point before anyone's
+    second), so every site and as many patients as possible are represented. Several points a patient give a
+    profile with few test patients (chronic) enough points; intervals still resample patients."""
+    queues = {}
+    for s, exs in site_examples.items():
+        by_patient: dict[str, list] = {}
+        for e in sorted((e for e in exs if e.split == "test" and e.targets), key=lambda e: (e.patient_id, e.t)):
+            by_patient.setdefault(e.patient_id, []).append(e)
+        chosen = [_spread(own, per_patient) for own in by_patient.values()]
+        queues[s] = [own[k] for k in range(per_patient) for own in chosen if k < len(own)]
+    points = []
+    while len(points) < limit and any(queues.values()):
+        for s in list(queues):
+            if queues[s] and len(points) < limit:
+                points.append((s, queues[s].pop(0)))
+    return points
+
+
+def _spread(points: list, n: int) -> list:
+    """n of a patient's points in time order, evenly spaced from her first (one point: her first)."""
+    if len(points) <= n:
+        return points
+    if n == 1:
+        return points[:1]
+    return [points[round(i * (len(points) - 1) / (n - 1))] for i in range(n)]
 
 
 # The comparisons a site cares about: what it uses against the initial prompt, against the consortium's policy
@@ -145,39 +175,46 @@ def evaluate_guidance(site_examples: dict, site_dirs: dict, timelines: dict, opt
 GUIDANCE_PAIRS = (("pmlm", "self_peer"), ("pmlm", "pmlm_consortium"), ("pmlm", "general"))
 
 
-def guidance_table(scores: dict[str, list]) -> dict:
+def guidance_table(scores: dict[str, list], patients: list | None = None) -> dict:
+    """Each variant's mean scores and F1's bootstrap interval over patients (`patients`: each point's patient;
+    None: one point a patient)."""
+
     def mean(values):
         values = [v for v in values if not np.isnan(v)]
         return float(np.mean(values)) if values else float("nan")
 
     return {v: {"precision": mean([s.precision for s in ss]), "recall": mean([s.recall for s in ss]),
                 "f1": mean([s.f1 for s in ss]), "risk_recall": mean([s.risk_recall for s in ss]),
-                "f1_interval": bootstrap_interval([s.f1 for s in ss]), "points": len(ss)}
+                "f1_interval": bootstrap_interval([s.f1 for s in ss], patients), "points": len(ss)}
             for v, ss in scores.items()}
 
 
-def paired_guidance(scores: dict[str, list], sites: list[str]) -> dict:
-    """Each pair's F1 difference and ratio with paired bootstrap intervals, pooled and per site."""
+def paired_guidance(scores: dict[str, list], sites: list[str], patients: list | None = None) -> dict:
+    """Each pair's F1 difference and ratio with paired bootstrap intervals over patients, pooled and per site."""
+    patients = list(range(len(sites))) if patients is None else patients
     out = {}
     for a, b in GUIDANCE_PAIRS:
         if a not in scores or b not in scores:
             continue
         fa, fb = [s.f1 for s in scores[a]], [s.f1 for s in scores[b]]
-        pooled = paired_interval(fa, fb)
-        pooled["by_site"] = {site: paired_interval([x for x, s in zip(fa, sites) if s == site],
-                                                   [y for y, s in zip(fb, sites) if s == site])
+        pooled = paired_interval(fa, fb, patients)
+        pooled["by_site"] = {site: paired_interval(*([v for v, s in zip(seq, sites) if s == site]
+                                                     for seq in (fa, fb, patients)))
                              for site in dict.fromkeys(sites)}
         out[f"{a}_vs_{b}"] = pooled
     return out
 
 
-def paired_interval(a: list[float], b: list[float], resamples: int = 2000, level: float = 0.95) -> dict:
+def paired_interval(a: list[float], b: list[float], patients: list | None = None, resamples: int = 2000,
+                    level: float = 0.95) -> dict:
     """Mean of a − b and mean(a)/mean(b) over the same points, each with a percentile bootstrap interval that
-    draws the points together (one point per test patient: patients are drawn); a resample whose b-mean is 0 is
-    left out of the ratio's interval. Fixed seed: the same scores give the same intervals."""
-    pairs = np.asarray([(x, y) for x, y in zip(a, b) if not (np.isnan(x) or np.isnan(y))], dtype=float)
-    pairs = pairs.reshape(-1, 2)
-    replicates = patient_bootstrap(pairs, range(len(pairs)), resamples=resamples)
+    draws the points together and resamples patients (`patients`: each point's patient; None: one point a
+    patient); a resample whose b-mean is 0 is left out of the ratio's interval. Fixed seed: the same scores give
+    the same intervals."""
+    patients = range(len(a)) if patients is None else patients
+    kept = [(x, y, p) for x, y, p in zip(a, b, patients) if not (np.isnan(x) or np.isnan(y))]
+    pairs = np.asarray([(x, y) for x, y, _ in kept], dtype=float).reshape(-1, 2)
+    replicates = patient_bootstrap(pairs, [p for _, _, p in kept], resamples=resamples)
     mean_a, mean_b = pairs.mean(axis=0) if len(pairs) else (float("nan"), float("nan"))
     with np.errstate(divide="ignore", invalid="ignore"):
         return {"difference": float(mean_a - mean_b),
@@ -187,11 +224,15 @@ def paired_interval(a: list[float], b: list[float], resamples: int = 2000, level
                 "points": int(len(pairs))}
 
 
-def bootstrap_interval(values: list[float], resamples: int = 2000, level: float = 0.95) -> list[float]:
-    """A percentile bootstrap interval of the mean over the scored points (one point per test patient, so this
-    resamples patients); fixed seed, so the same scores give the same interval."""
-    values = np.asarray([v for v in values if not np.isnan(v)], dtype=float)
-    return percentile_interval(patient_bootstrap(values, range(len(values)), resamples=resamples)[:, 0], level)
+def bootstrap_interval(values: list[float], patients: list | None = None, resamples: int = 2000,
+                       level: float = 0.95) -> list[float]:
+    """A percentile bootstrap interval of the mean over the scored points, resampling patients (`patients`: each
+    point's patient; None: one point a patient); fixed seed, so the same scores give the same interval."""
+    patients = range(len(values)) if patients is None else patients
+    kept = [(v, p) for v, p in zip(values, patients) if not np.isnan(v)]
+    replicates = patient_bootstrap(np.asarray([v for v, _ in kept], dtype=float), [p for _, p in kept],
+                                   resamples=resamples)
+    return percentile_interval(replicates[:, 0], level)
 
 
 def privacy_summary(site_dirs: dict, opts: PipelineOptions) -> dict:

@@ -480,6 +480,25 @@ def _stage(ex: dict) -> str:
     return f"gestational week {week:.0f}" if _num_ok(week) else "postpartum"
 
 
+def _flag_count(v: dict) -> str:
+    flagged = v.get("check")
+    return f" — {len(flagged)} item{'s' if len(flagged) != 1 else ''} flagged" if isinstance(flagged, list) and flagged else ""
+
+
+def _checked_items(v: dict) -> str:
+    """What the answer check (client/assemble/check.py) found against her prompt, record and stage, as `pmlm advise`
+    shows it; an older report.json without checks shows nothing here."""
+    flagged = v.get("check")
+    if not isinstance(flagged, list):
+        return ""
+    if not flagged:
+        return "<p class='note'>Checked against her prompt, record and stage: nothing flagged.</p>"
+    rows = "".join(f"<li>{'<s>' if f.get('removed') else ''}{html.escape(str(f.get('item', '')))}"
+                   f"{'</s>' if f.get('removed') else ''} — {html.escape('; '.join(map(str, f.get('reasons', []))))}</li>"
+                   for f in flagged if isinstance(f, dict))
+    return f"<p class='note'>Checked against her prompt, record and stage ({len(flagged)} flagged):</p><ul>{rows}</ul>"
+
+
 NOTICE = ("<p class='notice'><b>Decision support, not a diagnosis.</b> The answers below were written by {model}, a "
           "small language model, from prompts PMLM assembled; they are shown to measure the prompts and must be "
           "checked against the patient's record by a clinician.</p>")
@@ -582,8 +601,8 @@ def render_html(report: dict) -> str:
         for variant, v in ex["variants"].items():
             prompt = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in v["prompt"])
             parts.append(f"<details><summary><b>{html.escape(VARIANT_LABELS.get(variant, variant))}</b> — F1 "
-                         f"{_fmt(v.get('f1'), '.2f')}</summary><pre>{html.escape(prompt)}</pre><p>Answer:</p>"
-                         f"<pre>{html.escape(v['answer'])}</pre></details>")
+                         f"{_fmt(v.get('f1'), '.2f')}{_flag_count(v)}</summary><pre>{html.escape(prompt)}</pre>"
+                         f"<p>Answer:</p><pre>{html.escape(v['answer'])}</pre>{_checked_items(v)}</details>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
