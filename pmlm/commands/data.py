@@ -131,11 +131,13 @@ def cmd_validate(args) -> int:
         json.dump(summary, sys.stdout, indent=1)
         print()
         return 0
+
+    def pregnancies(counts: dict, width: int = 0, sep: str = " ") -> str:  # only where counted (not chronic)
+        return f"{counts['pregnancies']:>{width}} pregnancies{sep}" if "pregnancies" in counts else ""
     print(f"{args.dir}: {summary['patients']} patients, {summary['events']} events, "
-          f"{summary['pregnancies']} pregnancies, {summary['prediction_points']} prediction points "
-          f"(profile {profile.name})")
+          f"{pregnancies(summary, sep=', ')}{summary['prediction_points']} prediction points (profile {profile.name})")
     for name, s in summary["sites"].items():
-        print(f"  {name:<20} {s['patients']:>6} patients {s['events']:>9} events {s['pregnancies']:>5} pregnancies "
+        print(f"  {name:<20} {s['patients']:>6} patients {s['events']:>9} events {pregnancies(s, 5)}"
               f"{s['prediction_points']:>6} points {s['quarantined']:>4} quarantined")
     if quarantined:
         reasons = Counter(q["reason"].split(":")[0] for q in quarantined)

@@ -17,6 +17,10 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("--epsilon", type=float, default=3.0, help="patient-level epsilon per site, all phases together")
     p.add_argument("--max-test-points", type=int, default=40, metavar="N",
                    help="held-out prediction points the guidance is scored on (each costs LLM calls per prompt)")
+    p.add_argument("--points-per-patient", type=int, default=1, metavar="K",
+                   help="score up to K test points of each test patient, spread over her record (every patient's "
+                        "first point comes before anyone's second; intervals resample patients), e.g. 3 for a "
+                        "profile with few test patients but many visits each (chronic)")
     p.add_argument("--rounds", type=int, default=3, help="phase A federated rounds")
     p.add_argument("--phase-c-rounds", type=int, default=1, help="phase C (RL prompt policy) federated rounds")
     p.add_argument("--phase-c-rate", type=float, default=0.25,
@@ -45,6 +49,8 @@ def options_from(args, data: Path, workdir: Path):
 
     if args.epsilon <= 0:
         raise CliError("--epsilon must be > 0")
+    if args.points_per_patient < 1:
+        raise CliError(f"--points-per-patient must be >= 1, got {args.points_per_patient}")
     if args.refine_calls < 0:
         raise CliError(f"--refine-calls must be >= 0, got {args.refine_calls}")
     if not 0 < args.phase_c_rate <= 1:
@@ -56,7 +62,8 @@ def options_from(args, data: Path, workdir: Path):
     llm = {k: v for k, v in (("base_url", args.llm_base_url), ("model", args.llm_model)) if v}
     receive_only = tuple(s.strip() for s in (args.receive_only or "").split(",") if s.strip())
     return PipelineOptions(data=data, workdir=workdir, sites=args.sites, epsilon=args.epsilon,
-                           max_test_points=args.max_test_points, rounds=args.rounds,
+                           max_test_points=args.max_test_points, points_per_patient=args.points_per_patient,
+                           rounds=args.rounds,
                            phase_c_rounds=args.phase_c_rounds, phase_c_rate=args.phase_c_rate,
                            profile=args.profile, baselines_trained=not args.no_trained_baselines, llm=llm,
                            curve=curve, progress=sys.stderr.isatty(), refine=not args.no_refine,

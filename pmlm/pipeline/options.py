@@ -23,6 +23,7 @@ class PipelineOptions:
     epsilon: float = 3.0  # per site, whole budget (phase A's cap is half; B and C share what composition leaves)
     delta: float = 1e-5
     max_test_points: int = 40
+    points_per_patient: int = 1  # test points scored per test patient (chronic: few test patients, many visits)
     rounds: int = 3
     local_epochs: int = 1
     phase_b_rounds: int = 2

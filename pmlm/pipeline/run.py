@@ -99,7 +99,7 @@ def run_pipeline_core(opts: PipelineOptions, records: Consortium, log=print) -> 
     report = {
         "data": {"patients": records.patients, "sites": len(sites), "profile": opts.profile,
                  "prediction_points": sum(len(v) for v in site_examples.values()),
-                 "test_points": guidance["points"]},
+                 "test_points": guidance["points"], "test_patients": guidance["patients"]},
         "privacy": privacy_summary(site_dirs, opts),
         "recommender": recommender,
         "recommender_by_site": recommender_by_site,  # None without the trained reference models
