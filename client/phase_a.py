@@ -69,6 +69,12 @@ def site_examples(data_dir: Path, site_id: str, profile: TaskProfile) -> list[Ex
     return _EXAMPLES[key]
 
 
+def keep_site_examples(data_dir: Path, profile: TaskProfile, examples: list[Example]) -> None:
+    """Examples this process has already read from `data_dir` (the in-process pipeline reads every site once for
+    its evaluation): the site's handlers then use them instead of parsing the same records again."""
+    _EXAMPLES[(str(Path(data_dir).resolve()), profile.name)] = examples
+
+
 class SitePhaseA:
     def __init__(self, site_id: str, data_dir: Path, site_dir: Path, cfg: PhaseAConfig,
                  examples: list[Example] | None = None, policy: SitePolicy | None = None):

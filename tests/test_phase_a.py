@@ -284,3 +284,12 @@ def test_phase_a_train_is_a_yes_or_no_in_the_sites_policy():
     assert SitePolicy().phase_a_train is True
     with pytest.raises(PolicyError, match="phase_a_train"):
         SitePolicy.from_dict({"phase_a_train": "sometimes"})
+
+
+def test_examples_the_pipeline_already_read_are_not_parsed_again(tmp_path, monkeypatch):
+    from pmlm.client import phase_a as site_phase_a
+
+    examples = [_example_with_changes()]
+    site_phase_a.keep_site_examples(tmp_path / "records", load_profile("obgyn"), examples)
+    monkeypatch.setattr(site_phase_a, "load_site", lambda *a, **k: pytest.fail("records parsed twice"))
+    assert site_phase_a.site_examples(tmp_path / "records", "h", load_profile("obgyn")) is examples

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pmlm.client.adapt import read_adaptation
 from pmlm.client.llm import LLMConfig
+from pmlm.client.phase_a import keep_site_examples
 from pmlm.client.phase_c import site_llm
 from pmlm.client.refine import RefineConfig, refine_site_policy
 from pmlm.client.sites import load_site
@@ -47,6 +48,7 @@ def load_consortium(opts: PipelineOptions) -> Consortium:
     for name, path in sites.items():
         data, kept = load_site(name, path, profile, keep_timelines=True, progress=opts.progress)
         site_examples[name] = data.examples
+        keep_site_examples(path, profile, data.examples)  # the in-process sites' handlers read the same records
         patients += data.patients
         timelines.update({(name, t.patient_id): t for t in kept})
     return Consortium(sites, site_examples, timelines, patients)
