@@ -81,7 +81,7 @@ def test_reduced_chronic_evaluate_reports_every_key(report):
     assert report["examples"] and all(ex["stage"].startswith("age ") and "gestational_week" not in ex
                                       for ex in report["examples"])
     assert not math.isnan(report["recommender"]["federated_dp"]["auroc"])
-    assert (out / "report.html").exists()
+    assert "9 points of 6 test patients" in (out / "report.html").read_text()
 
 
 def test_no_chronic_prompt_or_report_text_is_obstetric(report):
@@ -90,6 +90,9 @@ def test_no_chronic_prompt_or_report_text_is_obstetric(report):
     assert "primary care" in prompts[0] or any("primary care" in p for p in prompts)
     shown = json.dumps(report["examples"]) + (out / "report.html").read_text()
     assert not OBSTETRIC.search(shown), OBSTETRIC.search(shown)
+    # The page's own labels assume no woman (a woman's prompts and answers may say "her").
+    labels = (out / "report.html").read_text().split("<h2>Example prompts")[0]
+    assert "her care events" not in labels and "her true" not in labels
 
 
 def test_data_validate_reads_a_chronic_consortium_in_words(tmp_path, capsys):

@@ -485,6 +485,14 @@ def _flag_count(v: dict) -> str:
     return f" — {len(flagged)} item{'s' if len(flagged) != 1 else ''} flagged" if isinstance(flagged, list) and flagged else ""
 
 
+def _points_of_patients(data: dict) -> str:
+    """How many points the guidance rests on and of how many patients (an older report.json: one a patient)."""
+    points, patients = data.get("test_points"), data.get("test_patients")
+    if patients is None or patients == points:
+        return "One point per test patient"
+    return f"{points} points of {patients} test patients (up to several a patient, spread over the record)"
+
+
 def _checked_items(v: dict) -> str:
     """What the answer check (client/assemble/check.py) found against her prompt, record and stage, as `pmlm advise`
     shows it; an older report.json without checks shows nothing here."""
@@ -544,12 +552,12 @@ def render_html(report: dict) -> str:
              "<h2>Does each site gain? Per site and pooled</h2>",
              site_section(report),
              "<h2>Did personalisation help? Guidance ablation, pooled</h2>",
-             "<p class='note'>Concepts the LLM's answer names (profile names and synonyms) against her care events in "
-             "the next horizon. <b>general</b>: no patient data; <b>self</b>/<b>peer</b>/<b>self+peer</b>: the "
-             "initial personalised prompts; <b>consortium DP policy</b>: the prompt phase C's policy picks; "
-             "<b>PMLM</b>: what each site uses (its site-refined policy where it kept one); <b>oracle</b>: her true "
-             "next events listed (the model's ceiling). One point per test patient; the interval is a 95% "
-             "bootstrap over patients.</p>",
+             "<p class='note'>Concepts the LLM's answer names (profile names and synonyms) against the patient's care "
+             "events in the next horizon. <b>general</b>: no patient data; <b>self</b>/<b>peer</b>/<b>self+peer</b>: "
+             "the initial personalised prompts; <b>consortium DP policy</b>: the prompt phase C's policy picks; "
+             "<b>PMLM</b>: what each site uses (its site-refined policy where it kept one); <b>oracle</b>: the "
+             f"patient's true next events listed (the model's ceiling). {_points_of_patients(d)}; the interval is a "
+             "95% bootstrap over patients (all of a patient's points drawn together).</p>",
              guidance_rows, risk_note,
              paired_table(report.get("guidance_paired") or {}),
              hbar_chart([(VARIANT_LABELS.get(k, k), v.get("f1"), v.get("f1_interval")) for k, v in g.items()
