@@ -112,7 +112,7 @@ def test_reduced_evaluate_reports_every_key(evaluated):
     assert report["examples"] and all(isinstance(c, list) for c in checks)
     assert all(set(f) == {"item", "reasons", "removed"} and f["reasons"] for c in checks for f in c)
     html = (tmp_path / "report.html").read_text()
-    assert "<svg" in html and "Guidance F1" in html and "Checked against her prompt" in html
+    assert "<svg" in html and "Guidance F1" in html and "Checked against the patient's prompt" in html
     # The site directories stay usable by `pmlm advise`.
     site_dir = tmp_path / "work" / "sites" / "hospital_a"
     assert (site_dir / "site.json").exists() and (site_dir / "phase_b" / "peer_profiles.npz").exists()

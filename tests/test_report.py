@@ -264,7 +264,7 @@ def test_example_answers_show_what_the_answer_check_flagged():
     assert "F1 0.50 — 2 items flagged" in page
     assert "<s>- &lt;i&gt;Sixth item&lt;/i&gt;</s> — beyond the 5 items" in page  # escaped, struck through
     assert "cannot happen at her stage: she delivered" in page
-    assert "Checked against her prompt, record and stage: nothing flagged." in page
+    assert "Checked against the patient's prompt, record and stage: nothing flagged." in page
     del pmlm["check"]  # a report.json written before the check: no claim either way
     examples = render_html(report).split("Example prompts and answers")[1]
-    assert "items flagged" not in examples and examples.count("Checked against her prompt") == 1
+    assert "items flagged" not in examples and examples.count("Checked against the patient's prompt") == 1

@@ -500,11 +500,11 @@ def _checked_items(v: dict) -> str:
     if not isinstance(flagged, list):
         return ""
     if not flagged:
-        return "<p class='note'>Checked against her prompt, record and stage: nothing flagged.</p>"
+        return "<p class='note'>Checked against the patient's prompt, record and stage: nothing flagged.</p>"
     rows = "".join(f"<li>{'<s>' if f.get('removed') else ''}{html.escape(str(f.get('item', '')))}"
                    f"{'</s>' if f.get('removed') else ''} — {html.escape('; '.join(map(str, f.get('reasons', []))))}</li>"
                    for f in flagged if isinstance(f, dict))
-    return f"<p class='note'>Checked against her prompt, record and stage ({len(flagged)} flagged):</p><ul>{rows}</ul>"
+    return f"<p class='note'>Checked against the patient's prompt, record and stage ({len(flagged)} flagged):</p><ul>{rows}</ul>"
 
 
 NOTICE = ("<p class='notice'><b>Decision support, not a diagnosis.</b> The answers below were written by {model}, a "
