@@ -134,7 +134,7 @@ def test_advise_uses_the_site_artifacts_evaluate_left(small_consortium, evaluate
     out = capsys.readouterr().out
     assert "--- system ---" in out and "Guidance:" in out
     # The refined policy decides which sections she gets; at least one personal source is in her prompt.
-    assert "[her predictions]" in out or "[similar patients (DP peer profile)]" in out
+    assert "[the patient's predictions]" in out or "[similar patients (DP peer profile)]" in out
     assert patient.patient_id not in out.split("Guidance:")[0]  # her id never enters the prompt
     assert main(["advise", "--site", str(site), "--patient", "nobody"]) == 2
     assert main(["advise", "--site", str(tmp_path), "--patient", patient.patient_id]) == 2

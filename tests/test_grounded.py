@@ -107,8 +107,8 @@ def test_reported_case_six_weeks_after_delivery_gets_no_labour_miscarriage_or_pr
     assert "about 60% had depression screening within 12 weeks" in assembled.prompt.peer_facts
     # Not silently: her notes say what was left out and why.
     assert assembled.stage.name == "postpartum" and assembled.stage.label == "after the end of her pregnancy (6 weeks ago)"
-    note = next(m for m in assembled.missing if m.startswith("left out of her prompt"))
-    assert "augmentation of labor (90%) [her predictions]" in note
+    note = next(m for m in assembled.missing if m.startswith("left out of the prompt"))
+    assert "augmentation of labor (90%) [the patient's predictions]" in note
     assert "labour and delivery events cannot follow the end of her pregnancy" in note
     assert "miscarriage in the second trimester (80%)" in note
     assert "about 80% had prenatal visit within 12 weeks [similar patients (DP peer profile)]" in note
@@ -116,7 +116,7 @@ def test_reported_case_six_weeks_after_delivery_gets_no_labour_miscarriage_or_pr
     # The checklist shows the same: her predicted care, peers, and what was left out.
     shown = format_checklist(care_checklist(assembled))
     assert "Her stage: after the end of her pregnancy (6 weeks ago)" in shown
-    assert "[ ] depression screening (70%)" in shown and "Left out of her prompt, impossible at her stage" in shown
+    assert "[ ] depression screening (70%)" in shown and "Left out of the prompt, impossible at this stage" in shown
 
 
 def test_the_same_filter_serves_the_evaluation_context(monkeypatch):
@@ -250,16 +250,16 @@ def test_reported_answer_faults_are_flagged_and_excess_items_removed():
     assert prompt.max_items == 5 and "At most 5 bullets" in prompt.messages[-1]["content"]
     check = check_answer(EIGHT_BULLETS, prompt, MATCHER)
     reasons = {i.text: i.reasons for i in check.items}
-    assert reasons["- Prenatal visit (20%)"] == ["says 20% where her prompt says 75% (prenatal visit)"]
+    assert reasons["- Prenatal visit (20%)"] == ["says 20% where the prompt says 75% (prenatal visit)"]
     assert reasons["- Group B strep test (40%)"] == []
     assert reasons["- Fetal anatomy study 3 weeks ago"] == [
-        "says 3 weeks ago where her prompt gives another time for it"]
-    assert reasons["- Pap smear within 2 weeks"] == ["names Pap smear, which is neither in her prompt nor in her record"]
+        "says 3 weeks ago where the prompt gives another time for it"]
+    assert reasons["- Pap smear within 2 weeks"] == ["names Pap smear, which is neither in the prompt nor in the record"]
     assert reasons["- Tdap vaccination at gestational week 32"] == [
-        "says gestational week 32 where her prompt says 30"]
+        "says gestational week 32 where the prompt says 30"]
     # Eight bullets where five are allowed: the last three go, the introduction stays.
     assert [i.text for i in check.removed] == ["- Depression screening", "- Hemogram", "- Fetal heart auscultation"]
-    assert all("beyond the 5 items her prompt allows" in i.reasons[-1] for i in check.removed)
+    assert all("beyond the 5 items the prompt allows" in i.reasons[-1] for i in check.removed)
     assert check.text.count("\n- ") == 5 and "Hemogram" not in check.text and check.text.startswith("Here is")
     assert len(check.kept) == 6 and len(check.flagged) == 7
 
@@ -280,9 +280,9 @@ def test_numbers_beyond_the_prompt_are_flagged():
                          "- 78% of patients are healthy\n- Nothing recorded in 6 months prior to today\n", prompt,
                          MATCHER)
     assert [r for i in check.items for r in i.reasons] == [
-        "looks 6 months ahead, beyond her prompt's 12-week horizon",
-        "says blood pressure 150/95, a reading her prompt does not give",
-        "says 78%, a figure her prompt does not give"]
+        "looks 6 months ahead, beyond the prompt's 12-week horizon",
+        "says blood pressure 150/95, a reading the prompt does not give",
+        "says 78%, a figure the prompt does not give"]
 
 
 def test_an_answer_naming_what_cannot_follow_her_stage_is_flagged():
@@ -294,7 +294,7 @@ def test_an_answer_naming_what_cannot_follow_her_stage_is_flagged():
     reasons = {i.text: i.reasons for i in check.items}
     assert reasons["- Depression screening"] == []
     assert reasons["- Induction of labor this week"] == [
-        "names induction of labor, which cannot happen at her stage: labour and delivery events cannot follow the "
+        "names induction of labor, which cannot happen at this stage: labour and delivery events cannot follow the "
         "end of her pregnancy"]
     assert reasons["- Childbirth 6 weeks ago: recovered"] == []  # her history, restated with the prompt's time
 
@@ -356,5 +356,5 @@ def test_advise_prints_the_checklist_then_the_checked_answer_then_the_notice(adv
     assert "Her stage: pregnant, gestational week" in out
     assert out.rstrip().endswith("decision support, not a diagnosis; check against the record.")
     answer = out[guidance:notice]
-    assert "- Prenatal visit 5" in answer and "Removed, beyond the 5 items her prompt allows:" in answer
+    assert "- Prenatal visit 5" in answer and "Removed, beyond the 5 items the prompt allows:" in answer
     assert answer.index("- Prenatal visit 5") < answer.index("Removed") < answer.index("x - Prenatal visit 6")

@@ -256,14 +256,14 @@ def test_example_answers_show_what_the_answer_check_flagged():
     report = _report([(3.0, 0.2)])
     pmlm = report["examples"][0]["variants"]["pmlm"]
     pmlm["check"] = [{"item": "- Augmentation of labor", "removed": False,
-                      "reasons": ["names Augmentation of labor, which cannot happen at her stage: she delivered"]},
+                      "reasons": ["names Augmentation of labor, which cannot happen at this stage: she delivered"]},
                      {"item": "- <i>Sixth item</i>", "removed": True,
-                      "reasons": ["beyond the 5 items her prompt allows: removed"]}]
+                      "reasons": ["beyond the 5 items the prompt allows: removed"]}]
     report["examples"][1]["variants"] = {"general": {"prompt": [], "answer": "- Rest", "f1": 0.0, "check": []}}
     page = render_html(report)
     assert "F1 0.50 — 2 items flagged" in page
     assert "<s>- &lt;i&gt;Sixth item&lt;/i&gt;</s> — beyond the 5 items" in page  # escaped, struck through
-    assert "cannot happen at her stage: she delivered" in page
+    assert "cannot happen at this stage: she delivered" in page
     assert "Checked against the patient's prompt, record and stage: nothing flagged." in page
     del pmlm["check"]  # a report.json written before the check: no claim either way
     examples = render_html(report).split("Example prompts and answers")[1]

@@ -162,7 +162,7 @@ class PromptAssembler:
                                            impossible=impossible)
             predictions = [(p.name, p.probability) for p in feats.predictions]
             trajectory = [c.text for c in feats.changes]
-            left_out += [LeftOut(f"{p.name} ({p.probability:.0%})", "her predictions", impossible[p.concept])
+            left_out += [LeftOut(f"{p.name} ({p.probability:.0%})", "the patient's predictions", impossible[p.concept])
                          for p in feats.left_out]
             history, point, _ = a.encoder.encode([example])
             with torch.no_grad():

@@ -151,38 +151,38 @@ def _number_reasons(item: str, concepts: set[str], numbers: _PromptNumbers, name
         stated = set().union(*(numbers.percents_by_concept.get(c, set()) for c in concepts)) if concepts else set()
         if stated and value not in stated:
             about = ", ".join(sorted(names.get(c, c) for c in concepts if numbers.percents_by_concept.get(c)))
-            reasons.append(f"says {_fmt(value)}% where her prompt says "
+            reasons.append(f"says {_fmt(value)}% where the prompt says "
                            f"{' or '.join(_fmt(v) + '%' for v in sorted(stated))} ({about})")
         elif value not in numbers.percents:
-            reasons.append(f"says {_fmt(value)}%, a figure her prompt does not give")
+            reasons.append(f"says {_fmt(value)}%, a figure the prompt does not give")
     for value, unit in _AGO.findall(item):
         days = _days(value, unit)
         stated = [d for c in concepts for d in numbers.ago_by_concept.get(c, [])]
         if stated and not any(_close(days, d) for d in stated):
-            reasons.append(f"says {value} {unit.lower()}{'s' if value != '1' else ''} ago where her prompt gives "
+            reasons.append(f"says {value} {unit.lower()}{'s' if value != '1' else ''} ago where the prompt gives "
                            f"another time for it")
         elif not stated and not any(_close(days, d) for d in numbers.ago):
-            reasons.append(f"says {value} {unit.lower()}{'s' if value != '1' else ''} ago, a time her prompt "
+            reasons.append(f"says {value} {unit.lower()}{'s' if value != '1' else ''} ago, a time the prompt "
                            f"does not give")
     if numbers.horizon_days is not None:
         for value, unit in _AHEAD.findall(item):
             if _days(value, unit) > numbers.horizon_days + 0.5:
-                reasons.append(f"looks {value} {unit.lower()}s ahead, beyond her prompt's "
+                reasons.append(f"looks {value} {unit.lower()}s ahead, beyond the prompt's "
                                f"{numbers.horizon_days // 7}-week horizon")
     for a, b in _GEST_WEEK.findall(item):
         if numbers.gestational_week and int(a or b) not in numbers.gestational_week:
-            reasons.append(f"says gestational week {a or b} where her prompt says "
+            reasons.append(f"says gestational week {a or b} where the prompt says "
                            f"{', '.join(map(str, sorted(numbers.gestational_week)))}")
     for value in _POSTPARTUM.findall(item):
         if numbers.postpartum_weeks and int(value) not in numbers.postpartum_weeks:
-            reasons.append(f"says {value} weeks after the end of her pregnancy where her prompt says "
+            reasons.append(f"says {value} weeks after the end of her pregnancy where the prompt says "
                            f"{', '.join(map(str, sorted(numbers.postpartum_weeks)))}")
     for a, b in _PRESSURE.findall(item):
         if (int(a), int(b)) not in numbers.pressures and 60 <= int(a) <= 250:
-            reasons.append(f"says blood pressure {a}/{b}, a reading her prompt does not give")
+            reasons.append(f"says blood pressure {a}/{b}, a reading the prompt does not give")
     for value in _KG.findall(item):
         if float(value) not in numbers.kgs:
-            reasons.append(f"says {value} kg, a figure her prompt does not give")
+            reasons.append(f"says {value} kg, a figure the prompt does not give")
     return reasons
 
 
@@ -209,16 +209,16 @@ def check_answer(answer: str, prompt: Prompt, matcher: ConceptMatcher, record: I
         concepts = matcher.mentioned(text)
         for c in sorted(concepts, key=lambda c: names.get(c, c)):
             if c in impossible and c not in in_prompt and not (c in grounded and _AGO.search(text)):
-                item.reasons.append(f"names {names.get(c, c)}, which cannot happen at her stage: {impossible[c]}")
+                item.reasons.append(f"names {names.get(c, c)}, which cannot happen at this stage: {impossible[c]}")
             elif c not in grounded:
-                item.reasons.append(f"names {names.get(c, c)}, which is neither in her prompt nor in her record")
+                item.reasons.append(f"names {names.get(c, c)}, which is neither in the prompt nor in the record")
         item.reasons += _number_reasons(text, concepts, numbers, names)
         # Past the allowed count every further bullet goes, with the headings and empty bullets among them.
         past_limit = prompt.max_items is not None and total > prompt.max_items and counted >= prompt.max_items
         counted += is_counted
         if past_limit and (is_counted or _BULLET.match(answer_lines[lines[0]])):
             item.removed = True
-            item.reasons.append(f"beyond the {prompt.max_items} items her prompt allows: removed")
+            item.reasons.append(f"beyond the {prompt.max_items} items the prompt allows: removed")
             removed_lines.update(lines)
         items.append(item)
     kept_text = "\n".join(line for n, line in enumerate(answer_lines) if n not in removed_lines)
@@ -256,8 +256,8 @@ class CareChecklist:
     left_out: list = field(default_factory=list)  # stage.LeftOut: impossible at her stage, not in the prompt
 
 
-PREDICTED_SOURCE = "her predictions (the consortium's recommender on her own record)"
-TRAJECTORY_SOURCE = "her record (trajectory)"
+PREDICTED_SOURCE = "predictions (the consortium's recommender on the patient's own record)"
+TRAJECTORY_SOURCE = "the patient's record (trajectory)"
 PEER_SOURCE = "similar patients (DP peer profile)"
 
 
@@ -311,12 +311,12 @@ def format_checklist(checklist: CareChecklist) -> str:
         lines += [f"    [ ] {i.text}" + (f" ({i.probability:.0%})" if i.probability is not None else "")
                   for i in chosen]
     if not checklist.items:
-        lines.append("  (no predictions, trajectory changes or peer facts in her prompt)")
+        lines.append("  (no predictions, trajectory changes or peer facts in the prompt)")
     if checklist.left_out:
-        lines.append("  Left out of her prompt, impossible at her stage:")
+        lines.append("  Left out of the prompt, impossible at this stage:")
         by_why: dict[str, list[str]] = {}
         for x in checklist.left_out:
-            by_why.setdefault(x.why, []).append(x.text if x.source == "her predictions" else f"{x.text} (peers)")
+            by_why.setdefault(x.why, []).append(x.text if x.source == "the patient's predictions" else f"{x.text} (peers)")
         lines += [f"    {why}: {', '.join(texts)}" for why, texts in by_why.items()]
     return "\n".join(lines)
 
@@ -328,9 +328,9 @@ def format_checked_answer(check: AnswerCheck) -> str:
         lines.append(item.text)
         lines += [f"  ! {reason}" for reason in item.reasons]
     if check.removed:
-        lines.append(f"Removed, beyond the {check.allowed} items her prompt allows:")
+        lines.append(f"Removed, beyond the {check.allowed} items the prompt allows:")
         lines += [f"  x {item.text}" for item in check.removed]
     flagged = sum(1 for i in check.kept if i.reasons)
-    lines.append(f"(checked against her prompt and record: {flagged} of {len(check.kept)} items flagged, "
+    lines.append(f"(checked against the prompt and the record: {flagged} of {len(check.kept)} items flagged, "
                  f"{len(check.removed)} removed)")
     return "\n".join(lines)

@@ -63,7 +63,7 @@ class LeftOut:
     """A predicted event or peer fact left out of her prompt because it cannot follow her stage."""
 
     text: str  # as it would have appeared, e.g. "augmentation of labor (12%)"
-    source: str  # "her predictions" or "similar patients (DP peer profile)"
+    source: str  # "the patient's predictions" or "similar patients (DP peer profile)"
     why: str
 
 
@@ -75,4 +75,4 @@ def left_out_note(stage: HerStage, left_out: list[LeftOut]) -> str | None:
     for item in left_out:
         by_why.setdefault(item.why, []).append(f"{item.text} [{item.source}]")
     reasons = "; ".join(f"{', '.join(items)}: {why}" for why, items in by_why.items())
-    return f"left out of her prompt as impossible at her stage ({stage.label}): {reasons}"
+    return f"left out of the prompt as impossible at this stage ({stage.label}): {reasons}"

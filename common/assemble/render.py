@@ -232,11 +232,11 @@ def _render_once(ctx: PatientContext, params: PromptParams, question: str | None
         facts = _summary(ctx)
         if facts:
             blocks.append("Patient summary:\n" + _bullets(facts))
-            sources += [(f, "her record") for f in facts]
+            sources += [(f, "the patient's record") for f in facts]
     if params.notes and ctx.notes:
         quoted = [neutralise(n) for n in ctx.notes]
         blocks.append(quote_rule + "\n" + "\n".join(f"<<record>>{q}<</record>>" for q in quoted))
-        sources += [(q, "her record (quoted note)") for q in quoted]
+        sources += [(q, "the patient's record (quoted note)") for q in quoted]
     self_block = peer_block = None
     items: list[tuple[str, float]] = []
     changes: list[str] = []
@@ -245,12 +245,12 @@ def _render_once(ctx: PatientContext, params: PromptParams, question: str | None
         items = ctx.predictions[: params.self_items]
         lines = [f"{name} (probability {p:.0%})" if params.show_probs else name for name, p in items]
         self_block = SELF_HEADINGS[params.phrasing].format(weeks=weeks, **pron) + ":\n" + _bullets(lines)
-        sources += [(line, "her predictions") for line in lines]
+        sources += [(line, "the patient's predictions") for line in lines]
     if params.trajectory and ctx.trajectory:
         changes = [neutralise(t, 160) for t in ctx.trajectory]  # may carry display text from the record
         traj = f"Changes in {pron['poss']} trajectory:\n" + _bullets(changes)
         self_block = f"{self_block}\n{traj}" if self_block else traj
-        sources += [(t, "her record (trajectory)") for t in changes]
+        sources += [(t, "the patient's record (trajectory)") for t in changes]
     if params.peer_items and ctx.peer_facts:
         header, *facts = ctx.peer_facts
         chosen = facts[: params.peer_items]
