@@ -297,9 +297,9 @@ def advice_notice(label: str) -> str:
 
 def format_checklist(checklist: CareChecklist) -> str:
     weeks = f" in the next {checklist.horizon_weeks} weeks" if checklist.horizon_weeks else ""
-    lines = ["Care checklist: what PMLM predicts for her, with sources"]
+    lines = ["Care checklist: what PMLM predicts for this patient, with sources"]
     if checklist.stage:
-        lines.append(f"  Her stage: {checklist.stage}")
+        lines.append(f"  Stage: {checklist.stage}")
     sections = (("predicted", f"Predicted care{weeks} — {PREDICTED_SOURCE}"),
                 ("trajectory", f"Changes in her trajectory — {TRAJECTORY_SOURCE}"),
                 ("peers", f"{checklist.peer_group.rstrip(':') or 'Similar patients'} — {PEER_SOURCE}"))
