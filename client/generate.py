@@ -72,7 +72,7 @@ def known_places() -> dict[str, tuple[str, list[str]]] | None:
     default (Massachusetts), which would label a population with a place it is not from.
     """
     try:
-        from synthea.world.location import Location
+        from synthea.world.location import Location  # here: the generator is a dev-only dependency
     except Exception:  # another build of the generator, or it runs from another environment
         return None
     location = Location()

@@ -24,7 +24,7 @@ def _chromium() -> str | None:
 
 
 def with_playwright(pages: list[Path], out: Path, width: int, tile: int) -> list[Path]:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # optional: only screenshots need it (not in the runtime deps)
 
     written = []
     with sync_playwright() as p:
