@@ -60,10 +60,14 @@ _C: dict[tuple[str, str], SitePhaseC] = {}
 app = ClientApp(mods=[record_egress])
 
 
+def asks_hospital_dp(config) -> bool:
+    """The coordinator asked for hospital-level DP (Flower's client-side fixed clipping)."""
+    return config is not None and "clipping_norm" in config
+
+
 def hospital_dp_clipping(msg: Message, context: Context, call_next) -> Message:
     """Flower's client-side fixed clipping, when the server asked for hospital-level DP."""
-    config = msg.content.config_records.get("config")
-    if config is not None and "clipping_norm" in config:
+    if asks_hospital_dp(msg.content.config_records.get("config")):
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
@@ -132,7 +136,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = PhaseAConfig.from_record(config)
     site = site_for(context, cfg)
     if not site.policy.phase_a_train:  # the site's own choice: it receives the consortium model, sends nothing
-        if "clipping_norm" in config:  # hospital-level DP scales its noise to every site's update
+        if asks_hospital_dp(config):  # its noise is scaled to every site's update
             raise PolicyRefusal("phase_a_train", "the run asks for hospital-level DP, which needs an update from "
                                 "every site; this site receives phase A without training it")
         return Message(content=RecordDict({"metrics": MetricRecord({RECEIVE_ONLY: 1.0})}), reply_to=msg)

@@ -83,14 +83,16 @@ class SitePolicy:
             raise PolicyError(f"policy delta must be in (0, 1), got {self.delta!r}")
         if not 0 < self.phase_a_share < 1:
             raise PolicyError(f"policy phase_a_share must be in (0, 1), got {self.phase_a_share!r}")
-        for name in ("allow_non_private", "secure_sum_only", "answer_evaluate", "smaller_group_retry", "phase_a_train"):
+        for name in ("allow_non_private", "secure_sum_only", "answer_evaluate", "smaller_group_retry",
+                     "phase_a_train"):
             if not isinstance(getattr(self, name), bool):
                 raise PolicyError(f"policy {name} must be true or false, got {getattr(self, name)!r}")
         if self.noise not in NOISE_MODES:
             raise PolicyError(f"policy noise must be one of {list(NOISE_MODES)}, got {self.noise!r}")
         if self.noise == "distributed":
             if isinstance(self.min_sites, bool) or not isinstance(self.min_sites, int) or self.min_sites < 2:
-                raise PolicyError(f"policy noise 'distributed' needs min_sites, an integer >= 2, got {self.min_sites!r}")
+                raise PolicyError(f"policy noise 'distributed' needs min_sites, an integer >= 2, "
+                                  f"got {self.min_sites!r}")
             if not self.secure_sum_only:
                 raise PolicyError("policy noise 'distributed' needs secure_sum_only true: a plain release would "
                                   "carry only this site's share of the noise")

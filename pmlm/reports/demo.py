@@ -482,7 +482,9 @@ def _stage(ex: dict) -> str:
 
 def _flag_count(v: dict) -> str:
     flagged = v.get("check")
-    return f" — {len(flagged)} item{'s' if len(flagged) != 1 else ''} flagged" if isinstance(flagged, list) and flagged else ""
+    if not isinstance(flagged, list) or not flagged:
+        return ""
+    return f" — {len(flagged)} item{'s' if len(flagged) != 1 else ''} flagged"
 
 
 def _points_of_patients(data: dict) -> str:
@@ -501,10 +503,14 @@ def _checked_items(v: dict) -> str:
         return ""
     if not flagged:
         return "<p class='note'>Checked against the patient's prompt, record and stage: nothing flagged.</p>"
-    rows = "".join(f"<li>{'<s>' if f.get('removed') else ''}{html.escape(str(f.get('item', '')))}"
-                   f"{'</s>' if f.get('removed') else ''} — {html.escape('; '.join(map(str, f.get('reasons', []))))}</li>"
-                   for f in flagged if isinstance(f, dict))
-    return f"<p class='note'>Checked against the patient's prompt, record and stage ({len(flagged)} flagged):</p><ul>{rows}</ul>"
+    def row(f: dict) -> str:
+        item = html.escape(str(f.get("item", "")))
+        reasons = html.escape("; ".join(map(str, f.get("reasons", []))))
+        return f"<li>{f'<s>{item}</s>' if f.get('removed') else item} — {reasons}</li>"
+
+    rows = "".join(row(f) for f in flagged if isinstance(f, dict))
+    return (f"<p class='note'>Checked against the patient's prompt, record and stage ({len(flagged)} flagged):</p>"
+            f"<ul>{rows}</ul>")
 
 
 NOTICE = ("<p class='notice'><b>Decision support, not a diagnosis.</b> The answers below were written by {model}, a "
