@@ -24,18 +24,14 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
-from pmlm.client.adapt import adapt_after_phase_a
 from pmlm.client.egress import record_egress
-from pmlm.client.phase_a import SitePhaseA
-from pmlm.client.phase_b import SitePhaseB, store_peer_profiles
-from pmlm.client.phase_c import SitePhaseC, store_policy
 from pmlm.client.secure_sum import attach_secure_sum, register_vector_task, secure_sum_key_exchange
 from pmlm.client.site_policy import PolicyRefusal, SitePolicy
 from pmlm.client.sites import SiteLocation, site_location
@@ -45,10 +41,20 @@ from pmlm.common.phase_a import PhaseAConfig
 from pmlm.common.phase_b import VECTOR_TASK as PHASE_B_TASK
 from pmlm.common.phase_b import PhaseBConfig, profiles_from_message
 from pmlm.common.phase_c import VECTOR_TASK as PHASE_C_TASK
-from pmlm.common.phase_c import PhaseCConfig, policy_from, policy_from_numpy
+from pmlm.common.phase_c import PhaseCConfig
 from pmlm.common.privacy.kept import GroupChanged
 from pmlm.common.privacy.ledger import SiteLedger
 from pmlm.common.run_config import run_config_of
+
+# The site's phase code imports torch and Opacus (about 5 s, 10-15 s with three sites starting on two cores). The
+# Deployment Engine starts a fresh ClientApp process for every message, and most messages (SecAgg+'s key and share
+# stages, the stores, the ledger copy) need none of it: each handler imports the phase code it calls.
+if TYPE_CHECKING:
+    import torch
+
+    from pmlm.client.phase_a import SitePhaseA
+    from pmlm.client.phase_b import SitePhaseB
+    from pmlm.client.phase_c import SitePhaseC
 
 PLAN_RECORD = "phase-a-plan"
 ADAPT_KEY = "adapt-recommender"  # node config (the site operator's): "false" keeps the consortium model as it is
@@ -80,11 +86,22 @@ def site_policy(context: Context) -> tuple[SiteLocation, SitePolicy]:
 
 def site_for(context: Context, cfg: PhaseAConfig) -> SitePhaseA:
     """The site's phase-A state for this run; raises PolicyRefusal for a run outside the site's policy."""
+    from pmlm.client.phase_a import SitePhaseA
+
     where, policy = site_policy(context)
     key = (str(where.site_dir), policy.check_run_id(cfg.run_name))
     if key not in _SITES:
         _SITES[key] = SitePhaseA(where.site_id, where.data_dir, where.site_dir, cfg, policy=policy)
     return _SITES[key]
+
+
+def site_checked(context: Context, cfg: PhaseAConfig) -> tuple[SiteLocation, SitePolicy]:
+    """Which hospital this node is, for a message that reads no record: the run passes the same policy checks as
+    in site_for (its id, its ε and δ), without loading the site's records."""
+    where, policy = site_policy(context)
+    policy.check_run_id(cfg.run_name)
+    policy.run_caps(cfg.phase_a_epsilon, cfg.epsilon_total, cfg.delta)
+    return where, policy
 
 
 def record_refusal(context: Context, phase: str, request: dict, refusal: PolicyRefusal) -> dict:
@@ -171,6 +188,8 @@ def store_model(msg: Message, context: Context) -> Message:
     site = site_for(context, cfg)
     site.store_global(_weights(msg), int(config["server-round"]), cfg.run_name)
     if str(context.node_config.get(ADAPT_KEY, "true")).lower() not in ("false", "0", "no"):
+        from pmlm.client.adapt import adapt_after_phase_a
+
         adapt_after_phase_a(site.site_dir, site.examples)
     return Message(content=RecordDict({"metrics": MetricRecord({"stored": 1.0})}), reply_to=msg)
 
@@ -183,6 +202,8 @@ def _site(msg: Message, context: Context):
 
 
 def _phase_b_site(site, cfg: PhaseAConfig, config) -> SitePhaseB:
+    from pmlm.client.phase_b import SitePhaseB
+
     run_id = site.policy.check_run_id(str(config["run_id"]))
     key = (str(site.site_dir), run_id)
     if key not in _B:
@@ -193,6 +214,8 @@ def _phase_b_site(site, cfg: PhaseAConfig, config) -> SitePhaseB:
 
 
 def _phase_c_site(site, cfg: PhaseAConfig, config, context: Context) -> SitePhaseC:
+    from pmlm.client.phase_c import SitePhaseC
+
     run_id = site.policy.check_run_id(str(config["run_id"]))
     key = (str(site.site_dir), run_id)
     if key not in _C:
@@ -229,6 +252,8 @@ def _c_vector(config: dict, context: Context, arrays: dict):
     group = _group(context)  # a refusal comes before anything is computed
     cfg = PhaseAConfig.from_record(config)
     site = _phase_c_site(site_for(context, cfg), cfg, config, context)
+    from pmlm.common.phase_c import policy_from_numpy
+
     policy = policy_from_numpy(arrays, int(config["embedding_dim"]))
     vector, _, metrics = site.round(policy, int(config["round"]), **group)
     return vector, metrics
@@ -248,11 +273,11 @@ def _group(context: Context) -> dict:
 @policy_guard("ledger")
 def ledger_entries(msg: Message, context: Context) -> Message:
     """The site's signed ledger entries the coordinator has not copied yet (DP release metadata only)."""
-    site, cfg = _site(msg, context)
+    where, policy = site_checked(context, PhaseAConfig.from_record(msg.content[PHASE_A_RECORD]))
     held = json.loads(str(msg.content["config"]["held"]))  # site id -> last seq the coordinator holds
-    after = int(held.get(site.site_id, -1))
-    entries = [e for e in SiteLedger(site.site_dir, site.site_id, site.policy.budget()).entries() if e["seq"] > after]
-    reply = ConfigRecord({"site_id": site.site_id, "entries": json.dumps(entries)})
+    after = int(held.get(where.site_id, -1))
+    entries = [e for e in SiteLedger(where.site_dir, where.site_id, policy.budget()).entries() if e["seq"] > after]
+    reply = ConfigRecord({"site_id": where.site_id, "entries": json.dumps(entries)})
     return Message(content=RecordDict({"config": reply}), reply_to=msg)
 
 
@@ -286,10 +311,12 @@ def phase_b_release(msg: Message, context: Context) -> Message:
 @app.query("phase_b_store")
 @policy_guard("phase_b")
 def phase_b_store(msg: Message, context: Context) -> Message:
-    site, cfg = _site(msg, context)
-    run_id = site.policy.check_run_id(str(msg.content["config"]["run_id"]))
-    ledger = SiteLedger(site.site_dir, site.site_id, site.policy.budget())
-    store_peer_profiles(site.site_dir, ledger, run_id, profiles_from_message(msg.content))
+    from pmlm.client.phase_b import store_peer_profiles
+
+    where, policy = site_checked(context, PhaseAConfig.from_record(msg.content[PHASE_A_RECORD]))
+    run_id = policy.check_run_id(str(msg.content["config"]["run_id"]))
+    ledger = SiteLedger(where.site_dir, where.site_id, policy.budget())
+    store_peer_profiles(where.site_dir, ledger, run_id, profiles_from_message(msg.content))
     return Message(content=RecordDict({"metrics": MetricRecord({"stored": 1.0})}), reply_to=msg)
 
 
@@ -297,6 +324,8 @@ def phase_b_store(msg: Message, context: Context) -> Message:
 @policy_guard("phase_c")
 def phase_c_round(msg: Message, context: Context) -> Message:
     site_policy(context)[1].check_plain_release("a phase C update")
+    from pmlm.common.phase_c import policy_from
+
     site, cfg = _site(msg, context)
     config = msg.content["config"]
     policy = policy_from(msg.content["arrays"], int(config["embedding_dim"]))
@@ -310,10 +339,13 @@ def phase_c_round(msg: Message, context: Context) -> Message:
 @app.query("phase_c_store")
 @policy_guard("phase_c")
 def phase_c_store(msg: Message, context: Context) -> Message:
-    site, cfg = _site(msg, context)
+    from pmlm.client.phase_c import store_policy
+    from pmlm.common.phase_c import policy_from
+
+    where, site_rules = site_checked(context, PhaseAConfig.from_record(msg.content[PHASE_A_RECORD]))
     config = msg.content["config"]
-    run_id = site.policy.check_run_id(str(config["run_id"]))
+    run_id = site_rules.check_run_id(str(config["run_id"]))
     policy = policy_from(msg.content["arrays"], int(config["embedding_dim"]))
-    ledger = SiteLedger(site.site_dir, site.site_id, site.policy.budget())
-    store_policy(site.site_dir, ledger, run_id, policy, json.loads(str(config["plan"])))
+    ledger = SiteLedger(where.site_dir, where.site_id, site_rules.budget())
+    store_policy(where.site_dir, ledger, run_id, policy, json.loads(str(config["plan"])))
     return Message(content=RecordDict({"metrics": MetricRecord({"stored": 1.0})}), reply_to=msg)

@@ -6,11 +6,13 @@ site and averages it (FedAvg): client/phase_a.py is a site's side, server/phase_
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pmlm.common.model import NextEventRecommender, RecommenderConfig, recommender_config
 from pmlm.common.privacy.budget import PHASE_A_SHARE
 from pmlm.common.profiles import TaskProfile
+
+if TYPE_CHECKING:
+    from pmlm.common.model import NextEventRecommender, RecommenderConfig
 
 PHASE = "phase_a"
 RECORD = "phase_a"  # phases B and C carry phase A's config under this record name: it names the run
@@ -55,6 +57,8 @@ class PhaseAConfig:
         return self.phase_a_epsilon > 0
 
     def model_config(self, profile: TaskProfile) -> RecommenderConfig:
+        from pmlm.common.model import recommender_config  # torch: see new_model
+
         return recommender_config(profile, dim=self.dim, max_history=self.max_history)
 
     def to_record(self) -> dict[str, Any]:
@@ -87,4 +91,8 @@ class PhaseAConfig:
 
 
 def new_model(cfg: PhaseAConfig, profile: TaskProfile) -> NextEventRecommender:
+    # The model module imports torch (2-5 s). Every message of phases B and C carries this config, and under the
+    # Deployment Engine each message starts a fresh ClientApp process: most of them never build a model.
+    from pmlm.common.model import NextEventRecommender
+
     return NextEventRecommender(cfg.model_config(profile))

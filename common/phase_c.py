@@ -6,12 +6,15 @@ client/phase_c.py is a site's side, server/phase_c.py the coordinator's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord
 
-from pmlm.common.assemble.policy import TRAINED_WEIGHTS, PromptPolicy
+# The policy is a torch module (2-5 s to import). Each message of phase C starts a fresh ClientApp process under the
+# Deployment Engine, and only the ones that compute or store a policy need it: the codec imports it when called.
+if TYPE_CHECKING:
+    from pmlm.common.assemble.policy import PromptPolicy
 
 PHASE = "phase_c"
 QUERY_ROUND = "query.phase_c_round"  # one round's noisy update of a site (a plain sum)
@@ -61,6 +64,8 @@ class PhaseCConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from pmlm.common.assemble.policy import TRAINED_WEIGHTS
+
         if self.trains not in TRAINED_WEIGHTS:  # at the coordinator's start, before any site spends budget
             raise ValueError(f"phase-c-trains must be one of {TRAINED_WEIGHTS}, got {self.trains!r}")
         if not 0 < self.sampling_rate <= 1:
@@ -81,6 +86,10 @@ def policy_from(record: ArrayRecord, embedding_dim: int) -> PromptPolicy:
 
 
 def policy_from_numpy(arrays: dict, embedding_dim: int) -> PromptPolicy:
+    import torch
+
+    from pmlm.common.assemble.policy import PromptPolicy
+
     policy = PromptPolicy(embedding_dim)
     policy.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
     return policy

@@ -113,3 +113,15 @@ def test_the_phase_a_record_names_its_share_as_the_run_config_does():
     old = {k: v for k, v in record.items() if k != "phase_a_epsilon"} | {"epsilon": 0.4}
     assert PhaseAConfig.from_record(old).phase_a_epsilon == 0.4
     assert PhaseAConfig.from_record({**old, "phase_a_epsilon": 0.2}).phase_a_epsilon == 0.2
+
+
+def test_the_client_app_loads_without_torch_or_opacus():
+    """Under the Deployment Engine every message starts a fresh ClientApp process: loading the app must not cost the
+    5 s of torch and Opacus that most messages (SecAgg+'s key stages, the stores, the ledger copy) never use."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, pmlm.client.client_app; "
+             "print(sorted(m for m in ('torch', 'opacus', 'pmlm.client.phase_a', 'pmlm.common.model') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -37,14 +37,13 @@ def consortium(tmp_path, monkeypatch):
 
     budgets = {s: BUDGET for s in SITES}  # each site's own configured budget
 
-    def site_of(msg, context):  # the handler's only need: which site directory, with which budget
+    def site_of(context, cfg):  # the handler's only need: which site directory, with which budget
         site_id = context.node_config["site-id"]
         budget = budgets[site_id]
-        site = SimpleNamespace(site_id=site_id, site_dir=Path(context.node_config["site-dir"]),
-                               policy=SimpleNamespace(budget=lambda: budget))
-        return site, SimpleNamespace(budget=lambda: budget)
+        where = SimpleNamespace(site_id=site_id, site_dir=Path(context.node_config["site-dir"]))
+        return where, SimpleNamespace(budget=lambda: budget)
 
-    monkeypatch.setattr(handlers, "_site", site_of)
+    monkeypatch.setattr(handlers, "site_checked", site_of)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
     dirs = {s: tmp_path / "sites" / s for s in SITES}
     for site, site_dir in dirs.items():
