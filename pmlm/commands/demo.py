@@ -25,10 +25,11 @@ def register(sub) -> None:
                         "and node authentication, as `pmlm deploy local` starts them) instead of in-process")
     add_pipeline_arguments(p)
     # The demo's defaults aim at its 15-minute target on 2 cores with five sites: one federated run (phase C one
-    # round of ~9 patients a site), each hospital's refinement at 100 LLM requests (the clinics have too few
-    # patients to refine), and the guidance scored on 30 test points (a point costs about 10 s). The privacy-utility
-    # curve is a full federated run per extra epsilon: `--curve 1,8` adds it (about 4 minutes a point).
-    p.set_defaults(handler=cmd_demo, max_test_points=30, curve="", phase_c_rounds=1, phase_c_rate=0.1,
+    # round of ~5 patients a hospital: at 0.1 it took 160 of the demo's 1,190 s), each hospital's refinement at 100
+    # LLM requests (the clinics have too few patients to refine), and the guidance scored on 24 test points (a point
+    # costs about 10 s; 30 took 310 s). `pmlm evaluate` keeps the larger defaults. The privacy-utility curve is a
+    # full federated run per extra epsilon: `--curve 1,8` adds it (about 4 minutes a point).
+    p.set_defaults(handler=cmd_demo, max_test_points=24, curve="", phase_c_rounds=1, phase_c_rate=0.05,
                    refine_calls=100)
 
 
