@@ -189,3 +189,59 @@ def test_budget_state_enforces_phase_share_and_total():
     assert state.spent() == (0.0, 0.0)  # pricing never spends
     assert state.remaining(phase="a") == 0.5
     assert math.isnan(state.price("a", big, rdp=False).after.rdp)
+
+
+def test_sites_with_the_same_budget_and_history_share_the_noise_search_and_each_confirms_its_own(tmp_path):
+    """The second of two identical ledgers finds the same multiplier without a PLD build in the search: only the
+    confirmation on its own state (see ledger._SEARCH_TRIALS)."""
+    from pmlm.common.privacy import SiteLedger
+
+    budget = BudgetConfig(3.0, DELTA, {"phase_a": 0.5, "phase_b": 0.5})
+    plan = lambda s: [GaussianRelease(s, 1.0)] * 2  # noqa: E731
+    first, second = (SiteLedger(tmp_path / name, name, budget) for name in ("site_1", "site_2"))
+    for ledger in (first, second):
+        ledger.record("phase_b", GaussianRelease(4.0, 1.0), round=1)  # the same history at both
+    sigma_1 = first.calibrate("phase_a", plan)
+    priced = []
+    state = second._replay.state
+    original = state.price
+    state.price = lambda *a, **k: priced.append(k) or original(*a, **k)
+    sigma_2 = second.calibrate("phase_a", plan)
+    assert sigma_2 == sigma_1
+    assert priced == [{"rdp": False, "screen": False}]  # the confirmation alone
+    # A site whose history differs asks its own questions.
+    third = SiteLedger(tmp_path / "site_3", "site_3", budget)
+    third.record("phase_b", GaussianRelease(3.5, 1.0), round=1)
+    priced.clear()
+    state = third._replay.state
+    original_third = state.price
+    state.price = lambda *a, **k: priced.append(k) or original_third(*a, **k)
+    third.calibrate("phase_a", plan)
+    assert len(priced) > 5  # a search of its own (its total spent differs), then the confirmation
+
+
+def test_a_wrong_search_memo_can_make_calibration_fail_but_never_overspend(tmp_path, monkeypatch):
+    """The search's trials poisoned to say 'fits' for too little noise (a multiplier of 3.2, where epsilon 1 needs
+    about 4.7): the multiplier found is still priced on the ledger's own state before it is returned, so the ledger
+    returns one that fits, or refuses, never the poisoned one."""
+    from pmlm.common.privacy import SiteLedger
+    from pmlm.common.privacy import ledger as ledger_module
+    from pmlm.common.privacy.accountant import CalibrationError
+
+    class FitsFromThreePointTwo(dict):
+        def __contains__(self, key):
+            return True
+
+        def __getitem__(self, key):
+            return (key[0][-1][0].noise_multiplier >= 3.2, True)
+
+    honest = SiteLedger(tmp_path / "honest", "honest", BudgetConfig(1.0, DELTA, {"phase_a": 1.0}))
+    needed = honest.calibrate("phase_a", lambda s: [GaussianRelease(s, 1.0)])
+    assert needed > 3.5
+    monkeypatch.setattr(ledger_module, "_SEARCH_TRIALS", FitsFromThreePointTwo())
+    ledger = SiteLedger(tmp_path / "site", "site", BudgetConfig(1.0, DELTA, {"phase_a": 1.0}))
+    try:
+        sigma = ledger.calibrate("phase_a", lambda s: [GaussianRelease(s, 1.0)])
+    except CalibrationError:
+        return
+    assert sigma >= needed / 1.001 and ledger.price("phase_a", GaussianRelease(sigma, 1.0)).fits

@@ -243,6 +243,16 @@ class BudgetState:
             _phase_composition=phase_after,
         )
 
+    def price_key(self, phase: str, mechanisms: Iterable[Mechanism]) -> tuple:
+        """Everything `price(phase, mechanisms)` depends on, hashable: the budget, the accountant's settings and the
+        histories of the unit's and the phase's compositions. Equal keys price equally, whichever site asks."""
+        mechanisms = tuple(mechanisms)
+        unit = mechanisms[0].privacy_unit
+        before = [self._units.get(unit), self._phases.get((unit, phase))]
+        return (self.budget.epsilon_total, self.budget.delta, tuple(sorted(self.budget.shares.items())), self.settings,
+                phase, unit, mechanisms[0].neighbouring,
+                *[None if c is None else (c.neighbouring, c.history) for c in before], mechanisms)
+
     def commit(self, charge: Charge) -> None:
         if not charge.priced_by_pld:
             raise ValueError("a charge refused by the RDP pre-filter cannot be committed")

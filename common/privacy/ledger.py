@@ -407,6 +407,14 @@ def verify_ledger(path: Path, trusted_key: Ed25519PublicKey | None = None, *,
     return replay
 
 
+# The noise search's trials (does this plan fit this ledger's state?), shared by the ledgers of one process: sites
+# with the same budget and history (an in-process consortium, ten or a hundred sites) ask the same ~20 questions,
+# each a PLD build. Only the search is served from here; the multiplier it finds is priced afresh on the ledger's
+# own state before it is returned, so a memo can change how fast a site calibrates, never what it may spend.
+_SEARCH_TRIALS: dict[tuple, tuple[bool, bool]] = {}
+_SEARCH_TRIALS_KEPT = 4096
+
+
 class SiteLedger:
     """The privacy ledger of one site; every DP release of every phase is charged here.
 
@@ -546,10 +554,16 @@ class SiteLedger:
             # epsilon only falls as noise grows, so the (costly) RDP screen is needed only below
             # the smallest multiplier it has already passed
             screen = sigma < screened_from
-            charge = state.price(phase, mechanisms, rdp=False, screen=screen)
-            if screen and charge.priced_by_pld:
+            key = (state.price_key(phase, mechanisms), screen, phase_cap)
+            if key not in _SEARCH_TRIALS:
+                charge = state.price(phase, mechanisms, rdp=False, screen=screen)
+                if len(_SEARCH_TRIALS) >= _SEARCH_TRIALS_KEPT:
+                    _SEARCH_TRIALS.clear()
+                _SEARCH_TRIALS[key] = (within(charge), charge.priced_by_pld)
+            fitted, priced_by_pld = _SEARCH_TRIALS[key]
+            if screen and priced_by_pld:
                 screened_from = sigma
-            return within(charge)
+            return fitted
 
         def within(charge: Charge) -> bool:
             return charge.fits and (phase_cap is None or charge.phase_after.pld <= phase_cap)
