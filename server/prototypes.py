@@ -83,9 +83,13 @@ def run_prototypes(collect, concepts: list[str], dim: int, horizon_days: int, co
 
 
 def summed_noise_std(entries: list[dict]) -> float:
-    """Std of the sum of independent Gaussian noises described by the sites' ledger entries."""
-    return float(np.sqrt(sum((e["mechanism"]["noise_multiplier"] * e["mechanism"]["l2_sensitivity"]) ** 2
-                             for e in entries)))
+    """Std of the sum of the independent Gaussian noises the sites drew, from their ledger entries. A release whose
+    noise is shared (`noise = "distributed"`) states the site's own share: its mechanism's multiplier is the noise
+    of the whole sum the site relies on, which would count that noise once per site."""
+    def own(e: dict) -> float:
+        return e.get("noise", {}).get("site_noise_multiplier", e["mechanism"]["noise_multiplier"])
+
+    return float(np.sqrt(sum((own(e) * e["mechanism"]["l2_sensitivity"]) ** 2 for e in entries)))
 
 
 def collect_from(sites):

@@ -229,3 +229,16 @@ def test_a_kept_release_with_shared_noise_is_never_resent_unmasked(tmp_path):
     assert np.array_equal(first.values, again.values)  # a retried secure sum gets the kept release
     with pytest.raises(GroupChanged, match="never re-sent unmasked"):
         site.release("kmeans", centroids, 0, None, other_group_allowed=True)
+
+
+def test_the_coordinator_counts_each_sites_own_share_of_shared_noise(tmp_path):
+    """The noise of a sum is what the sites drew: four sites sharing σ = 2 (σ/2 each) put σ = 2 in the sum, not 4,
+    so the peer profiles' suppression and shrinkage are not set for noise that is not there."""
+    from pmlm.server.prototypes import summed_noise_std
+
+    def entries(sharing):
+        return [SiteLedger(tmp_path / f"{sharing.min_sites}-{i}", f"site-{i}", BUDGET)
+                .record("phase_b", GaussianRelease(2.0, 1.5), round=1, noise=sharing) for i in range(4)]
+
+    assert summed_noise_std(entries(NoiseSharing(4, 4, 4))) == pytest.approx(2.0 * 1.5)
+    assert summed_noise_std(entries(SITE_NOISE)) == pytest.approx(4.0 * 1.5)
