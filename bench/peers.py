@@ -68,17 +68,6 @@ def knn_scores(pool: np.ndarray, pool_targets: np.ndarray, queries: np.ndarray, 
     return pool_targets[nearest].mean(axis=1)
 
 
-class SharingSite:
-    """A PhaseBSite whose releases share their noise as a site with `noise = "distributed"` does (each adds σ/√k),
-    after a key exchange of every site with threshold k: what the product checks in SecAgg+'s key exchange."""
-
-    def __init__(self, site: PhaseBSite, sharing: NoiseSharing):
-        self.site, self.sharing = site, sharing
-
-    def release(self, *args, **kwargs):
-        return self.site.release(*args, noise=self.sharing, **kwargs)
-
-
 def exact_collect(sites: list[PhaseBSite]):
     """`collect` without noise: the sites' exact statistics summed (the no-DP reference; nothing released)."""
 
@@ -151,6 +140,7 @@ def main(argv=None) -> int:
                            rng=np.random.default_rng([args.seed, draw, i]))
                 for i, name in enumerate(informing)]
 
+    # Shared: each site adds σ/√S, as with `noise = "distributed"` after a key exchange of every site with threshold S.
     every_site = len(informing)
     settings = [("", SITE_NOISE)]
     if args.shared_noise:
@@ -172,9 +162,8 @@ def main(argv=None) -> int:
             for draw in range(args.draws):
                 with tempfile.TemporaryDirectory(prefix="pmlm-bench-peers-") as tmp:
                     ledgers = {name: SiteLedger(Path(tmp) / name, name, budget) for name in informing}
-                    sites_b = [SharingSite(site, sharing) for site in phase_b_sites(ledgers, draw)]
-                    profiles = run_prototypes(collect_from(sites_b), concepts, model.cfg.dim,
-                                              profile.horizon_days, config)
+                    profiles = run_prototypes(collect_from(phase_b_sites(ledgers, draw), sharing), concepts,
+                                              model.cfg.dim, profile.horizon_days, config)
                     spent = max(ledger.spent(phase="phase_b").pld for ledger in ledgers.values())
                     releases = {len([e for e in ledger.entries() if e.get("kind") == "release"])
                                 for ledger in ledgers.values()}

@@ -249,11 +249,11 @@ def _b_vector(config: dict, context: Context, arrays: dict):
 
 
 def _c_vector(config: dict, context: Context, arrays: dict):
+    from pmlm.common.phase_c import policy_from_numpy
+
     group = _group(context)  # a refusal comes before anything is computed
     cfg = PhaseAConfig.from_record(config)
     site = _phase_c_site(site_for(context, cfg), cfg, config, context)
-    from pmlm.common.phase_c import policy_from_numpy
-
     policy = policy_from_numpy(arrays, int(config["embedding_dim"]))
     vector, _, metrics = site.round(policy, int(config["round"]), **group)
     return vector, metrics
@@ -323,9 +323,9 @@ def phase_b_store(msg: Message, context: Context) -> Message:
 @app.query("phase_c_round")
 @policy_guard("phase_c")
 def phase_c_round(msg: Message, context: Context) -> Message:
-    site_policy(context)[1].check_plain_release("a phase C update")
     from pmlm.common.phase_c import policy_from
 
+    site_policy(context)[1].check_plain_release("a phase C update")
     site, cfg = _site(msg, context)
     config = msg.content["config"]
     policy = policy_from(msg.content["arrays"], int(config["embedding_dim"]))

@@ -92,11 +92,13 @@ def summed_noise_std(entries: list[dict]) -> float:
     return float(np.sqrt(sum((own(e) * e["mechanism"]["l2_sensitivity"]) ** 2 for e in entries)))
 
 
-def collect_from(sites):
-    """`collect` over in-process PhaseBSite objects (tests, benchmarks)."""
+def collect_from(sites, noise=None):
+    """`collect` over in-process PhaseBSite objects (tests, benchmarks); `noise`: how every site shares its noise
+    (a NoiseSharing; None: each site's own full noise)."""
+    shared = {} if noise is None else {"noise": noise}
 
     def collect(kind: str, centroids: np.ndarray, round: int, centre: np.ndarray):
-        releases = [site.release(kind, centroids, round, centre) for site in sites]
+        releases = [site.release(kind, centroids, round, centre, **shared) for site in sites]
         return sum(r.values for r in releases), summed_noise_std([r.entry for r in releases])
 
     return collect

@@ -240,20 +240,24 @@ _RELATION_CUES = ("husband", "wife", "partner", "spouse", "mother", "father", "m
                   "son", "daughter", "aunt", "uncle", "cousin", "niece", "nephew", "friend", "guardian", "fianc",
                   "boyfriend", "girlfriend")  # grandmother/grandfather contain mother/father
 PATTERNS: list[tuple[re.Pattern, str | None, tuple[str, ...] | None]] = [
-    (re.compile(r"\b(?:https?://|www\.)[^\s<>\"')]*[^\s<>\"').,;:!?]", re.IGNORECASE), URL, ("http", "www.")),  # not the full stop after it
+    (re.compile(r"\b(?:https?://|www\.)[^\s<>\"')]*[^\s<>\"').,;:!?]", re.IGNORECASE),  # not the full stop after it
+     URL, ("http", "www.")),
     (re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"), EMAIL, ("@",)),
     # Dates: ISO (with a time), numeric day/month/year, and written out ("March 3, 2024", "3 Mar 2024", "March 2024").
-    (re.compile(r"(?<!\d)\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)?(?!\d)"), DATE, ("-",)),
+    (re.compile(r"(?<!\d)\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)?(?!\d)"),
+     DATE, ("-",)),
     (re.compile(r"(?<![\d/.])\d{1,2}[/.]\d{1,2}[/.](?:\d{4}|\d{2})(?!\d|[/.]\d)"), DATE, ("/", ".")),
     (re.compile(rf"\b{_MONTHS}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}\b", re.IGNORECASE), DATE, _MONTH_CUES),
-    (re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTHS}\.?,?\s+\d{{4}}\b", re.IGNORECASE), DATE, _MONTH_CUES),
+    (re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTHS}\.?,?\s+\d{{4}}\b", re.IGNORECASE),
+     DATE, _MONTH_CUES),
     (re.compile(rf"\b{_MONTHS}\.?\s+(?:19|20)\d{{2}}\b", re.IGNORECASE), DATE, _MONTH_CUES),
     # Identifiers: labelled ones ("MRN: A12345"), SSN-shaped, and long digit runs (record numbers, accounts).
     (re.compile(r"\b(?:MRN|SSN|medical\s+record(?:\s+(?:number|no\.?))?|record\s+(?:number|no\.?)|account(?:\s+no\.?)?|"
-                r"patient\s+id|insurance\s+id|policy(?:\s+no\.?)?)\s*[:#]?\s*[A-Z0-9][\w-]*\d[\w-]*", re.IGNORECASE), IDENTIFIER,
-     ("mrn", "ssn", "record", "account", "patient", "insurance", "policy")),
+                r"patient\s+id|insurance\s+id|policy(?:\s+no\.?)?)\s*[:#]?\s*[A-Z0-9][\w-]*\d[\w-]*", re.IGNORECASE),
+     IDENTIFIER, ("mrn", "ssn", "record", "account", "patient", "insurance", "policy")),
     (re.compile(r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)"), IDENTIFIER, ("-",)),
-    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.IGNORECASE), IDENTIFIER, ("-",)),
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.IGNORECASE),
+     IDENTIFIER, ("-",)),
     (re.compile(r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{3}\)\s*|(?<!\d)\d{3}[\s.-])\d{3}[\s.-]\d{4}(?!\d)"), PHONE, None),
     (re.compile(r"\b[A-Z]{0,3}\d{6,}[A-Z]{0,3}\b"), IDENTIFIER, None),
     # Addresses: a number and a street name, a PO box, and a state code with its ZIP code.
@@ -262,7 +266,8 @@ PATTERNS: list[tuple[re.Pattern, str | None, tuple[str, ...] | None]] = [
     (re.compile(r"\bP\.?\s?O\.?\s+Box\s+\d+\b", re.IGNORECASE), ADDRESS, ("box",)),
     (re.compile(r"\b[A-Z]{2}\s+\d{5}(?:-\d{4})?\b"), ADDRESS, None),
     # A capitalised word or two after a title or a relation word is a name the record did not list.
-    (re.compile(rf"\b(?:Dr|Mr|Mrs|Ms|Mx|Miss|Prof)\.?\s+{_CAPITALISED}(?:\s+{_CAPITALISED})?"), NAME, ("dr", "mr", "ms", "mx", "miss", "prof")),
+    (re.compile(rf"\b(?:Dr|Mr|Mrs|Ms|Mx|Miss|Prof)\.?\s+{_CAPITALISED}(?:\s+{_CAPITALISED})?"),
+     NAME, ("dr", "mr", "ms", "mx", "miss", "prof")),
     (re.compile(rf"\b(?i:({_RELATIONS}))(,?\s+)({_CAPITALISED}(?:\s+{_CAPITALISED})?)"), None, _RELATION_CUES),
 ]
 
