@@ -13,6 +13,19 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 
+# `make test` runs the suite on two pytest-xdist workers, a file to a worker (--dist loadfile, no reordering).
+# The longest files go first so that neither worker is left with one of them at the end: the deployment
+# rehearsals spend most of their time waiting on Flower's 3-second polls, which the other worker's CPU-bound
+# files fill. Inside a file the order is unchanged.
+LONGEST_FIRST = ("test_deploy_local.py", "test_evaluate.py", "test_superlink_restart.py", "test_ten_sites.py",
+                 "test_canary.py", "test_secure_sum.py", "test_hostile_coordinator.py", "test_data_cli.py",
+                 "test_chronic_evaluate.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def synthea_bundles(tmp_path_factory) -> Path:
