@@ -12,7 +12,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from pmlm.common.assemble.policy import PromptPolicy, apply_update, initial_bias
+from pmlm.common.assemble.policy import PromptPolicy, apply_update, initial_bias, trained_mask
 from pmlm.common.assemble.render import INITIAL
 from pmlm.common.phase_c import PHASE, QUERY_ROUND, QUERY_STORE, VECTOR_TASK, PhaseCConfig, policy_arrays
 from pmlm.server.roster import SiteRoster
@@ -47,16 +47,31 @@ def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: st
             metrics = [dict(m.content["metrics"]) for m in replies]
         # The sites' true episode counts are private: the step is normalised by a public nominal count.
         episodes = float(max(len(metrics), 1) * config.points_per_site * config.prompts_per_point)
-        lr = noise_limited_lr(config.lr, episodes, [float(m.get("noise-std", 0.0)) for m in metrics],
-                              config.max_step_noise)
+        noise_stds = [float(m.get("noise-std", 0.0)) for m in metrics]
+        lr = noise_limited_lr(config.lr, episodes, noise_stds, config.max_step_noise)
+        released = signal_to_noise(np.asarray(total)[trained_mask(policy, config.trains)], noise_stds)
         apply_update(policy, total, lr=lr, scale=episodes)
         for m in metrics:
             m["step-lr"] = lr
         if on_round is not None:
-            on_round(r, metrics)
+            on_round(r, metrics, released)
     roster.ask(grid, QUERY_STORE, RecordDict({"arrays": policy_arrays(policy), "config": plan, **site_records}),
                PHASE, timeout=timeout)
     return policy
+
+
+def signal_to_noise(total: np.ndarray, noise_stds: list[float]) -> dict:
+    """How much of a released sum is signal, from public figures only (post-processing): the sum's norm against
+    the norm its noise alone would have (the sites' public standard deviations over its trained coordinates).
+    A sum of pure noise has ratio about 1; the signal's own norm is estimated as sqrt(|sum|^2 - d sigma^2)."""
+    dim = int(total.size)
+    noise_norm = float(np.linalg.norm(noise_stds)) * np.sqrt(dim)
+    norm = float(np.linalg.norm(total))
+    if noise_norm == 0:
+        return {"dim": dim, "norm": norm, "noise_norm": 0.0, "ratio": float("inf"), "snr": float("inf")}
+    ratio = norm / noise_norm
+    return {"dim": dim, "norm": norm, "noise_norm": noise_norm, "ratio": ratio,
+            "snr": float(np.sqrt(max(ratio ** 2 - 1.0, 0.0)))}
 
 
 def noise_limited_lr(lr: float, scale: float, noise_stds: list[float], max_step_noise: float) -> float:

@@ -114,17 +114,19 @@ def run_later_phases(grid: Grid, roster: SiteRoster, cfg: PhaseAConfig, run: dic
         started = time.perf_counter()
         c = PhaseCConfig.from_run_config(run)
         rounds: list = []
+        releases: list = []
         log(INFO, "[PMLM phase C] RL prompt policy, %d rounds", c.rounds)
 
-        def on_round(r, metrics):
+        def on_round(r, metrics, released):
             rounds.append(metrics)
+            releases.append(released)
             step = metrics[0].get("step-lr", c.lr) if metrics else c.lr
             log(INFO, "[PMLM phase C] round %s/%d done, step size %.3g%s", r + 1, c.rounds, step,
                 f" (lr {c.lr:g} limited by the DP noise)"
                 if step < c.lr else "")
         run_phase_c(grid, roster, c, cfg.run_name, cfg.dim, on_round=on_round, site_records=records, secure=secure,
                     threshold=threshold)
-        summary["phase_c"] = {"rounds": c.rounds, "per_round": rounds,
+        summary["phase_c"] = {"rounds": c.rounds, "per_round": rounds, "released": releases,
                               "seconds": round(time.perf_counter() - started, 1)}
     try:
         summary["ledger_copies"] = copy_site_ledgers(grid, roster, records, workdir)

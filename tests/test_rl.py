@@ -194,6 +194,24 @@ def test_phase_c_refuses_a_reward_model_for_released_updates(tmp_path):
         SitePhaseC("s", tmp_path, [], "obgyn", PhaseCConfig(use_reward_model=True), "run")
 
 
+def test_the_released_sums_signal_is_estimated_from_public_figures_alone():
+    """server/phase_c.signal_to_noise: a sum of pure noise reads ratio ~1 and SNR ~0; a known signal under the
+    same noise is recovered within a few percent; the noise of several sites adds in variance."""
+    from pmlm.server.phase_c import signal_to_noise
+
+    rng = np.random.default_rng(7)
+    dim, stds = 4000, [0.5, 0.5, 0.5, 0.5]  # four sites' public standard deviations: the sum's sd is 1.0
+    noise = rng.normal(0.0, 1.0, dim)
+    pure = signal_to_noise(noise, stds)
+    assert pure["noise_norm"] == pytest.approx(np.sqrt(dim)) and pure["dim"] == dim
+    assert pure["ratio"] == pytest.approx(1.0, abs=0.05) and pure["snr"] < 0.2
+    signal = rng.normal(0.0, 1.0, dim)
+    signal *= 2.0 * np.sqrt(dim) / np.linalg.norm(signal)  # |signal| = 2 x the noise's expected norm
+    mixed = signal_to_noise(signal + noise, stds)
+    assert mixed["snr"] == pytest.approx(2.0, rel=0.05)
+    assert signal_to_noise(signal + noise, [1.0] * 4)["snr"] < mixed["snr"] / 2  # twice the sd, four sites
+
+
 def test_a_noisy_step_from_few_episodes_keeps_the_initial_prompt():
     """Three sites' noise over 18 episodes: the full step is mostly noise and flips the initial prompt's
     choices; the noise-limited step keeps them, and a step from many episodes is not limited at all."""

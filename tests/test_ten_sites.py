@@ -45,6 +45,15 @@ def federation(tmp_path_factory):
     return work, nodes, grid, asked
 
 
+def test_the_coordinator_records_what_phase_cs_release_carried(federation):
+    work, _, _, _ = federation
+    (summary,) = (work / "coordinator").glob("*-phases-bc.json")
+    released = json.loads(summary.read_text())["phase_c"]["released"]
+    assert len(released) == RUN_CONFIG["phase-c-rounds"]
+    for figures in released:  # from the released sum and the sites' public noise alone
+        assert figures["dim"] > 0 and figures["noise_norm"] > 0 and figures["ratio"] > 0 and figures["snr"] >= 0
+
+
 def test_ten_sites_answer_every_message_of_every_phase(federation):
     _, nodes, grid, asked = federation
     assert len(nodes) == SITES
