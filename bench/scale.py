@@ -1,21 +1,35 @@
-"""Consortium scale (#18): phases A and B through Flower's in-process runtime for S sites x M patients each.
+"""Consortium scale (#18): phases A, B and C through Flower's in-process runtime for S sites x M patients each.
 
-    python bench/scale.py [--sites 3 10 30 100] [--patients 1000] [--rounds 2] [--quick] [--keep DIR]
+    python bench/scale.py [--sites 3 10 30 100] [--patients 1000] [--rounds 2] [--noise site distributed]
+                          [--phases abc] [--quick] [--keep DIR] [--replay-pool FILE]
 
 For each S, a resampled consortium is written first (`pmlm data synth-consortium`, client/synth_consortium.py:
 whole timelines of the bundled sample under fresh ids and shifted dates, per-site care patterns). It is a
-RESAMPLED population for scale tests, not new patients, so this bench prints cost only, never quality. Then the
-real ServerApp and ClientApp run phases "ab" in one process (server/in_process.py), in a fresh child process per
-S so that each S's peak RSS is its own. Printed per S: the time to write the consortium, to read every site's
-records, phase A (per round), phase B, peak RSS, and the bytes each site sent (Flower's wire encoding of every
-reply, by message type), then the exponent of each time against S (least squares on log-log).
+RESAMPLED population for scale tests, not new patients. Then the real ServerApp and ClientApp run the phases in
+one process (server/in_process.py), in a fresh child process per S and noise setting, so that each run's peak
+RSS is its own. Printed per run: the time to write the consortium, to read every site's records, phase A (per
+round), phase B, phase C, peak RSS, and the bytes each site sent (Flower's wire encoding of every reply, by
+message type), then the exponent of each time against S (least squares on log-log).
+
+Noise settings (each site's own policy, client/site_policy.py): "site" (each release carries the site's full
+noise, so a sum of S carries sigma*sqrt(S)) and "distributed" with min_sites = S (each site adds sigma/sqrt(S)
+and checks SecAgg+'s key exchange for S sites and threshold S, so the sum carries sigma). What that buys, per S:
+  - the peer profiles' Recall@5 on one fixed test set (the test points of the first three sites, the same
+    records at every S), with the phase-A model of that run. A relative figure on a resampled population:
+    compare the settings and the S, never with the sample's results;
+  - phase C's released update: its norm against the norm of its noise alone (public figures only,
+    server/phase_c.py signal_to_noise), and the signal-to-noise estimate sqrt(ratio^2 - 1).
+
+Phase C's LLM is bench/replay.py: the first --pool-size prompts are answered by the real embedded LLM and kept
+in --replay-pool; every later prompt gets one of those real answers (picked by a hash of the prompt), scored by
+the site's own reward code against its own patient. Real answers and real scoring, but not answers to that
+prompt, so phase C's figures here are costs and noise, not guidance quality.
 
 Memory: the in-process runtime holds the coordinator and all S sites in one process, so its peak RSS is theirs
 together and grows with S by design. One site's own phase-A work is measured apart, in a child process that runs
 the same app with that site alone (with the coordinator's small share: FedAvg of one model). A site's records do
 not depend on S (site_001 is the same file for every S of one seed), so one measurement stands for every S.
---quick: S = 3, 6, 10 x 50 patients, 1 round (about 5 minutes of CPU; 100 patients took 8 minutes of CPU, 13 of
-wall clock on 2 shared cores).
+--quick: S = 3, 6, 10 x 50 patients, 1 round.
 """
 
 from __future__ import annotations
@@ -49,7 +63,8 @@ def peak_rss_mb() -> float:
 
 
 class RoundClock(logging.Handler):
-    """When each phase-A round and phase B began, from the lines the ServerApp logs (as pmlm's progress bars)."""
+    """When each phase-A round began and ended, and phase B began, from the lines the ServerApp logs (as pmlm's
+    progress bars do)."""
 
     def __init__(self):
         super().__init__(logging.INFO)
@@ -59,6 +74,8 @@ class RoundClock(logging.Handler):
         message = record.getMessage()
         if "[ROUND " in message:
             self.marks.append(("round", time.perf_counter()))
+        elif "Strategy execution finished" in message:  # the last phase-A round is over
+            self.marks.append(("end", time.perf_counter()))
         elif "[PMLM phase B] DP k-means" in message:
             self.marks.append(("phase B", time.perf_counter()))
 
@@ -73,8 +90,10 @@ def reply_bytes(outbox) -> dict[str, list[int]]:
     return sizes
 
 
-def run_consortium(data: Path, rounds: int, phases: str) -> dict:
-    """Phases `phases` over every site under `data`, in this process; what it cost."""
+def run_consortium(data: Path, rounds: int, phases: str, noise: str, pool: Path, pool_size: int,
+                   phase_c_rate: float) -> dict:
+    """Phases `phases` over every site under `data`, in this process, each site with noise setting `noise`;
+    what it cost, and what the releases carried."""
     from flwr.common import logger as flwr_logger
 
     from pmlm import logs
@@ -84,43 +103,75 @@ def run_consortium(data: Path, rounds: int, phases: str) -> dict:
     from pmlm.common.profiles import load_profile
     from pmlm.server.in_process import run_in_process
     from pmlm.server.server_app import app as server_app
+    from replay import REPLAY_MODEL, ReplayLLM
 
     warnings.filterwarnings("ignore")
     logs.tame_flower()  # Flower's console quiet; its logger still tells RoundClock when rounds begin
     sites = discover_sites(data)
     profile = load_profile("obgyn")
     started = time.perf_counter()
-    for name, path in sites.items():  # read once up front (cached per process), so rounds time training only
-        site_examples(path, name, profile)
+    examples = {name: site_examples(path, name, profile) for name, path in sites.items()}  # read once up front
     loaded = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="pmlm-scale-"))
-    nodes = [{"data-dir": str(path), "site-id": name, "site-dir": str(work / "sites" / name),
-              "policy-epsilon-total": EPSILON} for name, path in sorted(sites.items())]
+    s = len(sites)
+    shared = {"policy-noise": "distributed", "policy-min-sites": s, "policy-secure-sum-only": True} \
+        if noise == "distributed" else {}
     run = {"phases": phases, "num-server-rounds": rounds, "local-epochs": 1, "epsilon": EPSILON,
-           "workdir": str(work), "evaluate-each-round": False, "min-nodes": len(nodes)}
+           "workdir": str(work), "evaluate-each-round": False, "min-nodes": s, "phase-c-rounds": 1,
+           "phase-c-rate": phase_c_rate, **({"secure-sum-threshold": s} if shared else {})}
     clock = RoundClock()
     flwr_logger.FLOWER_LOGGER.addHandler(clock)
-    try:
-        grid, _ = run_in_process(server_app, client_app, nodes, run)
-    finally:
-        flwr_logger.FLOWER_LOGGER.removeHandler(clock)
+    with ReplayLLM(pool, pool_size) as llm:
+        llm_setting = json.dumps({"base_url": llm.base_url, "model": REPLAY_MODEL, "cache_dir": ""})
+        nodes = [{"data-dir": str(path), "site-id": name, "site-dir": str(work / "sites" / name),
+                  "policy-epsilon-total": EPSILON, "llm": llm_setting, **shared} for name, path in sorted(sites.items())]
+        try:
+            grid, _ = run_in_process(server_app, client_app, nodes, run)
+        finally:
+            flwr_logger.FLOWER_LOGGER.removeHandler(clock)
+        asked, real_s = dict(llm.counts), llm.real_s
     finished = time.perf_counter()
     summary = json.loads(next((work / "coordinator").glob("*-phases-bc.json")).read_text()) if "b" in phases else {}
+    quality = {}
+    if "b" in phases:
+        test = [e for name in sorted(examples)[:3] for e in examples[name] if e.split == "test" and e.targets]
+        quality = peer_recall(work / "sites" / sorted(sites)[0], test)
     shutil.rmtree(work, ignore_errors=True)  # keys, ledgers and models of a throwaway run
-    phase_b = summary.get("phase_b", {}).get("seconds", 0.0)
     starts = [t for kind, t in clock.marks if kind == "round"]
-    phase_a_end = next((t for kind, t in clock.marks if kind == "phase B"), finished)
+    phase_a_end = next((t for kind, t in clock.marks if kind in ("end", "phase B")), finished)
     rounds_s = [b - a for a, b in zip(starts, [*starts[1:], phase_a_end])]
-    return {"sites": len(sites), "load_s": loaded - started, "phase_a_s": phase_a_end - loaded,
-            "round_s": rounds_s, "phase_b_s": phase_b, "total_s": finished - started,
-            "peak_rss_mb": peak_rss_mb(), "reply_bytes": reply_bytes(grid.outbox)}
+    released = summary.get("phase_c", {}).get("released", [])
+    return {"sites": s, "noise": noise, "load_s": loaded - started, "phase_a_s": phase_a_end - loaded,
+            "round_s": rounds_s, "phase_b_s": summary.get("phase_b", {}).get("seconds", 0.0),
+            # while the pool fills, phase C waits on the real LLM: left out, so every run times the replay alone
+            "phase_c_s": summary.get("phase_c", {}).get("seconds", 0.0) - real_s, "llm_s": real_s,
+            "total_s": finished - started - real_s,
+            "peak_rss_mb": peak_rss_mb(), "reply_bytes": reply_bytes(grid.outbox), "llm": asked,
+            "count_noise_std": summary.get("phase_b", {}).get("count_noise_std"),
+            "c_ratio": released[0]["ratio"] if released else None, "c_snr": released[0]["snr"] if released else None,
+            **quality}
 
 
-def child(args: list[str]) -> dict:
+def peer_recall(site_dir: Path, test: list) -> dict:
+    """Recall@5 of the peer profiles a site kept (with the phase-A model it kept) on the points `test`."""
+    from pmlm.client.phase_a import load_global_model
+    from pmlm.client.phase_b import embed_examples
+    from pmlm.client.train import ranking_metrics
+    from pmlm.common.peer_profiles import PeerProfiles
+    from pmlm.common.site_layout import PEER_PROFILES
+
+    model, encoder, _ = load_global_model(site_dir)
+    profiles = PeerProfiles.load(site_dir / PEER_PROFILES)
+    scores = np.stack([profiles.peer_rates(e)[0] for e in embed_examples(model, encoder, test)])
+    return {"peer_recall5": float(ranking_metrics(scores, test, encoder)["recall@5"]), "test_points": len(test),
+            "visible_prototypes": int((~profiles.suppressed).sum()), "prototypes": int(profiles.suppressed.size)}
+
+
+def child(job: dict) -> dict:
     """This script's --child mode in a fresh process: its JSON answer."""
-    done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"bench child {args} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"bench child {job} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -155,28 +206,43 @@ def main(argv=None) -> int:
     parser.add_argument("--sites", type=int, nargs="+", default=[3, 10, 30, 100])
     parser.add_argument("--patients", type=int, default=1000, help="per site")
     parser.add_argument("--rounds", type=int, default=2, help="phase-A rounds")
+    parser.add_argument("--phases", default="abc", choices=("a", "ab", "abc"))
+    parser.add_argument("--noise", nargs="+", default=["site", "distributed"], choices=("site", "distributed"),
+                        help="the sites' noise settings to run at each S")
+    parser.add_argument("--phase-c-rate", type=float, default=0.1, help="phase C's public sampling rate")
+    parser.add_argument("--replay-pool", type=Path, default=Path("out/scale/replay_pool.jsonl"),
+                        help="real LLM answers phase C replays (bench/replay.py); made on first use, then reused")
+    parser.add_argument("--pool-size", type=int, default=24, help="real answers in the pool")
     parser.add_argument("--quick", action="store_true", help="S = 3, 6, 10 x 50 patients, 1 round")
     parser.add_argument("--keep", type=Path, help="write the consortia here (default: a temporary folder, removed)")
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        mode, data, rounds = args.child
-        print(json.dumps(run_consortium(Path(data), int(rounds), "ab" if mode == "consortium" else "a")))
+        job = json.loads(args.child)
+        print(json.dumps(run_consortium(Path(job["data"]), job["rounds"], job["phases"], job["noise"],
+                                        Path(job["pool"]), job["pool_size"], job["phase_c_rate"])))
         return 0
     if args.quick:
         args.sites, args.patients, args.rounds = [3, 6, 10], 50, 1
 
-    print("RESAMPLED consortia (pmlm data synth-consortium from the bundled sample): not new patients; this bench "
-          "reports cost only. In-process runtime: coordinator and every site in one process.")
+    print("RESAMPLED consortia (pmlm data synth-consortium from the bundled sample): not new patients; quality "
+          "figures here compare settings, never results. In-process runtime: coordinator and every site in one "
+          "process. Phase C replays real LLM answers (bench/replay.py).")
     root = args.keep or Path(tempfile.mkdtemp(prefix="pmlm-scale-data-"))
     largest = root / f"s{max(args.sites)}_m{args.patients}"
     synth_s = synthesize(largest, max(args.sites), args.patients)
+    common = {"rounds": args.rounds, "pool": str(args.replay_pool.resolve()), "pool_size": args.pool_size,
+              "phase_c_rate": args.phase_c_rate}
     rows = []
     for s in sorted(args.sites):
         data = first_sites(largest, s, root / f"first_{s}")
-        rows.append(child(["consortium", str(data), str(args.rounds)]))
-        print(f"  S={s}: done in {rows[-1]['total_s']:.0f} s", file=sys.stderr)
-    one = child(["site", str(largest / "site_001"), str(args.rounds)])
+        for noise in args.noise:
+            if noise == "distributed" and s < 2:
+                continue
+            rows.append(child({**common, "data": str(data), "phases": args.phases, "noise": noise}))
+            print(f"  S={s}, noise {noise}: done in {rows[-1]['total_s']:.0f} s (LLM: {rows[-1]['llm']})",
+                  file=sys.stderr, flush=True)
+    one = child({**common, "data": str(largest / "site_001"), "phases": "a", "noise": "site"})
     print(f"\nwrote the consortium ({max(args.sites)} sites x {args.patients} patients) in {synth_s:.1f} s")
     print_table(rows, args, one)
     if not args.keep:
@@ -185,33 +251,53 @@ def main(argv=None) -> int:
 
 
 def print_table(rows: list[dict], args, one: dict) -> None:
-    print(f"\n{args.patients} patients per site, {args.rounds} phase-A round(s), phases A and B, epsilon {EPSILON:g} "
-          f"per site; times in seconds, RSS in MB; bytes: each site's replies as Flower encodes them")
-    head = ("S", "read s", "phase A s", "s/A round", "phase B s", "total s", "peak RSS MB", "update bytes",
-            "A round bytes", "B bytes/site")
-    print("  ".join(f"{h:>13}" for h in head))
+    print(f"\n{args.patients} patients per site, {args.rounds} phase-A round(s), phases {args.phases.upper()}, "
+          f"epsilon {EPSILON:g} per site; times in seconds, RSS in MB; bytes: each site's replies as Flower "
+          "encodes them")
+    head = ("S", "noise", "read s", "phase A s", "s/A round", "phase B s", "phase C s", "total s", "peak RSS MB",
+            "update bytes", "A round bytes", "B+C bytes/site")
+    print("  ".join(f"{h:>12}" for h in head))
     for r in rows:
         sizes = r["reply_bytes"]
         r["update_bytes"] = float(np.mean(sizes.get("train", [0])))  # one site's phase-A update (model weights)
-        r["b_bytes"] = sum(sum(v) for k, v in sizes.items() if k != "train") / r["sites"]  # B, model and ledger
-        cells = (r["sites"], f"{r['load_s']:.1f}", f"{r['phase_a_s']:.1f}",
+        r["bc_bytes"] = sum(sum(v) for k, v in sizes.items() if k != "train") / r["sites"]  # B, C, model, ledger
+        cells = (r["sites"], r["noise"], f"{r['load_s']:.1f}", f"{r['phase_a_s']:.1f}",
                  f"{np.mean(r['round_s']):.1f}" if r["round_s"] else "-", f"{r['phase_b_s']:.1f}",
-                 f"{r['total_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['update_bytes']:,.0f}",
-                 f"{r['update_bytes'] * r['sites']:,.0f}", f"{r['b_bytes']:,.0f}")
-        print("  ".join(f"{c:>13}" for c in cells))
-    print("\nreplies by message type at the largest S (count, mean bytes):")
-    for kind, sizes in sorted(rows[-1]["reply_bytes"].items()):
+                 f"{r['phase_c_s']:.1f}", f"{r['total_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
+                 f"{r['update_bytes']:,.0f}", f"{r['update_bytes'] * r['sites']:,.0f}", f"{r['bc_bytes']:,.0f}")
+        print("  ".join(f"{c:>12}" for c in cells))
+    largest = [r for r in rows if r["sites"] == rows[-1]["sites"]][0]
+    print(f"\nreplies by message type at S = {largest['sites']}, noise {largest['noise']} (count, mean bytes):")
+    for kind, sizes in sorted(largest["reply_bytes"].items()):
         print(f"  {kind:<32} {len(sizes):>6}  {np.mean(sizes):>12,.0f}")
-    xs = [r["sites"] for r in rows]
-    print("\nexponent of cost against S (least squares on log-log; 1.0 = linear):")
-    for label, key in (("read records", "load_s"), ("phase A", "phase_a_s"), ("phase B", "phase_b_s"),
-                       ("total", "total_s"), ("peak RSS (all sites in one process)", "peak_rss_mb"),
-                       ("bytes each site sends after phase A", "b_bytes")):
-        print(f"  {label:<38} {exponent(xs, [r[key] for r in rows]):.2f}")
-    if len(rows) > 1:
-        per_site = (rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]) / (rows[-1]["sites"] - rows[0]["sites"])
-        print(f"  in-process RSS per added site: {per_site:.0f} MB (every site's records and examples stay in the "
-              "one process)")
+    for noise in args.noise:
+        mine = [r for r in rows if r["noise"] == noise]
+        xs = [r["sites"] for r in mine]
+        print(f"\nexponent of cost against S, noise {noise} (least squares on log-log; 1.0 = linear):")
+        for label, key in (("read records", "load_s"), ("phase A", "phase_a_s"), ("phase B", "phase_b_s"),
+                           ("phase C", "phase_c_s"), ("total", "total_s"),
+                           ("peak RSS (all sites in one process)", "peak_rss_mb"),
+                           ("bytes each site sends after phase A", "bc_bytes")):
+            print(f"  {label:<38} {exponent(xs, [r[key] for r in mine]):.2f}")
+        if len(mine) > 1:
+            per_site = (mine[-1]["peak_rss_mb"] - mine[0]["peak_rss_mb"]) / (mine[-1]["sites"] - mine[0]["sites"])
+            print(f"  in-process RSS per added site: {per_site:.0f} MB (every site's records and examples stay in "
+                  "the one process)")
+    if "peer_recall5" in rows[0]:
+        print(f"\nwhat the releases carry (one run each; Recall@5 on the same {rows[0]['test_points']} test points of "
+              "the first three sites at every S, a relative figure on a resampled population):")
+        head = ("S", "noise", "B count sd", "visible protos", "peer Recall@5", "C |sum|/|noise|", "C SNR est.")
+        print("  ".join(f"{h:>15}" for h in head))
+        for r in sorted(rows, key=lambda r: (r["noise"], r["sites"])):
+            cells = (r["sites"], r["noise"], f"{r['count_noise_std']:.1f}",
+                     f"{r['visible_prototypes']}/{r['prototypes']}", f"{r['peer_recall5']:.3f}",
+                     "-" if r["c_ratio"] is None else f"{r['c_ratio']:.2f}",
+                     "-" if r["c_snr"] is None else f"{r['c_snr']:.2f}")
+            print("  ".join(f"{c:>15}" for c in cells))
+    llm = {k: sum(r["llm"][k] for r in rows) for k in rows[0]["llm"]}
+    print(f"\nphase C's LLM requests over all runs: {llm['real']} answered by the embedded LLM "
+          f"({sum(r['llm_s'] for r in rows):.0f} s, left out of the times above), {llm['exact']} asked again, "
+          f"{llm['replayed']} given another prompt's real answer (pool {args.replay_pool})")
     print(f"\none site alone (site_001, {args.patients} patients; its own process, phase A, {args.rounds} round(s)): "
           f"peak RSS {one['peak_rss_mb']:.0f} MB, read {one['load_s']:.1f} s, phase A {one['phase_a_s']:.1f} s")
 
