@@ -25,12 +25,14 @@ def register(sub) -> None:
                         "and node authentication, as `pmlm deploy local` starts them) instead of in-process")
     add_pipeline_arguments(p)
     # The demo's defaults aim at its 15-minute target on 2 cores with five sites: one federated run (phase C one
-    # round of ~5 patients a hospital: at 0.1 it took 160 of the demo's 1,190 s), each hospital's refinement at 100
-    # LLM requests (the clinics have too few patients to refine), and the guidance scored on 24 test points (a point
-    # costs about 10 s; 30 took 310 s). `pmlm evaluate` keeps the larger defaults. The privacy-utility curve is a
-    # full federated run per extra epsilon: `--curve 1,8` adds it (about 4 minutes a point).
+    # round of ~5 patients a hospital: at 0.1 it took 160 of the demo's 1,190 s), each hospital's refinement at 90
+    # LLM requests of about 2 s (48 of them validation; at 100 the three took 617 of 1,048 s; the clinics have too
+    # few patients to refine), and the guidance scored on 24 test points with the five prompts its headline figures
+    # compare (PMLM against the initial prompt, the general prompt and the oracle; all eight took 249 s).
+    # `pmlm evaluate` keeps the larger defaults and every prompt. The privacy-utility curve is a full federated run
+    # per extra epsilon: `--curve 1,8` adds it (about 4 minutes a point).
     p.set_defaults(handler=cmd_demo, max_test_points=24, curve="", phase_c_rounds=1, phase_c_rate=0.05,
-                   refine_calls=100)
+                   refine_calls=90, variants="general,self_peer,pmlm_consortium,pmlm,oracle")
 
 
 def cmd_demo(args) -> int:

@@ -36,6 +36,10 @@ def add_pipeline_arguments(p) -> None:
                    help="skip the centralized and local-only reference models (faster)")
     p.add_argument("--refine-calls", type=int, default=150, metavar="N",
                    help="the most LLM requests each site's on-site refinement of the prompt policy may make")
+    p.add_argument("--variants", default=None, metavar="LIST",
+                   help="comma-separated prompts the guidance evaluation scores, each an LLM request per test point: "
+                        "general, summary_only, self, peer, self_peer, pmlm_consortium, pmlm, oracle (default: all; "
+                        "`pmlm demo`: general, self_peer, pmlm_consortium, pmlm, oracle)")
     p.add_argument("--no-refine", action="store_true",
                    help="skip the sites' on-site refinement: every site uses the consortium's prompt policy")
     p.add_argument("--receive-only", default=None, metavar="SITES",
@@ -46,6 +50,7 @@ def add_pipeline_arguments(p) -> None:
 
 def options_from(args, data: Path, workdir: Path):
     from pmlm.pipeline import PipelineOptions
+    from pmlm.pipeline.options import GUIDANCE_VARIANTS
 
     if args.epsilon <= 0:
         raise CliError("--epsilon must be > 0")
@@ -61,13 +66,19 @@ def options_from(args, data: Path, workdir: Path):
         raise CliError(f"--curve takes comma-separated numbers, got {args.curve!r}") from None
     llm = {k: v for k, v in (("base_url", args.llm_base_url), ("model", args.llm_model)) if v}
     receive_only = tuple(s.strip() for s in (args.receive_only or "").split(",") if s.strip())
+    variants = GUIDANCE_VARIANTS if args.variants is None else \
+        tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = [v for v in variants if v not in GUIDANCE_VARIANTS]
+    if unknown or not variants:
+        raise CliError(f"--variants: {', '.join(unknown) or 'none given'}; choose from {', '.join(GUIDANCE_VARIANTS)}")
     return PipelineOptions(data=data, workdir=workdir, sites=args.sites, epsilon=args.epsilon,
                            max_test_points=args.max_test_points, points_per_patient=args.points_per_patient,
                            rounds=args.rounds,
                            phase_c_rounds=args.phase_c_rounds, phase_c_rate=args.phase_c_rate,
                            profile=args.profile, baselines_trained=not args.no_trained_baselines, llm=llm,
                            curve=curve, progress=sys.stderr.isatty(), refine=not args.no_refine,
-                           refine_calls=args.refine_calls, receive_only=receive_only)
+                           refine_calls=args.refine_calls, receive_only=receive_only,
+                           variants=tuple(v for v in GUIDANCE_VARIANTS if v in variants))
 
 
 def register(sub) -> None:
