@@ -57,6 +57,8 @@ class ReplayLLM(ThreadingHTTPServer):
                 self.counts["real"] += 1
                 self.real_s += time.perf_counter() - started
                 return entry
+            if not self.order:
+                raise RuntimeError(f"the replay pool {self.pool_path} is empty and may not grow (pool_size 0)")
             self.counts["replayed"] += 1
             return self.answers[self.order[int(key, 16) % len(self.order)]]
 
