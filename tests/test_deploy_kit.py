@@ -221,3 +221,29 @@ def test_stopping_a_process_also_stops_helpers_it_detached(tmp_path):
             assert not stat_file.exists() or stat_file.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     finally:
         processes.close()
+
+
+@pytest.mark.parametrize("phases, checked", [("a", ["phase_a"]), ("abc", ["phase_a", "phase_b", "phase_c"]),
+                                             (None, ["phase_a", "phase_b", "phase_c"])])
+def test_a_rehearsal_checks_the_artifacts_of_the_phases_it_ran(tmp_path, monkeypatch, phases, checked):
+    """`deploy local` with phases "a" (bench/deploy.py's run) must not fail on B and C artifacts it never asked for;
+    a run that names no phases runs all three and checks all three."""
+    from types import SimpleNamespace
+
+    from pmlm.common.privacy.signing import public_path
+    from pmlm.common.site_layout import LEDGER_PATH, SITE_KEY_PATH
+    from pmlm.deploy import local
+
+    deployment = local.LocalDeployment(tmp_path, {"site_x": tmp_path / "data"},
+                                       run_config={} if phases is None else {"phases": phases})
+    site_dir = deployment.site_dir("site_x")
+    for path in (site_dir / LEDGER_PATH, public_path(site_dir / SITE_KEY_PATH)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    monkeypatch.setattr(local, "load_public_key", lambda path: None)
+    monkeypatch.setattr(local, "verify_ledger", lambda path, key: SimpleNamespace(
+        entries=[{"kind": "release", "seq": 0}], problems=[]))
+    seen = []
+    monkeypatch.setattr(deployment, "check_artifact", lambda site, path, phase, releases: seen.append(phase))
+    deployment.check_sites()
+    assert seen == checked and all(c.ok for c in deployment.checks)
