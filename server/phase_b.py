@@ -24,9 +24,11 @@ from pmlm.server.secure_sum import secure_sum_over
 
 def run_phase_b(grid: Grid, roster: SiteRoster, config: PhaseBConfig, run_id: str, concepts: list[str], dim: int,
                 horizon_days: int, on_entries=None, site_records: dict | None = None, secure: bool = False,
-                timeout: float = 600.0, threshold: int | None = None) -> PeerProfiles:
+                timeout: float = 600.0, threshold: int | None = None,
+                neighbours: int | None = None) -> PeerProfiles:
     """`roster`: the sites still in the run; one that fails a round is dropped and the round sums the others.
     `site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run).
+    `threshold`, `neighbours`: SecAgg+'s sharing graph (server/secure_sum.py sharing_graph).
     `secure`: the sites' noisy statistics are summed under SecAgg+ (the coordinator sees only totals)."""
     site_records = site_records or {}
     plan = {"run_id": run_id, "plan": json.dumps(asdict(config))}
@@ -39,7 +41,8 @@ def run_phase_b(grid: Grid, roster: SiteRoster, config: PhaseBConfig, run_id: st
             result = secure_sum_over(roster, grid, PHASE, round, VECTOR_TASK,
                                      {**scalars, **plan, "kind": kind, "round": round},
                                      shape=(len(centroids), width), arrays={"centroids": centroids, "centre": centre},
-                                     timeout=timeout, clipping_range=8192.0, threshold=threshold)
+                                     timeout=timeout, clipping_range=8192.0, threshold=threshold,
+                                     neighbours=neighbours)
             stds = [m["noise_std"] for m in result.metrics.values()]
             return result.total, float(np.sqrt(np.sum(np.square(stds))))
         arrays = ArrayRecord({"centroids": Array(np.ascontiguousarray(centroids)),

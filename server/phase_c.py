@@ -21,9 +21,11 @@ from pmlm.server.secure_sum import secure_sum_over
 
 def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: str, embedding_dim: int,
                 on_round=None, site_records: dict | None = None, secure: bool = False,
-                timeout: float = 1800.0, threshold: int | None = None) -> PromptPolicy:
+                timeout: float = 1800.0, threshold: int | None = None,
+                neighbours: int | None = None) -> PromptPolicy:
     """`roster`: the sites still in the run; one that fails a round is dropped and the round sums the others.
     `site_records`: extra ConfigRecords every message carries (e.g. phase A's config, naming the run).
+    `threshold`, `neighbours`: SecAgg+'s sharing graph (server/secure_sum.py sharing_graph).
     `secure`: the sites' noisy updates are summed under SecAgg+ (the coordinator sees only the total)."""
     site_records = site_records or {}
     torch.manual_seed(config.seed)
@@ -37,7 +39,7 @@ def run_phase_c(grid: Grid, roster: SiteRoster, config: PhaseCConfig, run_id: st
             n = sum(v.size for v in weights.values())
             result = secure_sum_over(roster, grid, PHASE, r, VECTOR_TASK, {**scalars, **dict(plan), "round": r},
                                      shape=(n,), arrays=weights, timeout=timeout, clipping_range=1024.0,
-                                     threshold=threshold)
+                                     threshold=threshold, neighbours=neighbours)
             total, metrics = result.total, list(result.metrics.values())
         else:
             content = RecordDict({"arrays": policy_arrays(policy),

@@ -59,6 +59,10 @@ from pmlm.server.roster import SiteRoster
 log = logging.getLogger(__name__)
 
 MODULUS_RANGE = 2**32  # SecAgg+'s mask modulus; its documented maximum
+# Above this many sites a sum shares each site's secrets with SPARSE_NEIGHBOURS sites (itself included), not all:
+# Shamir sharing and reconstruction cost each site O(neighbours x threshold), so a complete graph costs a sum
+# O(S^2 x S) and took 4.5-5 min at 100 sites on 2 cores, against 15-20 s at 30 (bench/README.md).
+SPARSE_NEIGHBOURS = 21
 DEFAULT_CLIPPING_RANGE = 256.0
 DEFAULT_QUANTIZATION_RANGE = 2**24
 SITE_WEIGHT = 1000  # SecAgg+'s max_weight; each site reports num_examples equal to it (weight exactly 1)
@@ -75,6 +79,36 @@ class SecureSumResult:
     metrics: dict[int, dict] = field(default_factory=dict)  # per-site clear scalars the task chose to report
     reasons: dict[int, str] = field(default_factory=dict)  # error replies of dropped sites
     attempts: int = 1
+    neighbours: int = 0  # sites each site's secrets were shared with, itself included (all asked: complete graph)
+    threshold: int = 0  # shares that reconstruct one secret
+
+
+def sharing_graph(sites: int, threshold: int | None = None, neighbours: int | None = None) -> tuple[int, int]:
+    """SecAgg+'s (neighbours, threshold) for a sum over ``sites`` sites.
+
+    ``neighbours``: how many sites hold shares of each site's secrets, itself included. None picks a complete
+    graph up to SPARSE_NEIGHBOURS sites and SPARSE_NEIGHBOURS above (kept between threshold + 1 and a graph of
+    which the threshold is a majority); 0 asks for a complete graph. It is raised to exceed ``threshold``
+    (SecAgg+ needs more shares than it reconstructs from), made odd (Flower puts each site's neighbours
+    symmetrically around it on a ring), and a graph of ``sites`` or more is the complete one. ``threshold``:
+    None takes a strict majority of the neighbours. A site sharing its noise with k checks for itself that the
+    threshold is at least k (client/site_policy.py); it does not rely on the coordinator's choice here.
+    """
+    if sites < 2:
+        raise ValueError(f"a secure sum needs at least 2 sites, got {sites}")
+    if neighbours is not None and neighbours < 0:
+        raise ValueError(f"neighbours must be >= 0 (0: complete graph), got {neighbours}")
+    if threshold is not None and not 2 <= threshold <= sites:
+        raise ValueError(f"reconstruction threshold {threshold} must lie in [2, {sites}] for {sites} sites")
+    d = (neighbours or sites) if neighbours is not None else SPARSE_NEIGHBOURS
+    if threshold is not None:
+        d = max(d, threshold + 1)
+        if neighbours is None:
+            d = min(d, 2 * threshold - 1)
+    d = max(d, 3) | 1
+    if d >= sites:
+        return sites, threshold or max(2, sites // 2 + 1)
+    return d, threshold or d // 2 + 1
 
 
 class SecureSumFailed(RuntimeError):
@@ -201,7 +235,7 @@ def _check_request(nodes: list[int], config: dict,
 def _secure_sum_once(grid: Grid, context: Context | None, task: str, config: dict, nodes: list[int], *,
                      shape: tuple[int, ...], arrays: dict[str, np.ndarray] | None, timeout: float | None,
                      min_sites: int, clipping_range: float, quantization_range: int,
-                     reconstruction_threshold: int | None) -> SecureSumResult:
+                     reconstruction_threshold: int | None, neighbours: int | None) -> SecureSumResult:
     names, values = _check_request(nodes, config, arrays)
     fit_config = {**config, META_KEY: pack_meta(task, shape, names, clipping_range, SITE_WEIGHT)}
     run_id = context.run_id if context is not None else int(getattr(grid.run, "run_id", 0))
@@ -215,9 +249,9 @@ def _secure_sum_once(grid: Grid, context: Context | None, task: str, config: dic
         Context(run_id=run_id, node_id=0, node_config={}, state=state,
                 run_config=dict(context.run_config) if context is not None else {}),
         config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=SimpleClientManager())
-    # Everyone holds a share of everyone's keys (consortia are small); a strict majority reconstructs.
-    threshold = reconstruction_threshold or max(2, len(nodes) // 2 + 1)
-    workflow = _Workflow(1.0, threshold, max_weight=float(SITE_WEIGHT), clipping_range=float(clipping_range),
+    degree, threshold = sharing_graph(len(nodes), reconstruction_threshold, neighbours)
+    # Flower reads a float num_shares as a share of the sites (1.0: complete graph), an int as a count.
+    workflow = _Workflow(1.0 if degree == len(nodes) else degree, threshold, max_weight=float(SITE_WEIGHT), clipping_range=float(clipping_range),
                          quantization_range=int(quantization_range), modulus_range=MODULUS_RANGE,
                          timeout=timeout, min_sites=min_sites)
     channel = _SecAggChannel(grid)
@@ -247,14 +281,14 @@ def _secure_sum_once(grid: Grid, context: Context | None, task: str, config: dic
     step = 2.0 * clipping_range / quantization_range
     return SecureSumResult(total=total, sites=strategy.sites, dropped=dropped, secure=True,
                            quantization_bound=len(strategy.sites) * step, metrics=strategy.metrics,
-                           reasons=reasons)
+                           reasons=reasons, neighbours=degree, threshold=threshold)
 
 
 def secure_sum(grid: Grid, context: Context | None, task: str, config: dict, nodes: list[int], *,
                shape: tuple[int, ...], timeout: float | None, arrays: dict[str, np.ndarray] | None = None,
                min_sites: int = 2, retries: int = 0, clipping_range: float = DEFAULT_CLIPPING_RANGE,
                quantization_range: int = DEFAULT_QUANTIZATION_RANGE,
-               reconstruction_threshold: int | None = None) -> SecureSumResult:
+               reconstruction_threshold: int | None = None, neighbours: int | None = None) -> SecureSumResult:
     """Sum the vectors that task ``task`` computes at ``nodes`` under SecAgg+; see the module docstring.
 
     ``context``: the ServerApp's context (only its run id and run config are read; None takes the grid's run).
@@ -263,6 +297,7 @@ def secure_sum(grid: Grid, context: Context | None, task: str, config: dict, nod
     return; ``timeout``: seconds per protocol stage (None waits for every reply); ``min_sites`` (>= 2): fewer
     contributing sites than this is a failure, and one site's "sum" would be its vector. Pick ``timeout``
     to cover the sites' computation of the vector (it runs inside the masking stage); None can wait forever.
+    ``reconstruction_threshold`` and ``neighbours``: the sharing graph (``sharing_graph``).
     Raises ``SecureSumFailed`` (see ``retryable``) when no correct total could be formed.
     """
     min_sites = max(2, int(min_sites))
@@ -279,7 +314,8 @@ def secure_sum(grid: Grid, context: Context | None, task: str, config: dict, nod
             result = _secure_sum_once(grid, context, task, config, nodes, shape=shape, arrays=arrays,
                                       timeout=timeout, min_sites=min_sites, clipping_range=clipping_range,
                                       quantization_range=quantization_range,
-                                      reconstruction_threshold=reconstruction_threshold)
+                                      reconstruction_threshold=reconstruction_threshold,
+                                      neighbours=neighbours)
         except SecureSumFailed as failed:
             if not failed.retryable or attempt > retries:
                 # The sites an earlier attempt left out are lost too: name them (and why) with the last failure,
@@ -345,10 +381,11 @@ def plain_sum(grid: Grid, context: Context | None, task: str, config: dict, node
 
 def secure_sum_over(roster: SiteRoster, grid: Grid, phase: str, round: int, task: str, config: dict, *,
                     shape: tuple[int, ...], timeout: float | None, arrays: dict[str, np.ndarray] | None = None,
-                    clipping_range: float = DEFAULT_CLIPPING_RANGE, threshold: int | None = None) -> SecureSumResult:
+                    clipping_range: float = DEFAULT_CLIPPING_RANGE, threshold: int | None = None,
+                    neighbours: int | None = None) -> SecureSumResult:
     """``secure_sum`` of one phase round over ``roster.active`` (server/roster.py), with one retry.
-    ``threshold``: SecAgg+'s reconstruction threshold (None: a majority of the sites asked); a site whose policy
-    shares its noise with at least k sites refuses a threshold below k (client/site_policy.py).
+    ``threshold`` and ``neighbours``: SecAgg+'s sharing graph (``sharing_graph``); a site whose policy shares its
+    noise with at least k sites refuses a threshold below k (client/site_policy.py).
 
     Sites the total leaves out, or that made the protocol halt, are dropped from the roster with their reason;
     too few left raises ``TooFewSites``. A retry resends the round: the sites that already released it send the
@@ -358,7 +395,7 @@ def secure_sum_over(roster: SiteRoster, grid: Grid, phase: str, round: int, task
     try:
         result = secure_sum(grid, None, task, config, roster.active, shape=shape, arrays=arrays, timeout=timeout,
                             min_sites=roster.min_sites, retries=1, clipping_range=clipping_range,
-                            reconstruction_threshold=threshold)
+                            reconstruction_threshold=threshold, neighbours=neighbours)
     except SecureSumFailed as failed:
         for node in failed.unresponsive:
             roster.drop(node, phase, round, failed.reasons.get(node, f"silent during secure aggregation: {failed}"))

@@ -12,7 +12,8 @@ same: common/phase_a.py), patient-clip, points-per-patient, dim, max-history, pr
 default 2), round-timeout (seconds a round waits for the sites' replies, default 3600), hospital-dp-noise and
 hospital-dp-clip (hospital-level DP with Flower's client-side fixed clipping; off unless the noise is > 0),
 phases ("a", "ab", "abc"), secure-aggregation, secure-sum-threshold (SecAgg+'s reconstruction threshold for
-phases B and C; default a majority of the sites), and phase B's and C's keys (common/phase_b.py, common/phase_c.py).
+phases B and C; default a majority of the sites each site shares its secrets with), secure-sum-neighbours (how
+many sites that is, itself included: all sites up to 21 by default, 21 above; 0 asks for all), and phase B's and C's keys (common/phase_b.py, common/phase_c.py).
 
 A site that fails or goes silent in a round is dropped for the rest of the run (server/roster.py). The run summary
 (WORKDIR/coordinator/RUN.json) names the dropped sites; a run left with too few sites stops with an error that
@@ -101,12 +102,15 @@ def run_later_phases(grid: Grid, roster: SiteRoster, cfg: PhaseAConfig, run: dic
     # SecAgg+'s reconstruction threshold (0 or absent: a majority of the sites asked). Sites that share their noise
     # with at least k others (policy noise "distributed") refuse sums whose threshold is below their k.
     threshold = int(run.get("secure-sum-threshold", 0)) or None
+    # Sites each site's secrets are shared with (absent: all sites up to 21, then 21; 0: always all).
+    neighbours = int(run["secure-sum-neighbours"]) if "secure-sum-neighbours" in run else None
     if int(run.get("phase-b-rounds", 1)) >= 0 and not run.get("skip-phase-b"):
         started = time.perf_counter()
         b = PhaseBConfig.from_run_config(run)
         log(INFO, "[PMLM phase B] DP k-means, %d prototypes, %d rounds, then peer profiles", b.prototypes, b.rounds)
         profiles = run_phase_b(grid, roster, b, cfg.run_name, [c.id for c in profile.concepts], cfg.dim,
-                               profile.horizon_days, site_records=records, secure=secure, threshold=threshold)
+                               profile.horizon_days, site_records=records, secure=secure, threshold=threshold,
+                               neighbours=neighbours)
         summary["phase_b"] = {"prototypes": b.prototypes, "suppressed": int(profiles.suppressed.sum()),
                               "count_noise_std": profiles.count_noise_std,
                               "seconds": round(time.perf_counter() - started, 1)}
@@ -125,7 +129,7 @@ def run_later_phases(grid: Grid, roster: SiteRoster, cfg: PhaseAConfig, run: dic
                 f" (lr {c.lr:g} limited by the DP noise)"
                 if step < c.lr else "")
         run_phase_c(grid, roster, c, cfg.run_name, cfg.dim, on_round=on_round, site_records=records, secure=secure,
-                    threshold=threshold)
+                    threshold=threshold, neighbours=neighbours)
         summary["phase_c"] = {"rounds": c.rounds, "per_round": rounds, "released": releases,
                               "seconds": round(time.perf_counter() - started, 1)}
     try:

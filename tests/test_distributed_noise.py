@@ -207,6 +207,22 @@ def test_a_coordinator_that_asks_for_a_threshold_of_k_gets_the_sum_of_sites_shar
     assert result.metrics == {n: {"sites": 3, "threshold": 3} for n in nodes}
 
 
+def test_under_a_sparse_graph_a_site_counts_only_the_sites_it_shared_with():
+    """Nine sites, each sharing its secrets with 5 (itself included): a site sharing its noise with 3 sees a key
+    exchange of 5 and takes part. One sharing with 6 refuses, although 9 sites are in the sum: only 5 hold shares
+    of its secrets, and the coordinator's count of the sum's sites is not what protects it."""
+    grid, context = _grid(probe_app, [{"policy-noise": "distributed", "policy-min-sites": 3}] * 9)
+    nodes = sorted(grid.get_node_ids())
+    result = secure_sum(grid, context, "test_shared_noise_probe", {}, nodes, shape=(LENGTH,), timeout=30,
+                        clipping_range=16.0, reconstruction_threshold=3, neighbours=5)
+    assert result.sites == nodes and result.metrics == {n: {"sites": 5, "threshold": 3} for n in nodes}
+
+    grid, context = _grid(probe_app, [{"policy-noise": "distributed", "policy-min-sites": 6}] * 9)
+    with pytest.raises(SecureSumFailed, match="only 5 sites"):
+        secure_sum(grid, context, "test_shared_noise_probe", {}, sorted(grid.get_node_ids()), shape=(LENGTH,),
+                   timeout=30, clipping_range=16.0, neighbours=5)
+
+
 def test_sites_refuse_a_threshold_below_min_sites_and_record_it(tmp_path):
     """The project's own ClientApp: three sites with min_sites 3 under the default threshold of 2 all refuse
     before computing anything, each with a policy_refusal line in its own ledger."""

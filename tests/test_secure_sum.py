@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from pmlm.client.secure_sum import REQUIRE_SECURE_NODE_KEY, attach_secure_sum, register_vector_task, vector_task
 from pmlm.server.in_process import RUN_ID, InProcessGrid, run_in_process
-from pmlm.server.secure_sum import SecureSumFailed, plain_sum, secure_sum
+from pmlm.server.secure_sum import SPARSE_NEIGHBOURS, SecureSumFailed, plain_sum, secure_sum, sharing_graph
 
 SHAPE = (6, 5)
 TASK = "test_noisy_stats"
@@ -239,6 +239,49 @@ def test_retry_that_runs_out_of_sites_names_why_each_left():
     message = str(failed.value)
     assert "0 nodes left" in message and not failed.value.retryable
     assert message.count("site data unavailable") == 3 and sorted(failed.value.reasons) == sorted(grid.contexts)
+
+
+def test_sharing_graph_is_complete_for_small_consortia_and_sparse_above():
+    assert sharing_graph(3) == (3, 2) and sharing_graph(10) == (10, 6)  # complete, a strict majority
+    assert sharing_graph(SPARSE_NEIGHBOURS) == (SPARSE_NEIGHBOURS, SPARSE_NEIGHBOURS // 2 + 1)
+    assert sharing_graph(100) == (SPARSE_NEIGHBOURS, SPARSE_NEIGHBOURS // 2 + 1)
+    assert sharing_graph(100, neighbours=0) == (100, 51)  # asked for complete
+    assert sharing_graph(100, neighbours=8) == (9, 5)  # odd: Flower's ring puts neighbours on both sides
+    # A threshold asked for (e.g. a distributed site's k) gets more neighbours than it, of which it is a majority.
+    assert sharing_graph(100, threshold=10) == (19, 10)
+    assert sharing_graph(100, threshold=40) == (41, 40)
+    assert sharing_graph(100, threshold=100) == (100, 100)  # only the complete graph has 100 holders
+    assert sharing_graph(100, threshold=30, neighbours=8) == (31, 30)  # raised above the threshold
+    for bad in ({"threshold": 1}, {"threshold": 101}, {"neighbours": -1}):
+        with pytest.raises(ValueError):
+            sharing_graph(100, **bad)
+    with pytest.raises(ValueError, match="at least 2 sites"):
+        sharing_graph(1)
+
+
+def _key_exchange_sizes(grid) -> set[int]:
+    """How many sites each site exchanged keys with in the last SecAgg+ run (Flower's mod keeps it in state)."""
+    return {len(ctx.state.config_records["secaggplus_state"]["public_keys_dict:K"]) for ctx in grid.contexts.values()}
+
+
+def test_sparse_graph_sum_is_exact_and_each_site_shares_only_with_its_neighbours():
+    grid, context = make_grid(9)
+    result = run_secure(grid, context, neighbours=5)
+    assert (result.neighbours, result.threshold) == (5, 3)
+    assert _key_exchange_sizes(grid) == {5}  # not 9: a site's shares go to 4 others
+    exact = exact_sum(grid, grid.get_node_ids())
+    assert result.sites == sorted(grid.get_node_ids())
+    assert 0 < np.max(np.abs(result.total - exact)) <= result.quantization_bound
+
+
+def test_sparse_graph_unmasks_a_site_lost_after_masking_from_its_neighbours():
+    grid, context = make_grid(9)
+    lost = sorted(grid.contexts)[4]
+    grid.drop_at = {lost: Stage.COLLECT_MASKED_VECTORS}
+    result = run_secure(grid, context, neighbours=5)
+    remaining = [n for n in grid.contexts if n != lost]
+    assert result.sites == sorted(remaining) and result.dropped == [lost]
+    assert np.max(np.abs(result.total - exact_sum(grid, remaining))) <= result.quantization_bound
 
 
 def test_min_sites_stops_before_unmasking():
