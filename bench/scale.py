@@ -12,8 +12,10 @@ round), phase B, phase C, peak RSS, and the bytes each site sent (Flower's wire 
 message type), then the exponent of each time against S (least squares on log-log).
 
 Noise settings (each site's own policy, client/site_policy.py): "site" (each release carries the site's full
-noise, so a sum of S carries sigma*sqrt(S)) and "distributed" with min_sites = S (each site adds sigma/sqrt(S)
-and checks SecAgg+'s key exchange for S sites and threshold S, so the sum carries sigma). What that buys, per S:
+noise, so a sum of S carries sigma*sqrt(S)) and "distributed" with min_sites = k = min(S, --min-sites) (each site
+adds sigma/sqrt(k) and checks SecAgg+'s key exchange for at least k sites and threshold k, so the sum carries
+sigma*sqrt(S/k): sigma while S <= --min-sites). SecAgg+'s graph is the coordinator's default (server/secure_sum.py
+sharing_graph): complete up to 21 sites, sparse above. What that buys, per S:
   - the peer profiles' Recall@5 on one fixed test set (the test points of the first three sites, the same
     records at every S), with the phase-A model of that run. A relative figure on a resampled population:
     compare the settings and the S, never with the sample's results;
@@ -90,7 +92,7 @@ def reply_bytes(outbox) -> dict[str, list[int]]:
     return sizes
 
 
-def run_consortium(data: Path, rounds: int, phases: str, noise: str, pool: Path, pool_size: int,
+def run_consortium(data: Path, rounds: int, phases: str, noise: str, min_sites: int, pool: Path, pool_size: int,
                    phase_c_rate: float) -> dict:
     """Phases `phases` over every site under `data`, in this process, each site with noise setting `noise`;
     what it cost, and what the releases carried."""
@@ -102,6 +104,7 @@ def run_consortium(data: Path, rounds: int, phases: str, noise: str, pool: Path,
     from pmlm.client.sites import discover_sites
     from pmlm.common.profiles import load_profile
     from pmlm.server.in_process import run_in_process
+    from pmlm.server.secure_sum import sharing_graph
     from pmlm.server.server_app import app as server_app
     from replay import REPLAY_MODEL, ReplayLLM
 
@@ -114,11 +117,11 @@ def run_consortium(data: Path, rounds: int, phases: str, noise: str, pool: Path,
     loaded = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="pmlm-scale-"))
     s = len(sites)
-    shared = {"policy-noise": "distributed", "policy-min-sites": s, "policy-secure-sum-only": True} \
-        if noise == "distributed" else {}
+    k = min(s, min_sites) if noise == "distributed" else 1
+    shared = {"policy-noise": "distributed", "policy-min-sites": k, "policy-secure-sum-only": True} if k > 1 else {}
     run = {"phases": phases, "num-server-rounds": rounds, "local-epochs": 1, "epsilon": EPSILON,
            "workdir": str(work), "evaluate-each-round": False, "min-nodes": s, "phase-c-rounds": 1,
-           "phase-c-rate": phase_c_rate, **({"secure-sum-threshold": s} if shared else {})}
+           "phase-c-rate": phase_c_rate, **({"secure-sum-threshold": k} if shared else {})}
     clock = RoundClock()
     flwr_logger.FLOWER_LOGGER.addHandler(clock)
     with ReplayLLM(pool, pool_size) as llm:
@@ -141,7 +144,8 @@ def run_consortium(data: Path, rounds: int, phases: str, noise: str, pool: Path,
     phase_a_end = next((t for kind, t in clock.marks if kind in ("end", "phase B")), finished)
     rounds_s = [b - a for a, b in zip(starts, [*starts[1:], phase_a_end])]
     released = summary.get("phase_c", {}).get("released", [])
-    return {"sites": s, "noise": noise, "load_s": loaded - started, "phase_a_s": phase_a_end - loaded,
+    return {"sites": s, "noise": noise, "k": k, "graph": sharing_graph(s, k if k > 1 else None) if s > 1 else (1, 1),
+            "load_s": loaded - started, "phase_a_s": phase_a_end - loaded,
             "round_s": rounds_s, "phase_b_s": summary.get("phase_b", {}).get("seconds", 0.0),
             # while the pool fills, phase C waits on the real LLM: left out, so every run times the replay alone
             "phase_c_s": summary.get("phase_c", {}).get("seconds", 0.0) - real_s, "llm_s": real_s,
@@ -209,6 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--phases", default="abc", choices=("a", "ab", "abc"))
     parser.add_argument("--noise", nargs="+", default=["site", "distributed"], choices=("site", "distributed"),
                         help="the sites' noise settings to run at each S")
+    parser.add_argument("--min-sites", type=int, default=30,
+                        help="noise 'distributed': each site shares its noise with k = min(S, this) sites")
     parser.add_argument("--phase-c-rate", type=float, default=0.1, help="phase C's public sampling rate")
     parser.add_argument("--replay-pool", type=Path, default=Path("out/scale/replay_pool.jsonl"),
                         help="real LLM answers phase C replays (bench/replay.py); made on first use, then reused")
@@ -220,10 +226,14 @@ def main(argv=None) -> int:
     if args.child:
         job = json.loads(args.child)
         print(json.dumps(run_consortium(Path(job["data"]), job["rounds"], job["phases"], job["noise"],
+                                        job["min_sites"],
                                         Path(job["pool"]), job["pool_size"], job["phase_c_rate"])))
         return 0
     if args.quick:
         args.sites, args.patients, args.rounds = [3, 6, 10], 50, 1
+    if args.min_sites < 2:
+        parser.error(f"--min-sites must be at least 2 (a site shares its noise with itself and others), "
+                     f"got {args.min_sites}")
 
     print("RESAMPLED consortia (pmlm data synth-consortium from the bundled sample): not new patients; quality "
           "figures here compare settings, never results. In-process runtime: coordinator and every site in one "
@@ -232,7 +242,7 @@ def main(argv=None) -> int:
     largest = root / f"s{max(args.sites)}_m{args.patients}"
     synth_s = synthesize(largest, max(args.sites), args.patients)
     common = {"rounds": args.rounds, "pool": str(args.replay_pool.resolve()), "pool_size": args.pool_size,
-              "phase_c_rate": args.phase_c_rate}
+              "phase_c_rate": args.phase_c_rate, "min_sites": args.min_sites}
     rows = []
     for s in sorted(args.sites):
         data = first_sites(largest, s, root / f"first_{s}")
@@ -286,10 +296,13 @@ def print_table(rows: list[dict], args, one: dict) -> None:
     if "peer_recall5" in rows[0]:
         print(f"\nwhat the releases carry (one run each; Recall@5 on the same {rows[0]['test_points']} test points of "
               "the first three sites at every S, a relative figure on a resampled population):")
-        head = ("S", "noise", "B count sd", "visible protos", "peer Recall@5", "C |sum|/|noise|", "C SNR est.")
+        head = ("S", "noise", "k", "SecAgg+ graph", "B count sd", "visible protos", "peer Recall@5", "C |sum|/|noise|",
+                "C SNR est.")
         print("  ".join(f"{h:>15}" for h in head))
         for r in sorted(rows, key=lambda r: (r["noise"], r["sites"])):
-            cells = (r["sites"], r["noise"], f"{r['count_noise_std']:.1f}",
+            degree, threshold = r["graph"]
+            graph = "complete" if degree == r["sites"] else f"{degree} neighbours"
+            cells = (r["sites"], r["noise"], r["k"], f"{graph}, t {threshold}", f"{r['count_noise_std']:.1f}",
                      f"{r['visible_prototypes']}/{r['prototypes']}", f"{r['peer_recall5']:.3f}",
                      "-" if r["c_ratio"] is None else f"{r['c_ratio']:.2f}",
                      "-" if r["c_snr"] is None else f"{r['c_snr']:.2f}")

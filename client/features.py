@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pmlm.client.examples import Example
+from pmlm.client.examples import Example, History, triple_table
 from pmlm.common.model import (
     GESTATIONAL_WEEKS,
     KINDS,
@@ -41,11 +41,14 @@ class FeatureEncoder:
         self.profile = profile
         self.max_history = max_history
         self.n_concepts = len(profile)
+        self._triple_rows = np.zeros((0, 3), dtype=np.int64)  # per (concept, kind, unit): token, kind, not skipped
 
     def token(self, concept: str) -> int:
         return concept_token(self.profile, concept)
 
     def history(self, example: Example) -> np.ndarray:
+        if isinstance(example.history, History):
+            return self._history_rows(example.history)
         last_seen: dict[str, tuple[float, str]] = {}
         counts: dict[str, int] = defaultdict(int)
         for item in example.history:  # oldest first; later items overwrite
@@ -58,6 +61,34 @@ class FeatureEncoder:
         for j, (concept, (days, kind)) in enumerate(reversed(recent)):  # oldest of the kept first
             rows[j] = (self.token(concept), KIND_INDEX.get(kind, 0), gap_bucket(days), count_bucket(counts[concept]))
         return rows
+
+    def _history_rows(self, history: History) -> np.ndarray:
+        """`history` for a History view, in array operations over her compact events: the same rows, in the same
+        order (the most recent distinct concepts, ties in first-seen order), without an object per event."""
+        triples, concept_of = triple_table()
+        if len(self._triple_rows) < len(triples):
+            self._extend_triples(triples)
+        codes = history.events.codes[:history.n]
+        kept = codes[self._triple_rows[codes, 2] == 1]  # notes are skipped
+        micros = history.events.micros[:history.n][self._triple_rows[codes, 2] == 1]
+        rows = np.zeros((self.max_history, 4), dtype=np.int64)
+        if not len(kept):
+            return rows
+        concepts = concept_of[kept]
+        _, first, counts = np.unique(concepts, return_index=True, return_counts=True)
+        _, last_reversed = np.unique(concepts[::-1], return_index=True)
+        last = len(concepts) - 1 - last_reversed
+        days = (history.t_micros - micros[last]) / 10**6 / 86400
+        order = np.lexsort((first, days))[: self.max_history][::-1]  # most recent first, then the oldest of them first
+        for j, i in enumerate(order):
+            token, kind = self._triple_rows[kept[last[i]], :2]
+            rows[j] = (token, kind, gap_bucket(float(days[i])), count_bucket(int(counts[i])))
+        return rows
+
+    def _extend_triples(self, triples) -> None:
+        extra = np.array([(self.token(concept), KIND_INDEX.get(kind, 0), kind not in SKIPPED_KINDS)
+                          for concept, kind, _ in triples[len(self._triple_rows):]], dtype=np.int64).reshape(-1, 3)
+        self._triple_rows = np.concatenate([self._triple_rows, extra])
 
     def point(self, example: Example) -> np.ndarray:
         return np.array([
@@ -102,7 +133,10 @@ class PatientDataset(Dataset):
         for ex in examples:
             by_patient[ex.patient_id].append(ex)
         self.points_per_patient = points_per_patient
-        self.encoded = [encoder.encode(exs) for _, exs in sorted(by_patient.items())]
+        # Held compactly (a site of 1,000 women has ~10,000 training points; int64 histories and float targets
+        # take 5 kB a point) and widened per item: tokens and buckets fit int32, targets are 0/1.
+        self.encoded = [(h.to(torch.int32), p.to(torch.int32), t.to(torch.uint8))
+                        for h, p, t in (encoder.encode(exs) for _, exs in sorted(by_patient.items()))]
         self.rng = random.Random(seed)
 
     def __len__(self) -> int:
@@ -112,11 +146,12 @@ class PatientDataset(Dataset):
         history, point, targets = self.encoded[i]
         n, p = history.shape[0], self.points_per_patient
         chosen = sorted(self.rng.sample(range(n), p)) if n > p else list(range(n))
+        history, point, targets = history[chosen].long(), point[chosen].long(), targets[chosen].float()
         pad = p - len(chosen)
         mask = torch.zeros(p)
         mask[: len(chosen)] = 1.0
         point_pad = torch.zeros((pad, point.shape[1]), dtype=torch.long)
-        return (torch.cat([history[chosen], torch.zeros((pad, *history.shape[1:]), dtype=torch.long)]),
-                torch.cat([point[chosen], point_pad]),
-                torch.cat([targets[chosen], torch.zeros((pad, targets.shape[1]))]),
+        return (torch.cat([history, torch.zeros((pad, *history.shape[1:]), dtype=torch.long)]),
+                torch.cat([point, point_pad]),
+                torch.cat([targets, torch.zeros((pad, targets.shape[1]))]),
                 mask)

@@ -77,7 +77,8 @@ class SiteData:
 def load_site(name: str, path: Path, profile: TaskProfile, keep_timelines: bool = False,
               progress: bool = True) -> tuple[SiteData, list[Timeline]]:
     """Read one site's records into examples; timelines are kept only when asked (memory)."""
-    reader = RecordReader(path)
+    # Examples never carry note text; timelines kept for prompts (client/assemble) need it.
+    reader = RecordReader(path, note_text=keep_timelines)
     site = SiteData(name)
     kept: list[Timeline] = []
     bar = tqdm(reader, desc=f"reading {name}", unit=" patients", file=sys.stderr, disable=not progress,

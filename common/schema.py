@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 
 # The kinds of care event PMLM understands. "report" is a lab panel (DiagnosticReport).
 EVENT_KINDS = (
@@ -37,6 +38,8 @@ SYSTEM_PREFIX = {
 IDENTIFYING_OBSERVATIONS = frozenset({"loinc:56799-0"})
 
 
+# A site's records name a few thousand concepts over millions of events: each id is built once.
+@lru_cache(maxsize=1 << 16)
 def concept_id(system: str, code: str) -> str:
     """Stable id of a coded concept, e.g. ``snomed:424619006``."""
     prefix = SYSTEM_PREFIX.get(system, system.rstrip("/").rsplit("/", 1)[-1].lower() or "local")

@@ -1,11 +1,16 @@
 """Prediction examples, splits and the task profiles (including switching profile without code)."""
 
+import multiprocessing
+import pickle
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from chronic_records import chronic_timeline
-from pmlm.client.examples import build_examples, patient_split, pregnancies
+from pmlm.client import examples as examples_module
+from pmlm.client.examples import HistoryItem, build_examples, patient_split, pregnancies
+from pmlm.client.features import FeatureEncoder
 from pmlm.client.ingest import RecordReader
 from pmlm.common.profiles import available_profiles, load_profile
 
@@ -48,6 +53,50 @@ def test_examples_respect_the_horizon_and_relative_times(timelines):
             if ex.gestational_week is not None:
                 assert 2 <= ex.gestational_week < 60
     assert total > 0
+
+
+def _history_as_read_directly(timeline, t) -> list[HistoryItem]:
+    return [HistoryItem(e.concept, e.kind, (t - e.time).total_seconds() / 86400,
+                        None if e.kind == "note" else e.value, e.unit) for e in timeline.events if e.time <= t]
+
+
+def test_examples_of_a_patient_share_her_events_and_read_as_her_history(timelines):
+    """A patient's events are held once for all her prediction points (not a copy per point), and each example's
+    history reads exactly as the events up to its time, note text left out."""
+    profile = load_profile("obgyn")
+    checked = 0
+    for timeline in timelines:
+        examples = build_examples(timeline, profile)
+        if len(examples) < 2:
+            continue
+        assert len({id(ex.history.events) for ex in examples}) == 1
+        for ex in examples:
+            expected = _history_as_read_directly(timeline, ex.t)
+            assert list(ex.history) == expected
+            assert list(reversed(ex.history)) == expected[::-1] and ex.history[-1] == expected[-1]
+            assert ex.history[2:5] == expected[2:5]
+            checked += 1
+    assert checked > 10
+
+
+def _examples_pickled_in_a_fresh_process(folder: str) -> bytes:
+    from pmlm.client import examples as fresh  # a new interpreter: its table of codes starts empty
+    fresh._triple("local:not-in-the-records", "procedure", "")  # and numbers them differently from the parent's
+    return pickle.dumps([ex for t in RecordReader(Path(folder)) for ex in fresh.build_examples(t, load_profile("obgyn"))])
+
+
+def test_examples_copied_from_another_process_keep_their_histories_and_features(synthea_bundles):
+    """Sites may read in worker processes: event codes number a per-process table, so a copy must carry what they
+    stand for. The parent's table is filled in another order first; histories and encoded features still match."""
+    examples_module._triple("local:only-in-the-parent", "observation", "mg")
+    profile = load_profile("obgyn")
+    here = [ex for t in RecordReader(synthea_bundles) for ex in build_examples(t, profile)]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        copied = pickle.loads(pool.apply(_examples_pickled_in_a_fresh_process, (str(synthea_bundles),)))
+    assert len(copied) == len(here) > 0
+    assert all(list(a.history) == list(b.history) for a, b in zip(here, copied))
+    encoder = FeatureEncoder(profile)
+    assert all(bool((x == y).all()) for x, y in zip(encoder.encode(here), encoder.encode(copied)))
 
 
 def test_pregnancy_episodes_and_first_visit(timelines):

@@ -11,6 +11,7 @@ import csv
 import gzip
 import io
 import math
+from functools import lru_cache
 from typing import IO, Iterator
 
 from pmlm.client.ingest.deidentify import Scrubber
@@ -33,14 +34,18 @@ if csv.field_size_limit() < MAX_FIELD_CHARS:
     csv.field_size_limit(MAX_FIELD_CHARS)
 
 
+# An encounter's rows share its timestamp: each distinct text is parsed once (a bad one raises each time).
+_parse_time = lru_cache(maxsize=1 << 12)(parse_fhir_datetime)
+
+
 def _row_event(row: dict) -> Event:
     kind = row["kind"]
     if kind not in EVENT_KINDS:
         raise ResourceError(f"unknown kind {kind!r}")
     if not row["code"].strip():
         raise ResourceError("empty code")
-    when = parse_fhir_datetime(row["time"])
-    end = parse_fhir_datetime(row["end"]) if row.get("end") else None
+    when = _parse_time(row["time"])
+    end = _parse_time(row["end"]) if row.get("end") else None
     raw = row["value"]
     value: float | str | None = None
     if raw != "":
@@ -57,13 +62,15 @@ def _row_event(row: dict) -> Event:
                  row.get("encounter_class") or "")
 
 
-def iter_csv_timelines(stream: IO[bytes], source: str, quarantined: list[Quarantine]) -> Iterator[Timeline]:
-    """Yield one timeline per patient; a patient's rows need not be contiguous."""
+def iter_csv_timelines(stream: IO[bytes], source: str, quarantined: list[Quarantine],
+                       note_text: bool = True) -> Iterator[Timeline]:
+    """Yield one timeline per patient; a patient's rows need not be contiguous. ``note_text=False`` drops the text
+    of notes (value None) for readers that only build examples: nothing to scrub, and nothing unscrubbed kept."""
     # Undecodable bytes become lone surrogates, so one bad row is quarantined and the rows after it still count.
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
-    reader = csv.DictReader(text)
+    reader = csv.reader(text)
     try:
-        header = reader.fieldnames or []
+        header = next(reader, [])
     except csv.Error as exc:
         quarantined.append(Quarantine(source, f"malformed CSV header: {exc}"))
         return
@@ -77,14 +84,18 @@ def iter_csv_timelines(stream: IO[bytes], source: str, quarantined: list[Quarant
     if missing:
         quarantined.append(Quarantine(source, f"CSV header lacks columns {missing}"))
         return
+    # A row may stop before optional columns (they read as absent) but not before a required one, nor run past the
+    # header (csv.DictReader's reading of the same rows, without a dict per row until the row is known good).
+    shortest = max(header.index(c) for c in REQUIRED_COLUMNS) + 1
     timelines: dict[str, Timeline] = {}
-    for line, row in _rows(reader, source, quarantined):
-        if None in row or any(row.get(c) is None for c in REQUIRED_COLUMNS):
+    for line, values in _rows(reader, source, quarantined):
+        if not shortest <= len(values) <= len(header):
             quarantined.append(Quarantine(source, "row has the wrong number of fields", line))
             continue
-        if not _is_utf8(row.values()):
+        if not _is_utf8(values):
             quarantined.append(Quarantine(source, "row is not UTF-8 text", line))
             continue
+        row = dict(zip(header, values))
         pid = row["patient_id"].strip()
         if not pid:
             quarantined.append(Quarantine(source, "empty patient_id", line))
@@ -105,12 +116,12 @@ def iter_csv_timelines(stream: IO[bytes], source: str, quarantined: list[Quarant
     for timeline in timelines.values():
         for event in timeline.events:
             if event.kind == "note" and isinstance(event.value, str):
-                event.value = _SCRUB_NOTE(event.value)
+                event.value = _SCRUB_NOTE(event.value) if note_text else None
         yield timeline.sort()
 
 
-def _rows(reader: csv.DictReader, source: str, quarantined: list[Quarantine]) -> Iterator[tuple[str, dict]]:
-    """(line label, row) for each row; a row the csv module rejects (e.g. an oversized field) is
+def _rows(reader, source: str, quarantined: list[Quarantine]) -> Iterator[tuple[str, list[str]]]:
+    """(line label, fields) for each non-blank row; a row the csv module rejects (e.g. an oversized field) is
     quarantined and reading goes on with the next one."""
     while True:
         try:
@@ -120,15 +131,18 @@ def _rows(reader: csv.DictReader, source: str, quarantined: list[Quarantine]) ->
         except csv.Error as exc:
             quarantined.append(Quarantine(source, f"malformed CSV row: {exc}", f"line {reader.line_num}"))
             continue
-        yield f"line {reader.line_num}", row
+        if row:
+            yield f"line {reader.line_num}", row
 
 
 def _is_utf8(values) -> bool:
+    # Undecodable bytes were read as lone surrogates (surrogateescape); an ASCII row has none.
+    joined = "".join(values)
+    if joined.isascii():
+        return True
     try:
-        for value in values:
-            if isinstance(value, str):  # optional columns a short row lacks are None
-                value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate stands for an undecodable byte
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
         return False
     return True
 

@@ -218,8 +218,9 @@ def _note_event(resource: dict, scrub: Callable[[str], str]) -> Event:
     return Event(when, "note", system, code, display, scrub(text))
 
 
-def bundle_timelines(bundle: object, source: str) -> tuple[list[Timeline], list[Quarantine]]:
-    """A parsed Bundle -> timelines (one per Patient) and quarantine records."""
+def bundle_timelines(bundle: object, source: str, note_text: bool = True) -> tuple[list[Timeline], list[Quarantine]]:
+    """A parsed Bundle -> timelines (one per Patient) and quarantine records; ``note_text=False`` keeps notes
+    without their text (value None), for readers that never show it."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         kind = bundle.get("resourceType") if isinstance(bundle, dict) else type(bundle).__name__
         return [], [Quarantine(source, f"not a FHIR Bundle (resourceType {kind!r})")]
@@ -268,7 +269,7 @@ def bundle_timelines(bundle: object, source: str) -> tuple[list[Timeline], list[
         quarantined.append(Quarantine(source, "Bundle has no Patient resource"))
         return [], quarantined
 
-    scrub = names.scrubber()
+    scrub = names.scrubber() if note_text else (lambda text: None)
     only = next(iter(patients)) if len(patients) == 1 else None
     for label, resource in resources:
         subject = resource.get("subject") or resource.get("patient")

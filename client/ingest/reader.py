@@ -40,10 +40,13 @@ def list_record_files(root: Path) -> list[Path]:
 
 @dataclass
 class RecordReader:
-    """Iterate timelines of every patient under ``root``; ``quarantined`` fills as you go."""
+    """Iterate timelines of every patient under ``root``; ``quarantined`` fills as you go. ``note_text=False``:
+    notes come without their text (value None), which skips scrubbing it, the costliest step of reading CSV,
+    for readers that only build examples (they never carry note text)."""
 
     root: Path
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    note_text: bool = True
     quarantined: list[Quarantine] = field(default_factory=list)
     files_read: int = 0
 
@@ -73,7 +76,7 @@ class RecordReader:
         try:
             if kind == "csv":
                 with self._open(path) as stream:
-                    yield from iter_csv_timelines(stream, source, self.quarantined)
+                    yield from iter_csv_timelines(stream, source, self.quarantined, self.note_text)
             elif kind == "ndjson":
                 with self._open(path) as stream:
                     blank = True
@@ -106,7 +109,7 @@ class RecordReader:
         if isinstance(doc, Quarantine):
             self.quarantined.append(doc)
             return
-        timelines, bad = bundle_timelines(doc, source)
+        timelines, bad = bundle_timelines(doc, source, self.note_text)
         for q in bad:
             if where and not q.resource:
                 q.resource = where
