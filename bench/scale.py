@@ -1,7 +1,8 @@
 """Consortium scale (#18): phases A, B and C through Flower's in-process runtime for S sites x M patients each.
 
     python bench/scale.py [--sites 3 10 30 100] [--patients 1000] [--rounds 2] [--noise site distributed]
-                          [--phases abc] [--quick] [--keep DIR] [--replay-pool FILE]
+                          [--phases abc] [--min-sites 30] [--per-site M ...] [--read-jobs 2] [--no-adapt]
+                          [--quick] [--keep DIR] [--replay-pool FILE]
 
 For each S, a resampled consortium is written first (`pmlm data synth-consortium`, client/synth_consortium.py:
 whole timelines of the bundled sample under fresh ids and shifted dates, per-site care patterns). It is a
@@ -26,6 +27,12 @@ Phase C's LLM is bench/replay.py: the first --pool-size prompts are answered by 
 in --replay-pool; every later prompt gets one of those real answers (picked by a hash of the prompt), scored by
 the site's own reward code against its own patient. Real answers and real scoring, but not answers to that
 prompt, so phase C's figures here are costs and noise, not guidance quality.
+
+Every site's records are read up front, by --read-jobs worker processes side by side (in a deployment each site
+reads its own on its own host); the examples come back pickled. After phase A each site adapts the recommender
+to its own records (#17), one site after another here; --no-adapt switches that off (the operators'
+adapt-recommender=false). --per-site runs the smallest S again at other patients per site and fits time against
+them. A --keep folder holding a consortium of the same size is reused (the writer is deterministic).
 
 Memory: the in-process runtime holds the coordinator and all S sites in one process, so its peak RSS is theirs
 together and grows with S by design. One site's own phase-A work is measured apart, in a child process that runs
@@ -92,15 +99,41 @@ def reply_bytes(outbox) -> dict[str, list[int]]:
     return sizes
 
 
-def run_consortium(data: Path, rounds: int, phases: str, noise: str, min_sites: int, pool: Path, pool_size: int,
+def _read_one(job: tuple[str, str]) -> tuple[str, list]:
+    from pmlm.client.sites import load_site
+    from pmlm.common.profiles import load_profile
+
+    name, path = job
+    site, _ = load_site(name, Path(path), load_profile("obgyn"), progress=False)
+    return name, site.examples
+
+
+def read_sites(sites: dict[str, Path], profile, jobs: int) -> dict[str, list]:
+    """Every site's examples, read by `jobs` worker processes side by side (in a deployment each site reads its own
+    records on its own host), then handed to the site handlers of this process (client/phase_a.py)."""
+    from pmlm.client.phase_a import keep_site_examples, site_examples
+
+    if jobs <= 1 or len(sites) == 1:
+        return {name: site_examples(path, name, profile) for name, path in sites.items()}
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(jobs) as workers:
+        examples = dict(workers.imap(_read_one, [(n, str(p)) for n, p in sorted(sites.items())]))
+    for name, path in sites.items():
+        keep_site_examples(path, profile, examples[name])
+    return examples
+
+
+def run_consortium(data: Path, rounds: int, phases: str, noise: str, min_sites: int, read_jobs: int, adapt: bool,
+                   pool: Path, pool_size: int,
                    phase_c_rate: float) -> dict:
     """Phases `phases` over every site under `data`, in this process, each site with noise setting `noise`;
     what it cost, and what the releases carried."""
     from flwr.common import logger as flwr_logger
 
     from pmlm import logs
+    from pmlm.client.client_app import ADAPT_KEY
     from pmlm.client.client_app import app as client_app
-    from pmlm.client.phase_a import site_examples
     from pmlm.client.sites import discover_sites
     from pmlm.common.profiles import load_profile
     from pmlm.server.in_process import run_in_process
@@ -113,7 +146,7 @@ def run_consortium(data: Path, rounds: int, phases: str, noise: str, min_sites: 
     sites = discover_sites(data)
     profile = load_profile("obgyn")
     started = time.perf_counter()
-    examples = {name: site_examples(path, name, profile) for name, path in sites.items()}  # read once up front
+    examples = read_sites(sites, profile, read_jobs)  # read once up front
     loaded = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="pmlm-scale-"))
     s = len(sites)
@@ -127,7 +160,8 @@ def run_consortium(data: Path, rounds: int, phases: str, noise: str, min_sites: 
     with ReplayLLM(pool, pool_size) as llm:
         llm_setting = json.dumps({"base_url": llm.base_url, "model": REPLAY_MODEL, "cache_dir": ""})
         nodes = [{"data-dir": str(path), "site-id": name, "site-dir": str(work / "sites" / name),
-                  "policy-epsilon-total": EPSILON, "llm": llm_setting, **shared} for name, path in sorted(sites.items())]
+                  "policy-epsilon-total": EPSILON, "llm": llm_setting, **shared,
+                  **({} if adapt else {ADAPT_KEY: "false"})} for name, path in sorted(sites.items())]
         try:
             grid, _ = run_in_process(server_app, client_app, nodes, run)
         finally:
@@ -183,6 +217,8 @@ def synthesize(out: Path, sites: int, patients: int) -> float:
     from pmlm.client.synth_consortium import synthesize_consortium
     from pmlm.common.profiles import load_profile
 
+    if (out / "PROVENANCE.md").exists() and len([d for d in out.iterdir() if d.is_dir()]) == sites:
+        return float("nan")  # --keep'ed by an earlier run with the same arguments (the writer is deterministic)
     started = time.perf_counter()
     synthesize_consortium(out, sites, patients, load_profile("obgyn"), seed=SEED, jobs=min(2, os.cpu_count() or 1),
                           progress=True)
@@ -194,7 +230,8 @@ def first_sites(consortium: Path, s: int, folder: Path) -> Path:
     so they are the sites `synth-consortium --sites s` would write."""
     folder.mkdir(parents=True, exist_ok=True)
     for site in sorted(p for p in consortium.iterdir() if p.is_dir())[:s]:
-        (folder / site.name).symlink_to(site.resolve(), target_is_directory=True)
+        if not (folder / site.name).exists():  # a --keep folder may hold them from an earlier run
+            (folder / site.name).symlink_to(site.resolve(), target_is_directory=True)
     return folder
 
 
@@ -215,6 +252,14 @@ def main(argv=None) -> int:
                         help="the sites' noise settings to run at each S")
     parser.add_argument("--min-sites", type=int, default=30,
                         help="noise 'distributed': each site shares its noise with k = min(S, this) sites")
+    parser.add_argument("--per-site", type=int, nargs="*", default=[],
+                        help="also run the smallest S at these patients per site, and fit time against them")
+    parser.add_argument("--no-adapt", action="store_true",
+                        help="sites skip the on-site adaptation after phase A (their operators' adapt-recommender="
+                             "false): site-local work that each host does in parallel in a deployment, one site after "
+                             "another here")
+    parser.add_argument("--read-jobs", type=int, default=2,
+                        help="processes reading the sites' records side by side before the run (default 2)")
     parser.add_argument("--phase-c-rate", type=float, default=0.1, help="phase C's public sampling rate")
     parser.add_argument("--replay-pool", type=Path, default=Path("out/scale/replay_pool.jsonl"),
                         help="real LLM answers phase C replays (bench/replay.py); made on first use, then reused")
@@ -226,7 +271,7 @@ def main(argv=None) -> int:
     if args.child:
         job = json.loads(args.child)
         print(json.dumps(run_consortium(Path(job["data"]), job["rounds"], job["phases"], job["noise"],
-                                        job["min_sites"],
+                                        job["min_sites"], job["read_jobs"], job["adapt"],
                                         Path(job["pool"]), job["pool_size"], job["phase_c_rate"])))
         return 0
     if args.quick:
@@ -242,7 +287,8 @@ def main(argv=None) -> int:
     largest = root / f"s{max(args.sites)}_m{args.patients}"
     synth_s = synthesize(largest, max(args.sites), args.patients)
     common = {"rounds": args.rounds, "pool": str(args.replay_pool.resolve()), "pool_size": args.pool_size,
-              "phase_c_rate": args.phase_c_rate, "min_sites": args.min_sites}
+              "phase_c_rate": args.phase_c_rate, "min_sites": args.min_sites, "read_jobs": args.read_jobs,
+              "adapt": not args.no_adapt}
     rows = []
     for s in sorted(args.sites):
         data = first_sites(largest, s, root / f"first_{s}")
@@ -253,11 +299,43 @@ def main(argv=None) -> int:
             print(f"  S={s}, noise {noise}: done in {rows[-1]['total_s']:.0f} s (LLM: {rows[-1]['llm']})",
                   file=sys.stderr, flush=True)
     one = child({**common, "data": str(largest / "site_001"), "phases": "a", "noise": "site"})
-    print(f"\nwrote the consortium ({max(args.sites)} sites x {args.patients} patients) in {synth_s:.1f} s")
+    sweep = []
+    for m in args.per_site:  # the smallest S again, at other sizes of site
+        consortium = root / f"s{min(args.sites)}_m{m}"
+        synthesize(consortium, min(args.sites), m)
+        sweep.append({**child({**common, "data": str(consortium), "phases": args.phases, "noise": "site"}),
+                      "patients": m})
+        print(f"  S={min(args.sites)} x {m} patients: done in {sweep[-1]['total_s']:.0f} s", file=sys.stderr,
+              flush=True)
+    print(f"\nwrote the consortium ({max(args.sites)} sites x {args.patients} patients) in {synth_s:.1f} s"
+          if synth_s == synth_s else f"\nreused the consortium kept in {largest}")
+    print("on-site adaptation after phase A: " + ("skipped (--no-adapt)" if args.no_adapt
+                                                   else "on (each site in turn)"))
     print_table(rows, args, one)
+    if sweep:
+        print_sweep([r for r in rows if r["noise"] == "site" and r["sites"] == min(args.sites)][:1] + sweep, args)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def print_sweep(rows: list[dict], args) -> None:
+    """Cost against patients per site at one S (each site's own noise)."""
+    for r in rows:
+        r.setdefault("patients", args.patients)
+    rows = sorted(rows, key=lambda r: r["patients"])
+    print(f"\ncost against patients per site, S = {rows[0]['sites']}, noise site, phases {args.phases.upper()}:")
+    head = ("patients", "read s", "phase A s", "phase B s", "phase C s", "total s", "peak RSS MB")
+    print("  ".join(f"{h:>12}" for h in head))
+    for r in rows:
+        cells = (r["patients"], f"{r['load_s']:.1f}", f"{r['phase_a_s']:.1f}", f"{r['phase_b_s']:.1f}",
+                 f"{r['phase_c_s']:.1f}", f"{r['total_s']:.1f}", f"{r['peak_rss_mb']:.0f}")
+        print("  ".join(f"{c:>12}" for c in cells))
+    xs = [r["patients"] for r in rows]
+    print("exponent against patients per site (least squares on log-log):")
+    for label, key in (("read records", "load_s"), ("phase A", "phase_a_s"), ("phase B", "phase_b_s"),
+                       ("phase C", "phase_c_s"), ("total", "total_s"), ("peak RSS", "peak_rss_mb")):
+        print(f"  {label:<38} {exponent(xs, [r[key] for r in rows]):.2f}")
 
 
 def print_table(rows: list[dict], args, one: dict) -> None:
