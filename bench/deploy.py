@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     deploy = deployed(data, args.sites, args.rounds, args.tls, root / "deploy")
     print(f"  deployed: {deploy['round_s']}", file=sys.stderr, flush=True)
     local = child({"data": str(data), "rounds": args.rounds, "phases": "a", "noise": "site",
-                   "pool": str(root / "unused_pool.jsonl"), "pool_size": 0, "phase_c_rate": 0.1})
+                   "pool": str(root / "unused_pool.jsonl"), "pool_size": 0, "phase_c_rate": 0.1,
+                   "min_sites": 2, "read_jobs": 1, "adapt": True})
     print(f"\n{'round':>6}{'deployed s':>12}{'in-process s':>14}{'ratio':>8}")
     for i, (d, p) in enumerate(zip(deploy["round_s"], local["round_s"]), 1):
         print(f"{i:>6}{d:>12.1f}{p:>14.1f}{d / p:>8.2f}")
