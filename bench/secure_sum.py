@@ -32,6 +32,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from pmlm.client.secure_sum import attach_secure_sum, register_vector_task  # noqa: E402
 from pmlm.server.in_process import RUN_ID, InProcessGrid  # noqa: E402
 from pmlm.server.secure_sum import secure_sum, sharing_graph  # noqa: E402
+from scale import exponent  # noqa: E402  (bench/ is on sys.path when a bench script runs)
 
 TASK = "bench_random_vector"
 app = attach_secure_sum(ClientApp())
@@ -58,10 +59,6 @@ def one_sum(sites: int, length: int, neighbours: int | None) -> tuple[float, flo
     if result.sites != nodes:
         raise RuntimeError(f"the sum left out {result.dropped}")
     return seconds, float(np.max(np.abs(result.total - exact))), result.neighbours, result.threshold
-
-
-def exponent(xs: list[int], ys: list[float]) -> float:
-    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0]) if len(xs) >= 2 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,10 +64,10 @@ def _triple(concept: str, kind: str, unit: str) -> int:
     return index
 
 
-def triple_table() -> tuple[list[tuple[str, str, str]], np.ndarray]:
+def triple_table() -> tuple[list[tuple[str, str, str]], list[int]]:
     """Every (concept, kind, unit) so far, and each one's concept number (the same concept under two kinds or units
     has one number): what ``PatientEvents.codes`` refer to."""
-    return _TRIPLES, np.asarray(_TRIPLE_CONCEPT, dtype=np.int64)
+    return _TRIPLES, _TRIPLE_CONCEPT
 
 
 class PatientEvents:

@@ -41,7 +41,8 @@ class FeatureEncoder:
         self.profile = profile
         self.max_history = max_history
         self.n_concepts = len(profile)
-        self._triple_rows = np.zeros((0, 3), dtype=np.int64)  # per (concept, kind, unit): token, kind, not skipped
+        # per (concept, kind, unit): token, kind, not skipped, concept number
+        self._triple_rows = np.zeros((0, 4), dtype=np.int64)
 
     def token(self, concept: str) -> int:
         return concept_token(self.profile, concept)
@@ -65,16 +66,15 @@ class FeatureEncoder:
     def _history_rows(self, history: History) -> np.ndarray:
         """`history` for a History view, in array operations over her compact events: the same rows, in the same
         order (the most recent distinct concepts, ties in first-seen order), without an object per event."""
-        triples, concept_of = triple_table()
-        if len(self._triple_rows) < len(triples):
-            self._extend_triples(triples)
+        if len(self._triple_rows) < len(triple_table()[0]):
+            self._extend_triples()
         codes = history.events.codes[:history.n]
-        kept = codes[self._triple_rows[codes, 2] == 1]  # notes are skipped
-        micros = history.events.micros[:history.n][self._triple_rows[codes, 2] == 1]
+        shown = self._triple_rows[codes, 2] == 1  # notes are skipped
+        kept, micros = codes[shown], history.events.micros[:history.n][shown]
         rows = np.zeros((self.max_history, 4), dtype=np.int64)
         if not len(kept):
             return rows
-        concepts = concept_of[kept]
+        concepts = self._triple_rows[kept, 3]
         _, first, counts = np.unique(concepts, return_index=True, return_counts=True)
         _, last_reversed = np.unique(concepts[::-1], return_index=True)
         last = len(concepts) - 1 - last_reversed
@@ -85,9 +85,12 @@ class FeatureEncoder:
             rows[j] = (token, kind, gap_bucket(float(days[i])), count_bucket(int(counts[i])))
         return rows
 
-    def _extend_triples(self, triples) -> None:
-        extra = np.array([(self.token(concept), KIND_INDEX.get(kind, 0), kind not in SKIPPED_KINDS)
-                          for concept, kind, _ in triples[len(self._triple_rows):]], dtype=np.int64).reshape(-1, 3)
+    def _extend_triples(self) -> None:
+        triples, concept_of = triple_table()
+        start = len(self._triple_rows)
+        extra = np.array([(self.token(concept), KIND_INDEX.get(kind, 0), kind not in SKIPPED_KINDS, number)
+                          for (concept, kind, _), number in zip(triples[start:], concept_of[start:])],
+                         dtype=np.int64).reshape(-1, 4)
         self._triple_rows = np.concatenate([self._triple_rows, extra])
 
     def point(self, example: Example) -> np.ndarray:
