@@ -96,12 +96,14 @@ class AdaptResult:
 
 
 def adapt_recommender(site_dir: Path, examples: list[Example], settings: AdaptSettings | None = None,
-                      consortium: tuple[NextEventRecommender, FeatureEncoder, dict] | None = None) -> AdaptResult:
+                      consortium: tuple[NextEventRecommender, FeatureEncoder, dict] | None = None,
+                      train_set: PatientDataset | None = None) -> AdaptResult:
     """Fine-tune the site's consortium model on its training split, choose on its validation split, store the
     result at SITE_DIR/on_site/recommender (atomically; the manifest is written last and names the model file).
 
     `examples`: the site's own examples (all splits; only train and val are read). `consortium`: the
-    (model, encoder, manifest) of load_global_model, when the caller has it already."""
+    (model, encoder, manifest) of load_global_model, when the caller has it already. `train_set`: the training
+    split of `examples` already encoded (phase A's), used when its encoding is this model's."""
     settings = settings or AdaptSettings()
     started = time.perf_counter()
     site_dir = Path(site_dir)
@@ -128,7 +130,10 @@ def adapt_recommender(site_dir: Path, examples: list[Example], settings: AdaptSe
         result.validation[CONSORTIUM] = score(base)
         # Fine-tune every epoch and keep each epoch's figures; the best checkpoint is the fine-tuned candidate.
         model = copy.deepcopy(base)
-        dataset = PatientDataset(train, encoder, settings.points_per_patient, seed=settings.seed)
+        if train_set is not None and train_set.encoding == (encoder.profile.name, encoder.max_history):
+            dataset = train_set.resampled(settings.points_per_patient, settings.seed)
+        else:
+            dataset = PatientDataset(train, encoder, settings.points_per_patient, seed=settings.seed)
         checkpoints: dict[int, dict[str, torch.Tensor]] = {}
 
         def after_epoch(epoch: int) -> None:
@@ -166,14 +171,14 @@ def adapt_recommender(site_dir: Path, examples: list[Example], settings: AdaptSe
     return result
 
 
-def adapt_after_phase_a(site_dir: Path, examples: list[Example],
-                        settings: AdaptSettings | None = None) -> AdaptResult | None:
+def adapt_after_phase_a(site_dir: Path, examples: list[Example], settings: AdaptSettings | None = None,
+                        train_set: PatientDataset | None = None) -> AdaptResult | None:
     """The ClientApp's hook once the consortium model is final and stored: adapt it here, for this site only.
 
     Whatever happens stays at the site: a failure is logged locally and leaves the consortium model in use
     (site_recommender falls back to it); it never changes the reply that leaves."""
     try:
-        result = adapt_recommender(site_dir, examples, settings)
+        result = adapt_recommender(site_dir, examples, settings, train_set=train_set)
     except Exception:  # noqa: BLE001 - the site's own artifact; the consortium model stays the one in use
         log.exception("on-site adaptation of the recommender failed at %s; the consortium model stays in use",
                       site_dir)

@@ -190,7 +190,7 @@ def store_model(msg: Message, context: Context) -> Message:
     if str(context.node_config.get(ADAPT_KEY, "true")).lower() not in ("false", "0", "no"):
         from pmlm.client.adapt import adapt_after_phase_a
 
-        adapt_after_phase_a(site.site_dir, site.examples)
+        adapt_after_phase_a(site.site_dir, site.examples, train_set=site.train_set)
     return Message(content=RecordDict({"metrics": MetricRecord({"stored": 1.0})}), reply_to=msg)
 
 

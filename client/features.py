@@ -9,6 +9,7 @@ the same twenty procedures; keeping each concept once lets a short sequence reac
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import defaultdict
 
@@ -136,11 +137,19 @@ class PatientDataset(Dataset):
         for ex in examples:
             by_patient[ex.patient_id].append(ex)
         self.points_per_patient = points_per_patient
+        self.encoding = (encoder.profile.name, encoder.max_history)  # what the arrays below mean
         # Held compactly (a site of 1,000 women has ~10,000 training points; int64 histories and float targets
         # take 5 kB a point) and widened per item: tokens and buckets fit int32, targets are 0/1.
         self.encoded = [(h.to(torch.int32), p.to(torch.int32), t.to(torch.uint8))
                         for h, p, t in (encoder.encode(exs) for _, exs in sorted(by_patient.items()))]
         self.rng = random.Random(seed)
+
+    def resampled(self, points_per_patient: int, seed: int) -> "PatientDataset":
+        """The same encoded patients (shared, not copied), drawn `points_per_patient` at a time from `seed`:
+        encoding a site's patients costs more than a few epochs of training on them."""
+        other = copy.copy(self)
+        other.points_per_patient, other.rng = points_per_patient, random.Random(seed)
+        return other
 
     def __len__(self) -> int:
         return len(self.encoded)

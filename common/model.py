@@ -181,27 +181,27 @@ class NextEventRecommender(nn.Module):
                            weeks.clamp(max=WEEKS_SINCE_FIRST_VISIT - 2) // STAGE_WEEKS)
         return self.point_type[point[..., 0]] * STAGE_STEPS + step
 
-    def recurrence_index(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(..., n_concepts) row of each concept's weight for her last gap bucket, and whether she had it at all.
+    def recurrence_rows(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For each history row (..., N): its concept, the recurrence weight's row for its gap bucket, and whether
+        it counts (a profile concept with a gap bucket; padding and concepts outside the profile do not).
 
-        Concepts she never had are masked rather than looked up in a padding row: Opacus ignores
-        `padding_idx`, so a shared padding row would collect every absent concept's gradient.
+        Only the concepts she had are looked up, N of them, not all n_concepts: the features list each concept
+        once, so one row per concept is the weight of her last gap. (Looking up every concept and masking the
+        absent ones spent 80% of a training step in the embedding's backward pass.) Rows that do not count are
+        masked rather than looked up in a padding row: Opacus ignores `padding_idx`, so a shared padding row
+        would collect their gradient.
         """
         tokens = history[..., 0]
-        in_profile = (tokens >= 1) & (tokens <= self.cfg.n_concepts)
-        concept = torch.where(in_profile, tokens - 1, 0)
-        gap = torch.where(in_profile, history[..., 2], 0)
-        last_gap = torch.zeros((*tokens.shape[:-1], self.cfg.n_concepts), dtype=torch.long, device=tokens.device)
-        last_gap = last_gap.scatter_reduce(-1, concept, gap, reduce="amax")  # features list each concept once
-        own = torch.arange(self.cfg.n_concepts, device=tokens.device) * GAP_BUCKETS
-        return own + last_gap, last_gap > 0
+        counts = (tokens >= 1) & (tokens <= self.cfg.n_concepts) & (history[..., 2] > 0)
+        concept = torch.where(counts, tokens - 1, 0)
+        return concept, concept * GAP_BUCKETS + torch.where(counts, history[..., 2], 0), counts
 
     def forward(self, history: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
         index = self.stage_of(point)
         stage = self.stage(index) + self.stage_type(index // STAGE_STEPS) + self.stage_step(index % STAGE_STEPS)
         logits = self.prior.expand(*point.shape[:-1], -1).index_add(-1, self.columns, stage)
-        rows, had = self.recurrence_index(history)
-        recurrence = self.recurrence(rows).squeeze(-1) * had
+        concept, rows, counts = self.recurrence_rows(history)
+        recurrence = torch.zeros_like(logits).scatter_add(-1, concept, self.recurrence(rows).squeeze(-1) * counts)
         popularity = self.popularity(torch.zeros_like(point[..., 0]))
         return logits + self.concept_scale * (popularity + recurrence)
 

@@ -112,6 +112,23 @@ def test_validation_that_prefers_the_site_gets_the_adapted_model_and_the_loader_
     assert site_recommender(tmp_path)[2]["site_only"] is False
 
 
+def test_phase_as_encoded_patients_give_the_same_adaptation_as_encoding_them_again(tmp_path):
+    from pmlm.client.features import FeatureEncoder, PatientDataset
+
+    examples = _examples("train", SITE_SEES, 30) + _examples("val", SITE_SEES, 6)
+    results = []
+    for name, shared in (("again", False), ("shared", True)):
+        _site_with_consortium(tmp_path / name, CONSORTIUM_FAVOURS)
+        train_set = PatientDataset([e for e in examples if e.split == "train"],
+                                   FeatureEncoder(PROFILE, CFG.max_history), CFG.points_per_patient, seed=99)
+        results.append(adapt_recommender(tmp_path / name, examples, FAST, train_set=train_set if shared else None))
+    assert results[0].validation == results[1].validation and results[0].choice == results[1].choice
+    # Another encoding (a longer history) is not this model's: it is encoded again, not reused.
+    other = PatientDataset(examples[:3], FeatureEncoder(PROFILE, CFG.max_history + 4), 4)
+    _site_with_consortium(tmp_path / "other", CONSORTIUM_FAVOURS)
+    assert adapt_recommender(tmp_path / "other", examples, FAST, train_set=other).validation == results[0].validation
+
+
 def test_the_loader_falls_back_to_the_consortium_model_without_an_adaptation(tmp_path):
     _site_with_consortium(tmp_path, CONSORTIUM_FAVOURS)
     assert read_adaptation(tmp_path) is None

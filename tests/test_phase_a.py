@@ -212,6 +212,34 @@ def test_self_features_name_predictions_and_trajectory_changes():
     assert "146/93" in text and "pre-eclampsia" in text and "2025" not in text
 
 
+def test_the_recurrence_weight_of_each_concept_she_had_is_read_at_her_last_gap_and_learns_only_there():
+    """The model looks up only the history's own concepts (not every concept, masked): the logits and the
+    gradient are those of the definition, written out here concept by concept."""
+    from pmlm.common.model import GAP_BUCKETS
+
+    torch.manual_seed(3)
+    n = 30
+    model = build_model(n, dim=8, max_history=6)
+    with torch.no_grad():
+        model.recurrence.weight.normal_()
+    # Rows: profile concepts with gap buckets, one outside the profile (token > n), padding (0), one without a gap.
+    history = torch.tensor([[[5, 1, 3, 1], [12, 2, 1, 2], [n + 4, 1, 2, 1], [7, 1, 0, 1], [0, 0, 0, 0],
+                             [30, 3, GAP_BUCKETS - 1, 1]],
+                            [[1, 1, 2, 1], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]])
+    point = torch.zeros((2, 5), dtype=torch.long)
+    expected = torch.zeros((2, n))
+    for b in range(2):
+        for token, _, gap, _ in history[b].tolist():
+            if 1 <= token <= n and gap > 0:
+                expected[b, token - 1] = model.recurrence.weight[(token - 1) * GAP_BUCKETS + gap, 0]
+    base = build_model(n, dim=8, max_history=6)
+    got = model(history, point) - base(history, point)  # the same prior and zero tables but for recurrence
+    assert torch.allclose(got, expected, atol=1e-6)
+    model(history, point).sum().backward()
+    learned = set(torch.nonzero(model.recurrence.weight.grad[:, 0]).flatten().tolist())
+    assert learned == {4 * GAP_BUCKETS + 3, 11 * GAP_BUCKETS + 1, 29 * GAP_BUCKETS + GAP_BUCKETS - 1, 0 * GAP_BUCKETS + 2}
+
+
 def test_one_dataset_item_is_one_patient():
     profile = load_profile("obgyn")
     encoder = FeatureEncoder(profile, 16)
