@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pmlm.client.assemble.context import notes_a_prompt_shows
 from pmlm.client.examples import Example, build_examples, pregnancies
 from pmlm.client.ingest import RecordReader, list_record_files
 from pmlm.common.profiles import TaskProfile
@@ -77,8 +78,8 @@ class SiteData:
 def load_site(name: str, path: Path, profile: TaskProfile, keep_timelines: bool = False,
               progress: bool = True) -> tuple[SiteData, list[Timeline]]:
     """Read one site's records into examples; timelines are kept only when asked (memory)."""
-    # Examples never carry note text; timelines kept for prompts (client/assemble) need it.
-    reader = RecordReader(path, note_text=keep_timelines)
+    # Examples never carry note text; timelines kept for prompts (client/assemble) need the notes prompts show.
+    reader = RecordReader(path, note_text=notes_a_prompt_shows(profile) if keep_timelines else False)
     site = SiteData(name)
     kept: list[Timeline] = []
     bar = tqdm(reader, desc=f"reading {name}", unit=" patients", file=sys.stderr, disable=not progress,

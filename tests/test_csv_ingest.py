@@ -58,3 +58,35 @@ def test_fhir_to_csv_round_trip_keeps_every_event(synthea_bundles, tmp_path):
             assert (x.kind, x.concept, x.time.replace(microsecond=0)) == (y.kind, y.concept, y.time)
             if isinstance(x.value, float):
                 assert abs(x.value - y.value) < 1e-9
+
+
+def test_a_site_read_for_prompts_scrubs_only_the_notes_a_prompt_shows(monkeypatch):
+    """load_site(keep_timelines=True) keeps the text of her latest note up to each prediction point, scrubbed, and
+    no other note's text: every prompt context is the same as with every note read, for fewer scrubs."""
+    from pathlib import Path
+
+    from pmlm.client.assemble.context import build_context
+    from pmlm.client.ingest import csv_events
+    from pmlm.client.sites import load_site
+    from pmlm.common.profiles import load_profile
+
+    clinic = Path(__file__).resolve().parents[1] / "data" / "sample" / "small_clinic_d"
+    profile = load_profile("obgyn")
+    scrubbed = []
+    scrub = csv_events._SCRUB_NOTE
+    monkeypatch.setattr(csv_events, "_SCRUB_NOTE", lambda text: scrubbed.append(text) or scrub(text))
+    every = {t.patient_id: t for t in RecordReader(clinic)}
+    every_scrubs = len(scrubbed)
+    scrubbed.clear()
+    site, kept = load_site("clinic", clinic, profile, keep_timelines=True, progress=False)
+    assert 0 < len(scrubbed) < every_scrubs / 5
+    kept = {t.patient_id: t for t in kept}
+    shown = 0
+    for example in site.examples:
+        notes = build_context(example, profile, kept[example.patient_id]).notes
+        assert notes == build_context(example, profile, every[example.patient_id]).notes
+        shown += bool(notes)
+    assert shown > len(site.examples) / 2  # the check compared real notes, not empty lists
+    for pid, timeline in kept.items():  # the text left is scrubbed text, never the raw note
+        for mine, full in zip(timeline.events, every[pid].events):
+            assert mine.kind == full.kind and mine.value in (None, full.value)

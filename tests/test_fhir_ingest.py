@@ -293,3 +293,19 @@ def test_reference_displays_of_clinical_resources_stay_in_notes():
                    "serviceProvider": {"reference": "urn:uuid:o1", "display": "Lakeside Birth Centre"}})
     cleaned = names.scrubber()("Normal pregnancy; Priya Raman from Lakeside Birth Centre; Dr. Raman agrees.")
     assert cleaned == "Normal pregnancy; [name] from [organisation]; Dr. [name] agrees."
+
+
+def test_a_bundle_read_for_some_notes_scrubs_those_with_every_name_and_keeps_no_other_text():
+    from pmlm.client.ingest.fhir import bundle_timelines
+
+    bundle = _identified_bundle()
+    second = {**bundle["entry"][-1]["resource"], "id": "n2", "date": "2024-05-01T10:00:00Z"}
+    bundle["entry"].append({"resource": second})
+    (every,), _ = bundle_timelines(bundle, "b.json")
+    notes = [i for i, e in enumerate(every.events) if e.kind == "note"]
+    assert len(notes) == 2 and all("Okonkwo" not in every.events[i].value for i in notes)
+    (first_only,), _ = bundle_timelines(bundle, "b.json", note_text=lambda timeline: {notes[0]})
+    assert first_only.events[notes[0]].value == every.events[notes[0]].value  # scrubbed with the bundle's names
+    assert first_only.events[notes[1]].value is None
+    (none,), _ = bundle_timelines(bundle, "b.json", note_text=False)
+    assert [none.events[i].value for i in notes] == [None, None]

@@ -218,7 +218,10 @@ class PromptAssembler:
 
 def find_patient(config: SiteConfig, patient_id: str, profile: TaskProfile) -> tuple[Timeline, Example]:
     """Her timeline and her latest prediction point; clear errors when she is absent or has none."""
-    for timeline in RecordReader(Path(config.data_dir)):
+    def hers(timeline: Timeline) -> range:  # only her notes keep their text, so only hers are scrubbed
+        return range(len(timeline.events) if timeline.patient_id == patient_id else 0)
+
+    for timeline in RecordReader(Path(config.data_dir), note_text=hers):
         if timeline.patient_id == patient_id:
             examples = build_examples(timeline, profile, site=config.site_id)
             if not examples:

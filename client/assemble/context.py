@@ -6,13 +6,38 @@ from the record goes in as notes, which the renderer quotes and neutralises.
 
 from __future__ import annotations
 
-from pmlm.client.examples import Example
+from typing import Callable
+
+from pmlm.client.examples import Example, prediction_points
 from pmlm.common.assemble.render import PatientContext
 from pmlm.common.profiles import TaskProfile
 from pmlm.common.schema import Timeline
 
 VITALS = {"loinc:8480-6": ("systolic blood pressure", "mmHg"), "loinc:8462-4": ("diastolic blood pressure", "mmHg"),
           "loinc:29463-7": ("weight", "kg"), "loinc:39156-5": ("BMI", "kg/m2")}
+
+
+def notes_a_prompt_shows(profile: TaskProfile) -> Callable[[Timeline], set[int]]:
+    """For a reader of records (deidentify.NoteText): the positions of the notes a prompt of `profile` can show,
+    her latest note with text up to each of her prediction points (build_context's rule, below). The others'
+    text is never read, so a site's reading need not scrub it (most of reading the sample's notes)."""
+    def shown(timeline: Timeline) -> set[int]:
+        wanted, latest = set(), None
+        points = iter(p.time for p in prediction_points(timeline, profile))
+        t = next(points, None)
+        for i, event in enumerate(timeline.events):  # sorted by time; a note at t counts for t
+            while t is not None and event.time > t:
+                if latest is not None:
+                    wanted.add(latest)
+                t = next(points, None)
+            if t is None:
+                break
+            if event.kind == "note" and isinstance(event.value, str):
+                latest = i
+        if t is not None and latest is not None:
+            wanted.add(latest)
+        return wanted
+    return shown
 
 
 def _ago(days: float) -> str:

@@ -14,7 +14,7 @@ import math
 from functools import lru_cache
 from typing import IO, Iterator
 
-from pmlm.client.ingest.deidentify import Scrubber
+from pmlm.client.ingest.deidentify import NoteText, Scrubber, scrub_notes
 from pmlm.client.ingest.fhir import ResourceError, parse_fhir_datetime
 from pmlm.common.schema import EVENT_KINDS, IDENTIFYING_OBSERVATIONS, Event, Quarantine, Timeline
 
@@ -63,9 +63,10 @@ def _row_event(row: dict) -> Event:
 
 
 def iter_csv_timelines(stream: IO[bytes], source: str, quarantined: list[Quarantine],
-                       note_text: bool = True) -> Iterator[Timeline]:
+                       note_text: NoteText = True) -> Iterator[Timeline]:
     """Yield one timeline per patient; a patient's rows need not be contiguous. ``note_text=False`` drops the text
-    of notes (value None) for readers that only build examples: nothing to scrub, and nothing unscrubbed kept."""
+    of notes (value None) for readers that only build examples: nothing to scrub, and nothing unscrubbed kept; a
+    function keeps only the notes it names (deidentify.NoteText)."""
     # Undecodable bytes become lone surrogates, so one bad row is quarantined and the rows after it still count.
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     reader = csv.reader(text)
@@ -114,10 +115,7 @@ def iter_csv_timelines(stream: IO[bytes], source: str, quarantined: list[Quarant
     # Scrubbing is the costliest step of reading (most of a hospital's 20 s), so it waits until a patient is
     # asked for: nothing unscrubbed leaves this function, and a reader that stops early pays only for whom it took.
     for timeline in timelines.values():
-        for event in timeline.events:
-            if event.kind == "note" and isinstance(event.value, str):
-                event.value = _SCRUB_NOTE(event.value) if note_text else None
-        yield timeline.sort()
+        yield scrub_notes(timeline.sort(), _SCRUB_NOTE, note_text)
 
 
 def _rows(reader, source: str, quarantined: list[Quarantine]) -> Iterator[tuple[str, list[str]]]:

@@ -21,6 +21,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable, Collection, Union
+
+from pmlm.common.schema import Timeline
+
+# Which notes of a patient keep their text: all (True), none (False), or a function of her timeline (events sorted)
+# giving the positions of those wanted. A note whose text is not wanted is never scrubbed and keeps no text.
+NoteText = Union[bool, Callable[[Timeline], Collection[int]]]
 
 NAME, ORGANISATION, ADDRESS, IDENTIFIER, CONTACT = "[name]", "[organisation]", "[address]", "[id]", "[contact]"
 DATE, PHONE, EMAIL, URL = "[date]", "[phone]", "[email]", "[url]"
@@ -274,6 +281,15 @@ PATTERNS: list[tuple[re.Pattern, str | None, tuple[str, ...] | None]] = [
 
 def _relation_name(match: re.Match) -> str:
     return f"{match.group(1)}{match.group(2)}{NAME}"
+
+
+def scrub_notes(timeline: Timeline, scrub_text: Callable[[str], str], note_text: NoteText) -> Timeline:
+    """Her notes' text scrubbed where `note_text` wants it and dropped (None) elsewhere; `timeline` is sorted."""
+    wanted = note_text(timeline) if callable(note_text) else ()
+    for i, event in enumerate(timeline.events):
+        if event.kind == "note" and isinstance(event.value, str):
+            event.value = scrub_text(event.value) if note_text is True or i in wanted else None
+    return timeline
 
 
 def scrub(text: str, names: RecordNames | None = None) -> str:

@@ -15,7 +15,7 @@ import orjson
 from datetime import datetime, timezone
 from typing import Callable
 
-from pmlm.client.ingest.deidentify import RecordNames, Scrubber
+from pmlm.client.ingest.deidentify import NoteText, RecordNames, Scrubber, scrub_notes
 from pmlm.common.schema import IDENTIFYING_OBSERVATIONS, Event, Quarantine, Timeline, concept_id
 
 # Resources we turn into events.
@@ -218,9 +218,10 @@ def _note_event(resource: dict, scrub: Callable[[str], str]) -> Event:
     return Event(when, "note", system, code, display, scrub(text))
 
 
-def bundle_timelines(bundle: object, source: str, note_text: bool = True) -> tuple[list[Timeline], list[Quarantine]]:
+def bundle_timelines(bundle: object, source: str,
+                     note_text: NoteText = True) -> tuple[list[Timeline], list[Quarantine]]:
     """A parsed Bundle -> timelines (one per Patient) and quarantine records; ``note_text=False`` keeps notes
-    without their text (value None), for readers that never show it."""
+    without their text (value None), for readers that never show it; a function keeps only the notes it names."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         kind = bundle.get("resourceType") if isinstance(bundle, dict) else type(bundle).__name__
         return [], [Quarantine(source, f"not a FHIR Bundle (resourceType {kind!r})")]
@@ -269,7 +270,7 @@ def bundle_timelines(bundle: object, source: str, note_text: bool = True) -> tup
         quarantined.append(Quarantine(source, "Bundle has no Patient resource"))
         return [], quarantined
 
-    scrub = names.scrubber() if note_text else (lambda text: None)
+    # Note text is scrubbed once her timeline is sorted, and only where it is wanted (scrub_notes).
     only = next(iter(patients)) if len(patients) == 1 else None
     for label, resource in resources:
         subject = resource.get("subject") or resource.get("patient")
@@ -282,12 +283,17 @@ def bundle_timelines(bundle: object, source: str, note_text: bool = True) -> tup
             quarantined.append(Quarantine(source, f"subject {ref!r:.80} is not a Patient in this Bundle", label))
             continue
         try:
-            patients[pid].events.extend(resource_events(resource, scrub))
+            patients[pid].events.extend(resource_events(resource, _raw_text))
         except ResourceError as exc:
             quarantined.append(Quarantine(source, str(exc), label))
         except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:  # wrong JSON types deep inside
             quarantined.append(Quarantine(source, f"malformed {resource['resourceType']}: {exc!r:.200}", label))
-    return [t.sort() for t in patients.values()], quarantined
+    scrubber = names.scrubber() if note_text is not False else None
+    return [scrub_notes(t.sort(), scrubber, note_text) for t in patients.values()], quarantined
+
+
+def _raw_text(text: str) -> str:
+    return text  # until scrub_notes, before bundle_timelines returns
 
 
 def decode_json(raw: bytes, source: str, where: str = "") -> object | Quarantine:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pmlm.client.ingest.csv_events import iter_csv_timelines
+from pmlm.client.ingest.deidentify import NoteText
 from pmlm.client.ingest.fhir import bundle_timelines, decode_json
 from pmlm.common.schema import Quarantine, Timeline
 
@@ -42,11 +43,12 @@ def list_record_files(root: Path) -> list[Path]:
 class RecordReader:
     """Iterate timelines of every patient under ``root``; ``quarantined`` fills as you go. ``note_text=False``:
     notes come without their text (value None), which skips scrubbing it, the costliest step of reading CSV,
-    for readers that only build examples (they never carry note text)."""
+    for readers that only build examples (they never carry note text); a function of her timeline keeps the text
+    of only the notes it names (deidentify.NoteText), e.g. those a prompt can show."""
 
     root: Path
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
-    note_text: bool = True
+    note_text: NoteText = True
     quarantined: list[Quarantine] = field(default_factory=list)
     files_read: int = 0
 
