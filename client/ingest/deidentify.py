@@ -285,10 +285,11 @@ def _relation_name(match: re.Match) -> str:
 
 def scrub_notes(timeline: Timeline, scrub_text: Callable[[str], str], note_text: NoteText) -> Timeline:
     """Her notes' text scrubbed where `note_text` wants it and dropped (None) elsewhere; `timeline` is sorted."""
+    every = not callable(note_text) and bool(note_text)
     wanted = note_text(timeline) if callable(note_text) else ()
     for i, event in enumerate(timeline.events):
         if event.kind == "note" and isinstance(event.value, str):
-            event.value = scrub_text(event.value) if note_text is True or i in wanted else None
+            event.value = scrub_text(event.value) if every or i in wanted else None
     return timeline
 
 
