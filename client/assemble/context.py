@@ -6,6 +6,7 @@ from the record goes in as notes, which the renderer quotes and neutralises.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Callable
 
 from pmlm.client.examples import Example, prediction_points
@@ -22,21 +23,10 @@ def notes_a_prompt_shows(profile: TaskProfile) -> Callable[[Timeline], set[int]]
     her latest note with text up to each of her prediction points (build_context's rule, below). The others'
     text is never read, so a site's reading need not scrub it (most of reading the sample's notes)."""
     def shown(timeline: Timeline) -> set[int]:
-        wanted, latest = set(), None
-        points = iter(p.time for p in prediction_points(timeline, profile))
-        t = next(points, None)
-        for i, event in enumerate(timeline.events):  # sorted by time; a note at t counts for t
-            while t is not None and event.time > t:
-                if latest is not None:
-                    wanted.add(latest)
-                t = next(points, None)
-            if t is None:
-                break
-            if event.kind == "note" and isinstance(event.value, str):
-                latest = i
-        if t is not None and latest is not None:
-            wanted.add(latest)
-        return wanted
+        notes = [i for i, e in enumerate(timeline.events) if e.kind == "note" and isinstance(e.value, str)]
+        times = [timeline.events[i].time for i in notes]  # sorted, as the events are
+        before = (bisect_right(times, p.time) for p in prediction_points(timeline, profile))  # notes at or before
+        return {notes[n - 1] for n in before if n}
     return shown
 
 
