@@ -247,3 +247,18 @@ def test_a_rehearsal_checks_the_artifacts_of_the_phases_it_ran(tmp_path, monkeyp
     monkeypatch.setattr(deployment, "check_artifact", lambda site, path, phase, releases: seen.append(phase))
     deployment.check_sites()
     assert seen == checked and all(c.ok for c in deployment.checks)
+
+
+def test_listening_ports_are_picked_outside_the_range_outgoing_connections_use():
+    # A SuperNode once died with "address already in use": the port checked free had gone to one of Flower's
+    # outgoing connections before the SuperNode bound it. Ports come from outside the kernel's ephemeral range.
+    import socket
+
+    from pmlm.deploy.local import _ephemeral_range, free_port
+
+    low, high = _ephemeral_range()
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(not low <= p <= high and p >= 1024 for p in ports), (low, high, ports)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", ports[-1]))  # still free to listen on

@@ -14,6 +14,7 @@ import gzip
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import socket
@@ -359,9 +360,38 @@ def write_env_file(path: Path, values: dict[str, Any]) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port to listen on, picked below the kernel's ephemeral range.
+
+    A port the kernel hands out for bind(0) comes from the range it also uses for outgoing connections, and
+    Flower opens many (each SuperNode polls over fresh HTTP connections): between our check and the SuperNode's
+    own bind, one of them took the port once and the SuperNode died with "address already in use".
+    """
+    low, high = _ephemeral_range()
+    # Below the range where there is room (Linux: 20768-32767), else above it.
+    span = (max(1024, low - 12000), low) if low - 1024 >= 2000 else (high + 1, 65536)
+    for _ in range(200):
+        port = random.randrange(*span)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {span[0]}-{span[1] - 1}")
+
+
+_HANDED_OUT: set[int] = set()  # never the same port twice from one process, even once it is free again
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def port_open(port: int) -> bool:
