@@ -245,6 +245,16 @@ def test_a_rehearsal_checks_the_artifacts_of_the_phases_it_ran(tmp_path, monkeyp
         entries=[{"kind": "release", "seq": 0}], problems=[]))
     seen = []
     monkeypatch.setattr(deployment, "check_artifact", lambda site, path, phase, releases: seen.append(phase))
+    log = deployment.logs / "supernode-site_x.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("INFO : Starting Flower SuperNode\nsite worker: answering for ...\n")
+    deployment.check_sites()  # the node's messages went around its worker: that is caught
+    worker_check = next(c for c in deployment.checks if c.name == "site_x: site worker answered its messages")
+    assert not worker_check.ok and worker_check.detail == "0 messages"
+    deployment.checks.clear()
+    seen.clear()
+    log.write_text(log.read_text() + "site worker: train answered in 0.4 s\nsite worker: query.store_model answered "
+                   "in 1.0 s\n")
     deployment.check_sites()
     assert seen == checked and all(c.ok for c in deployment.checks)
 

@@ -8,7 +8,7 @@ set -a; source "$1"; set +a
 
 : "${SITE_ID:?}" "${DATA_DIR:?}" "${SITE_DIR:?}" "${SUPERLINK_ADDRESS:?host:port of the SuperLink}"
 : "${SUPERNODE_PORT:=9094}" "${PMLM_TLS:=1}" "${FLWR_HOME:=$SITE_DIR/flwr-home}"
-: "${SUPERNODE_MAX_RETRIES:=}" "${SUPERNODE_MAX_WAIT_S:=}"
+: "${SUPERNODE_MAX_RETRIES:=}" "${SUPERNODE_MAX_WAIT_S:=}" "${SITE_WORKER:=1}"
 export FLWR_HOME FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 for path in "$DATA_DIR" "$SITE_DIR"; do
   [[ "$path" != *[[:space:]\"]* ]] || { echo "paths in the node config may not hold spaces or quotes: $path" >&2; exit 2; }
@@ -25,5 +25,14 @@ if [[ "$PMLM_TLS" == 1 ]]; then
 else
   echo "WARNING: PMLM_TLS=0: plain-text connection to the SuperLink (loopback rehearsal only)" >&2
   args+=(--insecure)
+fi
+worker_python="$(dirname "$(command -v flower-supernode)")/python"  # the environment PMLM is installed in
+if [[ "$SITE_WORKER" == 1 && ! -x "$worker_python" ]]; then
+  echo "WARNING: no python beside flower-supernode: no site worker, each message runs in its own process" >&2
+elif [[ "$SITE_WORKER" == 1 ]]; then
+  # A long-lived worker answers this node's messages (client/site_worker.py): Flower starts a process per message,
+  # which then hands the message over instead of importing torch and reading the records again. It lives in this
+  # process group and exits when the SuperNode (this shell, after exec) is gone.
+  "$worker_python" -m pmlm.client.site_worker --site-dir "$SITE_DIR" --follow-parent &
 fi
 exec flower-supernode "${args[@]}"

@@ -2,7 +2,7 @@
 
   pmlm deploy certs --out DIR --sites hospital_a,hospital_b [--host coordinator.example.org]
   pmlm deploy app --out DIR [--quick] [--run-config KEY=VALUE ...]
-  pmlm deploy local --sites N [--no-tls] [--quick] [--data DIR] [--workdir DIR]
+  pmlm deploy local --sites N [--no-tls] [--no-site-worker] [--quick] [--data DIR] [--workdir DIR]
 
 The README's runbook shows how these fit with deploy/scripts, deploy/config, deploy/systemd and
 deploy/docker-compose.yml on real hosts.
@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                        help="where keys, logs, site dirs and the report go (default: a new temp dir)")
     local.add_argument("--timeout", type=float, default=900.0, metavar="S", help="limit for the app run")
+    local.add_argument("--site-worker", action=argparse.BooleanOptionalAction, default=True,
+                       help="a long-lived worker beside each SuperNode answers its messages (default on; "
+                            "--no-site-worker: a fresh process per message does it all, as Flower starts it)")
     add_run_config_options(local)
     local.set_defaults(handler=run_local)
 
@@ -123,7 +126,8 @@ def run_local(args) -> int:
         sites = quick_slice(sites, run_dir / "data")
     print(f"pmlm deploy local: {len(sites)} sites, TLS {'on' if args.tls else 'OFF'}, workdir {run_dir}", flush=True)
     deployment = LocalDeployment(run_dir, sites, tls=args.tls, run_config=_run_config(args),
-                                 timeout_s=args.timeout, app_pyproject=args.app_pyproject)
+                                 timeout_s=args.timeout, app_pyproject=args.app_pyproject,
+                                 site_worker=args.site_worker)
     ok = deployment.run()
     failed = [c.name for c in deployment.checks if not c.ok]
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in deployment.timings.items())

@@ -60,6 +60,9 @@ class Check:
     detail: str = ""
 
 
+WORKER_ANSWERED = re.compile(r"^site worker: \S+ answered in ", re.MULTILINE)
+
+
 @dataclass
 class LocalDeployment:
     run_dir: Path
@@ -68,6 +71,7 @@ class LocalDeployment:
     run_config: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 900.0
     app_pyproject: Path | None = None
+    site_worker: bool = True  # start-supernode.sh's SITE_WORKER: a long-lived worker answers each node's messages
     checks: list[Check] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     progress: list[tuple[float, str]] = field(default_factory=list)  # (seconds into the app run, progress line)
@@ -205,7 +209,7 @@ class LocalDeployment:
             "PMLM_TLS": int(self.tls), "CA_CERT": self.keys_dir / "ca.pem",
             "NODE_AUTH_KEY": auth_key or self.keys_dir / site / "node-auth.key",
             "FLWR_HOME": site_dir / "flwr-home", "SUPERNODE_MAX_RETRIES": max_retries,
-            "SUPERNODE_MAX_WAIT_S": "30" if max_retries else ""})
+            "SUPERNODE_MAX_WAIT_S": "30" if max_retries else "", "SITE_WORKER": int(self.site_worker)})
         return self.processes.start(f"supernode {site}", ["bash", str(SCRIPTS / "start-supernode.sh"),
                                                           str(env_file)], self.logs / f"supernode-{site}.log",
                                     env=self.env())
@@ -310,6 +314,10 @@ class LocalDeployment:
             releases = [e for e in replay.entries if e.get("kind") == "release"]
             self.check(f"{site}: ledger verifies", not replay.problems and bool(releases),
                        f"{len(releases)} releases" + (f"; {replay.problems[0]}" if replay.problems else ""))
+            if self.site_worker:  # the node's messages went to its worker (client/site_worker.py), not around it
+                log = self.logs / f"supernode-{site}.log"
+                answered = len(WORKER_ANSWERED.findall(log.read_text(errors="replace"))) if log.is_file() else 0
+                self.check(f"{site}: site worker answered its messages", answered > 0, f"{answered} messages")
             ran = str(self.run_config.get("phases", "abc"))  # a run of phase A alone leaves no B or C artifact
             for phase, artifact in PHASE_ARTIFACTS.items():
                 if phase.removeprefix("phase_") in ran:

@@ -1,0 +1,159 @@
+"""The site worker (client/worker_link.py): the ClientApp hands a deployed message to it and returns its reply.
+
+A tiny ClientApp of the same class as the product's stands in for the handlers; the deploy rehearsal
+(test_deploy_local.py) runs the real ones through a worker that start-supernode.sh starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+
+from pmlm.client import worker_link
+from pmlm.client.client_app import SiteClientApp
+
+
+def make_app(calls: list):
+    app = SiteClientApp()
+
+    @app.query("echo")
+    def echo(msg: Message, context: Context) -> Message:
+        calls.append(threading.get_ident())
+        if msg.content.config_records["config"]["fail"]:
+            raise ValueError("the handler refused")
+        context.state["seen"] = ConfigRecord({"count": int(context.state.config_records.get(
+            "seen", ConfigRecord({"count": 0}))["count"]) + 1})
+        doubled = msg.content.array_records["arrays"]["x"].numpy() * 2
+        return Message(RecordDict({"arrays": ArrayRecord({"x": Array(doubled)}),
+                                   "config": ConfigRecord({"site": str(context.node_config.get("site-id"))})}),
+                       reply_to=msg)
+
+    return app
+
+
+def message(fail: bool = False) -> Message:
+    """A query as a SuperNode delivers it."""
+    meta = Metadata(run_id=11, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=3600.0, message_type="query.echo")
+    return Message(RecordDict({"arrays": ArrayRecord({"x": Array(np.arange(4.0))}),
+                               "config": ConfigRecord({"fail": fail})}), metadata=meta)
+
+
+def context(site_dir) -> Context:
+    return Context(run_id=11, node_id=7, node_config={"site-id": "h1", "site-dir": str(site_dir)}, state=RecordDict(),
+                   run_config={})
+
+
+@pytest.fixture
+def serving(tmp_path):
+    """A worker for a deep site directory (longer than a Unix socket address may be), in a thread."""
+    site_dir = tmp_path / ("d" * 60) / ("e" * 60) / "site"
+    site_dir.mkdir(parents=True)
+    calls: list = []
+    app = make_app(calls)
+    new_runs: list = []
+    worker = worker_link.SiteWorker(site_dir, app, on_new_run=lambda: new_runs.append(1), log=lambda text: None)
+    thread = threading.Thread(target=worker.listen().serve_forever, daemon=True)
+    thread.start()
+    yield app, worker, site_dir, calls
+    assert not new_runs  # every message here is of run 11: the loaded sites were kept
+    worker.stop()
+    thread.join(10)
+
+
+def test_a_message_is_answered_by_the_worker_and_its_context_state_comes_back(serving):
+    app, worker, site_dir, calls = serving
+    assert len(os.fsencode(worker_link.socket_path(site_dir))) > 108  # reached through the folder's descriptor
+    ctx = context(site_dir)
+    for expected_count in (1, 2):
+        reply = app(message(), ctx)
+        assert np.array_equal(reply.content.array_records["arrays"]["x"].numpy(), np.arange(4.0) * 2)
+        assert reply.content.config_records["config"]["site"] == "h1"
+        assert ctx.state.config_records["seen"]["count"] == expected_count  # the worker's state, copied back
+    assert worker.answered == 2 and len(set(calls)) == 1 and calls[0] != threading.get_ident()
+
+
+def test_a_new_run_makes_the_worker_drop_the_sites_loaded_for_the_last(tmp_path):
+    new_runs: list = []
+    worker = worker_link.SiteWorker(tmp_path, make_app([]), on_new_run=lambda: new_runs.append(1),
+                                    log=lambda text: None)
+    thread = threading.Thread(target=worker.listen().serve_forever, daemon=True)
+    thread.start()
+    try:
+        ctx = context(tmp_path)
+        make_app([])(message(), ctx)
+        make_app([])(message(), ctx)
+        assert not new_runs
+        ctx.run_id = 12
+        make_app([])(message(), ctx)
+        assert new_runs == [1] and worker.answered == 3
+    finally:
+        worker.stop()
+        thread.join(10)
+
+
+def test_a_handler_error_comes_back_as_an_error_and_the_worker_keeps_serving(serving):
+    app, worker, site_dir, _ = serving
+    with pytest.raises(RuntimeError, match="site worker: ValueError: the handler refused"):
+        app(message(fail=True), context(site_dir))
+    assert app(message(), context(site_dir)).content.config_records["config"]["site"] == "h1"
+    assert worker.answered == 1
+
+
+def test_malformed_requests_and_other_sites_are_refused_and_the_worker_keeps_serving(serving):
+    app, worker, site_dir, calls = serving
+    conn = worker_link.connect(site_dir)
+    with conn:
+        conn.sendall(worker_link._LEN.pack(5) + b"\xff\x00junk"[:5] + worker_link._LEN.pack(3) + b"abc")
+        assert worker_link._recv(conn) == worker_link._ERROR
+        assert b"malformed request" in worker_link._recv(conn)
+    conn = worker_link.connect(site_dir)
+    with conn:
+        conn.sendall(worker_link._LEN.pack(2))  # cut short: the peer hangs up mid-frame
+    elsewhere = context(site_dir.parent)
+    elsewhere.node_config["site-dir"] = str(site_dir.parent)
+    with pytest.raises(RuntimeError, match="this worker answers for"):
+        worker_link.forward(worker_link.connect(site_dir), message(), elsewhere)
+    assert app(message(), context(site_dir)).content.config_records["config"]["site"] == "h1"
+    assert worker.answered == 1 and len(calls) == 1
+
+
+def test_only_the_sites_user_can_reach_the_socket(serving):
+    _, _, site_dir, _ = serving
+    path = worker_link.socket_path(site_dir)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_without_a_worker_or_with_a_stale_socket_the_app_answers_in_process(tmp_path):
+    calls: list = []
+    app = make_app(calls)
+    assert app(message(), context(tmp_path)).content.config_records["config"]["site"] == "h1"  # no socket at all
+    path = worker_link.socket_path(tmp_path)
+    path.parent.mkdir()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: a worker that died
+    assert path.exists()
+    assert app(message(), context(tmp_path)).content.config_records["config"]["site"] == "h1"
+    assert calls == [threading.get_ident()] * 2
+    simulation = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    assert app(message(), simulation).content.config_records["config"]["site"] == "None"
+
+
+def test_a_worker_stops_when_its_parent_is_gone(tmp_path):
+    worker = worker_link.SiteWorker(tmp_path, make_app([]), log=lambda text: None).listen()
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (worker.serve_forever(parent_pid=os.getppid() + 1), done.set()),
+                              daemon=True)
+    thread.start()
+    assert done.wait(10)
+    assert not worker_link.socket_path(tmp_path).exists()  # it cleans up its socket
