@@ -31,7 +31,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
-from pmlm.client import worker_link
 from pmlm.client.egress import record_egress
 from pmlm.client.secure_sum import attach_secure_sum, register_vector_task, secure_sum_key_exchange
 from pmlm.client.site_policy import PolicyRefusal, SitePolicy
@@ -64,7 +63,6 @@ _B: dict[tuple[str, str], SitePhaseB] = {}
 _C: dict[tuple[str, str], SitePhaseC] = {}
 
 
-
 def forget_runs() -> None:
     """Drop every loaded site (a long-lived site worker calls it when a new run starts)."""
     _SITES.clear()
@@ -72,23 +70,8 @@ def forget_runs() -> None:
     _C.clear()
 
 
-class SiteClientApp(ClientApp):
-    """The ClientApp, which hands each message to the site's worker when one listens (client/site_worker.py):
-    Flower starts a fresh process per message, and the worker keeps torch imported and the records read."""
-
-    def __call__(self, message: Message, context: Context) -> Message:
-        site_dir = context.node_config.get("site-dir")  # deployments only; in simulation there is no worker
-        if site_dir is not None and (conn := worker_link.connect(str(site_dir))) is not None:
-            return worker_link.forward(conn, message, context)
-        return self.handle(message, context)
-
-    def handle(self, message: Message, context: Context) -> Message:
-        """Answer here, in this process."""
-        return super().__call__(message, context)
-
-
 # Every handler runs inside the egress log's mod; app-wide mods are the outermost, so it sees the final reply.
-app = SiteClientApp(mods=[record_egress])
+app = ClientApp(mods=[record_egress])
 
 
 def asks_hospital_dp(config) -> bool:

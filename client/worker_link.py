@@ -123,7 +123,7 @@ class SiteWorker:
 
     def __init__(self, site_dir: Path, app, *, on_new_run=None, log=None):
         self.site_dir = Path(site_dir).resolve()
-        self.app = app  # a SiteClientApp: its handle() answers in this process
+        self.app = app  # the ClientApp whose handlers answer, in this process
         self.on_new_run = on_new_run or (lambda: None)
         self.log = log or (lambda text: print(f"site worker: {text}", file=sys.stderr, flush=True))
         self.path = socket_path(self.site_dir)
@@ -200,7 +200,7 @@ class SiteWorker:
         try:
             self._check_site(context)
             self._forget_other_runs(context.run_id)
-            reply = self.app.handle(message, context)
+            reply = self.app(message, context)
         except Exception as exc:  # the ClientApp raises it again, so Flower sends its error reply as before
             self.log(f"{kind} raised {type(exc).__name__}: {exc}")
             with contextlib.suppress(OSError):

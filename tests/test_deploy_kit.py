@@ -195,7 +195,7 @@ def test_app_bundle_is_small_and_carries_only_the_app_config(tmp_path):
     import tomllib
     config = tomllib.loads(zipfile.ZipFile(BytesIO(fab)).read("pyproject.toml").decode())
     app = config["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "pmlm.server.server_app:app", "clientapp": "pmlm.client.client_app:app"}
+    assert app["components"] == {"serverapp": "pmlm.server.server_app:app", "clientapp": "pmlm.client.node_app:app"}
     assert app["config"]["num-server-rounds"] == 1 and app["config"]["workdir"] == "/x"
 
 

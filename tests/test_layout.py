@@ -125,3 +125,9 @@ def test_the_client_app_loads_without_torch_or_opacus():
              "print(sorted(m for m in ('torch', 'opacus', 'pmlm.client.phase_a', 'pmlm.common.model') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+    # The app Flower loads per message (pyproject's clientapp) hands the message to the site worker when one
+    # listens: it must not even pay the handlers' privacy accounting (dp-accounting pulls in SciPy, 1.3 s).
+    probe = ("import sys, pmlm.client.node_app; print(sorted(m for m in ('torch', 'opacus', 'dp_accounting', "
+             "'scipy', 'pmlm.client.client_app') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

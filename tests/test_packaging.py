@@ -26,7 +26,7 @@ def test_wheel_has_one_namespace_and_the_profiles(tmp_path):
 def test_pyproject_declares_the_flower_app_and_pins():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     components = meta["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "pmlm.server.server_app:app", "clientapp": "pmlm.client.client_app:app"}
+    assert components == {"serverapp": "pmlm.server.server_app:app", "clientapp": "pmlm.client.node_app:app"}
     deps = " ".join(meta["project"]["dependencies"])
     assert "torch==2.13.0" in deps and "protobuf>=6.33.5,<7" in deps
     assert any(d.startswith("grpcio-tools<1.82") for d in meta["project"]["optional-dependencies"]["dev"])

@@ -18,11 +18,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 
 
 from pmlm.client import worker_link
-from pmlm.client.client_app import SiteClientApp
+from flwr.clientapp import ClientApp
+
+from pmlm.client.node_app import NodeApp
 
 
-def make_app(calls: list):
-    app = SiteClientApp()
+def make_app(calls: list) -> ClientApp:
+    app = ClientApp()
 
     @app.query("echo")
     def echo(msg: Message, context: Context) -> Message:
@@ -58,9 +60,9 @@ def serving(tmp_path):
     site_dir = tmp_path / ("d" * 60) / ("e" * 60) / "site"
     site_dir.mkdir(parents=True)
     calls: list = []
-    app = make_app(calls)
+    app = NodeApp(answer_here=ClientApp())  # the node's side: finding no worker would fail (no handler here)
     new_runs: list = []
-    worker = worker_link.SiteWorker(site_dir, app, on_new_run=lambda: new_runs.append(1), log=lambda text: None)
+    worker = worker_link.SiteWorker(site_dir, make_app(calls), on_new_run=lambda: new_runs.append(1), log=lambda text: None)
     thread = threading.Thread(target=worker.listen().serve_forever, daemon=True)
     thread.start()
     yield app, worker, site_dir, calls
@@ -88,12 +90,12 @@ def test_a_new_run_makes_the_worker_drop_the_sites_loaded_for_the_last(tmp_path)
     thread = threading.Thread(target=worker.listen().serve_forever, daemon=True)
     thread.start()
     try:
-        ctx = context(tmp_path)
-        make_app([])(message(), ctx)
-        make_app([])(message(), ctx)
+        ctx, node = context(tmp_path), NodeApp(answer_here=ClientApp())
+        node(message(), ctx)
+        node(message(), ctx)
         assert not new_runs
         ctx.run_id = 12
-        make_app([])(message(), ctx)
+        node(message(), ctx)
         assert new_runs == [1] and worker.answered == 3
     finally:
         worker.stop()
@@ -135,7 +137,7 @@ def test_only_the_sites_user_can_reach_the_socket(serving):
 
 def test_without_a_worker_or_with_a_stale_socket_the_app_answers_in_process(tmp_path):
     calls: list = []
-    app = make_app(calls)
+    app = NodeApp(answer_here=make_app(calls))
     assert app(message(), context(tmp_path)).content.config_records["config"]["site"] == "h1"  # no socket at all
     path = worker_link.socket_path(tmp_path)
     path.parent.mkdir()
