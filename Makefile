@@ -11,7 +11,7 @@ demo:
 
 test:
 	bash scripts/setup.sh --dev
-	.venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart 0 --durations=25
 
 bench:
 	bash scripts/setup.sh --dev

@@ -1,3 +1,4 @@
+import faulthandler
 import os
 import shutil
 import subprocess
@@ -20,6 +21,22 @@ SAMPLE = REPO / "data" / "sample"
 LONGEST_FIRST = ("test_deploy_local.py", "test_evaluate.py", "test_superlink_restart.py", "test_ten_sites.py",
                  "test_canary.py", "test_secure_sum.py", "test_hostile_coordinator.py", "test_data_cli.py",
                  "test_chronic_evaluate.py")
+
+
+# pytest-timeout (pyproject.toml) fails a test after 900 s by a signal, which a test stuck inside C code never
+# sees. Past 1,000 s the test's process dumps every thread's stack and exits; with `make test`'s
+# --max-worker-restart 0, xdist then names the test ("worker crashed while running ...") and stops the suite
+# instead of rerunning the stuck test on a fresh worker.
+HARD_LIMIT_S = 1000
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    faulthandler.dump_traceback_later(HARD_LIMIT_S, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_collection_modifyitems(config, items):
