@@ -30,6 +30,7 @@ from opacus.accountants import RDPAccountant
 
 from pmlm.client.examples import Example
 from pmlm.client.features import FeatureEncoder, PatientDataset
+from pmlm.client.ingest import list_record_files
 from pmlm.client.site_policy import SitePolicy
 from pmlm.client.sites import load_site
 from pmlm.client.train import TrainSettings, dp_plan, model_state, predict, ranking_metrics, train_local
@@ -57,22 +58,30 @@ def train_settings(cfg: PhaseAConfig, seed: int) -> TrainSettings:
     return settings
 
 
-# Reading records is the slow part; a site process reads its directory once per profile.
-_EXAMPLES: dict[tuple[str, str], list[Example]] = {}
+# Reading records is the slow part; a site process reads its directory once per profile, and again only when
+# its record files change (a long-lived site worker must see the next export, not keep its first read).
+_EXAMPLES: dict[tuple[str, str], tuple[tuple, list[Example]]] = {}
+
+
+def records_now(data_dir: Path) -> tuple:
+    """The site's record files as they are now: (path, size, modification time) of each."""
+    return tuple((str(p), st.st_size, st.st_mtime_ns) for p in list_record_files(Path(data_dir)) for st in [p.stat()])
 
 
 def site_examples(data_dir: Path, site_id: str, profile: TaskProfile) -> list[Example]:
     key = (str(Path(data_dir).resolve()), profile.name)
-    if key not in _EXAMPLES:
+    files = records_now(data_dir)  # before reading: a file changed while it is read is read again next time
+    kept = _EXAMPLES.get(key)
+    if kept is None or kept[0] != files:
         site, _ = load_site(site_id, Path(data_dir), profile, progress=False)
-        _EXAMPLES[key] = site.examples
-    return _EXAMPLES[key]
+        _EXAMPLES[key] = (files, site.examples)
+    return _EXAMPLES[key][1]
 
 
 def keep_site_examples(data_dir: Path, profile: TaskProfile, examples: list[Example]) -> None:
     """Examples this process has already read from `data_dir` (the in-process pipeline reads every site once for
     its evaluation): the site's handlers then use them instead of parsing the same records again."""
-    _EXAMPLES[(str(Path(data_dir).resolve()), profile.name)] = examples
+    _EXAMPLES[(str(Path(data_dir).resolve()), profile.name)] = (records_now(data_dir), examples)
 
 
 class SitePhaseA:

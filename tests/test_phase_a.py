@@ -321,3 +321,29 @@ def test_examples_the_pipeline_already_read_are_not_parsed_again(tmp_path, monke
     site_phase_a.keep_site_examples(tmp_path / "records", load_profile("obgyn"), examples)
     monkeypatch.setattr(site_phase_a, "load_site", lambda *a, **k: pytest.fail("records parsed twice"))
     assert site_phase_a.site_examples(tmp_path / "records", "h", load_profile("obgyn")) is examples
+
+
+def test_a_long_lived_site_process_reads_its_records_again_only_when_they_change(tmp_path, monkeypatch):
+    """A site worker lives across runs: it keeps its read of the records until the export changes."""
+    import os
+
+    from pmlm.client import phase_a as site_phase_a
+    from tests.conftest import pregnant_woman_rows, write_events_csv
+
+    born, start = datetime(1994, 3, 1), datetime(2025, 1, 10)
+    rows = [*pregnant_woman_rows("p1", born, start), *pregnant_woman_rows("p2", born, start + timedelta(days=40))]
+    records = write_events_csv(tmp_path / "records", rows)
+    reads = []
+    real = site_phase_a.load_site
+    monkeypatch.setattr(site_phase_a, "load_site", lambda *a, **k: (reads.append(1), real(*a, **k))[1])
+    profile = load_profile("obgyn")
+
+    first = site_phase_a.site_examples(tmp_path / "records", "h", profile)
+    assert site_phase_a.site_examples(tmp_path / "records", "h", profile) is first and len(reads) == 1
+    write_events_csv(tmp_path / "records", [*rows, *pregnant_woman_rows("p3", born, start)])  # the next export
+    again = site_phase_a.site_examples(tmp_path / "records", "h", profile)
+    assert len(reads) == 2 and again is not first
+    stat = records.stat()
+    os.utime(records, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # same size, rewritten later
+    site_phase_a.site_examples(tmp_path / "records", "h", profile)
+    assert len(reads) == 3
