@@ -59,8 +59,8 @@ if TYPE_CHECKING:
 PLAN_RECORD = "phase-a-plan"
 ADAPT_KEY = "adapt-recommender"  # node config (the site operator's): "false" keeps the consortium model as it is
 _SITES: dict[tuple[str, str], SitePhaseA] = {}  # per node process: (site dir, run) -> loaded site
-_B: dict[tuple[str, str], SitePhaseB] = {}
-_C: dict[tuple[str, str], SitePhaseC] = {}
+_B: dict[tuple[str, str], tuple[SitePhaseA, SitePhaseB]] = {}  # each with the phase-A site it was built from
+_C: dict[tuple[str, str], tuple[SitePhaseA, SitePhaseC]] = {}
 
 
 def forget_runs() -> None:
@@ -98,7 +98,11 @@ def site_for(context: Context, cfg: PhaseAConfig) -> SitePhaseA:
 
     where, policy = site_policy(context)
     key = (str(where.site_dir), policy.check_run_id(cfg.run_name))
-    if key not in _SITES:
+    kept = _SITES.get(key)
+    if kept is None or kept.policy != policy:
+        # A policy the operator changed holds from the next message on, also in a long-lived site worker (a fresh
+        # process per message always read it anew): the run's caps and budget are worked out again, and its
+        # phase B and C sites, which hold them, are rebuilt from what the site directory keeps.
         _SITES[key] = SitePhaseA(where.site_id, where.data_dir, where.site_dir, cfg, policy=policy)
     return _SITES[key]
 
@@ -214,11 +218,11 @@ def _phase_b_site(site, cfg: PhaseAConfig, config) -> SitePhaseB:
 
     run_id = site.policy.check_run_id(str(config["run_id"]))
     key = (str(site.site_dir), run_id)
-    if key not in _B:
+    if key not in _B or _B[key][0] is not site:  # new, or its phase-A site was rebuilt under a changed policy
         plan = PhaseBConfig(**json.loads(str(config["plan"])))
-        _B[key] = SitePhaseB(site.site_id, site.site_dir, site.examples, plan, run_id, budget=site.policy.budget(),
-                             phase_cap=site.caps.get("phase_b", 0.0))
-    return _B[key]
+        _B[key] = site, SitePhaseB(site.site_id, site.site_dir, site.examples, plan, run_id,
+                                   budget=site.policy.budget(), phase_cap=site.caps.get("phase_b", 0.0))
+    return _B[key][1]
 
 
 def _phase_c_site(site, cfg: PhaseAConfig, config, context: Context) -> SitePhaseC:
@@ -226,12 +230,12 @@ def _phase_c_site(site, cfg: PhaseAConfig, config, context: Context) -> SitePhas
 
     run_id = site.policy.check_run_id(str(config["run_id"]))
     key = (str(site.site_dir), run_id)
-    if key not in _C:
+    if key not in _C or _C[key][0] is not site:
         plan = PhaseCConfig(**json.loads(str(config["plan"])))
         llm = json.loads(str(context.node_config.get("llm", "{}")))
-        _C[key] = SitePhaseC(site.site_id, site.site_dir, site.examples, cfg.profile, plan, run_id, llm,
-                             budget=site.policy.budget(), phase_cap=site.caps.get("phase_c", 0.0))
-    return _C[key]
+        _C[key] = site, SitePhaseC(site.site_id, site.site_dir, site.examples, cfg.profile, plan, run_id, llm,
+                                   budget=site.policy.budget(), phase_cap=site.caps.get("phase_c", 0.0))
+    return _C[key][1]
 
 
 def _vector_guard(phase: str, task):

@@ -159,3 +159,37 @@ def test_a_worker_stops_when_its_parent_is_gone(tmp_path):
     thread.start()
     assert done.wait(10)
     assert not worker_link.socket_path(tmp_path).exists()  # it cleans up its socket
+
+
+def test_a_policy_changed_between_messages_holds_for_the_next_one_in_a_long_lived_process(tmp_path, monkeypatch):
+    """In a worker the run's loaded site outlives a message; a fresh process per message read the policy anew.
+    An operator who lowers the budget mid-run must see it hold from the next message on, in every phase."""
+    from types import SimpleNamespace
+
+    from pmlm.client import client_app, phase_a, phase_b
+    from pmlm.common.phase_a import PhaseAConfig
+
+    class FakeSite:  # what site_for keeps per run: the policy it was built under
+        def __init__(self, site_id, data_dir, site_dir, cfg, policy):
+            self.site_id, self.site_dir, self.policy, self.examples, self.caps = site_id, site_dir, policy, [], {}
+
+    monkeypatch.setattr(phase_a, "SitePhaseA", FakeSite)
+    monkeypatch.setattr(phase_b, "SitePhaseB", lambda *a, budget, **k: SimpleNamespace(budget=budget))
+    client_app.forget_runs()
+    cfg = PhaseAConfig(run_name="run-1")
+    node = {"site-id": "h1", "data-dir": str(tmp_path / "data"), "site-dir": str(tmp_path / "site")}
+    plan = {"run_id": "run-1", "plan": "{}"}
+
+    def at(epsilon: float):
+        ctx = Context(run_id=1, node_id=7, node_config={**node, "policy-epsilon-total": epsilon}, state=RecordDict(),
+                      run_config={})
+        site = client_app.site_for(ctx, cfg)
+        return site, client_app._phase_b_site(site, cfg, plan)
+
+    first, b_first = at(3.0)
+    same, b_same = at(3.0)
+    assert same is first and b_same is b_first  # an unchanged policy keeps what was loaded
+    lowered, b_lowered = at(1.0)
+    assert lowered is not first and lowered.policy.epsilon_total == 1.0
+    assert b_lowered is not b_first and b_lowered.budget.epsilon_total == 1.0
+    client_app.forget_runs()
