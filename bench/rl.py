@@ -333,7 +333,7 @@ def print_refinement(out: dict) -> None:
     def cell(m: dict) -> str:
         return f"{m['f1']:.3f} [{m['interval'][0]:.3f}, {m['interval'][1]:.3f}]"
 
-    print(f"\nsite refinement: guidance F1 on held-out test points (95% bootstrap intervals over patients)")
+    print("\nsite refinement: guidance F1 on held-out test points (95% bootstrap intervals over patients)")
     print(f"{'site':14s} {'policy used':13s} {'calls':>5s} {'points':>6s} "
           + " ".join(f"{label:>23s}" for _, label in REFINE_ROWS) + f" {'refined - initial':>25s}")
     rows = [(site, s["refinement"], s["test"]) for site, s in out["sites"].items()] + [("pooled", None, out["pooled"])]

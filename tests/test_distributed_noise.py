@@ -4,7 +4,6 @@ the ε it relies on (σ, enforced) and the worst case of its own noise alone, an
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 

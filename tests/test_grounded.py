@@ -11,7 +11,6 @@ invented items, and "20%" where the prompt says 75%.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pytest

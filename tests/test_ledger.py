@@ -9,7 +9,6 @@ import os
 import stat
 from pathlib import Path
 
-import dp_accounting
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dp_accounting.pld import PLDAccountant

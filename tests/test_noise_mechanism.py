@@ -39,7 +39,7 @@ from pmlm.common.phase_a import PhaseAConfig, new_model
 from pmlm.client.phase_c import SitePhaseC, rl_config
 from pmlm.common.phase_c import PhaseCConfig
 from pmlm.client.reward import ConceptMatcher
-from pmlm.client.rl import LocalRL, Point, RLConfig
+from pmlm.client.rl import LocalRL, Point
 from pmlm.client.site_policy import SitePolicy
 from pmlm.client.train import model_state
 from pmlm.common.peer_profiles import initial_centroids

@@ -19,7 +19,6 @@ import torch
 import dp_accounting
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from pmlm.client.client_app import app as client_app
 from pmlm.client.examples import Example, HistoryItem
@@ -134,7 +133,6 @@ def test_training_runs_and_sends_only_weight_updates(federated_run):
 
 
 def test_ledger_holds_one_entry_per_local_round_with_the_parameters_used(federated_run):
-    workdir = federated_run["workdir"]
     for node in federated_run["nodes"]:
         site_dir = Path(node["site-dir"])
         replay = verify_ledger(site_dir / "ledger" / "privacy_ledger.jsonl")

@@ -95,7 +95,7 @@ def site(made, tmp_path):
 
     copy = tmp_path / "site"
     shutil.copytree(made["site"], copy)
-    return {**made, "site": copy, "root": tmp_path}
+    return {**made, "site": copy, "root": tmp_path, "records": made["root"] / "records"}
 
 
 @dataclass
@@ -124,7 +124,8 @@ def files_under(folder: Path) -> dict[str, str]:
 
 
 def test_the_refined_policy_is_kept_when_validation_scores_higher(site):
-    before_outside = files_under(site["root"] / "records") if (site["root"] / "records").exists() else {}
+    records_before = files_under(site["records"])
+    assert records_before  # the site's records, which refinement reads and must leave as they were
     ledger_before = (site["site"] / LEDGER_PATH).read_bytes()
     llm = FormatLLM()
     result = refine_site_policy(site["site"], llm, examples=site["examples"], timelines=site["timelines"],
@@ -151,6 +152,7 @@ def test_the_refined_policy_is_kept_when_validation_scores_higher(site):
     # Nothing was charged or sent: the ledger is byte for byte what it was, no egress line was written.
     assert (site["site"] / LEDGER_PATH).read_bytes() == ledger_before
     assert not (site["site"] / "egress.jsonl").exists()
+    assert files_under(site["records"]) == records_before
 
 
 def test_the_consortium_policy_stays_when_validation_does_not_improve(site):

@@ -12,7 +12,6 @@ which `make test` runs and `pytest -m "not deployment"` skips.
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 

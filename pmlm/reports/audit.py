@@ -268,7 +268,7 @@ def budget_bars(rows: list[tuple[str, float, float]], width: int = 1000, failed:
     height = bottom + 44
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="remaining privacy budget" class="chart">',
-             f'<text x="0" y="16" class="chart-title">Budget spent (dark) and remaining (light), PLD ε</text>']
+             '<text x="0" y="16" class="chart-title">Budget spent (dark) and remaining (light), PLD ε</text>']
     for i in range(5):
         x = label_w + bar_w * i / 4
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{bottom}" class="grid"/>')
