@@ -21,6 +21,10 @@ import threading
 import time
 from pathlib import Path
 
+from flwr.common import serde
+from flwr.proto.message_pb2 import Context as ContextProto
+from flwr.proto.message_pb2 import Message as MessageProto
+
 SOCKET_NAME = Path("run") / "site-worker.sock"  # under the site directory
 _LEN = struct.Struct(">Q")
 _OK, _ERROR = b"K", b"E"
@@ -60,6 +64,17 @@ def _recv(conn: socket.socket) -> bytes:
     return _recv_exact(conn, n)
 
 
+def _send_task(conn: socket.socket, *head: bytes, message, context) -> None:
+    """A message and its context as Flower's protobufs, after any `head` frames (the worker's status)."""
+    _send(conn, *head, serde.message_to_proto(message).SerializeToString(),
+          serde.context_to_proto(context).SerializeToString())
+
+
+def _recv_task(conn: socket.socket):
+    message = serde.message_from_proto(MessageProto.FromString(_recv(conn)))
+    return message, serde.context_from_proto(ContextProto.FromString(_recv(conn)))
+
+
 @contextlib.contextmanager
 def _addressable(path: Path):
     """A path short enough for a Unix socket address (108 bytes): the real one, or the same file reached through
@@ -94,26 +109,13 @@ def connect(site_dir: Path | str) -> socket.socket | None:
 def forward(conn: socket.socket, message, context):
     """Send one message and its context; return the worker's reply and copy its context state back into
     `context` (SecAgg+ keeps its round state there, and the SuperNode stores what the ClientApp leaves)."""
-    from flwr.common import serde
-
     with conn:
-        _send(conn, serde.message_to_proto(message).SerializeToString(),
-              serde.context_to_proto(context).SerializeToString())
-        status = _recv(conn)
-        if status == _ERROR:
+        _send_task(conn, message=message, context=context)
+        if _recv(conn) == _ERROR:
             raise RuntimeError(f"site worker: {_recv(conn).decode(errors='replace')}")
-        reply = serde.message_from_proto(_proto("Message").FromString(_recv(conn)))
-        answered = serde.context_from_proto(_proto("Context").FromString(_recv(conn)))
+        reply, answered = _recv_task(conn)
     context.state = answered.state
     return reply
-
-
-def _proto(name: str):
-    if name == "Message":
-        from flwr.proto.message_pb2 import Message
-        return Message
-    from flwr.proto.message_pb2 import Context
-    return Context
 
 
 # -- the worker's side ------------------------------------------------------------------------------------
@@ -180,15 +182,12 @@ class SiteWorker:
 
     def answer(self, conn: socket.socket) -> None:
         """One connection: one message in, its reply (or the reason there is none) out."""
-        from flwr.common import serde
-
         if not self._same_user(conn):
             self.log("a connection from another user id was closed unanswered")
             return
         conn.settimeout(REQUEST_TIMEOUT_S)
         try:
-            message = serde.message_from_proto(_proto("Message").FromString(_recv(conn)))
-            context = serde.context_from_proto(_proto("Context").FromString(_recv(conn)))
+            message, context = _recv_task(conn)
         except Exception as exc:  # a malformed or cut request: say why, keep serving
             self.log(f"a malformed request was refused: {type(exc).__name__}: {exc}")
             with contextlib.suppress(OSError):
@@ -209,8 +208,7 @@ class SiteWorker:
         self.answered += 1
         self.log(f"{kind} answered in {time.monotonic() - started:.1f} s")
         with contextlib.suppress(OSError):
-            _send(conn, _OK, serde.message_to_proto(reply).SerializeToString(),
-                  serde.context_to_proto(context).SerializeToString())
+            _send_task(conn, _OK, message=reply, context=context)
 
     def _same_user(self, conn: socket.socket) -> bool:
         _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,

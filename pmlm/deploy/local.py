@@ -367,6 +367,9 @@ def write_env_file(path: Path, values: dict[str, Any]) -> Path:
     return path
 
 
+_HANDED_OUT: set[int] = set()  # never the same port twice from one process, even once it is free again
+
+
 def free_port() -> int:
     """A loopback port to listen on, picked below the kernel's ephemeral range.
 
@@ -390,8 +393,6 @@ def free_port() -> int:
         return port
     raise RuntimeError(f"no free loopback port in {span[0]}-{span[1] - 1}")
 
-
-_HANDED_OUT: set[int] = set()  # never the same port twice from one process, even once it is free again
 
 
 def _ephemeral_range() -> tuple[int, int]:
