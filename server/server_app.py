@@ -43,6 +43,7 @@ from pmlm.server.ledger_copy import LEDGER_COPIES_DIR, CoordinatorLedgerCopy, Co
 from pmlm.server.phase_a import run_phase_a
 from pmlm.server.phase_b import run_phase_b
 from pmlm.server.phase_c import run_phase_c
+from pmlm.server.reply_polling import poll_promptly
 from pmlm.server.roster import SiteRoster
 
 app = ServerApp()
@@ -66,6 +67,7 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 300.0) -> list[i
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    grid = poll_promptly(grid)  # Flower's deployed grid waits 3 s between asks for replies
     run = run_config_of(context.run_config)
     cfg = phase_a_config(run)
     min_nodes = int(run.get("min-nodes", 2))
