@@ -4,6 +4,8 @@ Flower 1.42's SuperNode starts a fresh process for every message. When the site 
 (client/site_worker.py), this app only hands the message over and returns the reply, so the process imports
 Flower and a socket, not the handlers' torch, Opacus, dp-accounting and SciPy. Without a worker (or in
 simulation, where nodes name no site-dir) it answers with the handlers of client/client_app.py itself.
+A site worker started with --runtime-api takes most tasks itself (client/task_taker.py), so deployed, this runs
+only for a task Flower's own launcher took first.
 """
 
 from __future__ import annotations

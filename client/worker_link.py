@@ -133,6 +133,7 @@ class SiteWorker:
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._run_id: int | None = None
+        self._one_at_a_time = threading.Lock()
 
     def listen(self) -> "SiteWorker":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,21 +195,32 @@ class SiteWorker:
                 _send(conn, _ERROR, f"malformed request: {type(exc).__name__}".encode())
             return
         conn.settimeout(None)
-        started = time.monotonic()
-        kind = message.metadata.message_type
         try:
-            self._check_site(context)
-            self._forget_other_runs(context.run_id)
-            reply = self.app(message, context)
+            reply = self.handle(message, context)
         except Exception as exc:  # the ClientApp raises it again, so Flower sends its error reply as before
-            self.log(f"{kind} raised {type(exc).__name__}: {exc}")
             with contextlib.suppress(OSError):
                 _send(conn, _ERROR, f"{type(exc).__name__}: {exc}".encode())
             return
-        self.answered += 1
-        self.log(f"{kind} answered in {time.monotonic() - started:.1f} s")
         with contextlib.suppress(OSError):
             _send_task(conn, _OK, message=reply, context=context)
+
+    def handle(self, message, context):
+        """Answer one message with the app's handlers (its context state updated in place), for this site only.
+        Both ways a message reaches the worker come here: forwarded over the socket, or taken as a task from the
+        SuperNode (client/task_taker.py); one at a time, as a SuperNode sends them."""
+        started = time.monotonic()
+        kind = message.metadata.message_type
+        with self._one_at_a_time:
+            try:
+                self._check_site(context)
+                self._forget_other_runs(context.run_id)
+                reply = self.app(message, context)
+            except Exception as exc:
+                self.log(f"{kind} raised {type(exc).__name__}: {exc}")
+                raise
+            self.answered += 1
+        self.log(f"{kind} answered in {time.monotonic() - started:.1f} s")
+        return reply
 
     def _same_user(self, conn: socket.socket) -> bool:
         _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,

@@ -61,6 +61,7 @@ class Check:
 
 
 WORKER_ANSWERED = re.compile(r"^site worker: \S+ answered in ", re.MULTILINE)
+WORKER_TOOK = re.compile(r"^site worker: took the \S+ task itself", re.MULTILINE)  # client/task_taker.py
 
 
 @dataclass
@@ -314,10 +315,13 @@ class LocalDeployment:
             releases = [e for e in replay.entries if e.get("kind") == "release"]
             self.check(f"{site}: ledger verifies", not replay.problems and bool(releases),
                        f"{len(releases)} releases" + (f"; {replay.problems[0]}" if replay.problems else ""))
-            if self.site_worker:  # the node's messages went to its worker (client/site_worker.py), not around it
+            if self.site_worker:  # the node's messages went to its worker (client/site_worker.py), not around it,
+                # and it took tasks from the SuperNode itself (client/task_taker.py) instead of a process each
                 log = self.logs / f"supernode-{site}.log"
-                answered = len(WORKER_ANSWERED.findall(log.read_text(errors="replace"))) if log.is_file() else 0
-                self.check(f"{site}: site worker answered its messages", answered > 0, f"{answered} messages")
+                text = log.read_text(errors="replace") if log.is_file() else ""
+                answered, took = len(WORKER_ANSWERED.findall(text)), len(WORKER_TOOK.findall(text))
+                self.check(f"{site}: site worker answered its messages", answered > 0 and took > 0,
+                           f"{answered} messages, {took} of them taken from the SuperNode without a process")
             ran = str(self.run_config.get("phases", "abc"))  # a run of phase A alone leaves no B or C artifact
             for phase, artifact in PHASE_ARTIFACTS.items():
                 if phase.removeprefix("phase_") in ran:
