@@ -10,11 +10,13 @@ and their ratio (target <= 1.2). Deployed round times come from the moment each 
 reached `flwr log --stream`, so they are good to about a second.
 
 Why the deployment costs more (Flower 1.42, read in flwr/supernode): a SuperNode with nothing to do sleeps 3 s
-before it asks the SuperLink again (start_client_internal.py), and every message starts a fresh `flwr-clientapp`
-process that unpacks the app, imports it and reads the site's records: both isolation modes ("subprocess",
-where the SuperNode starts it, and "process", where something else does) run one process per message. With
-the site worker (client/site_worker.py, on by default) that process only hands the message to a long-lived
-worker that keeps torch imported and the records read; --also-without-worker measures the bare path beside it.
+before it asks the SuperLink again (start_client_internal.py), the ServerApp's grid sleeps 3 s between asks for
+replies, and every message starts a fresh `flwr-clientapp` process that unpacks the app, imports it and reads the
+site's records: both isolation modes run one process per message. The kit's answers: the site worker
+(client/site_worker.py, on by default) keeps torch imported and the records read, and takes the SuperNode's tasks
+itself (client/task_taker.py), so no process starts per message; the SuperNode starts with a 1 s idle poll
+(pmlm/deploy/supernode.py) and the coordinator asks for replies after 0.1 s, backing off to 1 s
+(server/reply_polling.py). --also-without-worker measures the bare path (a process per message) beside it.
 """
 
 from __future__ import annotations
