@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ def train_settings(cfg: PhaseAConfig, seed: int) -> TrainSettings:
 # Reading records is the slow part; a site process reads its directory once per profile, and again only when
 # its record files change (a long-lived site worker must see the next export, not keep its first read).
 _EXAMPLES: dict[tuple[str, str], tuple[tuple, list[Example]]] = {}
+_READING = threading.Lock()  # the site worker reads ahead in a thread while a message may ask for the same records
 
 
 def records_now(data_dir: Path) -> tuple:
@@ -70,12 +72,13 @@ def records_now(data_dir: Path) -> tuple:
 
 def site_examples(data_dir: Path, site_id: str, profile: TaskProfile) -> list[Example]:
     key = (str(Path(data_dir).resolve()), profile.name)
-    files = records_now(data_dir)  # before reading: a file changed while it is read is read again next time
-    kept = _EXAMPLES.get(key)
-    if kept is None or kept[0] != files:
-        site, _ = load_site(site_id, Path(data_dir), profile, progress=False)
-        _EXAMPLES[key] = (files, site.examples)
-    return _EXAMPLES[key][1]
+    with _READING:
+        files = records_now(data_dir)  # before reading: a file changed while it is read is read again next time
+        kept = _EXAMPLES.get(key)
+        if kept is None or kept[0] != files:
+            site, _ = load_site(site_id, Path(data_dir), profile, progress=False)
+            _EXAMPLES[key] = (files, site.examples)
+        return _EXAMPLES[key][1]
 
 
 def keep_site_examples(data_dir: Path, profile: TaskProfile, examples: list[Example]) -> None:

@@ -193,3 +193,49 @@ def test_a_policy_changed_between_messages_holds_for_the_next_one_in_a_long_live
     assert lowered is not first and lowered.policy.epsilon_total == 1.0
     assert b_lowered is not b_first and b_lowered.budget.epsilon_total == 1.0
     client_app.forget_runs()
+
+
+def test_the_worker_reads_the_records_ahead_once_and_a_message_waits_for_that_read(tmp_path, monkeypatch):
+    """start-supernode.sh passes --data-dir: the worker reads the records while it waits for the first run, and a
+    message that comes during the read uses it instead of reading the same records a second time."""
+    from types import SimpleNamespace
+
+    from pmlm.client import phase_a, site_worker
+    from pmlm.common.phase_a import PhaseAConfig
+    from pmlm.common.profiles import load_profile
+
+    data = tmp_path / "records"
+    data.mkdir()
+    (data / "events.csv").write_text("patient_id,date,code\n")
+    monkeypatch.setattr(phase_a, "_EXAMPLES", {})
+    started, release, reads = threading.Event(), threading.Event(), []
+
+    def slow_load(site_id, data_dir, profile, progress):
+        reads.append(site_id)
+        started.set()
+        release.wait(10)
+        return SimpleNamespace(examples=["e1", "e2"]), None
+
+    monkeypatch.setattr(phase_a, "load_site", slow_load)
+    said = []
+    ahead = threading.Thread(target=site_worker.read_ahead, args=(data, "h1", said.append))
+    ahead.start()
+    assert started.wait(10)
+    asked = []
+    message_thread = threading.Thread(target=lambda: asked.append(
+        phase_a.site_examples(data, "h1", load_profile(PhaseAConfig().profile))))
+    message_thread.start()
+    release.set()
+    ahead.join(10)
+    message_thread.join(10)
+    assert reads == ["h1"] and asked == [["e1", "e2"]]
+    assert said and said[0].startswith("read the records ahead of the first run: 2 examples")
+
+
+def test_a_failed_read_ahead_is_said_and_left_to_the_first_message(tmp_path, monkeypatch):
+    from pmlm.client import phase_a, site_worker
+
+    monkeypatch.setattr(phase_a, "_EXAMPLES", {})
+    said = []
+    site_worker.read_ahead(tmp_path / "no-such-folder", "h1", said.append)
+    assert len(said) == 1 and said[0].startswith("reading the records ahead failed")

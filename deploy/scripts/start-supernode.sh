@@ -41,7 +41,7 @@ elif [[ "$SITE_WORKER" == 1 ]]; then
   # default is 1 s) so that the worker, which looks four times a second, takes nearly every task.
   export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-5}"
   "$worker_python" -m pmlm.client.site_worker --site-dir "$SITE_DIR" --follow-parent \
-    --runtime-api "127.0.0.1:$SUPERNODE_PORT" &
+    --runtime-api "127.0.0.1:$SUPERNODE_PORT" --data-dir "$DATA_DIR" --site-id "$SITE_ID" &
 fi
 if [[ "$SUPERNODE_IDLE_POLL_S" != 3 && -x "$worker_python" ]]; then
   exec "$worker_python" -m pmlm.deploy.supernode "${args[@]}"  # Flower's SuperNode with a shorter idle poll
