@@ -398,7 +398,6 @@ def free_port() -> int:
     raise RuntimeError(f"no free loopback port in {span[0]}-{span[1] - 1}")
 
 
-
 def _ephemeral_range() -> tuple[int, int]:
     try:
         low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())

@@ -11,7 +11,8 @@ SuperLink keeps its state in SQLite; at 0.25 s, ten sites on one machine jammed 
 
 The loop also fetches each message's arrays from the SuperLink right after the message, and an array the
 coordinator is still uploading is asked for again after 1 s, then 2, 4, up to 10 s; here after 0.1 s, at most 1 s
-apart (measured with ten sites on one machine: a site's input took 2-4 s to arrive).
+apart. (With ten sites on one machine a site's input still took 0.8-3.2 s to arrive after this: most of that is
+the SuperLink serving ten SuperNodes on two busy cores, not these waits; bench/README.md.)
 
 The naps are Flower's literals, not settings, so the loop's `time` is swapped for one whose sleep maps them, and
 its `pull_objects` for one with the shorter waits. That is done only when the loop's source still reads as
