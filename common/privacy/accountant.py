@@ -161,30 +161,58 @@ class CalibrationError(ValueError):
     """No noise multiplier in the searched range meets the target."""
 
 
-def smallest_noise_multiplier(fits: Callable[[float], bool], tolerance: float = 1e-3) -> float:
-    """The smallest noise multiplier (within a relative `tolerance`) for which `fits` holds.
+def smallest_noise_multiplier(slack: Callable[[float], float], tolerance: float = 1e-3) -> float:
+    """The smallest noise multiplier (within a relative `tolerance`) whose `slack` is >= 0.
 
-    `fits` must be monotone: once a noise multiplier fits, every larger one does. The answer
-    always fits; it is at most (1 + tolerance) times the true minimum, except for targets so
-    loose that 1/8 already fits (epsilon in the tens for one Gaussian release), where 1/8 is
-    returned: PLDs of tinier multipliers take seconds to build and buy nothing useful.
+    `slack(s)` is what is left of the target once the releases at noise multiplier s are made (target minus
+    epsilon; -inf where s cannot be priced at all). It must not fall as s grows. The answer always has slack
+    >= 0; it is at most (1 + tolerance) times the true minimum, except for targets so loose that 1/8 already
+    fits (epsilon in the tens for one Gaussian release), where 1/8 is returned: PLDs of tinier multipliers
+    take seconds to build and buy nothing useful.
+
+    Each call of `slack` composes a PLD (~0.1 s), and a site calibrates before its first release of every
+    phase, so the search uses the values, not only their signs: epsilon falls roughly as 1/s, so slack is
+    nearly linear in 1/s. A secant guess from the last two values, tried just above the estimated root (then
+    just under the bracket's top), usually closes the bracket in two or three calls where halving it took ten;
+    after three calls in a row on the same side of the root, the bracket is halved instead.
     """
     high = 1.0
-    while not fits(high):
+    high_slack = slack(high)
+    low, low_slack = 0.0, -math.inf
+    while high_slack < 0:
+        low, low_slack = high, high_slack
         high *= 2
         if high > 2**20:
             raise CalibrationError("no noise multiplier up to 2^20 meets the target; is the budget already spent?")
-    low = high / 2
-    while high > 1 / 8 and fits(low):
-        high, low = low, low / 2
-    if high <= 1 / 8:
-        return high
+        high_slack = slack(high)
+    before, last = (low, low_slack), (high, high_slack)
+    if low == 0.0:  # 1 fits: halve down to the first that does not
+        while True:
+            low, low_slack = high / 2, slack(high / 2)
+            before, last = (high, high_slack), (low, low_slack)
+            if low_slack < 0:
+                break
+            high, high_slack = low, low_slack
+            if high <= 1 / 8:
+                return high
+    streak = 0  # guesses in a row on the same side of the root (a secant creeping in from one side)
     while high - low > tolerance * high:
-        middle = (low + high) / 2
-        if fits(middle):
-            high = middle
+        width = high - low
+        guess = (low + high) / 2
+        if streak < 3 and math.isfinite(last[1]) and math.isfinite(before[1]) and last[1] != before[1]:
+            # the secant through the last two values in 1/s (near linear there), kept inside the bracket
+            (s1, v1), (s2, v2) = before, last
+            inverse = 1 / s2 + (1 / s1 - 1 / s2) * v2 / (v2 - v1)
+            root = 1 / inverse if inverse > 0 else high
+            # just above the root, but never above just under the top, where one call that fails closes the bracket
+            guess = max(min(root * (1 + tolerance / 2), high * (1 - 0.99 * tolerance)), low + 0.01 * width)
+        value = slack(guess)
+        streak = streak + 1 if (value >= 0) == (last[1] >= 0) else 1
+        before, last = last, (guess, value)
+        if value >= 0:
+            high, high_slack = guess, value
         else:
-            low = middle
+            low, low_slack = guess, value
     return high
 
 
@@ -201,11 +229,11 @@ def calibrate_dpsgd(
     if target_epsilon <= 0:
         raise CalibrationError(f"target_epsilon must be > 0, got {target_epsilon}")
 
-    def fits(sigma: float) -> bool:
+    def slack(sigma: float) -> float:
         mech = DpSgd(sigma, sampling_rate, steps, clipping_norm=1.0)
-        return Composition(settings, with_rdp=False).with_added(mech).epsilon(delta).pld <= target_epsilon
+        return target_epsilon - Composition(settings, with_rdp=False).with_added(mech).epsilon(delta).pld
 
-    return smallest_noise_multiplier(fits, tolerance)
+    return smallest_noise_multiplier(slack, tolerance)
 
 
 def calibrate_gaussian(
@@ -227,11 +255,11 @@ def calibrate_gaussian(
 @functools.lru_cache(maxsize=1024)
 def _calibrated_gaussian(target_epsilon: float, delta: float, releases: int, settings: AccountantSettings | None,
                          tolerance: float) -> float:
-    def fits(sigma: float) -> bool:
+    def slack(sigma: float) -> float:
         mech = GaussianRelease(sigma, l2_sensitivity=1.0, releases=releases)
-        return Composition(settings, with_rdp=False).with_added(mech).epsilon(delta).pld <= target_epsilon
+        return target_epsilon - Composition(settings, with_rdp=False).with_added(mech).epsilon(delta).pld
 
-    return smallest_noise_multiplier(fits, tolerance)
+    return smallest_noise_multiplier(slack, tolerance)
 
 
 def describe_spent(epsilon: float, budget: float | None = None, rdp: float | None = None, *,

@@ -408,10 +408,10 @@ def verify_ledger(path: Path, trusted_key: Ed25519PublicKey | None = None, *,
 
 
 # The noise search's trials (does this plan fit this ledger's state?), shared by the ledgers of one process: sites
-# with the same budget and history (an in-process consortium, ten or a hundred sites) ask the same ~20 questions,
+# with the same budget and history (an in-process consortium, ten or a hundred sites) ask the same ~10 questions,
 # each a PLD build. Only the search is served from here; the multiplier it finds is priced afresh on the ledger's
 # own state before it is returned, so a memo can change how fast a site calibrates, never what it may spend.
-_SEARCH_TRIALS: dict[tuple, tuple[bool, bool]] = {}
+_SEARCH_TRIALS: dict[tuple, tuple[float, bool]] = {}
 _SEARCH_TRIALS_KEPT = 4096
 
 
@@ -548,7 +548,7 @@ class SiteLedger:
 
         screened_from = math.inf  # every multiplier >= this passed the RDP screen
 
-        def fits(sigma: float) -> bool:
+        def slack(sigma: float) -> float:
             nonlocal screened_from
             mechanisms = merge_repeats(planned(sigma))
             # epsilon only falls as noise grows, so the (costly) RDP screen is needed only below
@@ -559,23 +559,29 @@ class SiteLedger:
                 charge = state.price(phase, mechanisms, rdp=False, screen=screen)
                 if len(_SEARCH_TRIALS) >= _SEARCH_TRIALS_KEPT:
                     _SEARCH_TRIALS.clear()
-                _SEARCH_TRIALS[key] = (within(charge), charge.priced_by_pld)
-            fitted, priced_by_pld = _SEARCH_TRIALS[key]
+                _SEARCH_TRIALS[key] = (left_after(charge), charge.priced_by_pld)
+            left, priced_by_pld = _SEARCH_TRIALS[key]
             if screen and priced_by_pld:
                 screened_from = sigma
-            return fitted
+            return left
 
-        def within(charge: Charge) -> bool:
-            return charge.fits and (phase_cap is None or charge.phase_after.pld <= phase_cap)
+        def left_after(charge: Charge) -> float:
+            """The smallest margin under a cap once the plan is spent (>= 0: it fits; -inf: the screen refused)."""
+            if not charge.priced_by_pld:
+                return -math.inf
+            margins = [charge.phase_cap - charge.phase_after.pld, charge.total_cap - charge.after.pld]
+            if phase_cap is not None:
+                margins.append(phase_cap - charge.phase_after.pld)
+            return min(margins)
 
         with self._locked():
             self._sync()
             state = self._replay.state
             # Search on the plan with runs of identical releases merged (one composition instead
             # of one per round), then confirm on the plan as it will really be composed.
-            sigma = smallest_noise_multiplier(fits, tolerance)
+            sigma = smallest_noise_multiplier(slack, tolerance)
             for _ in range(100):
-                if within(state.price(phase, planned(sigma), rdp=False, screen=False)):
+                if left_after(state.price(phase, planned(sigma), rdp=False, screen=False)) >= 0:
                     return sigma
                 sigma *= 1 + tolerance
             raise CalibrationError(f"no noise multiplier near {sigma:.4g} fits the plan for phase {phase!r}")
