@@ -49,6 +49,15 @@ def read_ahead(data_dir: Path, site_id: str, log) -> None:
     log(f"read the records ahead of the first run: {len(examples)} examples in {time.monotonic() - started:.1f} s")
 
 
+def train_with_threads(threads: int, log) -> None:
+    """Sites sharing a host split its cores: with torch's default (all cores each), ten sites' idle threads spun
+    on the cores the others, their SuperNodes and the SuperLink needed (pmlm deploy local, bench/README.md)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    log(f"training with {threads} torch thread(s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pmlm.client.site_worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--site-dir", type=Path, required=True, help="the SuperNode's site directory")
@@ -58,14 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site-id", help="the site's id (with --data-dir; default: the data folder's name)")
     parser.add_argument("--runtime-api", metavar="HOST:PORT",
                         help="the SuperNode's runtime API: take its ClientApp tasks here instead of a process each")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads for training (default: all cores; sites sharing a host should split them)")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     parent = os.getppid() if args.follow_parent else None
     worker = SiteWorker(args.site_dir, client_app.app, on_new_run=client_app.forget_runs).listen()
+    # What every message's process imported before its first step: once here, and before the read-ahead thread
+    # starts (two threads importing opacus's modules at once failed here with Python's import _DeadlockError).
+    for heavy in ("torch", "opacus", "pmlm.client.phase_a"):
+        importlib.import_module(heavy)
     if args.data_dir:
         threading.Thread(target=read_ahead, args=(args.data_dir, args.site_id or args.data_dir.name, worker.log),
                          name="read-ahead", daemon=True).start()
-    for heavy in ("torch", "opacus"):  # what every message's process imported before its first step: once here
-        importlib.import_module(heavy)
+    if args.threads:
+        train_with_threads(args.threads, worker.log)
     if args.runtime_api:
         start_taking(args.runtime_api, worker.handle, log=worker.log)
     worker.serve_forever(parent_pid=parent)

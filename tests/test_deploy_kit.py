@@ -152,6 +152,35 @@ def test_supernode_script_starts_the_shorter_idle_poll_unless_told_not_to(tmp_pa
     assert args[args.index("--superlink") + 1] == "coordinator.example.org:8000"
 
 
+@pytest.mark.parametrize("threads", ["", "3"])
+def test_supernode_script_starts_the_site_worker_on_the_nodes_runtime_api_and_records(tmp_path, threads):
+    """SITE_WORKER=1: the worker takes the node's tasks from its runtime API, reads the site's records ahead, and
+    trains with SITE_WORKER_THREADS threads when set (all cores when empty)."""
+    python = stub_bin(tmp_path) / "python"
+    python.write_text('#!/usr/bin/env bash\necho "CALL $*"\n')
+    python.chmod(0o755)
+    env = example_env(tmp_path, "hospital.env.example", SITE_WORKER_THREADS=threads)
+    done = run_script(tmp_path, "start-supernode.sh", str(env))
+    assert done.returncode == 0, done.stderr
+    calls = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("CALL ")]
+    worker = next(c for c in calls if c[:2] == ["-m", "pmlm.client.site_worker"])
+    assert any(c[:2] == ["-m", "pmlm.deploy.supernode"] for c in calls)
+    for flag, value in (("--runtime-api", "127.0.0.1:9094"), ("--data-dir", "/srv/ehr-export/pmlm"),
+                        ("--site-id", "hospital_a"), ("--site-dir", str(tmp_path / "state" / "hospital_a"))):
+        assert worker[worker.index(flag) + 1] == value
+    assert ("--threads" in worker) == bool(threads)
+    if threads:
+        assert worker[worker.index("--threads") + 1] == threads
+
+
+def test_a_loopback_rehearsal_splits_the_cores_between_its_sites(tmp_path, monkeypatch):
+    from pmlm.deploy.local import LocalDeployment
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    sites = lambda n: {f"s{i}": tmp_path for i in range(n)}  # noqa: E731
+    assert [LocalDeployment(tmp_path, sites(n)).worker_threads() for n in (1, 3, 8, 10)] == [8, 2, 1, 1]
+
+
 def test_scripts_refuse_missing_settings_and_spaces(tmp_path):
     bad = example_env(tmp_path, "hospital.env.example", NODE_AUTH_KEY="")
     assert run_script(tmp_path, "start-supernode.sh", str(bad)).returncode != 0

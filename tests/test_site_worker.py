@@ -239,3 +239,18 @@ def test_a_failed_read_ahead_is_said_and_left_to_the_first_message(tmp_path, mon
     said = []
     site_worker.read_ahead(tmp_path / "no-such-folder", "h1", said.append)
     assert len(said) == 1 and said[0].startswith("reading the records ahead failed")
+
+
+def test_the_worker_trains_with_the_threads_it_is_given_and_refuses_none(tmp_path):
+    import torch
+
+    from pmlm.client import site_worker
+
+    before, said = torch.get_num_threads(), []
+    try:
+        site_worker.train_with_threads(1, said.append)
+        assert torch.get_num_threads() == 1 and said == ["training with 1 torch thread(s)"]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        site_worker.main(["--site-dir", str(tmp_path), "--threads", "0"])

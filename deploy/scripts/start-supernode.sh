@@ -8,7 +8,7 @@ set -a; source "$1"; set +a
 
 : "${SITE_ID:?}" "${DATA_DIR:?}" "${SITE_DIR:?}" "${SUPERLINK_ADDRESS:?host:port of the SuperLink}"
 : "${SUPERNODE_PORT:=9094}" "${PMLM_TLS:=1}" "${FLWR_HOME:=$SITE_DIR/flwr-home}"
-: "${SUPERNODE_MAX_RETRIES:=}" "${SUPERNODE_MAX_WAIT_S:=}" "${SITE_WORKER:=1}"
+: "${SUPERNODE_MAX_RETRIES:=}" "${SUPERNODE_MAX_WAIT_S:=}" "${SITE_WORKER:=1}" "${SITE_WORKER_THREADS:=}"
 # How soon a message is picked up: the SuperNode's idle poll (pmlm/deploy/supernode.py; 3 s in Flower's own loop).
 : "${SUPERNODE_IDLE_POLL_S:=1}"
 export SUPERNODE_IDLE_POLL_S
@@ -40,8 +40,10 @@ elif [[ "$SITE_WORKER" == 1 ]]; then
   # messages start no process at all. Flower's task launcher remains the fallback: it looks every 5 s (its own
   # default is 1 s) so that the worker, which looks four times a second, takes nearly every task.
   export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-5}"
-  "$worker_python" -m pmlm.client.site_worker --site-dir "$SITE_DIR" --follow-parent \
-    --runtime-api "127.0.0.1:$SUPERNODE_PORT" --data-dir "$DATA_DIR" --site-id "$SITE_ID" &
+  worker_args=(--site-dir "$SITE_DIR" --follow-parent --runtime-api "127.0.0.1:$SUPERNODE_PORT"
+               --data-dir "$DATA_DIR" --site-id "$SITE_ID")
+  [[ -z "$SITE_WORKER_THREADS" ]] || worker_args+=(--threads "$SITE_WORKER_THREADS")
+  "$worker_python" -m pmlm.client.site_worker "${worker_args[@]}" &
 fi
 if [[ "$SUPERNODE_IDLE_POLL_S" != 3 && -x "$worker_python" ]]; then
   exec "$worker_python" -m pmlm.deploy.supernode "${args[@]}"  # Flower's SuperNode with a shorter idle poll

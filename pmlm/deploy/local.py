@@ -198,6 +198,10 @@ class LocalDeployment:
                 raise RuntimeError(f"could not register {site}")
         self.timed("register", t)
 
+    def worker_threads(self) -> int:
+        """Every site runs on this one host: each worker trains with its share of the cores (site_worker.py)."""
+        return max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
+
     def site_dir(self, site: str) -> Path:
         return self.run_dir / "sites" / site
 
@@ -210,7 +214,8 @@ class LocalDeployment:
             "PMLM_TLS": int(self.tls), "CA_CERT": self.keys_dir / "ca.pem",
             "NODE_AUTH_KEY": auth_key or self.keys_dir / site / "node-auth.key",
             "FLWR_HOME": site_dir / "flwr-home", "SUPERNODE_MAX_RETRIES": max_retries,
-            "SUPERNODE_MAX_WAIT_S": "30" if max_retries else "", "SITE_WORKER": int(self.site_worker)})
+            "SUPERNODE_MAX_WAIT_S": "30" if max_retries else "", "SITE_WORKER": int(self.site_worker),
+            "SITE_WORKER_THREADS": self.worker_threads()})
         return self.processes.start(f"supernode {site}", ["bash", str(SCRIPTS / "start-supernode.sh"),
                                                           str(env_file)], self.logs / f"supernode-{site}.log",
                                     env=self.env())
