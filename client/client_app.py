@@ -37,7 +37,7 @@ from pmlm.client.site_policy import PolicyRefusal, SitePolicy
 from pmlm.client.sites import SiteLocation, site_location
 from pmlm.common.phase_a import RECEIVE_ONLY
 from pmlm.common.phase_a import RECORD as PHASE_A_RECORD
-from pmlm.common.phase_a import PhaseAConfig
+from pmlm.common.phase_a import PhaseAConfig, pack_model, unpack_model
 from pmlm.common.phase_b import VECTOR_TASK as PHASE_B_TASK
 from pmlm.common.phase_b import PhaseBConfig, profiles_from_message
 from pmlm.common.phase_c import VECTOR_TASK as PHASE_C_TASK
@@ -154,8 +154,8 @@ def policy_guard(phase: str):
     return wrap
 
 
-def _weights(msg: Message) -> dict[str, torch.Tensor]:
-    return msg.content["arrays"].to_torch_state_dict()
+def _weights(msg: Message, cfg: PhaseAConfig) -> dict[str, torch.Tensor]:
+    return unpack_model(msg.content["arrays"], cfg)
 
 
 @app.train(mods=[hospital_dp_clipping])
@@ -171,9 +171,9 @@ def train(msg: Message, context: Context) -> Message:
         return Message(content=RecordDict({"metrics": MetricRecord({RECEIVE_ONLY: 1.0})}), reply_to=msg)
     held = context.state.config_records.get(PLAN_RECORD)
     state = json.loads(str(held["json"])) if held is not None else {}
-    weights, metrics = site.train_round(_weights(msg), int(config["server-round"]), cfg.run_name, state)
+    weights, metrics = site.train_round(_weights(msg, cfg), int(config["server-round"]), cfg.run_name, state)
     context.state[PLAN_RECORD] = ConfigRecord({"json": json.dumps(state)})
-    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": pack_model(weights), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -185,7 +185,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     split = str(config.get("split", "val"))
     site_policy(context)[1].check_evaluate(split)
     cfg = PhaseAConfig.from_record(config)
-    metrics = site_for(context, cfg).evaluate(_weights(msg), split=split)
+    metrics = site_for(context, cfg).evaluate(_weights(msg, cfg), split=split)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -198,7 +198,7 @@ def store_model(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = PhaseAConfig.from_record(config)
     site = site_for(context, cfg)
-    site.store_global(_weights(msg), int(config["server-round"]), cfg.run_name)
+    site.store_global(_weights(msg, cfg), int(config["server-round"]), cfg.run_name)
     if str(context.node_config.get(ADAPT_KEY, "true")).lower() not in ("false", "0", "no"):
         from pmlm.client.adapt import adapt_after_phase_a
 

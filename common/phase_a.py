@@ -9,9 +9,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from pmlm.common.privacy.budget import PHASE_A_SHARE
-from pmlm.common.profiles import TaskProfile
+from pmlm.common.profiles import TaskProfile, load_profile
 
 if TYPE_CHECKING:
+    import torch
+    from flwr.app import ArrayRecord
+
     from pmlm.common.model import NextEventRecommender, RecommenderConfig
 
 PHASE = "phase_a"
@@ -19,6 +22,10 @@ RECORD = "phase_a"  # phases B and C carry phase A's config under this record na
 QUERY_STORE = "query.store_model"  # the final global model, kept at every site
 # A train reply's metric from a site whose policy receives phase A without training it: the reply has no weights.
 RECEIVE_ONLY = "receive-only"
+# The model travels as one flat array under this name. Flower sends each array of a message as objects of their
+# own (the array and its chunks, each a request to the SuperLink and a row in its database): the model's five
+# tensors made 14 objects a message, one array makes 6, and a deployed round's messages queued on those requests.
+MODEL_ARRAY = "model"
 
 RUN_CONFIG_KEYS = {  # run-config key -> PhaseAConfig field (the budget's keys: PhaseAConfig.from_run_config)
     "num-server-rounds": "rounds", "local-epochs": "local_epochs", "batch-size": "batch_size", "lr": "lr",
@@ -96,3 +103,27 @@ def new_model(cfg: PhaseAConfig, profile: TaskProfile) -> NextEventRecommender:
     from pmlm.common.model import NextEventRecommender
 
     return NextEventRecommender(cfg.model_config(profile))
+
+
+def pack_model(weights: dict[str, torch.Tensor]) -> ArrayRecord:
+    """The model's tensors, in state-dict order, as one flat float32 array (see MODEL_ARRAY)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    flat = np.concatenate([t.detach().cpu().numpy().astype(np.float32, copy=False).ravel() for t in weights.values()])
+    return ArrayRecord({MODEL_ARRAY: Array(flat)})
+
+
+def unpack_model(record: ArrayRecord, cfg: PhaseAConfig) -> dict[str, torch.Tensor]:
+    """The state dict a packed model holds; its layout is the one both sides build from the run's config."""
+    import torch
+
+    if list(record) != [MODEL_ARRAY]:
+        raise ValueError(f"phase A's model arrives as one array {MODEL_ARRAY!r}, got arrays {sorted(record)}")
+    flat = torch.from_numpy(record[MODEL_ARRAY].numpy().astype("float32", copy=True))
+    layout = new_model(cfg, load_profile(cfg.profile)).state_dict()
+    sizes = [t.numel() for t in layout.values()]
+    if flat.ndim != 1 or flat.numel() != sum(sizes):
+        raise ValueError(f"phase A's model has {sum(sizes)} values for this run's config, the array holds "
+                         f"{flat.numel()} in shape {tuple(flat.shape)}")
+    return {name: part.view_as(t).clone() for (name, t), part in zip(layout.items(), flat.split(sizes))}

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
 from pmlm.common.atomic import write_atomic
-from pmlm.common.phase_a import PHASE, QUERY_STORE, RECEIVE_ONLY, PhaseAConfig, new_model
+from pmlm.common.phase_a import PHASE, QUERY_STORE, RECEIVE_ONLY, PhaseAConfig, new_model, pack_model, unpack_model
 from pmlm.common.profiles import load_profile
 from pmlm.server.roster import SiteRoster
 
@@ -100,7 +100,7 @@ def run_phase_a(grid: Grid, context: Context, run: dict, cfg: PhaseAConfig, rost
                                         clipping_norm=float(run.get("hospital-dp-clip", 1.0)),
                                         num_sampled_clients=len(roster.nodes))
     config = ConfigRecord(cfg.to_record())
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.rounds,
+    result = strategy.start(grid=grid, initial_arrays=pack_model(model.state_dict()), num_rounds=cfg.rounds,
                             timeout=timeout, train_config=config,
                             evaluate_config=ConfigRecord({**cfg.to_record(), "split": "val"}))
     final = result.arrays
@@ -115,6 +115,6 @@ def run_phase_a(grid: Grid, context: Context, run: dict, cfg: PhaseAConfig, rost
         "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
     }
-    final.to_torch_state_dict()  # fail loudly here rather than in phase B if the arrays are malformed
+    unpack_model(final, cfg)  # fail loudly here rather than in phase B if the arrays are malformed
     write_atomic(workdir / f"{cfg.run_name}.json", json.dumps(summary, indent=2, default=float))
     context.state["phase-a-result"] = ConfigRecord({"json": json.dumps(summary, default=float)})

@@ -24,7 +24,7 @@ from pmlm.client.client_app import app as client_app
 from pmlm.client.examples import Example, HistoryItem
 from pmlm.client.features import FeatureEncoder, PatientDataset
 from pmlm.client.phase_a import load_global_model
-from pmlm.common.phase_a import PHASE
+from pmlm.common.phase_a import MODEL_ARRAY, PHASE, PhaseAConfig, pack_model, unpack_model
 from pmlm.client.assemble.self_informed import self_informed_features
 from pmlm.common.model import build_model
 from pmlm.common.privacy.ledger import verify_ledger
@@ -89,6 +89,25 @@ def federated_run(tmp_path_factory):
     return {"grid": grid, "summary": summary, "workdir": workdir, "patient_ids": patient_ids, "nodes": nodes}
 
 
+RUN_MODEL = PhaseAConfig(dim=16, max_history=16)  # the model RUN_CONFIG asks for
+
+
+def test_the_model_travels_as_one_array_and_comes_back_whole_or_not_at_all():
+    from flwr.app import Array, ArrayRecord
+
+    weights = build_model(load_profile("obgyn"), dim=16, max_history=16).state_dict()
+    packed = pack_model(weights)
+    assert list(packed) == [MODEL_ARRAY] and packed[MODEL_ARRAY].shape == (sum(t.numel() for t in weights.values()),)
+    back = unpack_model(packed, RUN_MODEL)
+    assert list(back) == list(weights) and all(torch.equal(back[k], weights[k]) for k in weights)
+    with pytest.raises(ValueError, match="values for this run's config"):  # another profile's model
+        unpack_model(packed, PhaseAConfig(profile="chronic", dim=16, max_history=16))
+    with pytest.raises(ValueError, match="one array"):  # the tensors by name, as Flower would send a state dict
+        unpack_model(ArrayRecord(weights), RUN_MODEL)
+    with pytest.raises(ValueError, match="values for this run's config"):
+        unpack_model(ArrayRecord({MODEL_ARRAY: Array(np.zeros((2, 3), dtype=np.float32))}), RUN_MODEL)
+
+
 def test_model_accepts_points_or_patients_and_embeds_on_the_unit_sphere():
     model = build_model(50, dim=16, max_history=8)
     history = torch.randint(1, 40, (3, 5, 8, 4)) % torch.tensor([300, 9, 13, 6])
@@ -121,8 +140,9 @@ def test_training_runs_and_sends_only_weight_updates(federated_run):
             assert content["metrics"]["num-examples"] == 1.0
             assert list(content.array_records) == ["arrays"]
             arrays = content["arrays"]
-            assert set(arrays) == model_keys  # exactly the model's parameters: no `_module.`, no extra arrays
-            state = arrays.to_torch_state_dict()
+            assert list(arrays) == [MODEL_ARRAY]  # one flat array, exactly the model's parameters: nothing extra
+            state = unpack_model(arrays, RUN_MODEL)
+            assert set(state) == model_keys  # no `_module.` (Opacus's wrapper) either
             reference = build_model(load_profile("obgyn"), dim=16, max_history=16).state_dict()
             assert all(state[k].shape == reference[k].shape for k in reference)
         else:
@@ -283,7 +303,7 @@ def test_a_receive_only_site_sends_no_weights_pays_nothing_and_keeps_the_average
             assert metrics == {"receive-only": 1.0} and not reply.content.array_records  # nothing of its records
             receipts += 1
         else:
-            last_round[node] = reply.content["arrays"].to_torch_state_dict()
+            last_round[node] = unpack_model(reply.content["arrays"], RUN_MODEL)
     assert len(last_round) == 2
     # The final model every site keeps is the plain mean of the two trained updates of the last round.
     updates = list(last_round.values())
