@@ -129,7 +129,7 @@ def test_noise_search_finds_the_smallest_fitting_multiplier_in_a_few_calls():
     from pmlm.common.privacy.accountant import smallest_noise_multiplier
 
     for power in (0.5, 1.0, 2.0):
-        for root in (2.3, 5.1, 11.7):  # 2, 3 and 4 calls to bracket
+        for root in (2.3, 5.1, 11.7):  # 2 or 3 calls to bracket, from the first guess of 4
             target, calls = 5.94 / root**power, []
 
             def slack(s):

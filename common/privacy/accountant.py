@@ -161,6 +161,11 @@ class CalibrationError(ValueError):
     """No noise multiplier in the searched range meets the target."""
 
 
+# Where the search starts: near the multipliers of this product's budgets (DP-SGD at a few epsilon needs about 4), and
+# high rather than low, as a PLD's cost grows as the noise shrinks (0.4 s at 1 against 0.09 s at 4, in a ledger).
+FIRST_GUESS = 4.0
+
+
 def smallest_noise_multiplier(slack: Callable[[float], float], tolerance: float = 1e-3) -> float:
     """The smallest noise multiplier (within a relative `tolerance`) whose `slack` is >= 0.
 
@@ -176,7 +181,7 @@ def smallest_noise_multiplier(slack: Callable[[float], float], tolerance: float 
     just under the bracket's top), usually closes the bracket in two or three calls where halving it took ten;
     after three calls in a row on the same side of the root, the bracket is halved instead.
     """
-    high = 1.0
+    high = FIRST_GUESS
     high_slack = slack(high)
     low, low_slack = 0.0, -math.inf
     while high_slack < 0:
@@ -186,7 +191,7 @@ def smallest_noise_multiplier(slack: Callable[[float], float], tolerance: float 
             raise CalibrationError("no noise multiplier up to 2^20 meets the target; is the budget already spent?")
         high_slack = slack(high)
     before, last = (low, low_slack), (high, high_slack)
-    if low == 0.0:  # 1 fits: halve down to the first that does not
+    if low == 0.0:  # the first guess fits: halve down to the first that does not
         while True:
             low, low_slack = high / 2, slack(high / 2)
             before, last = (high, high_slack), (low, low_slack)
