@@ -191,6 +191,25 @@ def test_phases_calibrated_on_composed_caps_spend_the_budget_and_never_more(tmp_
     assert b < b_split / 1.8 and c < c_split / 1.8
 
 
+def test_a_phase_priced_from_the_units_composition_matches_dp_accounting_on_its_own_releases():
+    """While the unit's releases are all one phase's, the phase's PLD is taken from the unit's composition instead of
+    being composed again; once another phase has released, each phase composes only its own."""
+    state = BudgetState(BudgetConfig(8.0, DELTA, {"phase_a": 0.5, "phase_b": 0.5}), AccountantSettings())
+    first, second = DpSgd(2.0, 0.5, 4, 1.0), DpSgd(2.5, 0.5, 4, 1.0)
+    for charge in (state.price("phase_a", first), state.price("phase_a", first, rdp=False)):
+        assert charge.phase_after.pld == pytest.approx(direct([sgd_event(2.0, 0.5, 4)])[0], abs=1e-9)
+        assert charge.phase_after.pld == charge.after.pld
+    state.commit(state.price("phase_a", first))
+    both = direct([sgd_event(2.0, 0.5, 4), sgd_event(2.5, 0.5, 4)])[0]
+    assert state.price("phase_a", second).phase_after.pld == pytest.approx(both, abs=1e-9)
+    other = state.price("phase_b", second)  # phase B has released nothing: its own PLD is the new release alone
+    assert other.phase_after.pld == pytest.approx(direct([sgd_event(2.5, 0.5, 4)])[0], abs=1e-9)
+    assert other.after.pld == pytest.approx(both, abs=1e-9)
+    state.commit(other)
+    assert state.price("phase_a", second).phase_after.pld == pytest.approx(both, abs=1e-9)  # A's own two, not B's
+    assert state.spent().pld == pytest.approx(both, abs=1e-9) and math.isnan(state.spent(phase="phase_a").rdp)
+
+
 def test_budget_config_validation_and_caps():
     budget = BudgetConfig(8.0, 1e-5, {"phase_a": 0.5, "phase_b": 0.25, "phase_c": 0.25})
     assert budget.phase_cap("phase_b") == 2.0

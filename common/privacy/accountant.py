@@ -122,6 +122,12 @@ class Composition:
         trial.releases += len(events)
         return trial
 
+    def without_rdp(self) -> "Composition":
+        """A PLD-only copy (what a phase composition is), for a phase whose history is the unit's whole history."""
+        trial = copy.deepcopy(self)
+        trial._rdp = None
+        return trial
+
     def epsilon(self, delta: float) -> Epsilons:
         if self.releases == 0:
             return Epsilons(0.0, 0.0 if self._rdp is not None else math.nan)

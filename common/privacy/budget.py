@@ -225,7 +225,11 @@ class BudgetState:
             unit_after = phase_after = None
             after, phase_after_eps = Epsilons(math.inf, screen_rdp), Epsilons(math.inf, math.nan)
         else:
-            phase_after = phase_before.with_added(mechanisms)
+            # While every release of the unit is this phase's (a site's first phase, every calibration of it), the
+            # phase's PLD is the unit's: composing it again doubled the cost of each price.
+            same = (phase_before.history == unit_before.history and not unit_before.pld_skipped
+                    and not phase_before.pld_skipped)
+            phase_after = unit_after.without_rdp() if same else phase_before.with_added(mechanisms)
             after, phase_after_eps = unit_after.epsilon(delta), phase_after.epsilon(delta)
         return Charge(
             phase=phase,
