@@ -133,7 +133,7 @@ class SiteWorker:
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._run_id: int | None = None
-        self._one_at_a_time = threading.Lock()
+        self.one_at_a_time = threading.Lock()  # held while a message is answered (and while the worker warms up)
 
     def listen(self) -> "SiteWorker":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +210,7 @@ class SiteWorker:
         SuperNode (client/task_taker.py); one at a time, as a SuperNode sends them."""
         started = time.monotonic()
         kind = message.metadata.message_type
-        with self._one_at_a_time:
+        with self.one_at_a_time:
             try:
                 self._check_site(context)
                 self._forget_other_runs(context.run_id)

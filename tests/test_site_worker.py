@@ -254,3 +254,37 @@ def test_the_worker_trains_with_the_threads_it_is_given_and_refuses_none(tmp_pat
         torch.set_num_threads(before)
     with pytest.raises(SystemExit):
         site_worker.main(["--site-dir", str(tmp_path), "--threads", "0"])
+
+
+def test_the_worker_warms_up_under_its_message_lock_and_keeps_and_writes_nothing(tmp_path, monkeypatch):
+    """After reading ahead, one throwaway DP-SGD epoch on a few training patients, holding the lock messages are
+    answered under (training seeds torch's generator); nothing is written, and a failure only costs the head start."""
+    import random
+
+    from pmlm.client import phase_a, site_worker, train
+    from test_phase_a import _write_site
+
+    data = tmp_path / "records" / "h1"
+    _write_site(data, "h1", 14, random.Random(3))
+    monkeypatch.setattr(phase_a, "_EXAMPLES", {})
+    lock, said, trained = threading.Lock(), [], []
+    real = train.train_local
+
+    def spy(model, dataset, settings, *args, **kwargs):
+        trained.append((lock.locked(), settings.noise_multiplier, len(dataset)))
+        return real(model, dataset, settings, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_local", spy)
+    before = sorted(tmp_path.rglob("*"))
+    site_worker.read_ahead(data, "h1", said.append, warm_under=lock)
+    assert trained == [(True, 1.0, site_worker.WARM_UP_PATIENTS)] and not lock.locked()
+    assert said[-1].startswith("warmed up for the first run") and sorted(tmp_path.rglob("*")) == before
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernels today")
+
+    monkeypatch.setattr(train, "train_local", broken)
+    monkeypatch.setattr(phase_a, "_EXAMPLES", {})
+    said.clear()
+    site_worker.read_ahead(data, "h1", said.append, warm_under=lock)
+    assert said[-1].startswith("warming up failed (RuntimeError: no kernels today)") and not lock.locked()
