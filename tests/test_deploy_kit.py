@@ -324,3 +324,22 @@ def test_listening_ports_are_picked_outside_the_range_outgoing_connections_use()
     assert all(not low <= p <= high and p >= 1024 for p in ports), (low, high, ports)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", ports[-1]))  # still free to listen on
+
+
+def test_the_rehearsal_lets_each_site_worker_warm_up_before_the_run_and_never_waits_forever(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from pmlm.deploy import local
+
+    lines = {"a": "site worker: read the records ahead of the first run: 9 examples in 0.1 s\n", "b": ""}
+    alive = SimpleNamespace(poll=lambda: None)
+    nodes = [SimpleNamespace(name=n, process=alive, log_text=lambda n=n: lines[n]) for n in lines]
+    deployment = local.LocalDeployment(tmp_path, {"a": tmp_path, "b": tmp_path})
+    monkeypatch.setattr(local, "WORKER_READY_TIMEOUT_S", 1.0)
+    deployment.wait_workers_ready(nodes)  # neither has warmed up: it gives up after the timeout, failing nothing
+    assert 1.0 <= deployment.timings["workers_ready"] < 5 and not deployment.checks
+    lines["a"] += "site worker: warmed up for the first run (a throwaway DP-SGD epoch on 8 patients) in 2.0 s\n"
+    lines["b"] = "site worker: reading the records ahead failed (FileNotFoundError: x); the first message reads them\n"
+    monkeypatch.setattr(local, "WORKER_READY_TIMEOUT_S", 30.0)
+    deployment.wait_workers_ready(nodes)
+    assert deployment.timings["workers_ready"] < 1.0

@@ -61,6 +61,10 @@ class Check:
 
 
 WORKER_ANSWERED = re.compile(r"^site worker: \S+ answered in ", re.MULTILINE)
+# client/site_worker.py read_ahead: done reading and warming up, or given up on either
+WORKER_READY = re.compile(r"^site worker: (warmed up for the first run|warming up failed|reading the records ahead "
+                          r"failed)", re.MULTILINE)
+WORKER_READY_TIMEOUT_S = 120.0
 WORKER_TOOK = re.compile(r"^site worker: took the \S+ task itself", re.MULTILINE)  # client/task_taker.py
 
 
@@ -127,6 +131,8 @@ class LocalDeployment:
             nodes = [self.start_supernode(site) for site in self.sites]
             rogue = self.start_unregistered_supernode() if self.tls else None
             self.wait_nodes_online(nodes)
+            if self.site_worker:
+                self.wait_workers_ready(nodes)
             if rogue is not None:
                 self.check_unregistered_refused(rogue)
             if self.all_ok():
@@ -243,6 +249,19 @@ class LocalDeployment:
         wait_for(all_online, STARTUP_TIMEOUT_S, 2.0, what=f"{len(nodes)} SuperNodes online at the SuperLink")
         self.check(f"{len(nodes)} SuperNodes online", True, ", ".join(sorted(online)))
         self.timed("supernodes_online", t)
+
+    def wait_workers_ready(self, nodes: list[Started]) -> None:
+        """Let each site worker read its records and warm up before the run starts, as a hospital's worker has long
+        before a consortium's run (client/site_worker.py); a worker that is slow or failed only loses its head
+        start, so this waits at most WORKER_READY_TIMEOUT_S and checks nothing."""
+        t = time.monotonic()
+        try:
+            wait_for(lambda: all(WORKER_READY.search(n.log_text()) or not _alive(n) for n in nodes),
+                     WORKER_READY_TIMEOUT_S, 0.5, what="the site workers to warm up")
+        except TimeoutError:
+            print(f"  (site workers not all warmed up after {WORKER_READY_TIMEOUT_S:.0f} s: starting the run anyway)",
+                  flush=True)
+        self.timed("workers_ready", t)
 
     def check_unregistered_refused(self, rogue: Started) -> None:
         t = time.monotonic()
