@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from pmlm.client.adapt import (
     BLEND,
@@ -29,7 +29,7 @@ from pmlm.client.egress import SPOOL_ENV, fields_outside_public_list, read_egres
 from pmlm.client.examples import Example, HistoryItem
 from pmlm.client.phase_a import SitePhaseA, load_global_model
 from pmlm.common.metrics import patient_bootstrap, percentile_interval
-from pmlm.common.phase_a import PhaseAConfig, new_model
+from pmlm.common.phase_a import PhaseAConfig, new_model, pack_model
 from pmlm.common.profiles import load_profile
 from pmlm.common.site_layout import LEDGER_PATH, SITE_RECOMMENDER_DIR
 from pmlm.pipeline.site_recommenders import site_table
@@ -179,7 +179,7 @@ def _store_request(weights: dict, cfg: PhaseAConfig) -> Message:
     """The coordinator's query.store_model as a SuperNode delivers it: the final weights and phase A's config."""
     meta = Metadata(run_id=7, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
                     created_at=time.time(), ttl=3600.0, message_type="query.store_model")
-    content = RecordDict({"arrays": ArrayRecord(weights),
+    content = RecordDict({"arrays": pack_model(weights),
                           "config": ConfigRecord({**cfg.to_record(), "server-round": cfg.rounds})})
     return Message(content=content, metadata=meta)
 

@@ -20,7 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from pmlm.client.client_app import app as client_app
 from pmlm.client.examples import Example
-from pmlm.common.phase_a import PhaseAConfig, new_model
+from pmlm.common.phase_a import PhaseAConfig, new_model, pack_model
 from pmlm.client.phase_c import sampled_points
 from pmlm.client.reward import ConceptMatcher
 from pmlm.client.rl import LocalRL, RLConfig
@@ -82,7 +82,7 @@ def phase_a_config(**asked) -> dict:
 
 def weights() -> ArrayRecord:
     cfg = PhaseAConfig(dim=16, max_history=16)
-    return ArrayRecord(new_model(cfg, load_profile("obgyn")).state_dict())
+    return pack_model(new_model(cfg, load_profile("obgyn")).state_dict())
 
 
 def refused(node: dict, reply: Message, limit: str) -> dict:
