@@ -60,19 +60,17 @@ WARM_UP_PATIENTS = 8
 
 
 def warm_up(examples, log) -> None:
-    """One throwaway DP-SGD epoch on a few of the site's training patients, and one composition of each accountant,
-    before the first run. In a fresh process the first DP-SGD epoch took 0.72 s against 0.07 s for the next
-    (Opacus's hooks, torch's first kernels) and the first noise calibration twice a warm one; ten sites sharing
-    two cores paid that in their first round, where the in-process runtime pays it once. The model is discarded
-    and nothing is recorded or sent (nothing is released, so there is no ledger entry). The caller holds the
-    worker's message lock: training seeds torch's generator, and a message's DP noise must not share it."""
+    """One throwaway DP-SGD epoch on a few of the site's training patients before the first run. In a fresh process
+    the first DP-SGD epoch took 0.72 s against 0.07 s for the next (Opacus's hooks, torch's first kernels); ten
+    sites sharing two cores paid that in their first round, where the in-process runtime pays it once. The model
+    is discarded and nothing is recorded or sent (nothing is released, so there is no ledger entry). The caller
+    holds the worker's message lock: training seeds torch's generator, and a message's DP noise must not share it."""
     import secrets
 
     from pmlm.client.features import FeatureEncoder, PatientDataset
     from pmlm.client.phase_a import train_settings
     from pmlm.client.train import train_local
     from pmlm.common.phase_a import PhaseAConfig, new_model
-    from pmlm.common.privacy import DpSgd, compose_epsilon
     from pmlm.common.profiles import load_profile
 
     started = time.monotonic()
@@ -87,14 +85,13 @@ def warm_up(examples, log) -> None:
     dataset = PatientDataset(chosen, FeatureEncoder(profile, cfg.max_history), cfg.points_per_patient,
                              seed=secrets.randbits(32))
     train_local(new_model(cfg, profile), dataset, settings)
-    compose_epsilon([DpSgd(4.0, cfg.sampling_rate, 2, cfg.patient_clip)], cfg.delta)
     log(f"warmed up for the first run (a throwaway DP-SGD epoch on {len(patients)} patients, nothing kept or "
         f"sent) in {time.monotonic() - started:.1f} s")
 
 
 def train_with_threads(threads: int, log) -> None:
-    """Sites sharing a host split its cores: with torch's default (all cores each), ten sites' idle threads spun
-    on the cores the others, their SuperNodes and the SuperLink needed (pmlm deploy local, bench/README.md)."""
+    """Sites sharing a host split its cores: ten workers on two cores, each with torch's default (all cores), took
+    4.4-9 s for a round's training; with one thread each, 3.6-3.7 s (pmlm deploy local, bench/README.md)."""
     import torch
 
     torch.set_num_threads(threads)
