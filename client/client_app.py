@@ -173,7 +173,7 @@ def train(msg: Message, context: Context) -> Message:
     state = json.loads(str(held["json"])) if held is not None else {}
     weights, metrics = site.train_round(_weights(msg, cfg), int(config["server-round"]), cfg.run_name, state)
     context.state[PLAN_RECORD] = ConfigRecord({"json": json.dumps(state)})
-    content = RecordDict({"arrays": pack_model(weights), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": pack_model(weights, cfg), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 

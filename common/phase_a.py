@@ -105,13 +105,23 @@ def new_model(cfg: PhaseAConfig, profile: TaskProfile) -> NextEventRecommender:
     return NextEventRecommender(cfg.model_config(profile))
 
 
-def pack_model(weights: dict[str, torch.Tensor]) -> ArrayRecord:
-    """The model's tensors, in state-dict order, as one flat float32 array (see MODEL_ARRAY)."""
+def pack_model(weights: dict[str, torch.Tensor], cfg: PhaseAConfig) -> ArrayRecord:
+    """The model's tensors as one flat float32 array (see MODEL_ARRAY), in the order of the layout both sides build
+    from the run's config: tensors of other names or shapes are refused rather than packed out of place."""
     import numpy as np
     from flwr.app import Array, ArrayRecord
 
-    flat = np.concatenate([t.detach().cpu().numpy().astype(np.float32, copy=False).ravel() for t in weights.values()])
+    layout = _layout(cfg)
+    if list(weights) != list(layout) or any(weights[k].shape != t.shape for k, t in layout.items()):
+        raise ValueError(f"these weights are not phase A's model for this run's config: got "
+                         f"{ {k: tuple(t.shape) for k, t in weights.items()} }, expected "
+                         f"{ {k: tuple(t.shape) for k, t in layout.items()} }")
+    flat = np.concatenate([weights[k].detach().cpu().numpy().astype(np.float32, copy=False).ravel() for k in layout])
     return ArrayRecord({MODEL_ARRAY: Array(flat)})
+
+
+def _layout(cfg: PhaseAConfig) -> dict[str, torch.Tensor]:
+    return new_model(cfg, load_profile(cfg.profile)).state_dict()
 
 
 def unpack_model(record: ArrayRecord, cfg: PhaseAConfig) -> dict[str, torch.Tensor]:
@@ -121,7 +131,7 @@ def unpack_model(record: ArrayRecord, cfg: PhaseAConfig) -> dict[str, torch.Tens
     if list(record) != [MODEL_ARRAY]:
         raise ValueError(f"phase A's model arrives as one array {MODEL_ARRAY!r}, got arrays {sorted(record)}")
     flat = torch.from_numpy(record[MODEL_ARRAY].numpy().astype("float32", copy=True))
-    layout = new_model(cfg, load_profile(cfg.profile)).state_dict()
+    layout = _layout(cfg)
     sizes = [t.numel() for t in layout.values()]
     if flat.ndim != 1 or flat.numel() != sum(sizes):
         raise ValueError(f"phase A's model has {sum(sizes)} values for this run's config, the array holds "

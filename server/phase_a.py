@@ -100,7 +100,7 @@ def run_phase_a(grid: Grid, context: Context, run: dict, cfg: PhaseAConfig, rost
                                         clipping_norm=float(run.get("hospital-dp-clip", 1.0)),
                                         num_sampled_clients=len(roster.nodes))
     config = ConfigRecord(cfg.to_record())
-    result = strategy.start(grid=grid, initial_arrays=pack_model(model.state_dict()), num_rounds=cfg.rounds,
+    result = strategy.start(grid=grid, initial_arrays=pack_model(model.state_dict(), cfg), num_rounds=cfg.rounds,
                             timeout=timeout, train_config=config,
                             evaluate_config=ConfigRecord({**cfg.to_record(), "split": "val"}))
     final = result.arrays

@@ -179,7 +179,7 @@ def _store_request(weights: dict, cfg: PhaseAConfig) -> Message:
     """The coordinator's query.store_model as a SuperNode delivers it: the final weights and phase A's config."""
     meta = Metadata(run_id=7, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
                     created_at=time.time(), ttl=3600.0, message_type="query.store_model")
-    content = RecordDict({"arrays": pack_model(weights),
+    content = RecordDict({"arrays": pack_model(weights, cfg),
                           "config": ConfigRecord({**cfg.to_record(), "server-round": cfg.rounds})})
     return Message(content=content, metadata=meta)
 

@@ -82,7 +82,7 @@ def phase_a_config(**asked) -> dict:
 
 def weights() -> ArrayRecord:
     cfg = PhaseAConfig(dim=16, max_history=16)
-    return pack_model(new_model(cfg, load_profile("obgyn")).state_dict())
+    return pack_model(new_model(cfg, load_profile("obgyn")).state_dict(), cfg)
 
 
 def refused(node: dict, reply: Message, limit: str) -> dict:

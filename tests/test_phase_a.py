@@ -96,7 +96,7 @@ def test_the_model_travels_as_one_array_and_comes_back_whole_or_not_at_all():
     from flwr.app import Array, ArrayRecord
 
     weights = build_model(load_profile("obgyn"), dim=16, max_history=16).state_dict()
-    packed = pack_model(weights)
+    packed = pack_model(weights, RUN_MODEL)
     assert list(packed) == [MODEL_ARRAY] and packed[MODEL_ARRAY].shape == (sum(t.numel() for t in weights.values()),)
     back = unpack_model(packed, RUN_MODEL)
     assert list(back) == list(weights) and all(torch.equal(back[k], weights[k]) for k in weights)
@@ -106,6 +106,11 @@ def test_the_model_travels_as_one_array_and_comes_back_whole_or_not_at_all():
         unpack_model(ArrayRecord(weights), RUN_MODEL)
     with pytest.raises(ValueError, match="values for this run's config"):
         unpack_model(ArrayRecord({MODEL_ARRAY: Array(np.zeros((2, 3), dtype=np.float32))}), RUN_MODEL)
+    reordered = dict(reversed(list(weights.items())))  # same tensors, another order: never packed out of place
+    with pytest.raises(ValueError, match="not phase A's model"):
+        pack_model(reordered, RUN_MODEL)
+    with pytest.raises(ValueError, match="not phase A's model"):
+        pack_model(weights, PhaseAConfig(profile="chronic", dim=16, max_history=16))
 
 
 def test_model_accepts_points_or_patients_and_embeds_on_the_unit_sphere():
