@@ -5,6 +5,7 @@ site and averages it (FedAvg): client/phase_a.py is a site's side, server/phase_
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -112,28 +113,38 @@ def pack_model(weights: dict[str, torch.Tensor], cfg: PhaseAConfig) -> ArrayReco
     from flwr.app import Array, ArrayRecord
 
     layout = _layout(cfg)
-    if list(weights) != list(layout) or any(weights[k].shape != t.shape for k, t in layout.items()):
+    if [(k, tuple(t.shape)) for k, t in weights.items()] != list(layout):
         raise ValueError(f"these weights are not phase A's model for this run's config: got "
-                         f"{ {k: tuple(t.shape) for k, t in weights.items()} }, expected "
-                         f"{ {k: tuple(t.shape) for k, t in layout.items()} }")
-    flat = np.concatenate([weights[k].detach().cpu().numpy().astype(np.float32, copy=False).ravel() for k in layout])
+                         f"{ {k: tuple(t.shape) for k, t in weights.items()} }, expected {dict(layout)}")
+    flat = np.concatenate([t.detach().cpu().numpy().astype(np.float32, copy=False).ravel() for t in weights.values()])
     return ArrayRecord({MODEL_ARRAY: Array(flat)})
-
-
-def _layout(cfg: PhaseAConfig) -> dict[str, torch.Tensor]:
-    return new_model(cfg, load_profile(cfg.profile)).state_dict()
 
 
 def unpack_model(record: ArrayRecord, cfg: PhaseAConfig) -> dict[str, torch.Tensor]:
     """The state dict a packed model holds; its layout is the one both sides build from the run's config."""
+    import math
+
     import torch
 
     if list(record) != [MODEL_ARRAY]:
         raise ValueError(f"phase A's model arrives as one array {MODEL_ARRAY!r}, got arrays {sorted(record)}")
     flat = torch.from_numpy(record[MODEL_ARRAY].numpy().astype("float32", copy=True))
     layout = _layout(cfg)
-    sizes = [t.numel() for t in layout.values()]
+    sizes = [math.prod(shape) for _, shape in layout]
     if flat.ndim != 1 or flat.numel() != sum(sizes):
         raise ValueError(f"phase A's model has {sum(sizes)} values for this run's config, the array holds "
                          f"{flat.numel()} in shape {tuple(flat.shape)}")
-    return {name: part.view_as(t).clone() for (name, t), part in zip(layout.items(), flat.split(sizes))}
+    return {name: part.view(shape).clone() for (name, shape), part in zip(layout, flat.split(sizes))}
+
+
+def _layout(cfg: PhaseAConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, shape) of each of the model's tensors, in state-dict order."""
+    return _layout_of(cfg.model_config(load_profile(cfg.profile)))
+
+
+@functools.lru_cache(maxsize=8)
+def _layout_of(model_config: RecommenderConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # Built once per model config: every phase-A message unpacks, and every train reply packs, a model.
+    from pmlm.common.model import NextEventRecommender
+
+    return tuple((k, tuple(t.shape)) for k, t in NextEventRecommender(model_config).state_dict().items())

@@ -173,6 +173,13 @@ class Charge:
     def fits(self) -> bool:
         return self.exceeded is None
 
+    @property
+    def margin(self) -> float:
+        """How far under both caps the release leaves the unit (>= 0 exactly when it fits; -inf when unpriced)."""
+        if not self.priced_by_pld:
+            return -math.inf
+        return min(self.phase_cap - self.phase_after.pld, self.total_cap - self.after.pld)
+
 
 class BudgetState:
     """Running compositions of one site's releases: per privacy unit, and per unit and phase."""

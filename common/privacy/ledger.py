@@ -566,13 +566,10 @@ class SiteLedger:
             return left
 
         def left_after(charge: Charge) -> float:
-            """The smallest margin under a cap once the plan is spent (>= 0: it fits; -inf: the screen refused)."""
-            if not charge.priced_by_pld:
-                return -math.inf
-            margins = [charge.phase_cap - charge.phase_after.pld, charge.total_cap - charge.after.pld]
-            if phase_cap is not None:
-                margins.append(phase_cap - charge.phase_after.pld)
-            return min(margins)
+            """The charge's margin, under this plan's own phase cap too (>= 0: it fits)."""
+            if phase_cap is None:
+                return charge.margin
+            return min(charge.margin, phase_cap - charge.phase_after.pld)
 
         with self._locked():
             self._sync()
