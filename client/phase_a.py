@@ -34,10 +34,10 @@ from pmlm.client.features import FeatureEncoder, PatientDataset
 from pmlm.client.ingest import list_record_files
 from pmlm.client.site_policy import SitePolicy
 from pmlm.client.sites import load_site
-from pmlm.client.train import TrainSettings, dp_plan, model_state, predict, ranking_metrics, train_local
+from pmlm.client.train import TrainSettings, model_state, predict, ranking_metrics, train_local
 from pmlm.common.atomic import write_atomic
 from pmlm.common.model import NextEventRecommender, RecommenderConfig
-from pmlm.common.phase_a import PHASE, PhaseAConfig, new_model
+from pmlm.common.phase_a import PHASE, PhaseAConfig, dp_plan, new_model, planned_releases
 from pmlm.common.privacy.events import DpSgd
 from pmlm.common.privacy.ledger import SiteLedger
 from pmlm.common.profiles import TaskProfile, load_profile
@@ -118,8 +118,8 @@ class SitePhaseA:
             return state
         q, steps = dp_plan(self.cfg.sampling_rate, self.cfg.local_epochs)
         ledger = self.ledger(run_id)
-        sigma = ledger.calibrate(PHASE, lambda s: [DpSgd(s, q, steps, self.cfg.patient_clip)] * self.cfg.rounds,
-                                 phase_cap=self.caps[PHASE])
+        sigma = ledger.calibrate(PHASE, lambda s: planned_releases(self.cfg, s), phase_cap=self.caps[PHASE],
+                                 near=self.cfg.noise_guess or None)
         plan = {"run": run_id, "noise_multiplier": sigma, "sampling_rate": q, "steps_per_round": steps,
                 "rounds": self.cfg.rounds, "patient_clip": self.cfg.patient_clip,
                 "phase_epsilon_cap": self.caps[PHASE], "opacus_history": []}

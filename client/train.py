@@ -37,6 +37,7 @@ from pmlm.client.examples import Example
 from pmlm.client.features import FeatureEncoder, PatientDataset
 from pmlm.common.metrics import auroc, mean_ignoring_nan, ndcg_at_k, recall_at_k
 from pmlm.common.model import NextEventRecommender
+from pmlm.common.phase_a import dp_plan
 
 # The per-concept weights are trained as weight / DP_CONCEPT_SCALE under DP-SGD: a tenth of the
 # gradient (so of the clipping budget) and a hundredth of the step of an unscaled weight.
@@ -67,16 +68,6 @@ class TrainReport:
     noise_multiplier: float | None = None
     clipping_norm: float | None = None
     opacus_history: list = field(default_factory=list)  # [(sigma, q, steps)] of the site's Opacus RDP accountant
-
-
-def dp_plan(sampling_rate: float, epochs: int) -> tuple[float, int]:
-    """(sampling rate, steps) of `epochs` local epochs of Poisson sampling at `sampling_rate`.
-
-    Both come from public numbers only, never from the site's patient count: under add/remove-one
-    adjacency a rate or a step count that depends on N would publish N (and break the stated epsilon).
-    An epoch is 1/rate steps (the rate's inverse is rounded to a whole number of steps)."""
-    per_epoch = max(1, round(1.0 / sampling_rate))
-    return 1.0 / per_epoch, epochs * per_epoch
 
 
 def patient_loss(model, history, point, targets, mask) -> torch.Tensor:

@@ -9,7 +9,9 @@ import functools
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from pmlm.common.privacy.accountant import AccountantSettings, Composition, merge_repeats, smallest_noise_multiplier
 from pmlm.common.privacy.budget import PHASE_A_SHARE
+from pmlm.common.privacy.events import DpSgd
 from pmlm.common.profiles import TaskProfile, load_profile
 
 if TYPE_CHECKING:
@@ -59,6 +61,10 @@ class PhaseAConfig:
     dim: int = 64  # the patient vector's length (phase B's embedding, phase C's state)
     max_history: int = 64
     run_name: str = "phase-a"
+    # The coordinator's estimate of the DP-SGD noise multiplier a site that has spent nothing calibrates to
+    # (expected_noise_multiplier): where each site's own search starts, two PLD builds instead of six when it is
+    # right. The site's ledger decides the multiplier whatever this says (0: no estimate).
+    noise_guess: float = 0.0
 
     @property
     def private(self) -> bool:
@@ -96,6 +102,37 @@ class PhaseAConfig:
         if "epsilon" in record and "phase_a_epsilon" not in record:  # a coordinator from before the rename
             values["phase_a_epsilon"] = record["epsilon"]
         return cls(**values)
+
+
+def dp_plan(sampling_rate: float, epochs: int) -> tuple[float, int]:
+    """(sampling rate, steps) of `epochs` local epochs of Poisson sampling at `sampling_rate`.
+
+    Both come from public numbers only, never from the site's patient count: under add/remove-one
+    adjacency a rate or a step count that depends on N would publish N (and break the stated epsilon).
+    An epoch is 1/rate steps (the rate's inverse is rounded to a whole number of steps)."""
+    per_epoch = max(1, round(1.0 / sampling_rate))
+    return 1.0 / per_epoch, epochs * per_epoch
+
+
+def planned_releases(cfg: PhaseAConfig, noise_multiplier: float) -> list[DpSgd]:
+    """The run's DP-SGD releases at one site, in order, at `noise_multiplier`: one per round."""
+    q, steps = dp_plan(cfg.sampling_rate, cfg.local_epochs)
+    return [DpSgd(noise_multiplier, q, steps, cfg.patient_clip)] * cfg.rounds
+
+
+def expected_noise_multiplier(cfg: PhaseAConfig) -> float:
+    """The noise multiplier a site that has spent nothing, with a policy that allows the run, calibrates to: the
+    run's phase-A cap over its planned releases (the same search and accountant settings as the site's ledger).
+    A site with a history or a lower cap finds its own; public numbers only. 0 for a non-private run."""
+    if not cfg.private:
+        return 0.0
+    settings = AccountantSettings()
+
+    def slack(sigma: float) -> float:
+        composed = Composition(settings, with_rdp=False).with_added(merge_repeats(planned_releases(cfg, sigma)))
+        return cfg.phase_a_epsilon - composed.epsilon(cfg.delta).pld
+
+    return smallest_noise_multiplier(slack)
 
 
 def new_model(cfg: PhaseAConfig, profile: TaskProfile) -> NextEventRecommender:

@@ -10,6 +10,7 @@ of sites it started with.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +19,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
 from pmlm.common.atomic import write_atomic
-from pmlm.common.phase_a import PHASE, QUERY_STORE, RECEIVE_ONLY, PhaseAConfig, new_model, pack_model, unpack_model
+from pmlm.common.phase_a import (
+    PHASE,
+    QUERY_STORE,
+    RECEIVE_ONLY,
+    PhaseAConfig,
+    expected_noise_multiplier,
+    new_model,
+    pack_model,
+    unpack_model,
+)
 from pmlm.common.profiles import load_profile
 from pmlm.server.roster import SiteRoster
 
@@ -99,6 +109,9 @@ def run_phase_a(grid: Grid, context: Context, run: dict, cfg: PhaseAConfig, rost
         strategy = HospitalDpOverRoster(strategy, noise_multiplier=float(run["hospital-dp-noise"]),
                                         clipping_norm=float(run.get("hospital-dp-clip", 1.0)),
                                         num_sampled_clients=len(roster.nodes))
+    # Where each site's noise search starts (the same search a fresh site runs, once here instead of at every site);
+    # each site still calibrates on its own ledger, so a wrong estimate costs it time, never budget.
+    cfg = dataclasses.replace(cfg, noise_guess=expected_noise_multiplier(cfg))
     config = ConfigRecord(cfg.to_record())
     result = strategy.start(grid=grid, initial_arrays=pack_model(model.state_dict(), cfg), num_rounds=cfg.rounds,
                             timeout=timeout, train_config=config,

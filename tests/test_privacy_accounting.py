@@ -296,3 +296,62 @@ def test_a_wrong_search_memo_can_make_calibration_fail_but_never_overspend(tmp_p
     except CalibrationError:
         return
     assert sigma >= needed / 1.001 and ledger.price("phase_a", GaussianRelease(sigma, 1.0)).fits
+
+
+@pytest.mark.parametrize("mechanisms", [
+    (DpSgd(3.0, 0.5, 4, 0.3),),  # phase A at the sample's rate
+    (DpSgd(1.2, 0.05, 400, 1.0),),  # many steps at a low rate
+    (GaussianRelease(4.0, 1.0), DpSgd(2.0, 0.3, 10, 1.0)),
+    (GaussianRelease(1e-6, 1.0),),  # absurd: the screen's reason to exist
+])
+def test_the_pre_filters_rdp_never_reads_lower_than_dp_accountings_default_orders(mechanisms):
+    """The screen (budget.py's RDP pre-filter) runs at integer orders for speed: it may only err towards refusing,
+    so its epsilon is never below dp-accounting's at its default orders, and close to it where budgets live."""
+    from pmlm.common.privacy.accountant import rdp_epsilon_alone
+
+    screen = rdp_epsilon_alone(mechanisms, DELTA)
+    default = RdpAccountant()
+    for mechanism in mechanisms:
+        default.compose(mechanism.to_dp_event())
+    reference = default.get_epsilon(DELTA)
+    assert screen >= reference
+    if reference < 30:
+        assert screen <= reference * 1.02
+
+
+def test_the_coordinators_noise_estimate_changes_how_long_a_site_searches_never_what_it_finds(tmp_path, monkeypatch):
+    """Phase A's coordinator sends where it expects each site's noise search to end (common/phase_a.py
+    expected_noise_multiplier). A fresh site confirms a right estimate in two prices and the final check; a wrong,
+    absurd or hostile one only costs searching: every answer fits and is the same multiplier within the tolerance."""
+    from pmlm.common.phase_a import PhaseAConfig, expected_noise_multiplier, planned_releases
+    from pmlm.common.privacy import SiteLedger
+    from pmlm.common.privacy import ledger as ledger_module
+
+    cfg = PhaseAConfig.from_run_config({"epsilon": 3.0, "num-server-rounds": 3, "local-epochs": 1})
+    guess = expected_noise_multiplier(cfg)
+    budget = BudgetConfig(3.0, DELTA, {"phase_a": 0.5, "phase_b": 0.5})
+    plan = lambda s: planned_releases(cfg, s)  # noqa: E731
+
+    def calibrate(name: str, near, spent: float | None = None) -> tuple[float, int, SiteLedger]:
+        monkeypatch.setattr(ledger_module, "_SEARCH_TRIALS", {})  # no help from another site's search
+        ledger = SiteLedger(tmp_path / name, name, budget)
+        if spent is not None:
+            ledger.record("phase_b", GaussianRelease(spent, 1.0), round=1)
+        priced, state = [], ledger._replay.state
+        original = state.price
+        state.price = lambda *a, **k: priced.append(k) or original(*a, **k)
+        return ledger.calibrate("phase_a", plan, phase_cap=cfg.phase_a_epsilon, near=near), len(priced), ledger
+
+    alone, alone_prices, _ = calibrate("alone", None)
+    told, told_prices, _ = calibrate("told", guess)
+    assert told == pytest.approx(alone, rel=1e-3) and told == pytest.approx(guess, rel=1e-3)
+    assert told_prices == 3 < alone_prices  # at the estimate, just under it, then the plan as it will be composed
+    for i, near in enumerate([guess * 1.3, guess * 0.7, guess * 1.0005, 1e-9, 1e9, math.nan, math.inf, -4.0]):
+        sigma, _, ledger = calibrate(f"wrong-{i}", near)
+        assert sigma == pytest.approx(alone, rel=1.5e-3), near
+        assert all(ledger.price("phase_a", m).fits for m in plan(sigma)[:1])
+    # A site that has already spent some of its budget needs more noise than the fresh site's estimate, and finds it.
+    budget = BudgetConfig(2.0, DELTA, {"phase_a": 0.75, "phase_b": 0.75})  # the total binds after phase B's release
+    spent, _, _ = calibrate("spent", None, spent=2.6)
+    told_spent, _, ledger = calibrate("spent-told", guess, spent=2.6)
+    assert told_spent == pytest.approx(spent, rel=1.5e-3) and told_spent > guess * 1.01

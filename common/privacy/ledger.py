@@ -533,6 +533,7 @@ class SiteLedger:
         *,
         tolerance: float = 1e-3,
         phase_cap: float | None = None,
+        near: float | None = None,
     ) -> float:
         """The smallest noise multiplier s for which everything in `plan(s)` fits what is left.
 
@@ -541,6 +542,8 @@ class SiteLedger:
         pricing the same sequence the ledger will later compose avoids refusals at the last
         round from composing per round instead of all at once. `phase_cap`: a lower cap on the
         phase's cumulative epsilon for this plan (a run that asked for less than the budget allows).
+        `near`: where the answer is expected (e.g. the coordinator's estimate); it changes how many prices the
+        search takes, never what it finds (accountant.smallest_noise_multiplier).
         """
         def planned(sigma: float) -> list[Mechanism]:
             releases = plan(sigma)
@@ -576,7 +579,7 @@ class SiteLedger:
             state = self._replay.state
             # Search on the plan with runs of identical releases merged (one composition instead
             # of one per round), then confirm on the plan as it will really be composed.
-            sigma = smallest_noise_multiplier(slack, tolerance)
+            sigma = smallest_noise_multiplier(slack, tolerance, near)
             for _ in range(100):
                 if left_after(state.price(phase, planned(sigma), rdp=False, screen=False)) >= 0:
                     return sigma
