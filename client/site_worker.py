@@ -34,9 +34,9 @@ from pmlm.client.task_taker import start_taking
 from pmlm.client.worker_link import SiteWorker
 
 
-def read_ahead(data_dir: Path, site_id: str, log, *, warm_under=None) -> None:
+def read_ahead(data_dir: Path, site_id: str, log, *, warm_under=None, site_dir: Path | None = None) -> None:
     """Read the site's records into the cache phase A's handlers use (client/phase_a.py site_examples); with
-    `warm_under` (the worker's message lock), then warm up under it."""
+    `warm_under` (the worker's message lock), then warm up under it (with `site_dir`, its privacy caps too)."""
     from pmlm.client.phase_a import site_examples
     from pmlm.common.phase_a import PhaseAConfig
     from pmlm.common.profiles import load_profile
@@ -51,7 +51,7 @@ def read_ahead(data_dir: Path, site_id: str, log, *, warm_under=None) -> None:
     if warm_under is not None:
         with warm_under:
             try:
-                warm_up(examples, log)
+                warm_up(examples, log, site_dir=site_dir)
             except Exception as exc:  # only a head start is lost
                 log(f"warming up failed ({type(exc).__name__}: {exc}); the first run pays its own start")
 
@@ -59,12 +59,16 @@ def read_ahead(data_dir: Path, site_id: str, log, *, warm_under=None) -> None:
 WARM_UP_PATIENTS = 8
 
 
-def warm_up(examples, log) -> None:
+def warm_up(examples, log, site_dir: Path | None = None) -> None:
     """One throwaway DP-SGD epoch on a few of the site's training patients before the first run. In a fresh process
     the first DP-SGD epoch took 0.72 s against 0.07 s for the next (Opacus's hooks, torch's first kernels); ten
     sites sharing two cores paid that in their first round, where the in-process runtime pays it once. The model
     is discarded and nothing is recorded or sent (nothing is released, so there is no ledger entry). The caller
-    holds the worker's message lock: training seeds torch's generator, and a message's DP noise must not share it."""
+    holds the worker's message lock: training seeds torch's generator, and a message's DP noise must not share it.
+
+    With `site_dir`, also the per-phase caps of the site's own policy (site.json; the node config a message brings
+    may change them): every run's policy check needs them, a few PLD builds (0.12 s) that the in-process runtime's
+    sites share through accountant.py's cache and each deployed site paid in its first round."""
     import secrets
 
     from pmlm.client.features import FeatureEncoder, PatientDataset
@@ -85,8 +89,12 @@ def warm_up(examples, log) -> None:
     dataset = PatientDataset(chosen, FeatureEncoder(profile, cfg.max_history), cfg.points_per_patient,
                              seed=secrets.randbits(32))
     train_local(new_model(cfg, profile), dataset, settings)
+    if site_dir is not None:
+        from pmlm.client.site_policy import SitePolicy
+
+        SitePolicy.load(site_dir).phase_caps()
     log(f"warmed up for the first run (a throwaway DP-SGD epoch on {len(patients)} patients, nothing kept or "
-        f"sent) in {time.monotonic() - started:.1f} s")
+        f"sent{', the policy caps' if site_dir is not None else ''}) in {time.monotonic() - started:.1f} s")
 
 
 def train_with_threads(threads: int, log) -> None:
@@ -122,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         train_with_threads(args.threads, worker.log)
     if args.data_dir:
         threading.Thread(target=read_ahead, args=(args.data_dir, args.site_id or args.data_dir.name, worker.log),
-                         kwargs={"warm_under": worker.one_at_a_time}, name="read-ahead", daemon=True).start()
+                         kwargs={"warm_under": worker.one_at_a_time, "site_dir": args.site_dir}, name="read-ahead",
+                         daemon=True).start()
     if args.runtime_api:
         start_taking(args.runtime_api, worker.handle, log=worker.log)
     worker.serve_forever(parent_pid=parent)

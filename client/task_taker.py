@@ -152,7 +152,8 @@ class TaskTaker:
                 push_task_output(client, context, status, details)
                 if status == SubStatus.COMPLETED:
                     self.log(f"took the {message.metadata.message_type} task itself: its input came in "
-                             f"{pulled - started:.1f} s, its reply went in {time.monotonic() - answered:.1f} s")
+                             f"{pulled - started:.1f} s, it was answered in {answered - pulled:.1f} s, its reply "
+                             f"went in {time.monotonic() - answered:.1f} s")
             finally:
                 heartbeat.stop()
                 client.close()

@@ -305,8 +305,8 @@ def test_a_rehearsal_checks_the_artifacts_of_the_phases_it_ran(tmp_path, monkeyp
     assert not next(c for c in deployment.checks if c.name == worker_check.name).ok
     deployment.checks.clear()
     seen.clear()
-    log.write_text(log.read_text() + "site worker: took the train task itself: its input came in 0.1 s, its reply "
-                   "went in 0.0 s\n")
+    log.write_text(log.read_text() + "site worker: took the train task itself: its input came in 0.1 s, it was "
+                   "answered in 0.9 s, its reply went in 0.0 s\n")
     deployment.check_sites()
     assert seen == checked and all(c.ok for c in deployment.checks)
 

@@ -280,6 +280,25 @@ def test_the_worker_warms_up_under_its_message_lock_and_keeps_and_writes_nothing
     assert trained == [(True, 1.0, site_worker.WARM_UP_PATIENTS)] and not lock.locked()
     assert said[-1].startswith("warmed up for the first run") and sorted(tmp_path.rglob("*")) == before
 
+    # With the site directory, the site's own policy caps are worked out too (and cached for the first message).
+    from pmlm.client.site_policy import SitePolicy
+    from pmlm.common.privacy import accountant
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "site.json").write_text('{"privacy": {"epsilon_total": 2.75}}')
+    accountant._calibrated_gaussian.cache_clear()
+    monkeypatch.setattr(phase_a, "_EXAMPLES", {})
+    said.clear()
+    site_worker.read_ahead(data, "h1", said.append, warm_under=lock, site_dir=site_dir)
+    assert "the policy caps" in said[-1] and accountant._calibrated_gaussian.cache_info().misses > 0
+    before_message = accountant._calibrated_gaussian.cache_info()
+    SitePolicy.load(site_dir).run_caps(1.375, 0.0, 1e-5)  # a run asking for the policy's own share: no PLD built
+    after_message = accountant._calibrated_gaussian.cache_info()
+    assert after_message.misses == before_message.misses and after_message.hits > before_message.hits
+    assert sorted(p for p in tmp_path.rglob("*") if site_dir not in (p, *p.parents)) == before  # nor writes there
+    assert sorted(site_dir.iterdir()) == [site_dir / "site.json"]
+
     def broken(*args, **kwargs):
         raise RuntimeError("no kernels today")
 
