@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -71,10 +72,12 @@ def test_a_timeout_returns_the_replies_that_came_and_is_not_overslept(clock):
     assert clock["now"] == pytest.approx(1.3)
 
 
-def test_only_flower_s_deployed_grid_is_given_the_prompt_polling(tmp_path):
+def test_only_flower_s_deployed_grid_is_given_the_prompt_polling(tmp_path, monkeypatch):
     from flwr.clientapp import ClientApp
-    from flwr.superlink.grid import InMemoryGrid
+    from flwr.superlink.grid import InMemoryGrid, http_grid
     from flwr.superlink.grid.http_grid import HttpGrid
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # put back after the test
 
     from pmlm.server.in_process import InProcessGrid
 
@@ -86,6 +89,42 @@ def test_only_flower_s_deployed_grid_is_given_the_prompt_polling(tmp_path):
     simulation = InMemoryGrid.__new__(InMemoryGrid)
     for grid in (in_process, simulation):
         assert reply_polling.poll_promptly(grid) is grid and "send_and_receive" not in vars(grid)
+
+
+def test_the_coordinator_asks_again_soon_for_a_reply_s_arrays_still_being_uploaded(monkeypatch):
+    """A reply listed before its SuperNode finished uploading its arrays: Flower's grid asks again after 1, 2, 4 s;
+    the coordinator's after 50 ms, at most 0.5 s apart (server/reply_polling.py)."""
+    from flwr.superlink.grid import http_grid
+    from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # put back after the test
+    reply_polling.poll_promptly(HttpGrid.__new__(HttpGrid))
+    assert http_grid.pull_objects.keywords == {"initial_backoff": reply_polling.PULL_FIRST_WAIT_S,
+                                               "backoff_cap": reply_polling.PULL_LONGEST_WAIT_S}
+    assert reply_polling.shorten_array_waits() and not isinstance(http_grid.pull_objects.func, partial)  # once
+    tried_at = []
+
+    def pull(object_id):
+        tried_at.append(time.monotonic())
+        if len(tried_at) < 4:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert http_grid.pull_objects(["a"], pull_object_fn=pull) == {"a": b"content"}
+    gaps = [b - a for a, b in zip(tried_at, tried_at[1:])]
+    assert max(gaps) < 0.6 and gaps[0] < 0.3  # Flower's own: 0.8-1.2 s, then 1.6-2.4 s, 3.2-4.8 s
+
+
+def test_a_changed_grid_puller_is_left_alone(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
+    monkeypatch.setattr(reply_polling.inspect, "getsource", lambda obj: "def pull_messages(self): return everything()")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not reply_polling.shorten_array_waits()
+    assert "keeping its own waits" in str(caught[0].message) and not isinstance(http_grid.pull_objects, partial)
 
 
 def test_the_supernode_loop_naps_shorter(monkeypatch):
