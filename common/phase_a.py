@@ -62,7 +62,7 @@ class PhaseAConfig:
     max_history: int = 64
     run_name: str = "phase-a"
     # The coordinator's estimate of the DP-SGD noise multiplier a site that has spent nothing calibrates to
-    # (expected_noise_multiplier): where each site's own search starts, two PLD builds instead of six when it is
+    # (expected_noise_multiplier): where each site's own search starts, three prices instead of eight when it is
     # right. The site's ledger decides the multiplier whatever this says (0: no estimate).
     noise_guess: float = 0.0
 

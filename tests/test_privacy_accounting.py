@@ -346,7 +346,7 @@ def test_the_coordinators_noise_estimate_changes_how_long_a_site_searches_never_
     told, told_prices, _ = calibrate("told", guess)
     assert told == pytest.approx(alone, rel=1e-3) and told == pytest.approx(guess, rel=1e-3)
     assert told_prices == 3 < alone_prices  # at the estimate, just under it, then the plan as it will be composed
-    for i, near in enumerate([guess * 1.3, guess * 0.7, guess * 1.0005, 1e-9, 1e9, math.nan, math.inf, -4.0]):
+    for i, near in enumerate([guess * 1.3, guess * 0.7, guess * 1.0005, 1e-9, 1e9, math.nan, math.inf, -4.0, "4"]):
         sigma, _, ledger = calibrate(f"wrong-{i}", near)
         assert sigma == pytest.approx(alone, rel=1.5e-3), near
         assert all(ledger.price("phase_a", m).fits for m in plan(sigma)[:1])

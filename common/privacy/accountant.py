@@ -197,10 +197,10 @@ def smallest_noise_multiplier(slack: Callable[[float], float], tolerance: float 
 
     `near`: where the answer is expected (the coordinator's estimate for the plan, common/phase_a.py), checked in
     two calls, at it and just under it; if they do not close the bracket, the search goes on from there. Only the
-    number of calls depends on it, never the answer; values outside [1/8, 1024] are not used.
+    number of calls depends on it, never the answer; values outside [1/8, 1024], or not numbers, are not used.
     """
     high = FIRST_GUESS
-    if near is not None and math.isfinite(near) and 1 / 8 <= near <= 1024:
+    if isinstance(near, (int, float)) and math.isfinite(near) and 1 / 8 <= near <= 1024:  # it comes off the wire
         high = near
     high_slack = slack(high)
     low, low_slack = 0.0, -math.inf
