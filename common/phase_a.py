@@ -9,7 +9,7 @@ import functools
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from pmlm.common.privacy.accountant import AccountantSettings, Composition, merge_repeats, smallest_noise_multiplier
+from pmlm.common.privacy.accountant import calibrate_dpsgd
 from pmlm.common.privacy.budget import PHASE_A_SHARE
 from pmlm.common.privacy.events import DpSgd
 from pmlm.common.profiles import TaskProfile, load_profile
@@ -122,17 +122,13 @@ def planned_releases(cfg: PhaseAConfig, noise_multiplier: float) -> list[DpSgd]:
 
 def expected_noise_multiplier(cfg: PhaseAConfig) -> float:
     """The noise multiplier a site that has spent nothing, with a policy that allows the run, calibrates to: the
-    run's phase-A cap over its planned releases (the same search and accountant settings as the site's ledger).
-    A site with a history or a lower cap finds its own; public numbers only. 0 for a non-private run."""
+    run's phase-A cap over its planned releases, whose rounds the site's search merges into one run of steps (the
+    same search and accountant settings as the site's ledger). A site with a history or a lower cap finds its own;
+    public numbers only. 0 for a non-private run."""
     if not cfg.private:
         return 0.0
-    settings = AccountantSettings()
-
-    def slack(sigma: float) -> float:
-        composed = Composition(settings, with_rdp=False).with_added(merge_repeats(planned_releases(cfg, sigma)))
-        return cfg.phase_a_epsilon - composed.epsilon(cfg.delta).pld
-
-    return smallest_noise_multiplier(slack)
+    q, steps = dp_plan(cfg.sampling_rate, cfg.local_epochs)
+    return calibrate_dpsgd(cfg.phase_a_epsilon, cfg.delta, q, steps * cfg.rounds)
 
 
 def new_model(cfg: PhaseAConfig, profile: TaskProfile) -> NextEventRecommender:

@@ -96,24 +96,31 @@ def test_the_coordinator_asks_again_soon_for_a_reply_s_arrays_still_being_upload
     the coordinator's after 50 ms, at most 0.5 s apart (server/reply_polling.py)."""
     from flwr.superlink.grid import http_grid
     from flwr.superlink.grid.http_grid import HttpGrid
-    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
     monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # put back after the test
     reply_polling.poll_promptly(HttpGrid.__new__(HttpGrid))
     assert http_grid.pull_objects.keywords == {"initial_backoff": reply_polling.PULL_FIRST_WAIT_S,
                                                "backoff_cap": reply_polling.PULL_LONGEST_WAIT_S}
     assert reply_polling.shorten_array_waits() and not isinstance(http_grid.pull_objects.func, partial)  # once
+    tried_at = tries_of(http_grid.pull_objects, unavailable=3)
+    gaps = [b - a for a, b in zip(tried_at, tried_at[1:])]
+    assert max(gaps) < 0.6 and gaps[0] < 0.3  # Flower's own: 0.8-1.2 s, then 1.6-2.4 s, 3.2-4.8 s
+
+
+def tries_of(pull_objects, unavailable: int) -> list[float]:
+    """When `pull_objects` asked for one array that was not uploaded for its first `unavailable` tries."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
     tried_at = []
 
     def pull(object_id):
         tried_at.append(time.monotonic())
-        if len(tried_at) < 4:
+        if len(tried_at) <= unavailable:
             raise ObjectUnavailableError(object_id)
         return b"content"
 
-    assert http_grid.pull_objects(["a"], pull_object_fn=pull) == {"a": b"content"}
-    gaps = [b - a for a, b in zip(tried_at, tried_at[1:])]
-    assert max(gaps) < 0.6 and gaps[0] < 0.3  # Flower's own: 0.8-1.2 s, then 1.6-2.4 s, 3.2-4.8 s
+    assert pull_objects(["a"], pull_object_fn=pull) == {"a": b"content"}
+    return tried_at
 
 
 def test_a_changed_grid_puller_is_left_alone(monkeypatch):
@@ -141,20 +148,10 @@ def test_the_supernode_loop_naps_shorter(monkeypatch):
 
 def test_the_supernode_asks_again_soon_for_arrays_still_being_uploaded(monkeypatch):
     """An array the coordinator is still uploading: Flower's loop asks again after 1, 2, 4 s; now after 0.1 s."""
-    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
-
     monkeypatch.setattr(supernode_loop, "time", supernode_loop.time)
     monkeypatch.setattr(supernode_loop, "pull_objects", supernode_loop.pull_objects)
     assert supernode.shorten_naps(1.0)
-    tried_at = []
-
-    def pull(object_id):
-        tried_at.append(time.monotonic())
-        if len(tried_at) < 3:
-            raise ObjectUnavailableError(object_id)
-        return b"content"
-
-    assert supernode_loop.pull_objects(["a"], pull_object_fn=pull) == {"a": b"content"}
+    tried_at = tries_of(supernode_loop.pull_objects, unavailable=2)
     assert supernode_loop.pull_objects.keywords == {"initial_backoff": supernode.PULL_FIRST_WAIT_S,
                                                     "backoff_cap": supernode.PULL_LONGEST_WAIT_S}
     # Flower's own waits would be 0.8-1.2 s, then 1.6-2.4 s
