@@ -178,7 +178,7 @@ def test_each_phase_shows_a_progress_bar_from_the_round_markers(tmp_path, capsys
 def test_paired_interval_resamples_the_points_together():
     """A constant gain of 0.1 on every point has a difference interval of exactly [0.1, 0.1] when the points are
     resampled together (unpaired resampling would give a wide one), and a ratio interval around 1.5."""
-    from pmlm.pipeline.evaluation import paired_interval
+    from pmlm.common.metrics import paired_interval
 
     base = [0.1, 0.2, 0.3, 0.2, 0.4, 0.0, 0.2, 0.2]
     out = paired_interval([b + 0.1 for b in base], base)

@@ -166,6 +166,54 @@ def test_the_consortium_policy_stays_when_validation_does_not_improve(site):
     assert SiteArtifacts.load(site["site"], load_profile("obgyn")).policy_source == CONSORTIUM
 
 
+def test_with_a_keep_level_a_validation_gain_from_one_patient_is_noise(site, monkeypatch):
+    """With keep_level, a validation gain that one patient's points carry is noise (a bootstrap over patients
+    leaves her out about a third of the time) and the consortium policy stays; one point of every patient gaining
+    is kept. Without it (the default), a higher validation mean is enough."""
+    from pmlm.client import refine
+
+    real = refine.score_policies
+
+    def scored(winners):
+        def score_policies(policies, points, *args):
+            scores = real(policies, points, *args)
+            lucky = winners(points)
+            for name, wins in ((CONSORTIUM, set()), ("refined", lucky)):
+                scores[name]["f1_by_point"] = [1.0 if i in wins else 0.0 for i in range(len(points))]
+                scores[name]["f1"] = len(wins) / len(points)
+            return scores
+        return score_policies
+
+    def one_patient(points):
+        first = points[0].example.patient_id
+        return {i for i, p in enumerate(points) if p.example.patient_id == first}
+
+    strict = replace(SMALL, keep_level=0.8)
+    monkeypatch.setattr(refine, "score_policies", scored(one_patient))
+    result = refine_site_policy(site["site"], FormatLLM(), examples=site["examples"], timelines=site["timelines"],
+                                config=strict)
+    gain = result.validation["refined_minus_consortium"]
+    assert gain["difference"] > 0 and gain["difference_interval"][0] <= 0
+    assert result.policy == CONSORTIUM and "inside the noise" in result.reason and "(80%)" in result.reason
+    assert not (site["site"] / SITE_POLICY).exists()
+    assert "f1_by_point" not in json.dumps(json.loads((site["site"] / SITE_REFINEMENT).read_text()))
+    result = refine_site_policy(site["site"], FormatLLM(), examples=site["examples"], timelines=site["timelines"],
+                                config=SMALL)
+    assert result.policy == SITE_REFINED, result.reason
+
+    def one_point_each(points):
+        first = {}
+        for i, p in enumerate(points):
+            first.setdefault(p.example.patient_id, i)
+        return set(first.values())
+
+    monkeypatch.setattr(refine, "score_policies", scored(one_point_each))
+    result = refine_site_policy(site["site"], FormatLLM(), examples=site["examples"], timelines=site["timelines"],
+                                config=strict)
+    assert result.validation["refined_minus_consortium"]["difference_interval"][0] > 0
+    assert result.policy == SITE_REFINED, result.reason
+
+
 def test_a_later_refinement_that_does_not_improve_removes_the_earlier_one(site):
     refine_site_policy(site["site"], FormatLLM(), examples=site["examples"], timelines=site["timelines"], config=SMALL)
     assert (site["site"] / SITE_POLICY).exists()

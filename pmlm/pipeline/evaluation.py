@@ -15,7 +15,7 @@ from pmlm.client.phase_b import embed_examples
 from pmlm.client.reward import matcher_for, score_answer
 from pmlm.client.train import TrainSettings, predict, ranking_metrics, train_local
 from pmlm.common.assemble.render import render, render_variant
-from pmlm.common.metrics import patient_bootstrap, percentile_interval
+from pmlm.common.metrics import bootstrap_interval, paired_interval
 from pmlm.common.peer_profiles import PeerProfiles
 from pmlm.common.phase_a import PhaseAConfig, new_model
 from pmlm.common.privacy import SiteLedger
@@ -203,36 +203,6 @@ def paired_guidance(scores: dict[str, list], sites: list[str], patients: list | 
                              for site in dict.fromkeys(sites)}
         out[f"{a}_vs_{b}"] = pooled
     return out
-
-
-def paired_interval(a: list[float], b: list[float], patients: list | None = None, resamples: int = 2000,
-                    level: float = 0.95) -> dict:
-    """Mean of a − b and mean(a)/mean(b) over the same points, each with a percentile bootstrap interval that
-    draws the points together and resamples patients (`patients`: each point's patient; None: one point a
-    patient); a resample whose b-mean is 0 is left out of the ratio's interval. Fixed seed: the same scores give
-    the same intervals."""
-    patients = range(len(a)) if patients is None else patients
-    kept = [(x, y, p) for x, y, p in zip(a, b, patients) if not (np.isnan(x) or np.isnan(y))]
-    pairs = np.asarray([(x, y) for x, y, _ in kept], dtype=float).reshape(-1, 2)
-    replicates = patient_bootstrap(pairs, [p for _, _, p in kept], resamples=resamples)
-    mean_a, mean_b = pairs.mean(axis=0) if len(pairs) else (float("nan"), float("nan"))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return {"difference": float(mean_a - mean_b),
-                "difference_interval": percentile_interval(replicates[:, 0] - replicates[:, 1], level),
-                "ratio": float(mean_a / mean_b) if mean_b > 0 else float("nan"),
-                "ratio_interval": percentile_interval(replicates[:, 0] / replicates[:, 1], level),
-                "points": int(len(pairs))}
-
-
-def bootstrap_interval(values: list[float], patients: list | None = None, resamples: int = 2000,
-                       level: float = 0.95) -> list[float]:
-    """A percentile bootstrap interval of the mean over the scored points, resampling patients (`patients`: each
-    point's patient; None: one point a patient); fixed seed, so the same scores give the same interval."""
-    patients = range(len(values)) if patients is None else patients
-    kept = [(v, p) for v, p in zip(values, patients) if not np.isnan(v)]
-    replicates = patient_bootstrap(np.asarray([v for v, _ in kept], dtype=float), [p for _, p in kept],
-                                   resamples=resamples)
-    return percentile_interval(replicates[:, 0], level)
 
 
 def privacy_summary(site_dirs: dict, opts: PipelineOptions) -> dict:

@@ -1,0 +1,133 @@
+"""Issue #17: do the refined prompt policies that sites kept on validation score higher on their test patients?
+
+A demo scores guidance on 24 test points in all (about 5 a site), too few to tell whether one site's refinement
+helped. This bench takes every refined policy a site kept in the work directories of earlier `pmlm demo` runs
+(DEMO_OUT/work and the work.previous-* the demo moves aside), and scores it against that run's consortium policy on
+up to --points test points of the site (round-robin over its test patients) and again on the validation points it
+was chosen on, with the site's LLM and response cache (answers asked before cost nothing). It prints, per kept
+refinement and pooled, the paired difference with its 95% bootstrap interval over patients (a pooled patient's
+points from every run resampled together, since runs share test patients), what a stricter keep rule
+(--keep-level: the lower end of that paired validation interval above 0) would have kept and dropped, and how
+well validation gains predict test gains.
+
+    python bench/refinements.py [--demo-out out/demo] [--points 40] [--keep-level 0.8] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kept_refinements(demo_out: Path) -> list[Path]:
+    """Site directories, in every stored run of the demo, that hold a refined policy the site kept."""
+    from pmlm.common.site_layout import SITE_POLICY
+
+    runs = sorted(demo_out.glob("work.previous-*")) + [demo_out / "work"]
+    return [site for run in runs for site in sorted((run / "sites").glob("*")) if (site / SITE_POLICY).exists()]
+
+
+def score_refinement(site_dir: Path, points: int, keep_level: float) -> dict:
+    """The kept policy and the consortium's on the site's validation points and on up to `points` test points."""
+    from pmlm.client.assemble.assembler import CONSORTIUM, PromptAssembler, SiteArtifacts, read_policy
+    from pmlm.client.llm import open_llm, site_llm_config
+    from pmlm.client.refine import RefineConfig, held_out_points, score_policies, site_records
+    from pmlm.client.reward import matcher_for
+    from pmlm.client.site_config import SiteConfig
+    from pmlm.common.metrics import paired_interval
+    from pmlm.common.profiles import load_profile
+    from pmlm.common.site_layout import SITE_POLICY
+
+    config = RefineConfig()
+    site = SiteConfig.load(site_dir)
+    profile = load_profile(site.profile)
+    artifacts = SiteArtifacts.load(site_dir, profile)
+    refined, _ = read_policy(site_dir, SITE_POLICY)
+    assembler = PromptAssembler(artifacts)
+    examples, timelines = site_records(site, profile)
+    splits = {"val": held_out_points(assembler, examples, config.val_points, config.seed, timelines),
+              "test": held_out_points(assembler, examples, points, config.seed + 1, timelines, split="test")}
+    out = {"run": site_dir.parent.parent.name, "site": site_dir.name}
+    with open_llm(site_llm_config(site_dir, site.llm)) as llm:
+        before = llm.usage.calls
+        for split, chosen in splits.items():
+            scores = score_policies({CONSORTIUM: artifacts.consortium_policy, "refined": refined}, chosen, llm,
+                                    matcher_for(profile.name), config.sampling(), set())
+            patients = [p.example.patient_id for p in chosen]
+            pair = (scores["refined"]["f1_by_point"], scores[CONSORTIUM]["f1_by_point"], patients)
+            out[split] = {**paired_interval(*pair), "per_point": list(zip(*pair)),
+                          "refined": scores["refined"]["f1"], "consortium": scores[CONSORTIUM]["f1"]}
+        out["llm_calls"] = llm.usage.calls - before
+    out["strict_low"] = paired_interval(*zip(*out["val"]["per_point"]), level=keep_level)["difference_interval"][0]
+    return out
+
+
+def pooled(rows: list[dict], split: str) -> dict:
+    from pmlm.common.metrics import paired_interval
+
+    points = [(r, c, f"{row['site']}/{p}") for row in rows for r, c, p in row[split]["per_point"]]
+    if not points:
+        return {"points": 0}
+    out = paired_interval(*zip(*points))
+    out["patients"] = len({p for _, _, p in points})
+    return out
+
+
+def line(label: str, figures: dict) -> str:
+    if not figures.get("points"):
+        return f"  {label}: no points"
+    low, high = figures["difference_interval"]
+    rlow, rhigh = figures["ratio_interval"]
+    return (f"  {label}: {figures['difference']:+.3f} [{low:+.3f}, {high:+.3f}], ratio {figures['ratio']:.2f}× "
+            f"[{rlow:.2f}, {rhigh:.2f}] on {figures['points']} points of {figures['patients']} patients")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo-out", type=Path, default=REPO / "out" / "demo")
+    p.add_argument("--points", type=int, default=40, help="test points per kept refinement")
+    p.add_argument("--keep-level", type=float, default=0.8, help="the stricter keep rule to compare")
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args(argv)
+    sites = kept_refinements(args.demo_out)
+    if not sites:
+        print(f"no kept refinement under {args.demo_out} (run `pmlm demo --out {args.demo_out}` first)")
+        return 1
+    started = time.perf_counter()
+    rows = []
+    for i, site_dir in enumerate(sites, 1):
+        row = score_refinement(site_dir, args.points, args.keep_level)
+        rows.append(row)
+        val, test = row["val"], row["test"]
+        print(f"[{i}/{len(sites)}] {row['run']} {row['site']}: validation {val['difference']:+.3f} "
+              f"[{val['difference_interval'][0]:+.3f}, {val['difference_interval'][1]:+.3f}] on {val['points']}, "
+              f"test {test['refined']:.3f} against {test['consortium']:.3f}, {test['difference']:+.3f} "
+              f"[{test['difference_interval'][0]:+.3f}, {test['difference_interval'][1]:+.3f}] on {test['points']} "
+              f"points ({row['llm_calls']} LLM requests)", flush=True)
+    strict = [r for r in rows if r["strict_low"] > 0]
+    dropped = [r for r in rows if r["strict_low"] <= 0]
+    summary = {"refinements": len(rows), "test": pooled(rows, "test"), "val": pooled(rows, "val"),
+               "test_kept_by_strict_rule": pooled(strict, "test"), "test_dropped_by_strict_rule": pooled(dropped, "test")}
+    gains = np.array([[r["val"]["difference"], r["test"]["difference"]] for r in rows])
+    summary["val_test_correlation"] = float(np.corrcoef(gains.T)[0, 1]) if len(rows) > 2 else float("nan")
+    print(f"\n{len(rows)} kept refinements from {len({r['run'] for r in rows})} demo runs, refined − consortium "
+          f"policy (95% paired bootstrap over patients), {time.perf_counter() - started:.0f} s:")
+    print(line("test", summary["test"]))
+    print(line("validation (what they were kept on)", summary["val"]))
+    print(line(f"test, the {len(strict)} a {args.keep_level:.0%} keep rule would also keep",
+               summary["test_kept_by_strict_rule"]))
+    print(line(f"test, the {len(dropped)} it would drop", summary["test_dropped_by_strict_rule"]))
+    print(f"  correlation of validation and test gains over the refinements: {summary['val_test_correlation']:+.2f}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
