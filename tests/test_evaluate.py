@@ -188,3 +188,16 @@ def test_paired_interval_resamples_the_points_together():
     swapped = paired_interval(base, [b + 0.1 for b in base])
     assert swapped["difference_interval"][1] < 0
     assert math.isnan(paired_interval([], [])["difference"])
+
+
+def test_a_paired_interval_counts_its_patients_and_reads_few_as_neither_way():
+    from pmlm.common.metrics import MIN_PATIENTS_TO_TELL, paired_interval, paired_verdict
+
+    base = [0.1 * (i % 7) for i in range(40)]
+    few = paired_interval([b + 0.2 for b in base], base, patients=[f"p{i % 5}" for i in range(40)])
+    assert few["patients"] == 5 and few["points"] == 40 and few["difference_interval"][0] > 0
+    assert paired_verdict(few["difference"], few["difference_interval"], few["patients"]) == "too few patients to tell"
+    many = paired_interval([b + 0.2 for b in base], base, patients=[f"p{i % 20}" for i in range(40)])
+    assert many["patients"] == 20 >= MIN_PATIENTS_TO_TELL
+    assert paired_verdict(many["difference"], many["difference_interval"], many["patients"]) == "gain"
+    assert paired_verdict(many["difference"], many["difference_interval"]) == "gain"  # count unknown: old reports

@@ -37,7 +37,7 @@ def _recommender_by_site() -> dict:
     adapted model is no better than local_only, small_clinic_d's clearly is."""
     rng = np.random.default_rng(0)
     points, patients = {}, {}
-    for site, n, gain in (("hospital_a", 60, 0.0), ("hospital_b", 45, 0.0), ("small_clinic_d", 24, 0.3)):
+    for site, n, gain in (("hospital_a", 60, 0.0), ("hospital_b", 45, 0.0), ("small_clinic_d", 36, 0.3)):
         base = rng.uniform(0.4, 0.9, n)
         scores = {"local_only": base, "federated_dp": base * 0.95, "adapted": np.clip(base + gain, 0, 1),
                   "timing": base}
@@ -170,6 +170,22 @@ def test_verdicts_need_the_interval_to_exclude_zero():
     assert verdict(0.05, [0.01, 0.1])[1] == "gain"
     assert verdict(-0.05, [-0.1, -0.01])[1] == "loss"
     assert verdict(NAN, [NAN, NAN])[1] == "not measured"
+    assert verdict(0.05, None)[1] == verdict(0.05, [0.01])[1] == verdict("0.05", [0.01, 0.1])[1] == "not measured"
+
+
+def test_a_difference_resting_on_fewer_than_ten_patients_reads_neither_way():
+    """The demo scores about 5 test patients a site: a bootstrap over so few draws too narrow an interval."""
+    assert verdict(0.26, [0.09, 0.42], patients=5) == ("none", "too few patients to tell")
+    assert verdict(-0.2, [-0.4, -0.1], patients=9)[1] == "too few patients to tell"
+    assert verdict(0.26, [0.09, 0.42], patients=10)[1] == "gain"
+    report = _report([(3.0, 0.2)])
+    report["guidance_paired"]["pmlm_vs_self_peer"]["by_site"]["hospital_b"]["patients"] = 5
+    report["guidance_paired"]["pmlm_vs_self_peer"]["patients"] = 24
+    page = render_html(report)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", _site_rows(page)["hospital_b"], flags=re.S)
+    assert "too few patients to tell" in cells[8] and "gain" not in cells[8]
+    table = page[page.index("Paired comparison"):]
+    assert "gain" in table.split("</tr>")[1]  # the pooled pair, 24 patients, still reads as what it is
 
 
 def test_older_reports_and_skipped_reference_models_still_render():

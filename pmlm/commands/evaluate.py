@@ -9,6 +9,7 @@ from pathlib import Path
 from pmlm import logs
 from pmlm.cli import CliError
 from pmlm.common.atomic import write_atomic
+from pmlm.common.metrics import paired_verdict
 from pmlm.common.privacy.accountant import describe_spent
 
 
@@ -140,7 +141,7 @@ def _interval(row: dict, key: str = "f1") -> str:
 
 def _paired(pair: dict) -> str:
     low, high = pair["difference_interval"]
-    verdict = "no difference" if not (low > 0 or high < 0) else ("gain" if low > 0 else "loss")
+    verdict = paired_verdict(pair["difference"], pair["difference_interval"], pair.get("patients"))
     return f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] on {pair['points']} points: {verdict}"
 
 

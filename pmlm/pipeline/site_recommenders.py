@@ -97,6 +97,7 @@ def figures(scores: dict[str, tuple[np.ndarray, np.ndarray]], patients: list[str
                 ratio[metric] = float(ma / mb) if mb else float("nan")
                 ratio[f"{metric}_interval"] = percentile_interval(ra / rb)
         diff["points"] = ratio["points"] = len(patients)
+        diff["patients"] = ratio["patients"] = len(set(patients))
     return out
 
 

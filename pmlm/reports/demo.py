@@ -1,8 +1,9 @@
 """The reproduction report: one self-contained HTML page (inline SVG, opens offline) and its JSON.
 
 Every figure is shown with its 95% bootstrap interval over patients and its number of points where the report
-carries them; a paired difference whose interval contains 0 reads "no difference". Keys an older report.json
-lacks (per-site figures, on-site decisions, intervals) are said to be missing, never an error.
+carries them; a paired difference whose interval contains 0 reads "no difference", one over fewer than 10 patients
+"too few patients to tell". Keys an older report.json lacks (per-site figures, on-site decisions, intervals,
+patient counts) are said to be missing, never an error.
 
 Re-render a page from a report: `python -m pmlm.reports.demo OUT/report.json [OUT/report.html]`.
 """
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from pmlm.common.atomic import write_atomic
+from pmlm.common.metrics import paired_verdict
 from pmlm.common.profiles import load_profile
 
 COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#9d755d", "#bab0ac"]
@@ -82,15 +84,11 @@ def _iv(iv, signed: bool = False) -> str:
     return f"{iv[0]:.3f}–{iv[1]:.3f}"
 
 
-def verdict(difference, interval) -> tuple[str, str]:
-    """(css class, words) of a paired difference: a gain or a loss only where its interval excludes 0."""
-    if not _num_ok(difference) or not _interval_ok(interval):
-        return "none", "not measured"
-    if interval[0] > 0:
-        return "gain", "gain"
-    if interval[1] < 0:
-        return "loss", "loss"
-    return "same", "no difference"
+def verdict(difference, interval, patients: int | None = None) -> tuple[str, str]:
+    """(css class, words) of a paired difference (common/metrics.paired_verdict): a gain or a loss only where its
+    interval excludes 0 and enough patients stand behind it."""
+    words = paired_verdict(difference, interval, patients)
+    return {"gain": "gain", "loss": "loss", "no difference": "same"}.get(words, "none"), words
 
 
 def _cell(row: dict | None, key: str, n_key: str | None = None) -> str:
@@ -108,7 +106,7 @@ def _difference_cell(pair: dict | None, key: str, ratio: dict | None = None, rat
     if not isinstance(pair, dict) or not _num_ok(pair.get(key)):
         return "<td class='num'>–</td>"
     diff, iv = pair[key], pair.get(f"{key}_interval")
-    css, words = verdict(diff, iv)
+    css, words = verdict(diff, iv, pair.get("patients"))
     ratio_text = ""
     if isinstance(ratio, dict) and _num_ok(ratio.get(ratio_key)):
         riv = ratio.get(f"{ratio_key}_interval")
@@ -410,7 +408,7 @@ def paired_table(paired: dict) -> str:
     for key, p in paired.items():
         if not isinstance(p, dict):
             continue
-        css, words = verdict(p.get("difference"), p.get("difference_interval"))
+        css, words = verdict(p.get("difference"), p.get("difference_interval"), p.get("patients"))
         ratio = (f"×{p['ratio']:.2f}" + (f" ({p['ratio_interval'][0]:.2f}–{p['ratio_interval'][1]:.2f})"
                                          if _interval_ok(p.get("ratio_interval")) else "")
                  if _num_ok(p.get("ratio")) else "–")
@@ -527,8 +525,9 @@ SITE_NOTE = (
     "adapted on its own records (or kept, where its validation preferred it). <b>Guidance</b>: the initial "
     "self+peer prompt, the consortium's DP prompt policy, and <b>PMLM</b>, what the site uses: its "
     "site-refined policy where it kept one. Differences are paired (the same patients drawn for both): "
-    "<b>gain</b> or <b>loss</b> only where the interval excludes 0, otherwise <b>no difference</b>; the "
-    "ratio is under it.</p>")
+    "<b>gain</b> or <b>loss</b> only where the interval excludes 0, otherwise <b>no difference</b>, and "
+    "<b>too few patients to tell</b> where fewer than 10 stand behind it (a bootstrap over so few gives too "
+    "narrow an interval); the ratio is under it.</p>")
 
 
 def site_section(report: dict) -> str:
