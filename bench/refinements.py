@@ -10,7 +10,13 @@ points from every run resampled together, since runs share test patients), what 
 (--keep-level: the lower end of that paired validation interval above 0) would have kept and dropped, and how
 well validation gains predict test gains.
 
+With --form KEY=VALUE ... it asks instead whether one fixed change to the initial prompt (e.g. show_probs=True,
+which seven of the nine kept refinements made) is better at every site of the latest run: the changed prompt
+against the initial one on up to --points training points of each site (the data a prompt design may be chosen
+on), then on up to --points test points.
+
     python bench/refinements.py [--demo-out out/demo] [--points 40] [--keep-level 0.8] [--json-out FILE]
+    python bench/refinements.py --form show_probs=True [--points 40]
 """
 
 from __future__ import annotations
@@ -68,6 +74,65 @@ def score_refinement(site_dir: Path, points: int, keep_level: float) -> dict:
     return out
 
 
+class FixedPrompt:
+    """A policy that picks the same prompt for every patient (the scoring code asks a policy for .best)."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def best(self, state):
+        return self.params
+
+
+def score_form(site_dir: Path, change: dict, points: int) -> dict:
+    """The initial prompt with `change` against the initial prompt, on the site's training and test points."""
+    from dataclasses import replace
+
+    from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
+    from pmlm.client.llm import open_llm, site_llm_config
+    from pmlm.client.refine import RefineConfig, held_out_points, score_policies, site_records
+    from pmlm.client.reward import matcher_for
+    from pmlm.client.site_config import SiteConfig
+    from pmlm.common.assemble.render import INITIAL
+    from pmlm.common.metrics import paired_interval
+    from pmlm.common.profiles import load_profile
+
+    site = SiteConfig.load(site_dir)
+    profile = load_profile(site.profile)
+    assembler = PromptAssembler(SiteArtifacts.load(site_dir, profile))
+    examples, timelines = site_records(site, profile)
+    policies = {"initial": FixedPrompt(INITIAL), "changed": FixedPrompt(replace(INITIAL, **change))}
+    out = {"run": site_dir.parent.parent.name, "site": site_dir.name}
+    with open_llm(site_llm_config(site_dir, site.llm)) as llm:
+        before = llm.usage.calls
+        for split in ("train", "test"):
+            chosen = held_out_points(assembler, examples, points, 7, timelines, split=split)
+            scores = score_policies(policies, chosen, llm, matcher_for(profile.name), RefineConfig().sampling(), set())
+            pair = (scores["changed"]["f1_by_point"], scores["initial"]["f1_by_point"],
+                    [p.example.patient_id for p in chosen])
+            out[split] = {**paired_interval(*pair), "per_point": list(zip(*pair)),
+                          "changed": scores["changed"]["f1"], "initial": scores["initial"]["f1"]}
+        out["llm_calls"] = llm.usage.calls - before
+    return out
+
+
+def parse_form(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs of PromptParams fields, each value read as the field's type."""
+    from dataclasses import fields
+
+    from pmlm.common.assemble.render import PromptParams
+
+    types = {f.name: type(getattr(PromptParams(), f.name)) for f in fields(PromptParams)}
+    change = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        if key not in types:
+            raise SystemExit(f"--form: {key!r} is not a prompt option; known: {', '.join(types)}")
+        kind = types[key]
+        change[key] = (raw.lower() in ("true", "1", "yes")) if kind is bool else kind(raw)
+    return change
+
+
 def pooled(rows: list[dict], split: str) -> dict:
     from pmlm.common.metrics import paired_interval
 
@@ -93,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-out", type=Path, default=REPO / "out" / "demo")
     p.add_argument("--points", type=int, default=40, help="test points per kept refinement")
     p.add_argument("--keep-level", type=float, default=0.8, help="the stricter keep rule to compare")
+    p.add_argument("--form", nargs="+", metavar="KEY=VALUE",
+                   help="score this change to the initial prompt at the latest run's sites instead")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
+    if args.form:
+        return compare_form(args)
     sites = kept_refinements(args.demo_out)
     if not sites:
         print(f"no kept refinement under {args.demo_out} (run `pmlm demo --out {args.demo_out}` first)")
@@ -124,6 +193,32 @@ def main(argv: list[str] | None = None) -> int:
                summary["test_kept_by_strict_rule"]))
     print(line(f"test, the {len(dropped)} it would drop", summary["test_dropped_by_strict_rule"]))
     print(f"  correlation of validation and test gains over the refinements: {summary['val_test_correlation']:+.2f}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    return 0
+
+
+def compare_form(args) -> int:
+    change = parse_form(args.form)
+    sites = sorted((args.demo_out / "work" / "sites").glob("*"))
+    if not sites:
+        print(f"no sites under {args.demo_out / 'work'} (run `pmlm demo --out {args.demo_out}` first)")
+        return 1
+    started = time.perf_counter()
+    rows = []
+    for i, site_dir in enumerate(sites, 1):
+        row = score_form(site_dir, change, args.points)
+        rows.append(row)
+        print(f"[{i}/{len(sites)}] {row['site']}: " + "; ".join(
+            f"{split} {row[split]['changed']:.3f} against {row[split]['initial']:.3f}, {row[split]['difference']:+.3f} "
+            f"[{row[split]['difference_interval'][0]:+.3f}, {row[split]['difference_interval'][1]:+.3f}] on "
+            f"{row[split]['points']} points of {row[split]['patients']} patients" for split in ("train", "test"))
+              + f" ({row['llm_calls']} LLM requests)", flush=True)
+    summary = {"change": change, "train": pooled(rows, "train"), "test": pooled(rows, "test")}
+    print(f"\nthe initial prompt with {change} against the initial prompt, pooled over {len(rows)} sites (95% paired "
+          f"bootstrap over patients), {time.perf_counter() - started:.0f} s:")
+    print(line("training points (where a design may be chosen)", summary["train"]))
+    print(line("test points", summary["test"]))
     if args.json_out:
         args.json_out.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     return 0
