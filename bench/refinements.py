@@ -129,7 +129,10 @@ def parse_form(pairs: list[str]) -> dict:
         if key not in types:
             raise SystemExit(f"--form: {key!r} is not a prompt option; known: {', '.join(types)}")
         kind = types[key]
-        change[key] = (raw.lower() in ("true", "1", "yes")) if kind is bool else kind(raw)
+        try:
+            change[key] = (raw.lower() in ("true", "1", "yes")) if kind is bool else kind(raw)
+        except ValueError:
+            raise SystemExit(f"--form: {key} takes a {kind.__name__}, got {raw!r}") from None
     return change
 
 
