@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     strict = [r for r in rows if r["strict_low"] > 0]
     dropped = [r for r in rows if r["strict_low"] <= 0]
     summary = {"refinements": len(rows), "test": pooled(rows, "test"), "val": pooled(rows, "val"),
-               "test_kept_by_strict_rule": pooled(strict, "test"), "test_dropped_by_strict_rule": pooled(dropped, "test")}
+               "test_kept_by_strict_rule": pooled(strict, "test"),
+               "test_dropped_by_strict_rule": pooled(dropped, "test")}
     gains = np.array([[r["val"]["difference"], r["test"]["difference"]] for r in rows])
     summary["val_test_correlation"] = float(np.corrcoef(gains.T)[0, 1]) if len(rows) > 2 else float("nan")
     print(f"\n{len(rows)} kept refinements from {len({r['run'] for r in rows})} demo runs, refined − consortium "

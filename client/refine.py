@@ -6,10 +6,10 @@ points through its own LLM and response cache. Nothing of it leaves the site, so
 budget (DESIGN.md §4, the site level of personalization). It then scores the refined policy and the consortium's on
 the site's validation points and keeps the refined one only if its guidance F1 is higher there (or, with
 `keep_level`, higher beyond the noise: a paired bootstrap interval over validation patients above 0); otherwise,
-and at a site with too few points to tell, the consortium policy stays what the site uses. The refined policy is a site-only
-artifact (SITE_DIR/on_site/prompt_policy.pt, with its validation figures and the digest of the consortium policy it
-started from): never sent, no ledger entry. `SiteArtifacts.load` (client/assemble/assembler.py) gives it to
-`pmlm advise`, `pmlm serve` and the evaluation while it matches the stored consortium policy.
+and at a site with too few points to tell, the consortium policy stays what the site uses. The refined policy is a
+site-only artifact (SITE_DIR/on_site/prompt_policy.pt, with its validation figures and the digest of the
+consortium policy it started from): never sent, no ledger entry. `SiteArtifacts.load` (client/assemble/assembler.py)
+gives it to `pmlm advise`, `pmlm serve` and the evaluation while it matches the stored consortium policy.
 
 An explicit step, not part of phase C's store message: its ~150 LLM calls take minutes on a CPU, longer than a
 coordinator should wait for an acknowledgement, and a deployment may handle each message in a fresh process.
@@ -79,9 +79,10 @@ class RefineConfig:
     min_train_patients: int = 24
     min_val_patients: int = 10
     # Kept when its validation F1 is higher by more than min_gain. keep_level (e.g. 0.8) asks more: the lower end
-    # of that paired interval (bootstrap over validation patients) above min_gain. Not the default: on the eight
-    # refinements of five demo runs, validation gains did not predict test gains (correlation -0.11), and the two
-    # that 0.8 would have dropped scored +0.044 on 80 test points (README, #17). The 95% interval is recorded always.
+    # of that paired interval (bootstrap over validation patients) above min_gain. Not the default: on nine kept
+    # refinements of five demo runs, validation gains did not predict test gains, and the three that 0.8 would
+    # have dropped scored +0.020 on test, about what the six it kept did (+0.028; bench/refinements.py). The 95%
+    # interval is recorded always.
     min_gain: float = 0.0
     keep_level: float | None = None
     max_tokens: int = 120  # as phase C and the evaluation ask
