@@ -39,39 +39,43 @@ def kept_refinements(demo_out: Path) -> list[Path]:
     return [site for run in runs for site in sorted((run / "sites").glob("*")) if (site / SITE_POLICY).exists()]
 
 
-def score_refinement(site_dir: Path, points: int, keep_level: float) -> dict:
-    """The kept policy and the consortium's on the site's validation points and on up to `points` test points."""
-    from pmlm.client.assemble.assembler import CONSORTIUM, PromptAssembler, SiteArtifacts, read_policy
+def score_pair(site_dir: Path, pick, splits: dict) -> dict:
+    """Two of the site's policies, `pick(site_dir, artifacts)` -> (new, base), scored on the same points of each
+    split (name -> (split, points, seed)) with the site's LLM and cache: each split's paired interval of new − base,
+    its per-point pairs and both means."""
+    from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
     from pmlm.client.llm import open_llm, site_llm_config
     from pmlm.client.refine import RefineConfig, held_out_points, score_policies, site_records
     from pmlm.client.reward import matcher_for
     from pmlm.client.site_config import SiteConfig
     from pmlm.common.metrics import paired_interval
     from pmlm.common.profiles import load_profile
-    from pmlm.common.site_layout import SITE_POLICY
 
-    config = RefineConfig()
     site = SiteConfig.load(site_dir)
     profile = load_profile(site.profile)
     artifacts = SiteArtifacts.load(site_dir, profile)
-    refined, _ = read_policy(site_dir, SITE_POLICY)
+    new, base = pick(site_dir, artifacts)
     assembler = PromptAssembler(artifacts)
     examples, timelines = site_records(site, profile)
-    splits = {"val": held_out_points(assembler, examples, config.val_points, config.seed, timelines),
-              "test": held_out_points(assembler, examples, points, config.seed + 1, timelines, split="test")}
     out = {"run": site_dir.parent.parent.name, "site": site_dir.name}
     with open_llm(site_llm_config(site_dir, site.llm)) as llm:
         before = llm.usage.calls
-        for split, chosen in splits.items():
-            scores = score_policies({CONSORTIUM: artifacts.consortium_policy, "refined": refined}, chosen, llm,
-                                    matcher_for(profile.name), config.sampling(), set())
-            patients = [p.example.patient_id for p in chosen]
-            pair = (scores["refined"]["f1_by_point"], scores[CONSORTIUM]["f1_by_point"], patients)
-            out[split] = {**paired_interval(*pair), "per_point": list(zip(*pair)),
-                          "refined": scores["refined"]["f1"], "consortium": scores[CONSORTIUM]["f1"]}
+        for name, (split, points, seed) in splits.items():
+            chosen = held_out_points(assembler, examples, points, seed, timelines, split=split)
+            scores = score_policies({"new": new, "base": base}, chosen, llm, matcher_for(profile.name),
+                                    RefineConfig().sampling(), set())
+            pair = (scores["new"]["f1_by_point"], scores["base"]["f1_by_point"], [p.example.patient_id for p in chosen])
+            out[name] = {**paired_interval(*pair), "per_point": list(zip(*pair)),
+                         "new": scores["new"]["f1"], "base": scores["base"]["f1"]}
         out["llm_calls"] = llm.usage.calls - before
-    out["strict_low"] = paired_interval(*zip(*out["val"]["per_point"]), level=keep_level)["difference_interval"][0]
     return out
+
+
+def kept_against_consortium(site_dir: Path, artifacts):
+    from pmlm.client.assemble.assembler import read_policy
+    from pmlm.common.site_layout import SITE_POLICY
+
+    return read_policy(site_dir, SITE_POLICY)[0], artifacts.consortium_policy
 
 
 class FixedPrompt:
@@ -84,36 +88,18 @@ class FixedPrompt:
         return self.params
 
 
-def score_form(site_dir: Path, change: dict, points: int) -> dict:
-    """The initial prompt with `change` against the initial prompt, on the site's training and test points."""
-    from dataclasses import replace
-
-    from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
-    from pmlm.client.llm import open_llm, site_llm_config
-    from pmlm.client.refine import RefineConfig, held_out_points, score_policies, site_records
-    from pmlm.client.reward import matcher_for
-    from pmlm.client.site_config import SiteConfig
-    from pmlm.common.assemble.render import INITIAL
-    from pmlm.common.metrics import paired_interval
-    from pmlm.common.profiles import load_profile
-
-    site = SiteConfig.load(site_dir)
-    profile = load_profile(site.profile)
-    assembler = PromptAssembler(SiteArtifacts.load(site_dir, profile))
-    examples, timelines = site_records(site, profile)
-    policies = {"initial": FixedPrompt(INITIAL), "changed": FixedPrompt(replace(INITIAL, **change))}
-    out = {"run": site_dir.parent.parent.name, "site": site_dir.name}
-    with open_llm(site_llm_config(site_dir, site.llm)) as llm:
-        before = llm.usage.calls
-        for split in ("train", "test"):
-            chosen = held_out_points(assembler, examples, points, 7, timelines, split=split)
-            scores = score_policies(policies, chosen, llm, matcher_for(profile.name), RefineConfig().sampling(), set())
-            pair = (scores["changed"]["f1_by_point"], scores["initial"]["f1_by_point"],
-                    [p.example.patient_id for p in chosen])
-            out[split] = {**paired_interval(*pair), "per_point": list(zip(*pair)),
-                          "changed": scores["changed"]["f1"], "initial": scores["initial"]["f1"]}
-        out["llm_calls"] = llm.usage.calls - before
-    return out
+def score_sites(sites: list[Path], pick, splits: dict) -> list[dict]:
+    """score_pair at every site, with a line of figures for each as it finishes."""
+    rows = []
+    for i, site_dir in enumerate(sites, 1):
+        row = score_pair(site_dir, pick, splits)
+        rows.append(row)
+        print(f"[{i}/{len(sites)}] {row['run']} {row['site']}: " + "; ".join(
+            f"{name} {row[name]['new']:.3f} against {row[name]['base']:.3f}, {row[name]['difference']:+.3f} "
+            f"[{row[name]['difference_interval'][0]:+.3f}, {row[name]['difference_interval'][1]:+.3f}] on "
+            f"{row[name]['points']} points of {row[name]['patients']} patients" for name in splits)
+              + f" ({row['llm_calls']} LLM requests)", flush=True)
+    return rows
 
 
 def parse_form(pairs: list[str]) -> dict:
@@ -137,14 +123,11 @@ def parse_form(pairs: list[str]) -> dict:
 
 
 def pooled(rows: list[dict], split: str) -> dict:
+    """The rows' points of one split together, a patient being a site's patient (runs share a site's patients)."""
     from pmlm.common.metrics import paired_interval
 
     points = [(r, c, f"{row['site']}/{p}") for row in rows for r, c, p in row[split]["per_point"]]
-    if not points:
-        return {"points": 0}
-    out = paired_interval(*zip(*points))
-    out["patients"] = len({p for _, _, p in points})
-    return out
+    return paired_interval(*zip(*points)) if points else {"points": 0}
 
 
 def line(label: str, figures: dict) -> str:
@@ -171,28 +154,27 @@ def main(argv: list[str] | None = None) -> int:
     if not sites:
         print(f"no kept refinement under {args.demo_out} (run `pmlm demo --out {args.demo_out}` first)")
         return 1
+    from pmlm.client.refine import RefineConfig
+    from pmlm.common.metrics import paired_interval
+
+    config = RefineConfig()
     started = time.perf_counter()
-    rows = []
-    for i, site_dir in enumerate(sites, 1):
-        row = score_refinement(site_dir, args.points, args.keep_level)
-        rows.append(row)
-        val, test = row["val"], row["test"]
-        print(f"[{i}/{len(sites)}] {row['run']} {row['site']}: validation {val['difference']:+.3f} "
-              f"[{val['difference_interval'][0]:+.3f}, {val['difference_interval'][1]:+.3f}] on {val['points']}, "
-              f"test {test['refined']:.3f} against {test['consortium']:.3f}, {test['difference']:+.3f} "
-              f"[{test['difference_interval'][0]:+.3f}, {test['difference_interval'][1]:+.3f}] on {test['points']} "
-              f"points ({row['llm_calls']} LLM requests)", flush=True)
+    rows = score_sites(sites, kept_against_consortium, {"validation": ("val", config.val_points, config.seed),
+                                                        "test": ("test", args.points, config.seed + 1)})
+    for row in rows:
+        row["strict_low"] = paired_interval(*zip(*row["validation"]["per_point"]),
+                                            level=args.keep_level)["difference_interval"][0]
     strict = [r for r in rows if r["strict_low"] > 0]
     dropped = [r for r in rows if r["strict_low"] <= 0]
-    summary = {"refinements": len(rows), "test": pooled(rows, "test"), "val": pooled(rows, "val"),
+    summary = {"refinements": len(rows), "test": pooled(rows, "test"), "validation": pooled(rows, "validation"),
                "test_kept_by_strict_rule": pooled(strict, "test"),
                "test_dropped_by_strict_rule": pooled(dropped, "test")}
-    gains = np.array([[r["val"]["difference"], r["test"]["difference"]] for r in rows])
+    gains = np.array([[r["validation"]["difference"], r["test"]["difference"]] for r in rows])
     summary["val_test_correlation"] = float(np.corrcoef(gains.T)[0, 1]) if len(rows) > 2 else float("nan")
     print(f"\n{len(rows)} kept refinements from {len({r['run'] for r in rows})} demo runs, refined − consortium "
           f"policy (95% paired bootstrap over patients), {time.perf_counter() - started:.0f} s:")
     print(line("test", summary["test"]))
-    print(line("validation (what they were kept on)", summary["val"]))
+    print(line("validation (what they were kept on)", summary["validation"]))
     print(line(f"test, the {len(strict)} a {args.keep_level:.0%} keep rule would also keep",
                summary["test_kept_by_strict_rule"]))
     print(line(f"test, the {len(dropped)} it would drop", summary["test_dropped_by_strict_rule"]))
@@ -208,16 +190,16 @@ def compare_form(args) -> int:
     if not sites:
         print(f"no sites under {args.demo_out / 'work'} (run `pmlm demo --out {args.demo_out}` first)")
         return 1
+    from dataclasses import replace
+
+    from pmlm.common.assemble.render import INITIAL
+
+    def changed_against_initial(site_dir, artifacts):
+        return FixedPrompt(replace(INITIAL, **change)), FixedPrompt(INITIAL)
+
     started = time.perf_counter()
-    rows = []
-    for i, site_dir in enumerate(sites, 1):
-        row = score_form(site_dir, change, args.points)
-        rows.append(row)
-        print(f"[{i}/{len(sites)}] {row['site']}: " + "; ".join(
-            f"{split} {row[split]['changed']:.3f} against {row[split]['initial']:.3f}, {row[split]['difference']:+.3f} "
-            f"[{row[split]['difference_interval'][0]:+.3f}, {row[split]['difference_interval'][1]:+.3f}] on "
-            f"{row[split]['points']} points of {row[split]['patients']} patients" for split in ("train", "test"))
-              + f" ({row['llm_calls']} LLM requests)", flush=True)
+    rows = score_sites(sites, changed_against_initial, {"train": ("train", args.points, 7),
+                                                        "test": ("test", args.points, 7)})
     summary = {"change": change, "train": pooled(rows, "train"), "test": pooled(rows, "test")}
     print(f"\nthe initial prompt with {change} against the initial prompt, pooled over {len(rows)} sites (95% paired "
           f"bootstrap over patients), {time.perf_counter() - started:.0f} s:")
