@@ -5,11 +5,12 @@
    (the initial prompt) / PMLM refined / oracle, scored by pmlm.pipeline.evaluation.evaluate_guidance. PMLM refined is
    the policy that federated, DP phase C stored at the sites. Targets: PMLM F1 >= 1.10 x the initial
    prompt's and >= 2 x the general prompt's.
-2. Local RL at one site (no release, so no DP noise), side by side with and without the reward model's
-   pre-screening, from the same starting policy on the same training points: the LLM calls each spends in
-   training (distinct requests, i.e. the misses of a cache of its own) until its refined prompt scores, on
-   other training points, what the run without the reward model's refined prompt scored at its end.
-   Target (#17): >= 5 x fewer calls with it, mean of >= 3 seeds.
+2. Local RL at one site (no release, so no DP noise), side by side without a reward model and with each of
+   client/reward_model.py's ("options": the reward from the prompt's options; "answers": which concepts the answer
+   names, from where the prompt states them, scored against the point's targets), from the same starting policy
+   on the same training points: the LLM calls each spends in training (distinct requests, i.e. the misses of a
+   cache of its own) until its refined prompt scores, on other training points, what the run without a reward
+   model scored at its end. Target (#17): >= 5 x fewer calls with it, mean of >= 3 seeds.
 3. Site refinement (#17): each site refines the consortium's DP policy on its own training points
    (client/refine.py: local RL with the reward model, <= 150 LLM requests, kept only if its validation F1 is
    higher), then on up to --refine-per-patient held-out test points of every test patient: the initial prompt
@@ -22,7 +23,8 @@ Phases A-C need a work directory: a finished `pmlm demo` / `pmlm evaluate` / ear
 as it is; otherwise phases A, B and C run there first (through Flower, in-process). Answers are cached on disk
 (--cache-dir, keyed by the messages), so a rerun on the same work directory asks the LLM only for new prompts.
 
-    python bench/rl.py [--workdir DIR] [--points N] [--rm-points N --rm-rounds N --rm-seeds N] [--skip-calls]
+    python bench/rl.py [--workdir DIR] [--points N] [--rm-points N --rm-rounds N --rm-seeds N --rm-models LIST
+                       --rm-warmup N --rm-calls-every N] [--skip-calls]
                        [--skip-refine] [--refine-per-patient N] [--refine-max-calls N]
 """
 
@@ -48,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     from pmlm.common.phase_c import PhaseCConfig
     from pmlm.client.refine import RefineConfig
     from pmlm.client.rl import RLConfig
+    from pmlm.client.reward_model import REWARD_MODELS
     from pmlm.client.sites import SAMPLE_DATA
 
     c = PhaseCConfig()
@@ -70,6 +73,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rm-lr", type=float, default=5.0, help="the local RL comparison's step size")
     p.add_argument("--rm-calls-every", type=int, default=RLConfig.calls_every,
                    help="after the warm-up, one point in this many costs LLM calls in the run with the reward model")
+    p.add_argument("--rm-models", type=lambda text: text.split(","), default=list(REWARD_MODELS),
+                   help="the reward models compared with plain local RL, comma-separated (client/reward_model.py)")
+    p.add_argument("--rm-warmup", type=int, default=0,
+                   help="answers the reward model waits for before it screens (0: one round of plain sampling)")
     p.add_argument("--rm-seeds", type=int, default=3, help="repeat both runs with this many seeds and compare their mean curves")
     p.add_argument("--rm-start", choices=("uniform", "initial"), default="uniform",
                    help="the local RL's starting policy: uniform over the prompt options, or the initial prompt's head start")
@@ -176,15 +183,17 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
         return float(np.mean(rewards))
 
     initial = held_out_reward(lambda p: INITIAL)
-    runs: dict[bool, list] = {False: [], True: []}
+    variants = ["without", *args.rm_models]  # "without": plain local RL; the others: pre-screened by that model
+    runs: dict[str, list] = {v: [] for v in variants}
     for seed in range(args.rm_seeds):
-        for use_rm in (False, True):
+        for variant in variants:
             torch.manual_seed(seed)
             policy = PromptPolicy(len(points[0].state.embedding))
             initial_bias(policy, INITIAL, strength=0.0 if args.rm_start == "uniform" else 2.0)
-            config = rl_config(phase_c, use_reward_model=use_rm)
-            config = replace(config, warmup_episodes=len(points) * config.prompts_per_point,  # one round of plain sampling
-                             calls_every=args.rm_calls_every, trains="all")  # on-site, nothing released: every weight
+            config = rl_config(phase_c, use_reward_model=variant != "without")
+            config = replace(config, warmup_episodes=args.rm_warmup or len(points) * config.prompts_per_point,
+                             calls_every=args.rm_calls_every, trains="all",  # on-site, nothing released: every weight
+                             reward_model=variant if variant != "without" else config.reward_model)
             rl = LocalRL(policy, llm, matcher, points, config, seed=seed)
             curve = [(0, held_out_reward(lambda p: policy.best(p.state)))]
             for r in range(args.rm_rounds):
@@ -192,50 +201,55 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
                 visited = len({e.patient_id for e in episodes})
                 apply_update(policy, rl.clipped_sum(episodes), lr=phase_c.lr, scale=visited * config.prompts_per_point)
                 curve.append((rl.llm_calls, held_out_reward(lambda p: policy.best(p.state))))
-                print(f"  seed {seed}, {'with' if use_rm else 'without'} reward model, round {r + 1}: {curve[-1][0]} "
+                print(f"  seed {seed}, {variant_name(variant)}, round {r + 1}: {curve[-1][0]} "
                       f"training calls, refined prompt's held-out reward {curve[-1][1]:.3f}", flush=True)
-            runs[use_rm].append(curve)
+            runs[variant].append(curve)
             final = policy.best(held[0].state)
             print(f"  refined prompt: {dict((k, v) for k, v in asdict(final).items() if getattr(INITIAL, k) != v) or 'the initial prompt'}"
                   " (changes from the initial prompt)")
     # One run's curve is a few dozen noisy points; seeds (the draws and the points visited) are averaged round by round.
-    curves = {use_rm: [(int(round(np.mean([c[i][0] for c in cs]))), float(np.mean([c[i][1] for c in cs])))
-                       for i in range(len(cs[0]))] for use_rm, cs in runs.items()}
+    curves = {v: [(int(round(np.mean([c[i][0] for c in cs]))), float(np.mean([c[i][1] for c in cs])))
+                  for i in range(len(cs[0]))] for v, cs in runs.items()}
 
     def smoothed(curve):  # mean of the last two evaluations: one evaluation of a few points is noisy
         return [float(np.mean([c[1] for c in curve[max(0, i - 1): i + 1]])) for i in range(len(curve))]
 
-    target = smoothed(curves[False])[-1]
+    target = smoothed(curves["without"])[-1]
     reached = {}
-    for use_rm, curve in curves.items():
-        hit = next((i for i, v in enumerate(smoothed(curve)) if i > 0 and v >= target), None)
-        reached[use_rm] = None if hit is None else curve[hit][0]
+    for v, curve in curves.items():
+        hit = next((i for i, value in enumerate(smoothed(curve)) if i > 0 and value >= target), None)
+        reached[v] = None if hit is None else curve[hit][0]
     print(f"\nreward-model pre-screening, local RL at {site} ({len(points)} training points a round, "
           f"{phase_c.prompts_per_point} prompts each, {args.rm_rounds} rounds, no DP noise, {args.rm_start} start; "
           f"the refined prompt scored on {len(held)} other training points; mean of {args.rm_seeds} seeds):")
-    print(f"{'round':>5s} {'calls, no RM':>12s} {'reward':>7s} {'calls, RM':>10s} {'reward':>7s}")
-    for r, ((c0, r0), (c1, r1)) in enumerate(zip(curves[False], curves[True])):
-        print(f"{r:5d} {c0:12d} {r0:7.3f} {c1:10d} {r1:7.3f}")
-    start = curves[False][0][1]
-    print(f"target: the refined reward the run without the reward model ended with, {target:.3f} (mean of its last "
-          f"2 evaluations; both started at {start:.3f}; the initial prompt scores {initial:.3f} on these points)")
+    print(f"{'round':>5s}" + "".join(f" {'calls, ' + v:>16s} {'reward':>7s}" for v in variants))
+    for r in range(len(curves["without"])):
+        print(f"{r:5d}" + "".join(f" {curves[v][r][0]:16d} {curves[v][r][1]:7.3f}" for v in variants))
+    start = curves["without"][0][1]
+    print(f"target: the refined reward the run without a reward model ended with, {target:.3f} (mean of its last "
+          f"2 evaluations; all started at {start:.3f}; the initial prompt scores {initial:.3f} on these points)")
     out = {"site": site, "start": args.rm_start, "target_reward": target, "start_reward": start,
-           "initial_prompt_reward": initial,
-           "calls_to_target": {"without": reached[False], "with": reached[True]},
-           "curves": {"without": curves[False], "with": curves[True]},
-           "seeds": args.rm_seeds, "runs": {"without": runs[False], "with": runs[True]}}
-    if target <= start:
-        print("the run without the reward model did not improve on its start: nothing to save calls on")
-        out["saving"] = None
-    elif reached[True] is None:
-        print("with the reward model the run did not reach it: no saving measured (target >= 5x NOT met)")
-        out["saving"] = None
-    else:
-        saving = reached[False] / max(reached[True], 1)
-        out["saving"] = saving
-        print(f"training calls to reach it: {reached[False]} without, {reached[True]} with the reward model = "
-              f"{saving:.2f}x fewer (target >= 5x: {'met' if saving >= 5 else 'NOT met'})")
+           "initial_prompt_reward": initial, "calls_to_target": reached, "curves": curves,
+           "final_reward": {v: smoothed(curves[v])[-1] for v in variants},
+           "seeds": args.rm_seeds, "runs": runs, "saving": {}}
+    for v in args.rm_models:
+        if target <= start:
+            print("the run without a reward model did not improve on its start: nothing to save calls on")
+            out["saving"][v] = None
+        elif reached[v] is None:
+            print(f"{variant_name(v)}: did not reach it, ended at {smoothed(curves[v])[-1]:.3f}: no saving measured "
+                  "(target >= 5x NOT met)")
+            out["saving"][v] = None
+        else:
+            saving = reached["without"] / max(reached[v], 1)
+            out["saving"][v] = saving
+            print(f"{variant_name(v)}: {reached[v]} training calls to reach it against {reached['without']} without = "
+                  f"{saving:.2f}x fewer (target >= 5x: {'met' if saving >= 5 else 'NOT met'})")
     return out
+
+
+def variant_name(variant: str) -> str:
+    return "without a reward model" if variant == "without" else f"with the {variant!r} reward model"
 
 
 REFINE_ROWS = (("general", "general"), ("self_peer", "initial (self + peer)"),

@@ -63,6 +63,7 @@ class RefineConfig:
     points_per_round: int = 12  # training points visited per RL round
     prompts_per_point: int = 2  # each judged against the other (client/rl.py)
     candidates: int = 8  # prompts the reward model ranks per point once it screens
+    reward_model: str = RLConfig.reward_model  # which (client/reward_model.py)
     calls_every: int = RLConfig.calls_every  # after the warm-up, one point in this many costs LLM calls
     explore_temperature: float = 1.0
     lr: float = 5.0  # bench/rl.py's noise-free local RL step ...
@@ -92,7 +93,7 @@ class RefineConfig:
         return RLConfig(episodes_per_round=self.points_per_round, prompts_per_point=self.prompts_per_point,
                         explore_temperature=self.explore_temperature, reward_scale=self.reward_scale,
                         candidates=self.candidates,
-                        use_reward_model=True, warmup_episodes=self.points_per_round * self.prompts_per_point,
+                        use_reward_model=True, reward_model=self.reward_model, warmup_episodes=self.points_per_round * self.prompts_per_point,
                         calls_every=self.calls_every, trains=self.trains, sampling=self.sampling())
 
     def round_calls(self, screening: bool) -> int:

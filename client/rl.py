@@ -7,7 +7,7 @@ policy learns from differences between prompts. Each patient's episodes become o
 clipped; the site sums them and adds Gaussian noise: only that noisy sum leaves the site (charged to the
 ledger as one Gaussian release).
 
-A reward model learned from the logged (state, prompt, reward) triples pre-screens candidate prompts so
+A reward model learned from the logged answers (client/reward_model.py) pre-screens candidate prompts so
 most LLM calls go to promising ones. After a warm-up of plain episodes, only every `calls_every`-th point
 visited costs LLM calls (on the reward model's best candidates, which then grow its log); on the other
 points the policy learns from the reward model's predicted rewards for all of her candidates, at no call.
@@ -29,11 +29,11 @@ from torch import nn
 from pmlm.client.examples import Example
 from pmlm.client.llm.cache import cache_key
 from pmlm.client.reward import ConceptMatcher, RewardWeights, score_answer
+from pmlm.client.reward_model import Answered, reward_model
 from pmlm.common.assemble.policy import (
     FACTOR_NAMES,
     PolicyState,
     PromptPolicy,
-    action_onehot,
     action_tensor,
     trained_mask,
 )
@@ -66,32 +66,9 @@ class Episode:
     f1: float
     baseline: float | None = None  # mean reward of the other prompts tried on her point; None: the value head
     predicted: bool = False  # the reward is the reward model's prediction, no LLM call: never logged for fitting
-
-
-class RewardModel:
-    """Ranks candidate prompts from the logged episodes: ridge regression of each episode's reward on the
-    prompt's options, refitted as the log grows. Linear on purpose: a few dozen noisy episodes can tell apart
-    how much each option adds, not more. Rewards are taken as they are, not relative to the other prompt tried
-    on her point: once the policy is sure of an option, both prompts of a point share it and their difference
-    says nothing more about it, while the earlier, varied episodes still do."""
-
-    def __init__(self, ridge: float = 1.0):
-        self.ridge = ridge
-        self.weights: np.ndarray | None = None
-        self.fitted = 0
-
-    @staticmethod
-    def _x(params: list[PromptParams]) -> np.ndarray:
-        return np.stack([np.append(action_onehot(p), 1.0) for p in params])
-
-    def fit(self, episodes: list[Episode]) -> None:
-        x = self._x([e.params for e in episodes])
-        y = np.array([e.reward for e in episodes])
-        self.weights = np.linalg.solve(x.T @ x + self.ridge * np.eye(x.shape[1]), x.T @ y)
-        self.fitted = len(episodes)
-
-    def predict(self, params: list[PromptParams]) -> np.ndarray:
-        return self._x(params) @ self.weights
+    point: Point | None = None  # where it was tried, and what the answer named: the reward model learns from them
+    mentioned: tuple[str, ...] = ()
+    words: int = 0
 
 
 @dataclass
@@ -102,6 +79,7 @@ class RLConfig:
     reward_scale: float = 1.0  # fixed (not data-dependent) factor on advantages, so gradients use the clip range
     candidates: int = 8  # prompts proposed per point; the reward model picks which ones cost an LLM call
     use_reward_model: bool = True
+    reward_model: str = "answers"  # which one (client/reward_model.REWARD_MODELS)
     warmup_episodes: int = 24  # plain sampling before the reward model is trusted
     explore: float = 0.2  # chance of spending the calls on random candidates anyway
     calls_every: int = 4  # with a trusted reward model, one point in this many costs LLM calls; the rest are predicted
@@ -128,7 +106,8 @@ class LocalRL:
         self.draw_seed: Callable[[Point], int] | None = None
         self.log: list[Episode] = []
         self.requests: set[str] = set()  # keys of the distinct requests this run sent (a cold cache's misses)
-        self.reward_model = RewardModel() if config.use_reward_model else None
+        self.reward_model = reward_model(config.reward_model, matcher, weights, seed) if config.use_reward_model \
+            else None
         # 1 on the weights this run's updates move, 0 elsewhere (public: it follows from the config)
         self.mask = torch.as_tensor(trained_mask(policy, config.trains), dtype=torch.float32)
 
@@ -158,7 +137,7 @@ class LocalRL:
         candidates = self._draw(point, self.config.candidates)
         if self.random.random() < self.config.explore:
             return self.random.sample(candidates, min(k, len(candidates)))
-        scores = self.reward_model.predict(candidates)
+        scores = self.reward_model.predict(point, candidates)
         return [candidates[i] for i in np.argsort(-scores, kind="stable")[:k]]
 
     @property
@@ -169,7 +148,7 @@ class LocalRL:
     def predicted_episodes(self, point: Point) -> list[Episode]:
         """Her candidates scored by the reward model instead of the LLM, each against the mean of the others."""
         candidates = self._draw(point, self.config.candidates)
-        predicted = self.reward_model.predict(candidates)
+        predicted = self.reward_model.predict(point, candidates)
         out = []
         for i, params in enumerate(candidates):
             others = np.delete(predicted, i)
@@ -178,25 +157,35 @@ class LocalRL:
         return out
 
     def run_episodes(self, n: int | None = None) -> list[Episode]:
-        """One round: n points visited, each with LLM calls or, once the reward model screens, most predicted."""
+        """One round: n points visited, each with LLM calls or, once the reward model screens, most predicted. The
+        model takes over within the round, as soon as the log holds the warm-up's answers."""
         n = n or self.config.episodes_per_round
-        episodes, called = [], []
-        screening = self.screening
-        for i, point in enumerate(self.random.sample(self.points, min(n, len(self.points)))):
-            if screening and i % max(self.config.calls_every, 1) != 0:
+        every = max(self.config.calls_every, 1)
+        episodes, logged = [], len(self.log)
+        since_call = every - 1  # points predicted since the last one that cost calls: the first screened one pays
+        for point in self.random.sample(self.points, min(n, len(self.points))):
+            if self.screening and since_call < every - 1:
                 episodes += self.predicted_episodes(point)
+                since_call += 1
                 continue
+            since_call = 0
             tried = [(params, self.evaluate(point, params)) for params in self.choose(point)]
             rewards = [score.reward for _, score in tried]
             for j, (params, score) in enumerate(tried):
                 others = rewards[:j] + rewards[j + 1:]
-                called.append(Episode(point.example.patient_id, point.state.vector(), params, score.reward,
-                                      score.f1, float(np.mean(others)) if others else None))
-        episodes += called
-        self.log += called
-        if self.reward_model is not None and len(self.log) >= self.config.warmup_episodes:
-            self.reward_model.fit(self.log[-400:])
+                episode = Episode(point.example.patient_id, point.state.vector(), params, score.reward, score.f1,
+                                  float(np.mean(others)) if others else None, point=point,
+                                  mentioned=score.mentioned, words=score.words)
+                episodes.append(episode)
+                self.log.append(episode)
+            if self.reward_model is not None and not self.screening and len(self.log) >= self.config.warmup_episodes:
+                self._fit()
+        if self.reward_model is not None and self.screening and len(self.log) > logged:
+            self._fit()  # refitted on this round's answers too
         return episodes
+
+    def _fit(self) -> None:
+        self.reward_model.fit([Answered(e.point, e.params, e.reward, e.mentioned, e.words) for e in self.log[-400:]])
 
     def patient_gradients(self, episodes: list[Episode]) -> list[torch.Tensor]:
         """One flat REINFORCE-with-baseline gradient per patient (her episodes together). The baseline is her
@@ -255,4 +244,4 @@ def n_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["Point", "Episode", "RewardModel", "RLConfig", "LocalRL", "n_parameters", "FACTOR_NAMES", "PHASE"]
+__all__ = ["Point", "Episode", "RLConfig", "LocalRL", "n_parameters", "FACTOR_NAMES", "PHASE"]

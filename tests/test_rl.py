@@ -134,6 +134,20 @@ def test_reward_model_screens_candidates(points):
     assert max(float(g.norm()) for g in rl.patient_gradients(predicted)) > 0
 
 
+def test_the_reward_model_takes_over_within_the_round_its_warm_up_ends(points):
+    profile, pts = points
+    llm = ListingLLM()
+    rl = LocalRL(PromptPolicy(8), llm, ConceptMatcher(profile), pts,
+                 RLConfig(episodes_per_round=12, warmup_episodes=6, calls_every=4), seed=2)
+    episodes = rl.run_episodes()
+    called = [e for e in episodes if not e.predicted]
+    # Three points pay for the warm-up's 6 answers; of the other nine, the fourth and the eighth still pay (one in
+    # four, counted from the last that paid), seven are predicted.
+    assert llm.calls == len(called) == rl.llm_calls == (3 + 2) * 2
+    assert len({e.patient_id for e in episodes if e.predicted}) == 7
+    assert rl.screening and rl.reward_model.fitted == len(rl.log) == 10  # refitted on the round's later answers
+
+
 class ScriptedLLM:
     """Says "fetal anatomy study" only when the prompt ends on the checklist-rewrite instruction; reports every
     answer as cached, as a cache another run filled would."""
