@@ -89,12 +89,12 @@ class AnswersModel:
         self.coef: np.ndarray | None = None
         self.words: OptionsModel | None = None  # answer length from the options (the length penalty)
         self.fitted = 0
-        self._places: dict[tuple, dict[str, tuple[int, int]]] = {}
+        self._places: dict[tuple, tuple[object, dict[str, tuple[int, int]]]] = {}
 
     # -- where each concept stands in a prompt ---------------------------------------------------------------
     def places(self, point, params: PromptParams) -> dict[str, tuple[int, int]]:
         """concept -> (place, rank) for every concept the rendered prompt states; rank 0 outside her events."""
-        key = (id(point), params)
+        key = (id(point), params)  # the point is kept with its entry, so its id is not reused while cached
         if key not in self._places:
             prompt = render(point.context, params)
             found: dict[str, tuple[int, int]] = {}
@@ -106,8 +106,8 @@ class AnswersModel:
                     found.setdefault(c, (PEER, 0))
             for c in self.matcher.mentioned(" ".join(m["content"] for m in prompt.messages)):
                 found.setdefault(c, (ELSEWHERE, 0))
-            self._places[key] = found
-        return self._places[key]
+            self._places[key] = (point, found)
+        return self._places[key][1]
 
     def _concepts(self, point, params: PromptParams) -> list[str]:
         ex = point.example
@@ -151,18 +151,21 @@ class AnswersModel:
         return concepts, 1.0 / (1.0 + np.exp(-logits))
 
     def predict(self, point, params: list[PromptParams]) -> np.ndarray:
-        """Each prompt's expected reward at her point. The same uniform draws serve every prompt of a call
-        (common random numbers), so two prompts that state the same things get the same draws of them."""
+        """Each prompt's expected reward at her point. One set of uniform draws per concept serves every prompt of
+        the call (common random numbers), so two prompts that state a concept alike draw it alike and their
+        difference is the prompts', not the draws'."""
         ex, w = point.example, self.reward_weights
         recent = {h.concept for h in ex.history if h.days_before <= w.repeat_window_days}
+        chances = [self.probabilities(point, p) for p in params]
+        every = sorted({c for concepts, _ in chances for c in concepts})
+        column = {c: i for i, c in enumerate(every)}
+        uniform = np.random.default_rng(self.seed).random((self.draws, len(every)))
         out = []
-        for p in params:
-            concepts, prob = self.probabilities(point, p)
-            rng = np.random.default_rng([self.seed, len(concepts)])
-            named = rng.random((self.draws, len(concepts))) < prob  # draws x concepts
-            target = np.array([c in ex.targets for c in concepts])
-            risk = np.array([c in ex.risks for c in concepts])
-            repeat = np.array([c in recent and c not in ex.targets for c in concepts])
+        for p, (concepts, prob) in zip(params, chances):
+            named = uniform[:, [column[c] for c in concepts]] < prob  # draws x concepts
+            target = np.array([c in ex.targets for c in concepts], bool)
+            risk = np.array([c in ex.risks for c in concepts], bool)
+            repeat = np.array([c in recent and c not in ex.targets for c in concepts], bool)
             n = named.sum(1)
             hits = named[:, target].sum(1)
             precision = np.divide(hits, n, out=np.zeros(self.draws), where=n > 0)
