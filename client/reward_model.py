@@ -75,8 +75,8 @@ class AnswersModel:
     Features of (prompt, c): where c stands (one of PLACES), its rank among her predicted events, the prompt's
     options crossed with where c stands (a format may make the model repeat the list but not the peers), and, for
     a concept the prompt does not state, which concept it is (a small model names some common exams unprompted).
-    Only concepts some answer has named, or that the prompt states, or that are her targets, are modelled; any
-    other concept is taken never to be named (no answer in the log ever named it)."""
+    Only concepts some answer has named, or that the prompt states, or that are her targets or risks, are
+    modelled; any other concept is taken never to be named (no answer in the log ever named it)."""
 
     def __init__(self, matcher: ConceptMatcher, weights: RewardWeights = RewardWeights(), ridge: float = 1.0,
                  draws: int = 64, seed: int = 0):
