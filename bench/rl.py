@@ -232,9 +232,16 @@ def reward_model_savings(site: str, site_dir: Path, examples: list, profile, llm
            "initial_prompt_reward": initial, "calls_to_target": reached, "curves": curves,
            "final_reward": {v: smoothed(curves[v])[-1] for v in variants},
            "seeds": args.rm_seeds, "runs": runs, "saving": {}}
+    for v in variants:  # each seed against the same target: does the mean curve hang on one seed?
+        per_seed = [next((c[i][0] for i, value in enumerate(smoothed(c)) if i > 0 and value >= target), None)
+                    for c in runs[v]]
+        out.setdefault("calls_to_target_by_seed", {})[v] = per_seed
+        print(f"{variant_name(v)}, seed by seed: calls to reach it {per_seed}, ending at "
+              f"{', '.join(f'{smoothed(c)[-1]:.3f}' for c in runs[v])}")
+    if target <= start:
+        print("the run without a reward model did not improve on its start: nothing to save calls on")
     for v in args.rm_models:
         if target <= start:
-            print("the run without a reward model did not improve on its start: nothing to save calls on")
             out["saving"][v] = None
         elif reached[v] is None:
             print(f"{variant_name(v)}: did not reach it, ended at {smoothed(curves[v])[-1]:.3f}: no saving measured "

@@ -44,8 +44,9 @@ class OptionsModel:
     other prompt tried on her point: once the policy is sure of an option, both prompts of a point share it and
     their difference says nothing more about it, while the earlier, varied episodes still do."""
 
-    def __init__(self, ridge: float = 1.0):
+    def __init__(self, ridge: float = 1.0, of: str = "reward"):
         self.ridge = ridge
+        self.of = of  # the field of each answer it regresses: its reward, or (for the answers model) its words
         self.weights: np.ndarray | None = None
         self.fitted = 0
 
@@ -55,7 +56,7 @@ class OptionsModel:
 
     def fit(self, answered: list[Answered]) -> None:
         x = self._x([a.params for a in answered])
-        y = np.array([a.reward for a in answered])
+        y = np.array([float(getattr(a, self.of)) for a in answered])
         self.weights = np.linalg.solve(x.T @ x + self.ridge * np.eye(x.shape[1]), x.T @ y)
         self.fitted = len(answered)
 
@@ -141,8 +142,8 @@ class AnswersModel:
         x, y = np.concatenate(xs).astype(np.float64), np.concatenate(ys)
         self.coef = _logistic(x, y, self.ridge, start=self.coef if self.coef is not None
                               and len(self.coef) == x.shape[1] else None)
-        self.words = OptionsModel(ridge=self.ridge)
-        self.words.fit([Answered(a.point, a.params, float(a.words), a.mentioned, a.words) for a in answered])
+        self.words = OptionsModel(ridge=self.ridge, of="words")
+        self.words.fit(answered)
         self.fitted = len(answered)
 
     def probabilities(self, point, params: PromptParams) -> tuple[list[str], np.ndarray]:
@@ -160,8 +161,9 @@ class AnswersModel:
         every = sorted({c for concepts, _ in chances for c in concepts})
         column = {c: i for i, c in enumerate(every)}
         uniform = np.random.default_rng(self.seed).random((self.draws, len(every)))
+        words = self.words.predict(point, params)
         out = []
-        for p, (concepts, prob) in zip(params, chances):
+        for (concepts, prob), length in zip(chances, words):
             named = uniform[:, [column[c] for c in concepts]] < prob  # draws x concepts
             target = np.array([c in ex.targets for c in concepts], bool)
             risk = np.array([c in ex.risks for c in concepts], bool)
@@ -176,8 +178,7 @@ class AnswersModel:
             if risk.any():
                 reward += w.risk * named[:, risk].sum(1) / risk.sum()
             reward -= w.repeat * np.divide(named[:, repeat].sum(1), n, out=np.zeros(self.draws), where=n > 0)
-            words = float(self.words.predict(point, [p])[0])
-            reward -= w.length * max(0.0, words - w.free_words) / 100
+            reward -= w.length * max(0.0, float(length) - w.free_words) / 100
             out.append(float(reward.mean()))
         return np.array(out)
 
