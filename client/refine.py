@@ -92,8 +92,8 @@ class RefineConfig:
     def rl_config(self) -> RLConfig:
         return RLConfig(episodes_per_round=self.points_per_round, prompts_per_point=self.prompts_per_point,
                         explore_temperature=self.explore_temperature, reward_scale=self.reward_scale,
-                        candidates=self.candidates,
-                        use_reward_model=True, reward_model=self.reward_model, warmup_episodes=self.points_per_round * self.prompts_per_point,
+                        candidates=self.candidates, use_reward_model=True, reward_model=self.reward_model,
+                        warmup_episodes=self.points_per_round * self.prompts_per_point,
                         calls_every=self.calls_every, trains=self.trains, sampling=self.sampling())
 
     def round_calls(self, screening: bool) -> int:
