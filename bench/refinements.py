@@ -15,8 +15,16 @@ which seven of the nine kept refinements made) is better at every site of the la
 against the initial one on up to --points training points of each site (the data a prompt design may be chosen
 on), then on up to --points test points.
 
+With --screen FORM ... (each FORM one or more KEY=VALUE joined by commas) it screens several such changes at once:
+each against the initial prompt on up to --points training points of every site, ranked by the pooled paired
+difference, and only the --confirm best of them then on up to --points test points. Choosing among many forms on
+training points favours the lucky ones (2026-12-08: a form scored +0.117 on training points and −0.067 on test),
+so only the test figures of the confirmed few are results; the more forms screened, the fewer should be confirmed.
+
     python bench/refinements.py [--demo-out out/demo] [--points 40] [--keep-level 0.8] [--json-out FILE]
     python bench/refinements.py --form show_probs=True [--points 40]
+    python bench/refinements.py --screen summary=False trajectory=False summary=False,order=peer_first \
+        [--workdir out/demo/work] [--points 20] [--test-points 40] [--confirm 3]
 """
 
 from __future__ import annotations
@@ -146,8 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-level", type=float, default=0.8, help="the stricter keep rule to compare")
     p.add_argument("--form", nargs="+", metavar="KEY=VALUE",
                    help="score this change to the initial prompt at the latest run's sites instead")
+    p.add_argument("--screen", nargs="+", metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="screen these changes to the initial prompt on training points, confirm the best on test")
+    p.add_argument("--test-points", type=int, help="with --screen: test points a site (default: --points)")
+    p.add_argument("--confirm", type=int, default=3, help="with --screen: how many of the best go on to test points")
+    p.add_argument("--workdir", type=Path, help="with --form or --screen: the run whose sites to use "
+                                                "(default: DEMO_OUT/work)")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
+    if args.form and args.screen:
+        p.error("--form and --screen are two different questions: ask one")
+    if args.screen:
+        return screen_forms(args)
     if args.form:
         return compare_form(args)
     sites = kept_refinements(args.demo_out)
@@ -184,11 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_sites(args) -> list[Path]:
+    """The site directories of the run --form and --screen use."""
+    work = args.workdir or args.demo_out / "work"
+    sites = sorted(d for d in (work / "sites").glob("*") if d.is_dir())
+    if not sites:
+        print(f"no sites under {work} (run `pmlm demo --out {args.demo_out}` first)")
+    return sites
+
+
 def compare_form(args) -> int:
     change = parse_form(args.form)
-    sites = sorted((args.demo_out / "work" / "sites").glob("*"))
+    sites = run_sites(args)
     if not sites:
-        print(f"no sites under {args.demo_out / 'work'} (run `pmlm demo --out {args.demo_out}` first)")
         return 1
     from dataclasses import replace
 
@@ -207,6 +233,74 @@ def compare_form(args) -> int:
     print(line("test points", summary["test"]))
     if args.json_out:
         args.json_out.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    return 0
+
+
+def score_forms(sites: list[Path], changes: dict, split: str, points: int, seed: int = 7) -> dict:
+    """Each named change to the initial prompt and the initial prompt itself on the same points of the split at
+    every site (each site's records read once, its LLM and cache): name -> the pooled paired interval of changed −
+    initial (a patient being a site's patient), with "by_site" (site -> difference)."""
+    from dataclasses import replace
+
+    from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
+    from pmlm.client.llm import open_llm, site_llm_config
+    from pmlm.client.refine import RefineConfig, held_out_points, score_policies, site_records
+    from pmlm.client.reward import matcher_for
+    from pmlm.client.site_config import SiteConfig
+    from pmlm.common.assemble.render import INITIAL
+    from pmlm.common.metrics import paired_interval
+    from pmlm.common.profiles import load_profile
+
+    policies = {"initial": FixedPrompt(INITIAL), **{name: FixedPrompt(replace(INITIAL, **change))
+                                                    for name, change in changes.items()}}
+    per_point = {name: [] for name in changes}  # (changed, initial, patient) per point
+    by_site = {name: {} for name in changes}
+    for site_dir in sites:
+        site = SiteConfig.load(site_dir)
+        profile = load_profile(site.profile)
+        assembler = PromptAssembler(SiteArtifacts.load(site_dir, profile))
+        examples, timelines = site_records(site, profile)
+        chosen = held_out_points(assembler, examples, points, seed, timelines, split=split)
+        started = time.perf_counter()
+        with open_llm(site_llm_config(site_dir, site.llm)) as llm:
+            scores = score_policies(policies, chosen, llm, matcher_for(profile.name), RefineConfig().sampling(), set())
+        base = scores["initial"]["f1_by_point"]
+        for name in changes:
+            per_point[name] += [(f, b, f"{site_dir.name}/{p.example.patient_id}")
+                                for f, b, p in zip(scores[name]["f1_by_point"], base, chosen)]
+            by_site[name][site_dir.name] = round(scores[name]["f1"] - scores["initial"]["f1"], 4)
+        print(f"  {site_dir.name}: {len(chosen)} {split} points, {len(policies)} prompts "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return {name: {**paired_interval(*zip(*rows)), "by_site": by_site[name]} if rows else {"points": 0}
+            for name, rows in per_point.items()}
+
+
+def screen_forms(args) -> int:
+    sites = run_sites(args)
+    if not sites:
+        return 1
+    changes = {form: parse_form(form.split(",")) for form in args.screen}
+    started = time.perf_counter()
+    print(f"screening {len(changes)} changes to the initial prompt on up to {args.points} training points of each of "
+          f"{len(sites)} sites ...", flush=True)
+    train = score_forms(sites, changes, "train", args.points)
+    ranked = sorted(changes, key=lambda name: train[name].get("difference", float("-inf")), reverse=True)
+    print("\ntraining points (where a form may be chosen), changed − initial, best first:")
+    for name in ranked:
+        print(line(name, train[name]))
+    confirmed = ranked[:max(args.confirm, 0)]
+    test = {}
+    if confirmed:
+        points = args.test_points or args.points
+        print(f"\nthe best {len(confirmed)} on up to {points} test points of each site ...", flush=True)
+        test = score_forms(sites, {name: changes[name] for name in confirmed}, "test", points)
+        print(f"\ntest points (the result: {len(confirmed)} of {len(changes)} forms confirmed here), changed − initial:")
+        for name in confirmed:
+            print(line(name, test[name]) + "; by site " + ", ".join(f"{s} {d:+.3f}"
+                                                                     for s, d in test[name]["by_site"].items()))
+    print(f"({time.perf_counter() - started:.0f} s)")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"train": train, "test": test, "confirmed": confirmed}, indent=1))
     return 0
 
 
