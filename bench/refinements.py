@@ -47,24 +47,30 @@ def kept_refinements(demo_out: Path) -> list[Path]:
     return [site for run in runs for site in sorted((run / "sites").glob("*")) if (site / SITE_POLICY).exists()]
 
 
-def score_pair(site_dir: Path, pick, splits: dict) -> dict:
-    """Two of the site's policies, `pick(site_dir, artifacts)` -> (new, base), scored on the same points of each
-    split (name -> (split, points, seed)) with the site's LLM and cache: each split's paired interval of new − base,
-    its per-point pairs and both means."""
+def open_site(site_dir: Path):
+    """(site config, profile, artifacts, prompt assembler, examples, timelines) of one site directory."""
     from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
-    from pmlm.client.llm import open_llm, site_llm_config
-    from pmlm.client.refine import RefineConfig, held_out_points, score_policies, site_records
-    from pmlm.client.reward import matcher_for
+    from pmlm.client.refine import site_records
     from pmlm.client.site_config import SiteConfig
-    from pmlm.common.metrics import paired_interval
     from pmlm.common.profiles import load_profile
 
     site = SiteConfig.load(site_dir)
     profile = load_profile(site.profile)
     artifacts = SiteArtifacts.load(site_dir, profile)
+    return (site, profile, artifacts, PromptAssembler(artifacts), *site_records(site, profile))
+
+
+def score_pair(site_dir: Path, pick, splits: dict) -> dict:
+    """Two of the site's policies, `pick(site_dir, artifacts)` -> (new, base), scored on the same points of each
+    split (name -> (split, points, seed)) with the site's LLM and cache: each split's paired interval of new − base,
+    its per-point pairs and both means."""
+    from pmlm.client.llm import open_llm, site_llm_config
+    from pmlm.client.refine import RefineConfig, held_out_points, score_policies
+    from pmlm.client.reward import matcher_for
+    from pmlm.common.metrics import paired_interval
+
+    site, profile, artifacts, assembler, examples, timelines = open_site(site_dir)
     new, base = pick(site_dir, artifacts)
-    assembler = PromptAssembler(artifacts)
-    examples, timelines = site_records(site, profile)
     out = {"run": site_dir.parent.parent.name, "site": site_dir.name}
     with open_llm(site_llm_config(site_dir, site.llm)) as llm:
         before = llm.usage.calls
@@ -242,24 +248,18 @@ def score_forms(sites: list[Path], changes: dict, split: str, points: int, seed:
     initial (a patient being a site's patient), with "by_site" (site -> difference)."""
     from dataclasses import replace
 
-    from pmlm.client.assemble.assembler import PromptAssembler, SiteArtifacts
     from pmlm.client.llm import open_llm, site_llm_config
-    from pmlm.client.refine import RefineConfig, held_out_points, score_policies, site_records
+    from pmlm.client.refine import RefineConfig, held_out_points, score_policies
     from pmlm.client.reward import matcher_for
-    from pmlm.client.site_config import SiteConfig
     from pmlm.common.assemble.render import INITIAL
     from pmlm.common.metrics import paired_interval
-    from pmlm.common.profiles import load_profile
 
     policies = {"initial": FixedPrompt(INITIAL), **{name: FixedPrompt(replace(INITIAL, **change))
                                                     for name, change in changes.items()}}
     per_point = {name: [] for name in changes}  # (changed, initial, patient) per point
     by_site = {name: {} for name in changes}
     for site_dir in sites:
-        site = SiteConfig.load(site_dir)
-        profile = load_profile(site.profile)
-        assembler = PromptAssembler(SiteArtifacts.load(site_dir, profile))
-        examples, timelines = site_records(site, profile)
+        site, profile, _, assembler, examples, timelines = open_site(site_dir)
         chosen = held_out_points(assembler, examples, points, seed, timelines, split=split)
         started = time.perf_counter()
         with open_llm(site_llm_config(site_dir, site.llm)) as llm:
